@@ -41,8 +41,8 @@ ext = Pybind11Extension(
 )
 
 setup(
-    packages=find_packages(include=["fastrlhf", "fastrlhf.*"]) + ["fastrlhf.kernels"],
-    package_dir={"fastrlhf": "fastrlhf", "fastrlhf.kernels": "kernels"},
+    packages=find_packages(include=["fastrlhf", "fastrlhf.*"]) + ["fastrlhf.kernels", "fastrlhf.benchmarks"],
+    package_dir={"fastrlhf": "fastrlhf", "fastrlhf.kernels": "kernels", "fastrlhf.benchmarks": "benchmarks"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExt},
 )

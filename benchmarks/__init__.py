@@ -1,0 +1,1 @@
+"""fastrlhf benchmarks (installed as fastrlhf.benchmarks; `fastrlhf bench NAME` or `python -m benchmarks.NAME`)."""
