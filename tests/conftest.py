@@ -28,8 +28,17 @@ def pick(small, real):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs every run (the seed is printed on failure so a run can be replayed with FASTRLHF_TEST_SEED).
+    """Fresh random inputs every run; a failing test reports its seed (replay with FASTRLHF_TEST_SEED=<seed>)."""
     seed = int(os.environ.get("FASTRLHF_TEST_SEED", torch.seed() % (2**31)))
     torch.manual_seed(seed)
-    request.node.user_properties.append(("seed", seed))
+    request.node._fastrlhf_seed = seed
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "_fastrlhf_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"FASTRLHF_TEST_SEED={seed}"))
