@@ -1,0 +1,310 @@
+"""A compact decoder for the Llama family (Llama 2/3, Qwen2/2.5, Mistral) with an LM head or a scalar head.
+
+Notation: B batch, T tokens, H hidden size, V vocab, Hq/Hkv query/key-value heads, D head_dim, S KV-cache slots.
+Parameter names follow the HF checkpoints (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head / score),
+so a safetensors state dict maps 1:1. Loading/saving lives in fastrlhf/models/checkpoint.py (re-exported here).
+
+Precision (default for training): parameters stay fp32 (the master weights, what the optimizer updates); the forward runs
+under ``autocast_context(device, enabled=True)`` = torch.autocast(device_type, dtype=torch.bfloat16), so matmuls run in
+bf16 while RMSNorm statistics, RoPE tables and the attention softmax stay fp32. For inference, load with dtype=bf16.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from fastrlhf.kv_cache import StaticKVCache
+from fastrlhf.models.attention import ATTN_IMPLS, attend, build_meta, resolve_impl
+from fastrlhf.models.rope import apply_rope, dynamic_inv_freq, rope_cos_sin, rope_init, rope_kind
+
+FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+SUPPORTED = tuple(f"{p}For{h}" for p in FAMILIES.values() for h in ("CausalLM", "SequenceClassification"))
+
+
+@dataclass
+class ModelConfig:
+    """Mirrors the HF config fields of the Llama family (same names, same meaning)."""
+    vocab_size: int
+    hidden_size: int                    # H
+    intermediate_size: int              # SwiGLU inner width
+    num_hidden_layers: int
+    num_attention_heads: int            # Hq
+    num_key_value_heads: int            # Hkv (GQA groups = Hq / Hkv)
+    head_dim: int | None = None         # D; None = H / Hq
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None    # {"rope_type": "linear"|"dynamic"|"llama3"|"yarn", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False        # q/k/v projections with bias (Qwen2)
+    model_type: str = "llama"           # "llama" | "qwen2" | "mistral"
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    sliding_window: int | None = None   # W tokens (Mistral; Qwen2 with use_sliding_window)
+    sliding_layers: list | None = None  # indices of the layers that use the window (None = all when W is set)
+    initializer_range: float = 0.02
+    attn_impl: str = "auto"             # "auto" | "sdpa" | "flash" | "eager"
+    gradient_checkpointing: bool = False
+    reward_bias: float = 0.0            # subtracted from scalar-head outputs ("fastrlhf_reward_bias" in config.json)
+    extra: dict = field(default_factory=dict, repr=False)  # other HF keys, written back unchanged by to_hf
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"fastrlhf/model.py: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"fastrlhf/model.py: attn_impl={self.attn_impl!r}; expected one of {ATTN_IMPLS}")
+        rope_kind(self.rope_scaling)  # validates the kind
+        if self.model_type in ("qwen2", "mistral"):  # HF: Qwen2 always has q/k/v bias, Mistral never
+            self.attention_bias = self.model_type == "qwen2"
+
+    def uses_window(self, layer: int) -> bool:
+        return self.sliding_window is not None and (self.sliding_layers is None or layer in self.sliding_layers)
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """From an HF config dict (transformers 4.x "rope_theta"/"rope_scaling" or 5.x "rope_parameters")."""
+        mt = d.get("model_type")
+        if mt not in FAMILIES:
+            raise ValueError(f"{source}: model_type={mt!r} is not supported; supported: {tuple(FAMILIES)} "
+                             f"(architectures {SUPPORTED})")
+        for key, ok in (("hidden_act", "silu"), ("mlp_bias", False)):
+            if d.get(key, ok) != ok:
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (fastrlhf/model.py needs {ok!r})")
+        rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        scaling = rp if rope_kind(rp) != "default" else None
+        W, layers = None, None
+        n = d["num_hidden_layers"]
+        if mt == "mistral":
+            W = d.get("sliding_window", 4096)  # HF's MistralConfig default when the key is absent
+        elif mt == "qwen2" and d.get("use_sliding_window", False):
+            W = d.get("sliding_window", 4096)
+            types = d.get("layer_types")
+            layers = ([i for i, t in enumerate(types) if t == "sliding_attention"] if types else
+                      list(range(d.get("max_window_layers", 28), n)))
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "sliding_window", "sliding_layers"}
+        kw = {k: d[k] for k in known if k in d and k not in ("attn_impl", "gradient_checkpointing", "reward_bias")}
+        kw.setdefault("tie_word_embeddings", False)
+        extra = {k: v for k, v in d.items() if k not in known and k not in (
+            "rope_parameters", "rope_scaling", "sliding_window", "use_sliding_window", "layer_types",
+            "max_window_layers", "architectures", "fastrlhf_reward_bias", "dtype", "torch_dtype",
+            "transformers_version", "num_labels", "id2label", "label2id")}
+        return cls(**kw, rope_theta=theta, rope_scaling=scaling, sliding_window=W, sliding_layers=layers,
+                   reward_bias=float(d.get("fastrlhf_reward_bias", 0.0)), extra=extra)
+
+    def to_hf(self, arch: str) -> dict:
+        """HF config.json dict for ``arch`` (one of SUPPORTED), readable by transformers 4.x and 5.x."""
+        if arch not in SUPPORTED:
+            raise ValueError(f"fastrlhf/model.py: to_hf(arch={arch!r}); supported: {SUPPORTED}")
+        d = dict(self.extra)
+        d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in (
+            "extra", "attn_impl", "gradient_checkpointing", "reward_bias", "sliding_window", "sliding_layers",
+            "rope_scaling")})
+        d.update(architectures=[arch], hidden_act="silu", fastrlhf_reward_bias=self.reward_bias)
+        if self.rope_scaling:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        elif self.model_type == "qwen2":
+            n = self.num_hidden_layers
+            layers = list(range(n)) if self.sliding_layers is None else list(self.sliding_layers)
+            d.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                     max_window_layers=min(layers) if (self.sliding_window and layers) else n,
+                     layer_types=["sliding_attention" if (self.sliding_window and i in layers) else "full_attention"
+                                  for i in range(n)])
+        if arch.endswith("SequenceClassification"):
+            d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+        return d
+
+
+def autocast_context(device: str | torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """bf16 autocast over fp32 master weights (the default training precision); a no-op context when disabled."""
+    dev = torch.device(device).type
+    return torch.autocast(dev, dtype=dtype) if enabled else contextlib.nullcontext()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x: Tensor) -> Tensor:  # y = w * x / sqrt(mean(x^2) + eps), statistics in fp32
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.sliding = layer, c.uses_window(layer)
+        self.nq, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.nq * self.d, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
+        self.o_proj = nn.Linear(self.nq * self.d, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta, kv_cache, cache_pos) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nq, self.d).transpose(1, 2)   # [B, Hq, T, D]
+        k = self.k_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v, cache_pos)  # [B, Hkv, S, D]
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        o = attend(q, k, v, meta, self.d ** -0.5, self.sliding)  # [B, T, Hq, D]
+        return self.o_proj(o.reshape(B, T, self.nq * self.d))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # SwiGLU: W_down (silu(W_gate x) * W_up x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(c, layer), MLP(c)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, meta, kv_cache=None, cache_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv_cache, cache_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Token embedding, N pre-norm blocks, final RMSNorm."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        inv_freq, self.rope_scale = rope_init(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2] fp32
+
+    def _apply(self, fn, recurse=True):
+        """Keep the RoPE table fp32 and exact whatever .to(dtype)/.to_empty() does to the module (follow the device)."""
+        super()._apply(fn, recurse)
+        c = self.config
+        inv = rope_init(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)[0]
+        self.inv_freq = inv.to(self.embed_tokens.weight.device)
+        return self
+
+    def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                kv_cache: StaticKVCache | None = None, cache_pos: Tensor | None = None,
+                cu_seqlens: Tensor | None = None) -> Tensor:
+        """input_ids [B, T] -> hidden [B, T, H] after the final norm.
+        - training/scoring: ``attention_mask`` [B, T] (1 = real token, padding on either side), causal attention;
+          default positions = cumsum(mask) - 1.
+        - packed: B = 1, ``cu_seqlens`` [n+1] (int32 cumulative lengths); positions restart per sample, no attention
+          across samples.
+        - kv cache: ``cache_pos`` [T] slots to write, ``attention_mask`` [B, S] valid cache slots, ``position_ids``
+          [B, T] (required); a query at slot s sees valid keys at slots <= s."""
+        c, (B, T), dev = self.config, input_ids.shape, input_ids.device
+        if kv_cache is not None and (cache_pos is None or position_ids is None):
+            raise ValueError("fastrlhf/model.py: Decoder.forward with kv_cache needs cache_pos [T] and position_ids [B, T]")
+        if cu_seqlens is not None and (B != 1 or kv_cache is not None):
+            raise ValueError(f"fastrlhf/model.py: cu_seqlens needs input_ids [1, N] without kv_cache; got {(B, T)}")
+        if position_ids is None:
+            if cu_seqlens is not None:
+                cu = cu_seqlens.to(dev).long()
+                tok = torch.arange(T, device=dev)
+                position_ids = (tok - cu[torch.bucketize(tok, cu[1:], right=True)])[None]  # restart per sample
+            elif attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
+            else:
+                position_ids = torch.arange(T, device=dev)[None].expand(B, T)
+        h = self.embed_tokens(input_ids)  # [B, T, H]
+        impl = resolve_impl(c.attn_impl, h.device, torch.get_autocast_dtype(dev.type)
+                            if torch.is_autocast_enabled(dev.type) else h.dtype, kv_cache is not None)
+        need_w = any(c.uses_window(i) for i in range(c.num_hidden_layers))
+        meta = build_meta(impl, T, dev, attention_mask=attention_mask, cache_pos=cache_pos,
+                          S=kv_cache.max_seq if kv_cache is not None else None, cu_seqlens=cu_seqlens,
+                          window=c.sliding_window, need_window=need_w)
+        inv_freq = self.inv_freq
+        if (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type")) == "dynamic":
+            inv_freq = dynamic_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling["factor"],
+                                        c.max_position_embeddings, position_ids)
+        cos, sin = rope_cos_sin(inv_freq, position_ids, self.rope_scale)  # [B, T, D] fp32
+        ckpt = c.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
+        for layer in self.layers:
+            if ckpt:  # recompute the block in backward: activation memory O(1 block) instead of O(N blocks)
+                h = checkpoint(layer, h, cos, sin, meta, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, meta, kv_cache, cache_pos)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head: logits [B, T, V] (in the compute dtype; upcast where needed)."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.model = Decoder(c)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        if c.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def lm_head_weight(self) -> Tensor:  # [V, H]
+        return self.lm_head.weight
+
+    def hidden_states(self, input_ids: Tensor, **kw) -> Tensor:  # [B, T, H]
+        return self.model(input_ids, **kw)
+
+    def forward(self, input_ids: Tensor, **kw) -> Tensor:  # [B, T, V]
+        return self.lm_head(self.model(input_ids, **kw))
+
+    def new_kv_cache(self, max_batch: int, max_seq: int, dtype: torch.dtype | None = None, device=None) -> StaticKVCache:
+        """A StaticKVCache sized for this model (dtype/device default to the parameters')."""
+        c, p = self.config, self.lm_head.weight
+        return StaticKVCache(c.num_hidden_layers, max_batch, max_seq, c.num_key_value_heads, c.head_dim,
+                             dtype or p.dtype, device or p.device)
+
+
+class ScoreModel(nn.Module):
+    """Decoder + scalar head ``score`` (as HF *ForSequenceClassification with num_labels=1): reward or value model."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.config = c
+        self.model = Decoder(c)
+        self.score = nn.Linear(c.hidden_size, 1, bias=False)
+
+    def forward(self, input_ids: Tensor, **kw) -> Tensor:
+        """Per-token values [B, T] fp32: score(h_t) - reward_bias."""
+        return self.score(self.model(input_ids, **kw)).squeeze(-1).float() - self.config.reward_bias
+
+    def score_last(self, input_ids: Tensor, attention_mask: Tensor, **kw) -> Tensor:
+        """[B] value at the last valid (mask = 1) token of each row (padding on either side)."""
+        values = self(input_ids, attention_mask=attention_mask, **kw)  # [B, T]
+        T = attention_mask.shape[-1]
+        last = (torch.arange(T, device=values.device) * attention_mask.bool()).argmax(-1)  # rightmost valid index
+        return values.gather(1, last[:, None]).squeeze(1)
+
+
+from fastrlhf.models.checkpoint import (config_from_tokenizer_check, load_model, load_tokenizer,  # noqa: E402
+                                        save_model)
+
+__all__ = ["SUPPORTED", "ModelConfig", "Decoder", "CausalLM", "ScoreModel", "StaticKVCache", "autocast_context",
+           "load_model", "save_model", "load_tokenizer", "config_from_tokenizer_check"]

@@ -1,0 +1,2 @@
+"""Building blocks of fastrlhf/model.py: rope.py (RoPE scaling kinds), attention.py (flash / SDPA / eager),
+checkpoint.py (HF safetensors folders in and out). Import the model from ``fastrlhf.model``."""

@@ -1,0 +1,147 @@
+"""Attention back-ends: flash-attn (when importable, CUDA, fp16/bf16), torch SDPA, and an eager math reference.
+
+Notation: B batch, Hq query heads, Hkv key/value heads (GQA: Hq % Hkv == 0), T queries, S keys, D head_dim, N packed tokens.
+Masks are boolean, True = may attend, shaped [B or 1, 1, T, S]. ``AttnMeta`` is built once per forward by the decoder and
+shared by every layer; it carries the mask for SDPA/eager and the varlen bookkeeping for flash-attn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # optional dependency; everything works without it
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    HAVE_FLASH = True
+except Exception:  # ImportError, or a broken CUDA build
+    flash_attn_func = flash_attn_varlen_func = None
+    HAVE_FLASH = False
+
+ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, kv_cache: bool = False) -> str:
+    """"auto": flash when importable on CUDA in fp16/bf16 (and not decoding from the cache), else SDPA.
+    The KV-cache path always uses SDPA/eager: its key mask over cache slots is arbitrary (left padding), which
+    flash-attn's kv-cache kernel does not express without extra copies."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"fastrlhf/models/attention.py: attn_impl={impl!r}; expected one of {ATTN_IMPLS}")
+    if impl == "flash" and not HAVE_FLASH:
+        raise ImportError("fastrlhf/models/attention.py: attn_impl='flash' but flash_attn is not importable")
+    flash_ok = HAVE_FLASH and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not kv_cache
+    if impl == "auto":
+        return "flash" if flash_ok else "sdpa"
+    if impl == "flash" and not flash_ok:
+        return "sdpa"  # CPU / fp32 / kv-cache: flash kernels cannot run these
+    return impl
+
+
+@dataclass
+class AttnMeta:
+    """Per-forward attention bookkeeping (built by ``build_meta``)."""
+    impl: str
+    mask: Tensor | None = None          # [B|1, 1, T, S] bool, full-attention layers (None = plain causal)
+    mask_window: Tensor | None = None   # same, sliding-window layers
+    window: int | None = None           # sliding window W: key allowed iff q - W < k <= q
+    # flash varlen (packed or unpadded rows): token indices into the flat [B*T] layout, cumulative lengths, max length
+    indices: Tensor | None = None
+    cu_seqlens: Tensor | None = None
+    max_seqlen: int = 0
+
+
+def _causal(q_slot: Tensor, k_slot: Tensor, window: int | None) -> Tensor:
+    """[T, S] bool: k <= q, and q - k < W under a sliding window W."""
+    m = k_slot[None, :] <= q_slot[:, None]
+    if window is not None:
+        m = m & (k_slot[None, :] > q_slot[:, None] - window)
+    return m
+
+
+def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = None, cache_pos: Tensor | None = None,
+               S: int | None = None, cu_seqlens: Tensor | None = None, window: int | None = None,
+               need_window: bool = False) -> AttnMeta:
+    """Masks for one forward.
+    - kv cache: ``cache_pos`` [T] slots of the queries, ``attention_mask`` [B, S] valid cache slots.
+    - packed: ``cu_seqlens`` [n+1] over N = T tokens of one row; block-diagonal causal.
+    - padded: ``attention_mask`` [B, T] (either side); causal and key-valid. A query row with no valid key (a pad
+      query before any real token) may attend to itself, so no row is empty (its output is ignored by callers)."""
+    meta = AttnMeta(impl=impl, window=window if need_window else None)
+    wins = [None] + ([window] if need_window else [])
+    if cache_pos is not None:  # ---- decode / prefill into the cache
+        k_slot = torch.arange(S, device=device)
+        for w in wins:
+            m = _causal(cache_pos, k_slot, w)[None, None]  # [1, 1, T, S]
+            if attention_mask is not None:
+                valid = attention_mask[:, None, None, :].bool()  # [B, 1, 1, S]
+                m = m & (valid | (k_slot[None, :] == cache_pos[:, None])[None, None])
+            setattr(meta, "mask" if w is None else "mask_window", m)
+        return meta
+    if cu_seqlens is not None:  # ---- packed sequences
+        cu = cu_seqlens.to(device=device, dtype=torch.int32)
+        if impl == "flash":
+            meta.cu_seqlens, meta.max_seqlen = cu, int((cu[1:] - cu[:-1]).max().item())
+            return meta
+        tok = torch.arange(T, device=device)
+        seg = torch.bucketize(tok, cu[1:].long(), right=True)  # [N] sample id of each token
+        same = seg[:, None] == seg[None, :]
+        for w in wins:
+            setattr(meta, "mask" if w is None else "mask_window", (_causal(tok, tok, w) & same)[None, None])
+        return meta
+    if attention_mask is None:  # ---- plain causal
+        if impl == "eager" or need_window:
+            tok = torch.arange(T, device=device)
+            for w in wins:
+                setattr(meta, "mask" if w is None else "mask_window", _causal(tok, tok, w)[None, None])
+        return meta
+    am = attention_mask.bool()  # ---- padded [B, T]
+    if impl == "flash":
+        lens = am.sum(-1, dtype=torch.int32)
+        meta.indices = am.flatten().nonzero().flatten()
+        meta.cu_seqlens = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        meta.max_seqlen = int(lens.max().item())
+        return meta
+    tok = torch.arange(T, device=device)
+    for w in wins:
+        m = _causal(tok, tok, w)[None, None] & (am[:, None, None, :] | torch.eye(T, dtype=torch.bool, device=device))
+        setattr(meta, "mask" if w is None else "mask_window", m)
+    return meta
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, sliding: bool) -> Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, T, Hq, D]."""
+    mask = meta.mask_window if sliding else meta.mask
+    if meta.impl == "flash":
+        return _flash(q, k, v, meta, scale, meta.window if sliding else None)
+    B, Hq, T, D = q.shape
+    if meta.impl == "eager":  # softmax(q k^T * scale + mask) v, in fp32 for the softmax
+        rep = Hq // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+        s = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, T, S]
+        if mask is None:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+        o = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    else:
+        gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **gqa)
+    return o.transpose(1, 2)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, window: int | None) -> Tensor:
+    """flash-attn: dense causal, varlen over unpadded rows, or varlen over packed samples. Layout [B, T, H, D]."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, T, H, D]
+    win = (window - 1, 0) if window is not None else (-1, -1)  # keys in [q - (W-1), q]
+    B, T, H, D = q.shape
+    if meta.cu_seqlens is None:
+        return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=win)
+    flat = lambda x: x.reshape(B * T, x.shape[2], D)  # noqa: E731  [B*T, H, D]
+    q, k, v = flat(q), flat(k), flat(v)
+    if meta.indices is not None:  # padded rows -> varlen over the valid tokens only
+        q, k, v = q[meta.indices], k[meta.indices], v[meta.indices]
+    o = flash_attn_varlen_func(q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                               softmax_scale=scale, causal=True, window_size=win)
+    if meta.indices is not None:
+        o = torch.zeros(B * T, H, D, dtype=o.dtype, device=o.device).index_copy_(0, meta.indices, o)
+    return o.reshape(B, T, H, D)

@@ -1,0 +1,155 @@
+"""HF checkpoint folders in and out: config.json + model.safetensors (or shards + model.safetensors.index.json) + tokenizer.
+
+Weights are read with safetensors only (never pickle). Saving is atomic: everything is written to a temporary folder
+beside the target, which is then renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # 5 GiB per shard, as HF's save_pretrained default
+
+
+def _read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: no config.json (expected an HF checkpoint folder)")
+    return json.loads(f.read_text())
+
+
+def _check_arch(d: dict, source: Path) -> str:
+    from fastrlhf.model import SUPPORTED
+    archs = d.get("architectures") or []
+    if len(archs) != 1 or archs[0] not in SUPPORTED:
+        raise ValueError(f"{source}: architectures={archs} is not supported by fastrlhf/model.py; supported: "
+                         f"{SUPPORTED}")
+    return archs[0]
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise ValueError(f"{path}: only pickle weights (*.bin/*.pt) found; fastrlhf loads safetensors only")
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, device="cpu", attn_impl: str = "auto",
+               gradient_checkpointing: bool = False):
+    """Load an HF Llama/Qwen2/Mistral folder as ``CausalLM`` (head="lm") or ``ScoreModel`` (head="score").
+    head="score" from a causal-LM checkpoint: body loaded, ``score`` freshly initialised N(0, initializer_range)
+    (e.g. a value model from an SFT model); from a *ForSequenceClassification checkpoint (a reward model): loaded."""
+    from fastrlhf.model import CausalLM, ModelConfig, ScoreModel
+    path = Path(path)
+    if head not in ("lm", "score"):
+        raise ValueError(f"fastrlhf/models/checkpoint.py: load_model(head={head!r}); expected 'lm' or 'score'")
+    d = _read_config(path)
+    arch = _check_arch(d, path / "config.json")
+    if arch.endswith("SequenceClassification") and d.get("num_labels", len(d.get("id2label") or {0: 0})) != 1:
+        raise ValueError(f"{path / 'config.json'}: num_labels must be 1 for a score head (got {d.get('num_labels')})")
+    cfg = ModelConfig.from_hf(d, source=str(path / "config.json"))
+    cfg.attn_impl, cfg.gradient_checkpointing = attn_impl, gradient_checkpointing
+    with torch.device("meta"):
+        model = CausalLM(cfg) if head == "lm" else ScoreModel(cfg)
+    want = dict(model.state_dict())
+    if head == "lm" and cfg.tie_word_embeddings:
+        want.pop("lm_head.weight")
+    state = {}
+    for f in _weight_files(path):
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            for k in fh.keys():
+                if k in want:
+                    state[k] = fh.get_tensor(k).to(dtype)
+    missing = [k for k in want if k not in state]
+    fresh_score = head == "score" and missing == ["score.weight"]
+    if missing and not fresh_score:
+        raise ValueError(f"{path}: checkpoint ({arch}) lacks {missing[:5]}{'...' if len(missing) > 5 else ''} "
+                         f"needed for head={head!r}")
+    model.to_empty(device=device).to(dtype=dtype)
+    model.load_state_dict(state, strict=False)
+    if head == "lm" and cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty broke the tie; restore it
+    if fresh_score:
+        torch.nn.init.normal_(model.score.weight, std=cfg.initializer_range)
+    return model
+
+
+def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write ``model`` (CausalLM or ScoreModel) as an HF folder at ``path``, atomically; shards when the weights exceed
+    ``max_shard_size_bytes`` (model-0000i-of-0000n.safetensors + model.safetensors.index.json)."""
+    from fastrlhf.model import FAMILIES, CausalLM
+    path = Path(path)
+    cfg = model.config
+    arch = FAMILIES[cfg.model_type] + ("ForCausalLM" if isinstance(model, CausalLM) else "ForSequenceClassification")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if isinstance(model, CausalLM) and cfg.tie_word_embeddings:
+        state.pop("lm_head.weight")  # shared with model.embed_tokens.weight; HF re-ties on load
+    d = cfg.to_hf(arch)
+    d["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        shards, cur, size = [], {}, 0
+        for k, v in state.items():
+            n = v.numel() * v.element_size()
+            if cur and size + n > max_shard_size_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k], size = v, size + n
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, sh in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(sh, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in sh})
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer (tokenizer.json) as a transformers PreTrainedTokenizerFast."""
+    from transformers import PreTrainedTokenizerFast
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{Path(path) / 'tokenizer.json'}: no tokenizer.json in the checkpoint folder")
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def config_from_tokenizer_check(model, tokenizer) -> None:
+    """Raise if the tokenizer can produce ids the model has no embedding for (len(tokenizer) > vocab_size)."""
+    n, v = len(tokenizer), model.config.vocab_size
+    if n > v:
+        raise ValueError(f"fastrlhf/models/checkpoint.py: tokenizer has {n} tokens but the model's vocab_size is {v} "
+                         f"(config.json vocab_size); ids >= {v} would index past the embedding table")
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None and tid >= v:
+            raise ValueError(f"fastrlhf/models/checkpoint.py: tokenizer.{name}={tid} >= model vocab_size={v}")
