@@ -1,0 +1,449 @@
+"""Hybrid engine: one model that trains and generates, switching modes without copying weights.
+
+Notation: B batch (prompts), b = batch bucket (B rounded up; b = B without CUDA graphs), P prompt length (left-padded),
+G new tokens, S KV-cache slots (≥ P + G), V vocabulary, H hidden size.
+
+    engine = HybridEngine(policy)                      # wraps the model; never copies its weights
+    with engine.generation(max_batch_size=64, max_seq_len=384):
+        rollout = engine.generate(prompts, max_new_tokens=256, temperature=1.0, eos_token_id=eos, seed=0)
+    ... train on rollout (the optimizer updates the same parameters in place) ...
+
+``generation()`` switches the model to inference (eval mode, ``torch.no_grad`` — not ``inference_mode``, whose tensors
+could not be used by autograd afterwards —, gradient checkpointing off), makes sure a static KV cache of
+max_batch_size × max_seq_len exists (reused when big enough, grown otherwise) and on exit restores every module's
+train/eval flag and the gradient-checkpointing setting, then keeps or frees the cache (``memory_policy``).
+
+``generate()`` (one rollout):
+ 1. left-pads the prompts into [B, P] and draws the rollout's random numbers ([B, G] uniforms) from a seeded generator,
+ 2. prefills the whole prompt batch in one forward (writes KV slots 0..P−1, samples the first token from the last position),
+ 3. decodes one token per step: the step reads its input token from a slot-aligned token buffer, writes K/V at slot
+    ``cache_pos``, samples, and appends; every tensor it touches is a static buffer, so on CUDA the step is captured once
+    per (batch bucket, sampling params) as a ``torch.cuda.CUDAGraph`` and afterwards each step is one ``replay()``.
+    Finished rows keep running (static shapes) but emit pad with log-prob 0. The host looks at the "all done" flag only
+    every ``check_every`` steps (one sync per check, none per token).
+ 4. returns a ``Rollout`` with fresh tensors, trimmed to the longest response.
+
+Graphs are reused across rollouts: they read the weights through their addresses, and the optimizer updates the weights
+in place, so a new policy needs no re-capture. They are dropped when the KV cache is re-allocated (grown or freed).
+
+Multi-process: ``gather_weights`` is the hook where a sharded (FSDP2) model unshards its parameters; ``generate`` enters
+it once per rollout (around prefill + all decode steps), never per step. The default is a no-op. A sharded
+implementation must keep the unsharded parameters at stable addresses while graphs are captured (or disable graphs).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrlhf.sampling import SamplingParams, sample
+
+MEMORY_POLICIES = ("keep", "free")
+
+
+@dataclass
+class Rollout:
+    """One batch of generations (all tensors on the model's device).
+
+    prompt_ids    [B, P] int64, left-padded with the pad id
+    prompt_mask   [B, P] int64, 1 = real token
+    response_ids  [B, G] int64, padded after EOS with the pad id (the EOS itself is kept and is a valid token)
+    response_mask [B, G] int64, 1 = generated token up to and including EOS
+    logprobs      [B, G] fp32 log-probs of the sampled tokens under the sampling distribution (0 where masked)
+    lengths       [B] int64, number of valid response tokens
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    logprobs: Tensor
+    lengths: Tensor
+
+    def sequences(self) -> tuple[Tensor, Tensor]:
+        """(input_ids [B, P+G], attention_mask [B, P+G]): prompt then response, for a teacher-forced forward."""
+        return (torch.cat([self.prompt_ids, self.response_ids], dim=1),
+                torch.cat([self.prompt_mask, self.response_mask], dim=1))
+
+
+class _Buffers:
+    """Static per-bucket decode state (b rows, S slots); the decode step reads and writes only these.
+
+    tokens  [b, S] int64  token at each cache slot (prompt, then generated tokens at slots P, P+1, ...)
+    logp    [b, S] fp32   log-prob of the generated token at each slot
+    mask    [b, S] int64  1 = slot holds a valid key
+    uniform [b, S] fp32   random number used to sample the token *after* each slot
+    pos     [b, 1] int64  position id of the token being fed
+    cache_pos [1] int64   slot of the token being fed
+    done    [b] bool      row has emitted EOS (or is a padding row of the bucket)
+    """
+
+    def __init__(self, b: int, S: int, device):
+        self.b, self.S = b, S
+        self.tokens = torch.zeros(b, S, dtype=torch.long, device=device)
+        self.logp = torch.zeros(b, S, dtype=torch.float32, device=device)
+        self.mask = torch.zeros(b, S, dtype=torch.long, device=device)
+        self.uniform = torch.zeros(b, S, dtype=torch.float32, device=device)
+        self.pos = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.cache_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.done = torch.ones(b, dtype=torch.bool, device=device)
+
+    def mutable(self) -> list[Tensor]:
+        return [self.tokens, self.logp, self.mask, self.pos, self.cache_pos, self.done]
+
+
+@dataclass(frozen=True)
+class _StepKey:
+    """What a captured decode step bakes in as constants."""
+    bucket: int
+    params: SamplingParams
+    eos: tuple[int, ...]
+    pad: int
+
+
+class HybridEngine:
+    """Switches ONE model between training and fast generation (static KV cache, CUDA-graph decode step).
+
+    model: a ``fastrlhf.model.CausalLM`` (anything with ``.config``, ``hidden_states(ids, **kv_kw)``, ``lm_head``).
+    memory_policy: "keep" (the KV cache, buffers and graphs survive the end of ``generation()``; the next rollout starts
+        at once) or "free" (released on exit so training gets the memory back; the next ``generation()`` re-allocates and
+        re-captures).
+    cuda_graphs: "auto" (on for a CUDA model), True (required; raises on CPU) or False.
+    batch_buckets: sorted batch sizes to capture graphs for; a batch of B runs in the smallest bucket ≥ B (extra rows are
+        idle). None = powers of two. Only used with CUDA graphs (eager decoding runs exactly B rows).
+    compute_dtype: run generation under ``torch.autocast`` in this dtype (e.g. bf16 over fp32 master weights); None = the
+        parameters' dtype, no autocast.
+    check_every: decode steps between looks at the "all rows done" flag (each look is one host sync).
+    """
+
+    def __init__(self, model, *, memory_policy: str = "keep", cuda_graphs="auto", batch_buckets=None,
+                 compute_dtype: torch.dtype | None = None, check_every: int = 8):
+        if memory_policy not in MEMORY_POLICIES:
+            raise ValueError(f"HybridEngine(memory_policy={memory_policy!r}): expected one of {MEMORY_POLICIES}")
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"HybridEngine(cuda_graphs={cuda_graphs!r}): expected 'auto', True or False")
+        for name in ("config", "hidden_states", "lm_head"):
+            if not hasattr(model, name):
+                raise TypeError(f"HybridEngine(model): expected a fastrlhf.model.CausalLM (missing .{name}), "
+                                f"got {type(model).__name__}")
+        if batch_buckets is not None:
+            batch_buckets = sorted(int(x) for x in batch_buckets)
+            if not batch_buckets or batch_buckets[0] < 1:
+                raise ValueError(f"HybridEngine(batch_buckets={batch_buckets!r}): expected positive batch sizes")
+        if int(check_every) < 1:
+            raise ValueError(f"HybridEngine(check_every={check_every}): must be >= 1")
+        self.model = model
+        self.memory_policy = memory_policy
+        self.batch_buckets = batch_buckets
+        self.compute_dtype = compute_dtype
+        self.check_every = int(check_every)
+        p = next(model.parameters())
+        self.device = p.device
+        if cuda_graphs is True and self.device.type != "cuda":
+            raise ValueError(f"HybridEngine(cuda_graphs=True): the model is on {self.device}; CUDA graphs need CUDA")
+        self.use_graphs = self.device.type == "cuda" and torch.cuda.is_available() and cuda_graphs is not False
+        self._graphs_required = cuda_graphs is True
+        self.cache = None  # StaticKVCache
+        self._buffers: dict[int, _Buffers] = {}
+        self._graphs: dict[_StepKey, torch.cuda.CUDAGraph] = {}
+        self._active = False
+        self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0}
+
+    # ------------------------------------------------------------------------------------------------ mode switching
+    @contextlib.contextmanager
+    def gather_weights(self):
+        """Hook for sharded models (FSDP2): make the full parameters available for one rollout, then reshard.
+
+        ``generate`` enters it once per call, around the prefill and every decode step. Default: no-op (weights are
+        local). Override (or assign) in a subclass that unshards, e.g. ``model.unshard()`` ... ``model.reshard()``."""
+        yield
+
+    @contextlib.contextmanager
+    def generation(self, *, max_batch_size: int | None = None, max_seq_len: int | None = None):
+        """Inference mode for the block: eval, no autograd, no gradient checkpointing, KV cache ready.
+
+        max_batch_size / max_seq_len: size the KV cache now (prompt + new tokens); None = size it at the first
+        ``generate`` call. On exit (also on an exception) the train/eval flag of every module and the gradient
+        checkpointing setting are restored and the cache is kept or freed per ``memory_policy``.
+        """
+        if self._active:
+            raise RuntimeError("HybridEngine.generation(): already inside a generation() block (nesting is not allowed)")
+        modes = [(m, m.training) for m in self.model.modules()]
+        ckpt_cfgs = self._ckpt_configs()
+        ckpt = [(c, c.gradient_checkpointing) for c in ckpt_cfgs]
+        self._active = True
+        try:
+            self.model.eval()
+            for c in ckpt_cfgs:
+                c.gradient_checkpointing = False
+            with torch.no_grad():
+                if max_batch_size is not None or max_seq_len is not None:
+                    if max_batch_size is None or max_seq_len is None:
+                        raise ValueError("HybridEngine.generation(): give both max_batch_size and max_seq_len (or neither)")
+                    self._ensure_cache(self._bucket(int(max_batch_size)), int(max_seq_len))
+                yield self
+        finally:
+            for m, flag in modes:
+                m.training = flag
+            for c, flag in ckpt:
+                c.gradient_checkpointing = flag
+            if self.memory_policy == "free":
+                self.free()
+            self._active = False
+
+    def free(self) -> None:
+        """Release the KV cache, the decode buffers and the captured graphs."""
+        self._graphs.clear()
+        self._buffers.clear()
+        self.cache = None
+
+    def _ckpt_configs(self):
+        cfgs = []
+        for mod in (self.model, getattr(self.model, "model", None)):
+            c = getattr(mod, "config", None)
+            if c is not None and hasattr(c, "gradient_checkpointing") and all(c is not x for x in cfgs):
+                cfgs.append(c)
+        return cfgs
+
+    # ------------------------------------------------------------------------------------------------ cache / buffers
+    def _bucket(self, B: int) -> int:
+        if not self.use_graphs:
+            return B
+        buckets = self.batch_buckets or [1 << i for i in range(20)]
+        return next((x for x in buckets if x >= B), B)
+
+    def _ensure_cache(self, b: int, S: int) -> None:
+        """A cache with room for b rows × S slots: reuse the current one if it fits, else allocate a bigger one."""
+        if self.cache is not None and self.cache.fits(b, S):
+            return
+        if self.cache is not None:  # grow: keep the larger of old and new in each dim (sizes only go up)
+            b, S = max(b, self.cache.max_batch), max(S, self.cache.max_seq)
+        self.free()  # graphs and buffers point into the old cache
+        self.cache = None
+        dtype = self.compute_dtype or next(self.model.parameters()).dtype
+        self.cache = self.model.new_kv_cache(b, S, dtype=dtype, device=self.device)
+        self.stats["cache_allocs"] += 1
+
+    def _get_buffers(self, b: int) -> _Buffers:
+        buf = self._buffers.get(b)
+        if buf is None:
+            buf = self._buffers[b] = _Buffers(b, self.cache.max_seq, self.device)
+        return buf
+
+    def _autocast(self):
+        p = next(self.model.parameters())
+        if self.compute_dtype is None or self.compute_dtype == p.dtype:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None,
+                 attention_mask: Tensor | None = None) -> Rollout:
+        """Sample up to ``max_new_tokens`` tokens per prompt.
+
+        prompts: list of token-id lists (any lengths ≥ 1; left-padded here) or a LongTensor [B, P] with
+            ``attention_mask`` [B, P] (1 = real token; padding must be on the left; None = no padding).
+        temperature: 0 = greedy; top_k: 0 = off; top_p: 1.0 = off (applied in this order, as transformers does).
+        eos_token_id: int or list of ints; a row stops after emitting one (None = no EOS stopping).
+        pad_token_id: fills prompt padding and responses after EOS; None = config.pad_token_id, else the (first) EOS, else 0.
+        seed: seeds this call's torch.Generator (same seed, same prompts, same model → same samples); None = draws the
+            seed from torch's global RNG.
+        Returns a ``Rollout`` whose G is the longest response (≤ max_new_tokens).
+        """
+        if not self._active:
+            raise RuntimeError("HybridEngine.generate(): call it inside `with engine.generation(...):` "
+                               "(the model must be switched to inference first)")
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ValueError(f"HybridEngine.generate(max_new_tokens={max_new_tokens!r}): expected an int >= 1")
+        params = SamplingParams(float(temperature), int(top_k), float(top_p))
+        eos = _as_eos(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else self.model.config.pad_token_id
+        if pad is None:
+            pad = eos[0] if eos else 0
+        V = self.model.config.vocab_size
+        for name, t in [("pad_token_id", pad)] + [("eos_token_id", e) for e in eos]:
+            if not 0 <= t < V:
+                raise ValueError(f"HybridEngine.generate({name}={t}): outside the vocabulary [0, {V})")
+        ids, mask = self._pad_prompts(prompts, attention_mask, pad)  # [B, P]
+        B, P = ids.shape
+        G = max_new_tokens
+        b = self._bucket(B)
+        self._ensure_cache(b, P + G)
+        buf = self._get_buffers(b)
+        key = _StepKey(b, params, eos, int(pad))
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        eos_t = torch.tensor(eos or [-1], device=self.device)
+        with torch.no_grad(), self.gather_weights(), self._autocast():
+            step = self._decode_fn(key) if G > 1 else None
+            # 1. reset the decode state: prompt at slots 0..P−1, idle bucket rows done from the start
+            buf.tokens.fill_(pad)
+            buf.tokens[:B, :P] = ids
+            buf.logp.zero_()
+            buf.mask.zero_()
+            buf.mask[:B, :P] = mask
+            buf.done.fill_(True)
+            if not params.greedy:  # uniform for the token after slot P−1+i, i = 0..G−1 (drawn in [B, G] order)
+                buf.uniform[:B, P - 1:P - 1 + G] = torch.rand(B, G, generator=gen, device=self.device)
+            # 2. prefill: one forward over the whole prompt batch, sample the first new token (slot P)
+            pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P] position ids under left padding
+            h = self.model.hidden_states(ids, position_ids=pos, attention_mask=buf.mask[:B], kv_cache=self.cache,
+                                         cache_pos=torch.arange(P, device=self.device))
+            logits = self.model.lm_head(h[:, -1])  # [B, V]
+            tok, lp = sample(logits, params, buf.uniform[:B, P - 1] if not params.greedy else None)
+            buf.tokens[:B, P] = tok
+            buf.logp[:B, P] = lp
+            buf.done[:B] = (tok[:, None] == eos_t).any(-1)
+            buf.pos[:B, 0] = pos[:, -1] + 1
+            buf.pos[B:, 0] = 0
+            buf.cache_pos.fill_(P)
+            # 3. decode G−1 more tokens, one per step (each reads slot P+i−1 and writes the token at slot P+i)
+            n = 1
+            while n < G:
+                step()
+                n += 1
+                if n % self.check_every == 0 and bool(buf.done.all()):
+                    break
+            # 4. the rollout: fresh tensors (the buffers are reused by the next call)
+            resp = buf.tokens[:B, P:P + n]
+            is_eos = (resp[..., None] == eos_t).any(-1)
+            valid = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before this token
+            lengths = valid.sum(-1)
+            g = int(lengths.max()) if n > 0 else 0
+            valid = valid[:, :g]
+            return Rollout(
+                prompt_ids=ids.clone(), prompt_mask=mask.clone(),
+                response_ids=resp[:, :g].masked_fill(~valid, pad),
+                response_mask=valid.long(),
+                logprobs=buf.logp[:B, P:P + g].masked_fill(~valid, 0.0),
+                lengths=lengths,
+            )
+
+    def _pad_prompts(self, prompts, attention_mask, pad: int) -> tuple[Tensor, Tensor]:
+        """-> (ids [B, P] int64 left-padded with ``pad``, mask [B, P] int64) on the model's device."""
+        dev = self.device
+        if isinstance(prompts, Tensor):
+            if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32) or prompts.shape[1] == 0:
+                raise ValueError(f"HybridEngine.generate(prompts): a tensor must be int [B, P] with P >= 1, got "
+                                 f"{prompts.dtype} {list(prompts.shape)}")
+            ids = prompts.to(dev, torch.long)
+            if attention_mask is None:
+                mask = torch.ones_like(ids)
+            else:
+                if tuple(attention_mask.shape) != tuple(ids.shape):
+                    raise ValueError(f"HybridEngine.generate(attention_mask): shape {list(attention_mask.shape)} != "
+                                     f"prompts {list(ids.shape)}")
+                mask = (attention_mask.to(dev) != 0).long()
+                # left padding: once a row has a real token, every later slot is real (checked with one sync)
+                if bool((mask[:, 1:] < mask[:, :-1]).any()) or bool((mask[:, -1] == 0).any()):
+                    raise ValueError("HybridEngine.generate(attention_mask): prompts must be left-padded and non-empty "
+                                     "(each row: zeros, then ones up to the last column)")
+            ids = ids.masked_fill(mask == 0, pad)
+        else:
+            if attention_mask is not None:
+                raise ValueError("HybridEngine.generate(attention_mask): only with a tensor of prompts; lists are "
+                                 "padded here")
+            prompts = [list(p) for p in prompts]
+            if not prompts or any(len(p) == 0 for p in prompts):
+                raise ValueError("HybridEngine.generate(prompts): expected a non-empty list of non-empty token lists")
+            P = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], dtype=torch.long)
+            mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long)
+            ids, mask = ids.to(dev), mask.to(dev)
+        V = self.model.config.vocab_size
+        if ids.device.type == "cpu" and (ids.min() < 0 or ids.max() >= V):
+            raise ValueError(f"HybridEngine.generate(prompts): token ids must be in [0, {V})")
+        return ids, mask
+
+    # ------------------------------------------------------------------------------------------------ decode step
+    def _step(self, key: _StepKey, eos_t: Tensor) -> None:
+        """One decode step on the static buffers of bucket ``key.bucket`` (graph-capturable: no host syncs, no
+        allocation that outlives the step, only tensor-indexed reads/writes)."""
+        buf = self._buffers[key.bucket]
+        cp = buf.cache_pos  # [1] slot of the token being fed
+        cur = buf.tokens.index_select(1, cp)  # [b, 1]
+        buf.mask.index_fill_(1, cp, 1)  # its key becomes valid
+        h = self.model.hidden_states(cur, position_ids=buf.pos, attention_mask=buf.mask, kv_cache=self.cache,
+                                     cache_pos=cp)  # [b, 1, H]
+        logits = self.model.lm_head(h[:, -1])  # [b, V]
+        u = None if key.params.greedy else buf.uniform.index_select(1, cp).squeeze(1)  # [b]
+        tok, lp = sample(logits, key.params, u)
+        tok = tok.masked_fill(buf.done, key.pad)  # finished rows emit pad with log-prob 0
+        lp = lp.masked_fill(buf.done, 0.0)
+        nxt = cp + 1
+        buf.tokens.index_copy_(1, nxt, tok[:, None])
+        buf.logp.index_copy_(1, nxt, lp[:, None])
+        buf.done |= (tok[:, None] == eos_t).any(-1)
+        buf.pos += 1
+        buf.cache_pos += 1
+
+    def _decode_fn(self, key: _StepKey):
+        """The decode step for ``key``: a replay of its CUDA graph (captured on first use), or the eager step."""
+        eos_t = torch.tensor(key.eos or [-1], device=self.device)
+        if not self.use_graphs:
+            return lambda: self._step(key, eos_t)
+        graph = self._graphs.get(key)
+        if graph is None:
+            try:
+                graph = self._capture(key)
+            except Exception as e:  # e.g. an op in the model that syncs with the host
+                if self._graphs_required:
+                    raise
+                import warnings
+                warnings.warn(f"HybridEngine: CUDA graph capture failed ({e!r}); decoding eagerly from now on",
+                              RuntimeWarning)
+                self.use_graphs = False  # this call runs the same step eagerly on the bucket's rows
+                return lambda: self._step(key, eos_t)
+            self._graphs[key] = graph
+        return graph.replay
+
+    def _capture(self, key: _StepKey):
+        """Capture the decode step of ``key`` as a CUDA graph (warm-up on a side stream first).
+
+        Called before the prefill of a rollout: the warm-up steps write K/V at slots 0, 1 and capture changes nothing,
+        and the prefill/decode of the rollout overwrite those slots before any query reads them; the buffers the
+        warm-up changes are restored afterwards. The graph keeps its own eos tensor alive."""
+        t0 = time.perf_counter()
+        buf = self._buffers[key.bucket]
+        eos_t = torch.tensor(key.eos or [-1], device=self.device)
+        saved = [t.clone() for t in buf.mutable()]
+        try:
+            buf.cache_pos.zero_()
+            buf.pos.zero_()
+            buf.done.fill_(False)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step(key, eos_t)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            buf.cache_pos.zero_()
+            with torch.cuda.graph(graph):
+                self._step(key, eos_t)
+            graph._fastrlhf_eos = eos_t  # keep the constant alive as long as the graph
+        finally:
+            for t, v in zip(buf.mutable(), saved):
+                t.copy_(v)
+        torch.cuda.synchronize()
+        self.stats["capture_s"] += time.perf_counter() - t0
+        self.stats["captures"] += 1
+        return graph
+
+
+def _as_eos(eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, int):
+        return (eos_token_id,)
+    try:
+        out = tuple(int(e) for e in eos_token_id)
+    except TypeError:
+        raise ValueError(f"HybridEngine.generate(eos_token_id={eos_token_id!r}): expected an int, a list of ints "
+                         f"or None") from None
+    return out
