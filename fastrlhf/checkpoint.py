@@ -1,0 +1,238 @@
+"""Checkpoints: atomic HF folders + trainer state, resume, and Ctrl-C -> "save then exit".
+
+Layout of a run directory:
+    run_dir/checkpoint-0000120/   config.json, model.safetensors, tokenizer files (an HF folder transformers can load)
+                                  trainer_state.pt (optimizer, step, data position, RNG states; tensors/primitives only)
+                                  run_config.yaml  (the stage config of the run)
+A checkpoint is written into a hidden temporary folder in the same parent, fsynced, then renamed into place (os.replace is
+atomic within one filesystem), so a crash mid-save leaves the previous checkpoints untouched. Older checkpoints are removed
+only after the new one is complete (``keep`` newest are kept). Weights load from safetensors only; the trainer state loads
+with ``torch.load(weights_only=True)``, so no pickled code runs from a checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A missing or unreadable checkpoint; the message names the path."""
+
+
+# ------------------------------------------------------------------------------------------------------------- RNG
+
+def rng_state() -> dict:
+    """Python, numpy (global) and torch (CPU + every CUDA device) RNG states as tensors/primitives."""
+    py = random.getstate()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    st = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    py = st["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------------ save / load
+
+def checkpoint_path(run_dir, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint-{step:07d}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for f in files:
+            fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not support fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state: dict | None = None,
+                    config: Any = None, keep: int = 2, extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write ``run_dir/checkpoint-<step>`` atomically and return its path; keep the ``keep`` newest checkpoints (0 = all).
+
+    ``trainer_state``: a dict of tensors/primitives (use ``trainer_state_dict``). ``extra_files``: name -> writer(path)
+    for more files inside the folder (e.g. a value model). Rank 0 only writes.
+    """
+    final = checkpoint_path(run_dir, step)
+    if not _is_rank0():
+        return final
+    from fastrlhf.model import save_model
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(run_dir) / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        save_model(model, tmp, tokenizer=tokenizer)               # creates tmp/ (itself atomic)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE_FILE)
+        if config is not None:
+            from fastrlhf.config import save_config
+            save_config(config, tmp / "run_config.yaml")
+        for name, writer in (extra_files or {}).items():
+            writer(tmp / name)
+        _fsync_tree(tmp)
+        if final.exists():                                        # re-saving the same step: swap, then drop the old one
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(Path(run_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Complete checkpoints of ``run_dir``, oldest first (temporary folders of an interrupted save are ignored)."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
+             and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    cks = list_checkpoints(run_dir)
+    return cks[-1] if cks else None
+
+
+def load_trainer_state(path) -> dict:
+    """The trainer state of a checkpoint folder (or file), loaded with weights_only=True."""
+    p = Path(path)
+    f = p / STATE_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise CheckpointError(f"{f}: no trainer state (not a fastrlhf checkpoint folder, or an incomplete one)")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{f}: cannot load the trainer state safely (weights_only=True): {e}") from None
+
+
+def resolve_resume(resume: str, run_dir) -> Path | None:
+    """``resume``: "" (no resume), "auto"/"latest" (the newest checkpoint of run_dir, if any) or a checkpoint path."""
+    if not resume:
+        return None
+    if resume in ("auto", "latest"):
+        return latest_checkpoint(run_dir)
+    p = Path(resume)
+    if not (p / STATE_FILE).is_file():
+        inner = latest_checkpoint(p)
+        if inner is None:
+            raise CheckpointError(f"{p}: --resume: no {STATE_FILE} here and no checkpoint-* folder inside")
+        p = inner
+    return p
+
+
+def trainer_state_dict(*, step: int, optimizer=None, data_state: dict | None = None, extra: dict | None = None) -> dict:
+    """Everything besides the weights needed to continue exactly: step, optimizer, data position, RNG states."""
+    return {"step": int(step), "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "data": data_state or {}, "rng": rng_state(), "extra": extra or {}}
+
+
+def restore_trainer_state(state: dict, *, optimizer=None, data=None) -> int:
+    """Load optimizer / data position / RNG from ``state``; returns the step to continue from."""
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if data is not None and state.get("data"):
+        data.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------------------- Ctrl-C
+
+class StopRequest:
+    """Set by the first Ctrl-C (or SIGTERM) inside ``graceful_interrupt``; the training loop checks ``requested``."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = ""
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+
+@contextmanager
+def graceful_interrupt(message: str = "saving a checkpoint, then exiting (Ctrl-C again to abort at once)"):
+    """Turn the first Ctrl-C / SIGTERM into a stop request (the loop saves, then exits); a second Ctrl-C raises
+    KeyboardInterrupt as usual. Handlers are restored on exit. Outside the main thread it only yields the flag."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if stop.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.requested, stop.signal_name = True, signal.Signals(signum).name
+        print(f"\n[fastrlhf] {stop.signal_name}: {message}", flush=True)
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
