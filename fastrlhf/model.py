@@ -92,11 +92,12 @@ class ModelConfig:
             types = d.get("layer_types")
             layers = ([i for i, t in enumerate(types) if t == "sliding_attention"] if types else
                       list(range(d.get("max_window_layers", 28), n)))
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "sliding_window", "sliding_layers"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_scaling", "rope_theta", "sliding_window",
+                                                            "sliding_layers"}
         kw = {k: d[k] for k in known if k in d and k not in ("attn_impl", "gradient_checkpointing", "reward_bias")}
         kw.setdefault("tie_word_embeddings", False)
         extra = {k: v for k, v in d.items() if k not in known and k not in (
-            "rope_parameters", "rope_scaling", "sliding_window", "use_sliding_window", "layer_types",
+            "rope_parameters", "rope_scaling", "rope_theta", "sliding_window", "use_sliding_window", "layer_types",
             "max_window_layers", "architectures", "fastrlhf_reward_bias", "dtype", "torch_dtype",
             "transformers_version", "num_labels", "id2label", "label2id")}
         return cls(**kw, rope_theta=theta, rope_scaling=scaling, sliding_window=W, sliding_layers=layers,

@@ -36,7 +36,7 @@ FAMILY_CLASSES = {
 
 
 def tiny_tokenizer(vocab_words=WORDS):
-    """A word-level PreTrainedTokenizerFast: len = len(SPECIALS) + len(vocab_words) (= 7 + 131 by default)."""
+    """A word-level PreTrainedTokenizerFast: len = len(SPECIALS) + len(vocab_words) (127 by default)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {t: i for i, t in enumerate(SPECIALS + list(dict.fromkeys(vocab_words)))}
@@ -111,7 +111,7 @@ def make_tiny_checkpoint(tmp_path, family: str = "llama", head: str = "lm", tie:
     (*ForSequenceClassification, num_labels=1) under ``tmp_path``; return the folder. ``tie`` ties lm_head to the
     embedding; ``cfg`` overrides config fields (vocab_size=160, hidden_size=32, intermediate_size=64,
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128 by default).
-    The tokenizer (``tiny_tokenizer()``, 138 tokens) is saved beside it unless tokenizer=False."""
+    The tokenizer (``tiny_tokenizer()``, 127 tokens) is saved beside it unless tokenizer=False."""
     model = make_tiny_hf_model(family, head, tie, seed=seed, **cfg)
     path = Path(tmp_path) / (name or f"tiny-{family}-{head}{'-tied' if tie else ''}")
     model.save_pretrained(str(path))
