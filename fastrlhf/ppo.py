@@ -1,0 +1,273 @@
+"""Stage 3 of InstructGPT: PPO against the reward model with a per-token KL penalty to the SFT policy.
+
+Models: policy and frozen reference from the SFT checkpoint, reward model from the RM checkpoint, value model initialised
+from the RM (InstructGPT §3.5). One iteration = the numbered steps below (the math is in ``ppo_core``):
+
+    1. sample prompts          2. generate (hybrid engine, same weights as training)      3. score with the reward model
+    4. old/ref log-probs, values   5. per-token rewards -β·KL (+ score at the last token)   6. GAE   7. whiten advantages
+    8. epochs × minibatches of clipped policy loss + clipped value loss (+ PPO-ptx)
+
+Defaults follow InstructGPT where it states them (β = 0.02, clip 0.2, λ = 0.95, γ = 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import kernels as K
+from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume, save_checkpoint,
+                         seed_everything, set_rng_state, trainer_state_dict)
+from .config import param
+from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
+from .engine import HybridEngine
+from .model import autocast_context, load_model, load_tokenizer, save_model
+from .ppo_core import explained_variance, make_experience, masked_mean, ppo_update
+
+
+@dataclass
+class PPOConfig:
+    """PPO (stage 3): fine-tune the SFT policy against the reward model with a KL penalty to the SFT policy."""
+
+    policy: str = param("", "SFT checkpoint folder (HF format): the policy and the frozen reference start here")
+    reward_model: str = param("", "reward-model checkpoint folder (HF *ForSequenceClassification format)")
+    value_model: str = param("", "value-model init checkpoint (default: the reward model, as in InstructGPT)")
+    prompts: str = param("", "jsonl of {\"prompt\"} or {\"messages\"} rows")
+    output_dir: str = param("runs/ppo", "where checkpoints, metrics.jsonl and plots go")
+    seed: int = param(0, "seed of prompt order, sampling and initialisation")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    iterations: int = param(20, "PPO iterations (rollout + update)")
+    batch_size: int = param(16, "prompts per iteration (rollouts B)")
+    minibatch_size: int = param(16, "rollouts per optimizer step")
+    ppo_epochs: int = param(4, "passes over each batch of rollouts")
+    max_new_tokens: int = param(32, "response length cap G (tokens)")
+    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
+    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)")
+    top_k: int = param(0, "top-k sampling (0 = off)")
+    top_p: float = param(1.0, "nucleus sampling (1 = off)")
+    lr: float = param(1e-5, "policy learning rate (AdamW)")
+    value_lr: float = param(1e-5, "value-model learning rate (AdamW)")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    optimizer: str = param("adamw", "adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
+    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
+    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
+    adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller")
+    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller")
+    clip_eps: float = param(0.2, "PPO ratio clip ε")
+    vf_clip_eps: float = param(0.2, "value clip ε")
+    gamma: float = param(1.0, "GAE discount γ")
+    lam: float = param(0.95, "GAE λ")
+    whiten_advantages: bool = param(True, "normalise advantages to mean 0, std 1 over valid tokens")
+    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)")
+    ptx_coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on ptx_data (0 = off)")
+    ptx_data: str = param("", "jsonl of SFT rows for PPO-ptx ({\"prompt\",\"response\"} or {\"messages\"})")
+    ptx_batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)")
+    forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values")
+    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
+    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
+    save_every: int = param(0, "save a checkpoint every N iterations (0 = only at the end)")
+    keep_checkpoints: int = param(2, "how many checkpoints to keep")
+    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
+    log_every: int = param(1, "console line every N iterations")
+    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
+    plots: bool = param(True, "PNG plots of the curves at the end (if matplotlib is installed)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _compute_dtype(cfg_mp: str, device: torch.device) -> torch.dtype | None:
+    if cfg_mp == "bf16" or (cfg_mp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def make_optimizer(params, *, kind: str, lr: float, weight_decay: float):
+    params = [p for p in params if p.requires_grad]
+    if kind == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise RuntimeError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
+                               "use --optimizer adamw") from e
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    fused = params[0].is_cuda if params else False
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
+    """Endless packed LM batches of the PPO-ptx data (InstructGPT's pretraining-mix term), and the loss on one."""
+    from .data import PackedLoader, load_sft, tokenize_sft
+    from .sft import packed_lm_loss
+
+    samples, _ = tokenize_sft(load_sft(cfg.ptx_data), tokenizer, max_len)
+    loader = PackedLoader(samples, cfg.ptx_batch_tokens, tokenizer.pad_token_id, seed=cfg.seed + 7)
+
+    def batches():
+        while True:
+            for b in loader:
+                yield b.to(device)
+
+    return batches(), packed_lm_loss
+
+
+def train(cfg: PPOConfig, *, log=None) -> dict:
+    """Run PPO; returns a summary dict (final metrics, checkpoint path). ``log``: an optional MetricsLogger."""
+    for name in ("policy", "reward_model", "prompts"):
+        if not getattr(cfg, name):
+            raise ValueError(f"ppo: the field '{name}' is required (see fastrlhf ppo --help)")
+    if cfg.minibatch_size <= 0 or cfg.batch_size <= 0 or cfg.minibatch_size > cfg.batch_size:
+        raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+
+    # Models: policy (trained) and value (trained); reference and reward (frozen).
+    tokenizer = load_tokenizer(cfg.policy)
+    policy = load_model(resume_from or cfg.policy, head="lm", device=device)
+    check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
+    policy.config.gradient_checkpointing = cfg.gradient_checkpointing
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ref = _freeze(load_model(cfg.policy, head="lm", device=device, dtype=frozen_dtype))
+    reward = _freeze(load_model(cfg.reward_model, head="score", device=device, dtype=frozen_dtype))
+    value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
+    value = load_model(value_init, head="score", device=device)
+    policy.train(), value.train()
+    policy_opt = make_optimizer(policy.parameters(), kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    value_opt = make_optimizer(value.parameters(), kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
+    kl_ctl = (K.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else K.FixedKLController(cfg.kl_coef))
+    compute_dtype = _compute_dtype(cfg.mixed_precision, device)
+    autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
+    engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
+
+    # Data: prompts tokenized once (validated: every prompt + max_new_tokens must fit the context).
+    ctx = policy.config.max_position_embeddings
+    max_prompt = cfg.max_prompt_len or (ctx - cfg.max_new_tokens)
+    prompts = []
+    for ex in load_prompts(cfg.prompts):
+        ids = tokenize_prompt(tokenizer, ex.prompt, ex.source)
+        check_prompt_length(len(ids), max_prompt, ex.source)
+        prompts.append(ids)
+    sampler = EpochSampler(len(prompts), cfg.batch_size, seed=cfg.seed)
+    ptx_batches, ptx_loss_fn = (None, None)
+    if cfg.ptx_coef > 0:
+        if not cfg.ptx_data:
+            raise ValueError("ppo: ptx_coef > 0 needs ptx_data (a jsonl of SFT rows)")
+        ptx_batches, ptx_loss_fn = _ptx_iterator(cfg, tokenizer, ctx, device)
+
+    start = 0
+    if resume_from is not None:
+        state = load_trainer_state(resume_from)
+        policy_opt.load_state_dict(state["optimizer"])
+        value_opt.load_state_dict(state["extra"]["value_optimizer"])
+        kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
+        sampler.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        start = int(state["step"])
+        print(f"[fastrlhf ppo] resumed from {resume_from} at iteration {start}", flush=True)
+
+    if log is None:
+        from .metrics import MetricsLogger
+        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, name="ppo")
+    gen = torch.Generator(device="cpu")
+    batches = iter(sampler)
+    last_ckpt = latest_checkpoint(run_dir)
+    history = []
+
+    def save(step: int) -> Path:
+        st = trainer_state_dict(step=step, optimizer=policy_opt, data_state=sampler.state_dict(),
+                                extra={"value_optimizer": value_opt.state_dict(), "kl_ctl": kl_ctl.state_dict()})
+        return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
+                               keep=cfg.keep_checkpoints,
+                               extra_files={"value_model": lambda p: save_model(value, p)})
+
+    with graceful_interrupt() as stop:
+        for step in range(start, cfg.iterations):
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # 1. sample prompts
+            batch = [prompts[i] for i in next(batches)]
+            # 2. generate with the hybrid engine (the optimizer's in-place updates are what it sees)
+            with engine.generation(max_batch_size=cfg.batch_size, max_seq_len=max(map(len, batch)) + cfg.max_new_tokens):
+                rollout = engine.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id, seed=cfg.seed * 100003 + step)
+            t1 = time.perf_counter()
+            # 3.-7. score, old/ref log-probs and values, shaped rewards, GAE, whitened advantages
+            policy.eval(), value.eval()  # deterministic forwards for the "old" quantities (no dropout anyway)
+            exp = make_experience(rollout, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
+                                  kl_coef=kl_ctl.value, gamma=cfg.gamma, lam=cfg.lam, temperature=cfg.temperature,
+                                  eos_token_id=tokenizer.eos_token_id,
+                                  missing_eos_penalty=cfg.missing_eos_penalty or None,
+                                  forward_batch_size=cfg.forward_batch_size, autocast=autocast,
+                                  whiten_advantages=cfg.whiten_advantages)
+            policy.train(), value.train()
+            t2 = time.perf_counter()
+            # 8. PPO epochs over minibatches
+            gen.manual_seed(cfg.seed * 7919 + step)
+            stats = ppo_update(exp, policy=policy, value_model=value, policy_opt=policy_opt, value_opt=value_opt,
+                               epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.clip_eps,
+                               vf_clip_eps=cfg.vf_clip_eps, temperature=cfg.temperature,
+                               max_grad_norm=cfg.max_grad_norm or None, autocast=autocast, generator=gen,
+                               ptx_batches=ptx_batches, ptx_coef=cfg.ptx_coef, ptx_loss_fn=ptx_loss_fn)
+            t3 = time.perf_counter()
+            # KL per sequence (nats): the quantity the adaptive controller targets
+            seq_kl = float((exp.kl * exp.mask).sum(-1).mean())
+            kl_ctl.update(seq_kl, cfg.batch_size)
+            n_tok = int(exp.mask.sum())
+            metrics = {
+                "step": step + 1, "score": float(exp.scores.mean()), "kl": seq_kl, "kl_coef": float(kl_ctl.value),
+                "non_score_reward": float((-kl_ctl.value * exp.kl * exp.mask).sum(-1).mean()),
+                "entropy": stats["entropy"], "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"],
+                "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
+                "vf_clipfrac": stats["vf_clipfrac"], "ptx_loss": stats["ptx_loss"], "grad_norm": stats["grad_norm"],
+                "explained_variance": explained_variance(exp.old_values, exp.returns, exp.mask),
+                "advantage_mean": masked_mean(exp.advantages, exp.mask),
+                "response_length": float(rollout.lengths.float().mean()),
+                "tokens_per_s": n_tok / max(t3 - t0, 1e-9),
+                "time_generation_s": t1 - t0, "time_experience_s": t2 - t1, "time_training_s": t3 - t2,
+                "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else 0.0,
+            }
+            if not math.isfinite(metrics["policy_loss"]) or not math.isfinite(metrics["value_loss"]):
+                raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "
+                                         f"{last_ckpt}")
+            history.append(metrics)
+            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.log_every, 1) == 0)
+            done = step + 1 == cfg.iterations
+            if done or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                last_ckpt = save(step + 1)
+            if stop:
+                print(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}", flush=True)
+                break
+    if start >= cfg.iterations and last_ckpt is None:
+        last_ckpt = save(start)
+    log.close(plots=cfg.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
+    engine.free()
+    return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
+            "final": history[-1] if history else {}}
+
+
+def main(argv=None) -> dict:
+    from .config import parse_config
+    return train(parse_config(PPOConfig, argv, prog="fastrlhf ppo"))

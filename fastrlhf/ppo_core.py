@@ -1,0 +1,206 @@
+"""The algorithmic core of PPO-based RLHF (InstructGPT, Ouyang et al. 2022; Ziegler et al. 2019), free of I/O.
+
+One iteration, as the numbered steps in :func:`make_experience` and :func:`ppo_update`:
+
+    1. sample prompts                       (the caller: ``ppo.train``)
+    2. generate with the hybrid engine      (the caller: ``engine.generate`` -> ``Rollout``)
+    3. score prompt+response with the reward model at the last valid token (missing-EOS penalty optional)
+    4. old / reference log-probs and values: one forward each of policy, reference and value model
+    5. per-token rewards: r_t = -beta * KL_t (+ score at the last valid token)  -> kernels.kl_penalty, kernels.shape_rewards
+    6. GAE -> advantages and returns                                             -> kernels.gae
+    7. whitened advantages                                                       -> kernels.whiten
+    8. epochs x minibatches: clipped policy loss + clipped value loss (+ PPO-ptx)  -> kernels.ppo_policy_loss / ppo_value_loss
+
+Notation: B rollouts, P prompt length (left-padded), G response length (right-padded), H hidden size, V vocabulary.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from . import kernels as K
+
+
+@dataclass
+class Experience:
+    """Everything one PPO update needs, all [B, G] unless noted (G = response length). Detached, fp32."""
+
+    input_ids: torch.Tensor  # [B, P+G] prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor  # [B, P+G]
+    position_ids: torch.Tensor  # [B, P+G]
+    response_ids: torch.Tensor  # [B, G]
+    mask: torch.Tensor  # [B, G] fp32, 1 = valid response token
+    old_logprobs: torch.Tensor  # [B, G] policy log-probs before the update
+    ref_logprobs: torch.Tensor  # [B, G]
+    old_values: torch.Tensor  # [B, G]
+    rewards: torch.Tensor  # [B, G] shaped per-token rewards
+    advantages: torch.Tensor  # [B, G] whitened
+    returns: torch.Tensor  # [B, G]
+    scores: torch.Tensor  # [B] reward-model scores (after the missing-EOS penalty)
+    kl: torch.Tensor  # [B, G] per-token KL estimate (k1) used in the reward
+    prompt_len: int  # P
+
+    def minibatch(self, idx: torch.Tensor) -> "Experience":
+        fields = {}
+        for name, value in self.__dict__.items():
+            fields[name] = value[idx] if torch.is_tensor(value) and value.dim() >= 1 else value
+        return Experience(**fields)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for left/right padded rows: p_t = (number of valid tokens before t), 0 on padding.  [B, T] -> [B, T]"""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_min(0)
+
+
+def response_logprobs(model, input_ids, attention_mask, position_ids, response_ids, prompt_len: int, *,
+                      temperature: float = 1.0, return_entropy: bool = False):
+    """Log-probs of ``response_ids`` under ``model`` (a CausalLM), without materializing [B, G, V] logits.
+
+    Hidden state at position P-1+t predicts response token t:  h[:, P-1:-1] -> linear_logprobs against the LM head.
+    Returns logp [B, G] fp32 (and entropy [B, G]).
+    """
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # [B, P+G, H]
+    h = hidden[:, prompt_len - 1 : -1]  # [B, G, H]
+    return K.linear_logprobs(h, model.lm_head_weight, response_ids, temperature=temperature,
+                             return_entropy=return_entropy)
+
+
+def response_values(value_model, input_ids, attention_mask, position_ids, prompt_len: int) -> torch.Tensor:
+    """Per-token values of the states that produce each response token: V[:, P-1:-1].  -> [B, G] fp32"""
+    values = value_model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # [B, P+G]
+    return values[:, prompt_len - 1 : -1].float()
+
+
+def sequence_scores(reward_model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """Reward-model score of each whole sequence at its last valid token.  -> [B] fp32"""
+    values = reward_model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # [B, T]
+    last = (attention_mask.long() * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(-1)
+    return values.gather(1, last[:, None]).squeeze(1).float()
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+@torch.no_grad()
+def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, kl_coef: float, gamma: float,
+                    lam: float, temperature: float, eos_token_id: int | None, missing_eos_penalty: float | None,
+                    forward_batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
+                    ref_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+                    whiten_advantages: bool = True) -> Experience:
+    """Steps 3-7 for one rollout. ``ref_context`` (e.g. LoRA's adapter-disabled context) wraps the reference forward
+    when ``ref_policy`` is the policy itself."""
+    input_ids, attention_mask = rollout.sequences()  # [B, P+G]
+    position_ids = positions_from_mask(attention_mask)
+    P = rollout.prompt_ids.shape[1]
+    mask = rollout.response_mask.float()  # [B, G]
+    B = input_ids.shape[0]
+    old_lp, ref_lp, vals, scores = [], [], [], []
+    for sl in _chunks(B, forward_batch_size):
+        args = (input_ids[sl], attention_mask[sl], position_ids[sl])
+        with autocast():
+            # 3. score: reward model at the last valid token of prompt+response
+            scores.append(sequence_scores(reward_model, *args))
+            # 4. old log-probs (a fresh forward, same numerics as the update), reference log-probs, values
+            old_lp.append(response_logprobs(policy, *args, rollout.response_ids[sl], P, temperature=temperature))
+            with (ref_context() if ref_context is not None else contextlib.nullcontext()):
+                ref_lp.append(response_logprobs(ref_policy, *args, rollout.response_ids[sl], P, temperature=temperature))
+            vals.append(response_values(value_model, *args, P))
+    old_logprobs = torch.cat(old_lp) * mask
+    ref_logprobs = torch.cat(ref_lp) * mask
+    old_values = torch.cat(vals) * mask
+    score = torch.cat(scores)
+    if missing_eos_penalty is not None and eos_token_id is not None:
+        # InstructGPT-style shaping option: a response that never emitted EOS gets a fixed penalty on its score.
+        has_eos = ((rollout.response_ids == eos_token_id) & rollout.response_mask.bool()).any(-1)
+        score = torch.where(has_eos, score, score - missing_eos_penalty)
+    # 5. per-token rewards: r_t = -beta * KL_t * m_t, score added at the last valid token
+    kl = K.kl_penalty(old_logprobs, ref_logprobs, estimator="k1") * mask
+    rewards = K.shape_rewards(score, kl, mask, kl_coef=kl_coef)
+    # 6. GAE over valid tokens
+    advantages, returns = K.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
+    # 7. whitened advantages (mean 0, unit variance over valid tokens)
+    if whiten_advantages:
+        advantages = K.whiten(advantages, mask, shift_mean=True)
+    return Experience(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      response_ids=rollout.response_ids, mask=mask, old_logprobs=old_logprobs,
+                      ref_logprobs=ref_logprobs, old_values=old_values, rewards=rewards, advantages=advantages,
+                      returns=returns, scores=score, kl=kl, prompt_len=P)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over valid tokens (1 = perfect value function, <= 0 = no better than a constant)."""
+    n = mask.sum()
+    if n < 2:
+        return float("nan")
+    mr = (returns * mask).sum() / n
+    var_r = (((returns - mr) ** 2) * mask).sum() / n
+    diff = (returns - values) * mask
+    md = diff.sum() / n
+    var_d = (((diff - md) ** 2) * mask).sum() / n
+    return float(1.0 - var_d / var_r) if var_r > 0 else float("nan")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    n = mask.sum()
+    return float((x * mask).sum() / n) if n > 0 else 0.0
+
+
+def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, epochs: int, minibatch_size: int,
+               clip_eps: float, vf_clip_eps: float, temperature: float, max_grad_norm: float | None,
+               autocast: Callable[[], contextlib.AbstractContextManager], generator: torch.Generator | None = None,
+               ptx_batches: Iterator | None = None, ptx_coef: float = 0.0, ptx_loss_fn=None,
+               agg: str = "token-mean", on_minibatch: Callable[[], None] | None = None) -> dict[str, float]:
+    """Step 8: ``epochs`` passes over the experience in shuffled minibatches of ``minibatch_size`` rollouts.
+
+    Policy loss: clipped surrogate; value loss: clipped squared error (both fused kernels). The policy and value
+    models have separate optimizers (InstructGPT trains separate policy and value networks).
+    PPO-ptx: ``ptx_coef * ptx_loss_fn(policy, batch)`` added to the policy loss for each minibatch.
+    """
+    B = exp.input_ids.shape[0]
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
+                                                       "vf_clipfrac", "entropy", "ptx_loss", "grad_norm")}
+    for _epoch in range(epochs):
+        perm = torch.randperm(B, generator=generator, device="cpu").to(exp.input_ids.device)
+        for sl in _chunks(B, minibatch_size):
+            mb = exp.minibatch(perm[sl])
+            args = (mb.input_ids, mb.attention_mask, mb.position_ids)
+            with autocast():
+                logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
+                                              return_entropy=True)
+                pg_loss, pg_metrics = K.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
+                                                        clip_eps=clip_eps, agg=agg)
+                values = response_values(value_model, *args, mb.prompt_len)
+                vf_loss, vf_metrics = K.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
+                                                       clip_eps=vf_clip_eps, agg=agg)
+                loss_pi = pg_loss
+                if ptx_batches is not None and ptx_coef > 0:
+                    ptx = ptx_loss_fn(policy, next(ptx_batches))
+                    loss_pi = loss_pi + ptx_coef * ptx
+                    stats["ptx_loss"].append(float(ptx.detach()))
+            if not torch.isfinite(loss_pi.detach()) or not torch.isfinite(vf_loss.detach()):
+                raise FloatingPointError(f"non-finite PPO loss (policy {float(loss_pi):.4g}, value {float(vf_loss):.4g})")
+            policy_opt.zero_grad(set_to_none=True)
+            value_opt.zero_grad(set_to_none=True)
+            (loss_pi + vf_loss).backward()  # separate parameter sets: one backward fills both
+            if max_grad_norm is not None:
+                gn = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_grad_norm)
+                torch.nn.utils.clip_grad_norm_([p for p in value_model.parameters() if p.requires_grad], max_grad_norm)
+                stats["grad_norm"].append(float(gn))
+            policy_opt.step()
+            value_opt.step()
+            if on_minibatch is not None:
+                on_minibatch()
+            stats["policy_loss"].append(float(pg_loss.detach()))
+            stats["value_loss"].append(float(vf_loss.detach()))
+            stats["clipfrac"].append(float(pg_metrics["clipfrac"]))
+            stats["approx_kl"].append(float(pg_metrics["approx_kl"]))
+            stats["vf_clipfrac"].append(float(vf_metrics["vf_clipfrac"]))
+            stats["entropy"].append(masked_mean(ent.detach().float(), mb.mask))
+    return {k: (sum(v) / len(v) if v else math.nan) for k, v in stats.items()}
