@@ -1,0 +1,525 @@
+"""Kernel benchmark runner: fastrlhf.kernels beside the eager / compiled / peer implementations, in one run.
+
+    python -m benchmarks.kernels [--ops logprobs linear gae ppo] [--shape tiny|h100] [--csv benchmarks/results.csv]
+    fastrlhf bench kernels ...            (the CLI calls ``main(argv)``)
+
+For every (op, mode, provider) it measures: median / p20 / p80 time (``timing.bench``), throughput (GB/s of the minimal
+bytes, or FLOP/s of the minimal FLOPs) and its % of a ceiling measured at the start of the same run (device-to-device
+copy and a matmul), peak extra memory (``timing.peak_extra_mib``), and the max abs error against a float64 reference
+computed from the same inputs (forward outputs, and for fwd+bwd also the input gradients under random upstream grads).
+It prints a table and appends one row per measurement to a CSV (columns: ``CSV_COLUMNS``).
+
+Ops (shapes: ``SHAPES``; notation B batch, T time, V vocabulary, H hidden, N tokens):
+- ``logprobs``  log-probs + entropy from logits [B, T, V]; modes ``fwd`` (no grad) and ``fwd+bwd`` (grads from both).
+  Minimal bytes: fwd reads the logits once; fwd+bwd reads them once and writes dlogits once (2x).
+- ``linear``    log-probs from hidden [N, H] and weight [V, H] without [N, V] logits; ``fwd+bwd``; FLOPs 6·N·H·V.
+  Also prints (CPU and CUDA) peak extra memory at two N to show what grows with N·V.
+- ``gae``       GAE over valid tokens + masked whitening of the advantages, [B, T] fp32; bytes: r, V, m read, A, R written.
+- ``ppo``       clipped policy loss + k3 KL in the loss + clipped value loss, fwd+bwd, [B, T] fp32;
+  bytes: logp, old, ref, A, m, V, V_old, R read, dlogp and dV written.
+On CPU ``fastrlhf`` is the kernels' CPU path (backend "auto" -> PyTorch / C++); on CUDA it is the Triton kernels.
+Providers: fastrlhf, eager (+ eager-lse, eager-rowloop variants for logprobs), compile (default on CUDA only: on CPU
+inductor needs ~30 s to compile each function; ask with --providers), trl, liger (CUDA only, when importable).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import baselines as BL
+from .timing import bench, peak_extra_mib
+
+CSV_COLUMNS = ["date", "device", "op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
+               "pct_ceiling", "peak_extra_mib", "max_abs_err", "torch", "triton", "commit"]
+OPS = ("logprobs", "linear", "gae", "ppo")
+PROVIDERS = ("fastrlhf", "eager", "eager-lse", "eager-rowloop", "compile", "trl", "liger")
+DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
+
+# Shapes: ANCHORS.md ("h100") and a CPU-sized "tiny" (whole runner ≤ 2 min on 2 cores). linear_mem: two N for the
+# memory-scaling check.
+SHAPES = {
+    "h100": dict(logits=(32, 512, 151936), linear=(16384, 896, 151936), linear_mem=(4096, 16384), gae=(64, 1024),
+                 ppo=(64, 1024)),
+    "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(256, 1024), gae=(64, 1024),
+                 ppo=(64, 1024)),
+}
+GAMMA, LAM, TAU = 1.0, 0.95, 1.0
+CLIP_EPS, KL_COEF, VF_CLIP = 0.2, 0.001, 0.2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# our kernels, called through their public API (fastrlhf.kernels)
+# ----------------------------------------------------------------------------------------------------------------------
+def _K():
+    from fastrlhf import kernels
+    return kernels
+
+
+def ours_logprobs(logits, labels, temperature=TAU):
+    lp, ent = _K().logprobs_from_logits(logits, labels, temperature=temperature, return_entropy=True)
+    return lp, ent
+
+
+def ours_linear(hidden, weight, labels, temperature=TAU):
+    return _K().linear_logprobs(hidden, weight, labels, temperature=temperature)
+
+
+def ours_gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
+    K = _K()
+    adv, ret = K.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    return K.whiten(adv, mask), ret
+
+
+def ours_ppo(logp, old_logp, ref_logp, adv, mask, values, old_values, returns):
+    K = _K()
+    pg_loss, _ = K.ppo_policy_loss(logp, old_logp, adv, mask, clip_eps=CLIP_EPS, ref_logprobs=ref_logp,
+                                   kl_coef=KL_COEF, kl_estimator="k3")
+    vf_loss, _ = K.ppo_value_loss(values, old_values, returns, mask, clip_eps=VF_CLIP)
+    return pg_loss, 0.5 * vf_loss  # vf_coef 0.5, as the eager baseline
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run context, one measurement, ceilings
+# ----------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Ctx:
+    device: str
+    shape: str
+    dtype: torch.dtype  # dtype of logits / hidden / weight
+    providers: tuple[str, ...]
+    warmup_ms: float
+    rep_ms: float
+    ceil_gbps: float = float("nan")
+    ceil_flops: float = float("nan")  # FLOP/s
+    rows: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # anything else measured (memory scaling)
+
+    def wants(self, provider: str) -> bool:
+        return provider in self.providers
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_ceilings(ctx: Ctx) -> None:
+    """Copy GB/s (bytes read + written) and matmul FLOP/s, measured now with the same timer."""
+    if ctx.device == "cuda":
+        a = torch.empty(1 << 29, device="cuda", dtype=torch.bfloat16).normal_()  # 1 GiB
+        m_n, m_dtype = 8192, torch.bfloat16
+    else:
+        a = torch.randn(1 << 24, dtype=torch.float32)  # 64 MiB
+        m_n, m_dtype = 1024, torch.float32
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms)
+    ctx.ceil_gbps = 2 * a.numel() * a.element_size() / (t.median_ms * 1e-3) / 1e9
+    del a, b
+    x = torch.randn(m_n, m_n, device=ctx.device, dtype=m_dtype)
+    y = torch.randn_like(x)
+    t = bench(lambda: x @ y, ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms)
+    ctx.ceil_flops = 2 * m_n**3 / (t.median_ms * 1e-3)
+    ctx.extra["ceilings"] = dict(copy_gbps=ctx.ceil_gbps, matmul_flops=ctx.ceil_flops, matmul=f"{m_dtype} {m_n}^3")
+
+
+def _flops_unit(device: str) -> tuple[str, float]:
+    return ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+
+
+def measure(ctx: Ctx, op: str, mode: str, provider: str, shape: str, fn: Callable[[], object],
+            err_fn: Callable[[object], float], *, nbytes: float = 0.0, flops: float = 0.0,
+            leaves: tuple = (), no_grad: bool = False) -> None:
+    """Run ``fn`` once (error), once more for peak memory, then time it; append a row. ``leaves``: tensors whose
+    ``.grad`` ``fn`` fills (cleared before each call). nbytes / flops: the minimal work, for GB/s or FLOP/s."""
+    def call():
+        for t in leaves:
+            t.grad = None
+        if no_grad:
+            with torch.no_grad():
+                return fn()
+        return fn()
+    try:
+        out = call()
+        _sync(ctx.device)
+        err = float(err_fn(out))
+        del out
+        for t in leaves:
+            t.grad = None
+        peak = peak_extra_mib(call, ctx.device)
+        tm = bench(call, ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms)
+    except NotImplementedError as e:
+        ctx.skipped.append(f"{op}/{mode}/{provider}: not implemented yet ({e})")
+        return
+    except Exception as e:  # noqa: BLE001 - one provider failing must not hide the others; it is reported
+        ctx.skipped.append(f"{op}/{mode}/{provider}: {type(e).__name__}: {str(e)[:200]}")
+        return
+    finally:
+        for t in leaves:
+            t.grad = None
+    sec = tm.median_ms * 1e-3
+    if flops:
+        unit, scale = _flops_unit(ctx.device)
+        thr, pct = flops / sec / scale, 100 * flops / sec / ctx.ceil_flops
+    else:
+        unit, thr, pct = "GB/s", nbytes / sec / 1e9, 100 * nbytes / sec / 1e9 / ctx.ceil_gbps
+    ctx.rows.append(dict(op=op, mode=mode, provider=provider, shape=shape, median_ms=tm.median_ms, p20_ms=tm.p20_ms,
+                         p80_ms=tm.p80_ms, throughput=thr, unit=unit, pct_ceiling=pct, peak_extra_mib=peak,
+                         max_abs_err=err))
+
+
+def _dname(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32").replace(
+        "float16", "fp16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the ops
+# ----------------------------------------------------------------------------------------------------------------------
+def bench_logprobs(ctx: Ctx) -> None:
+    B, T, V = SHAPES[ctx.shape]["logits"]
+    dev = ctx.device
+    shape = f"B={B},T={T},V={V},{_dname(ctx.dtype)}"
+    logits = (torch.randn(B, T, V, device=dev, dtype=torch.float32) * 3).to(ctx.dtype)
+    labels = torch.randint(0, V, (B, T), device=dev)
+    g_lp = torch.randn(B, T, device=dev)
+    g_ent = torch.randn(B, T, device=dev)
+    nbytes = logits.numel() * logits.element_size()
+    impls = {"fastrlhf": ours_logprobs, "eager": BL.lp_ent_logsoftmax_gather, "eager-lse": BL.lp_ent_logsumexp,
+             "eager-rowloop": BL.lp_ent_rowloop}
+    if ctx.wants("compile"):
+        impls["compile"] = BL.compiled(BL.lp_ent_logsoftmax_gather)
+    peers = BL.peer_providers(dev)
+    for p in ("trl", "liger"):
+        if f"logprobs/{p}" in peers:
+            impls[p] = peers[f"logprobs/{p}"]
+    for prov, f in impls.items():
+        if not ctx.wants(prov):
+            continue
+        measure(ctx, "logprobs", "fwd", prov, shape, lambda f=f: f(logits, labels, TAU),
+                lambda o: BL.logprobs_max_err(logits, labels, TAU, o), nbytes=nbytes, no_grad=True)
+    x = logits.clone().requires_grad_(True)
+    for prov, f in impls.items():
+        if not ctx.wants(prov) or prov == "liger":  # that Liger kernel has no backward
+            continue
+
+        def fb(f=f):
+            lp, ent = f(x, labels, TAU)
+            if ent is None:
+                torch.autograd.backward([lp], [g_lp])
+            else:
+                torch.autograd.backward([lp, ent], [g_lp, g_ent])
+            return lp.detach(), (None if ent is None else ent.detach()), x.grad, ent is not None
+
+        def err(o):
+            lp, ent, grad, has_ent = o
+            return BL.logprobs_max_err(logits, labels, TAU, (lp, ent), grad, g_lp, g_ent if has_ent else None)
+        measure(ctx, "logprobs", "fwd+bwd", prov, shape, fb, err, nbytes=2 * nbytes, leaves=(x,))
+    del logits, x
+
+
+def _linear_inputs(N, H, V, dev, dtype):
+    hidden = (torch.randn(N, H, device=dev) / H**0.5).to(dtype).requires_grad_(True)
+    weight = torch.randn(V, H, device=dev).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (N,), device=dev)
+    g = torch.randn(N, device=dev)
+    return hidden, weight, labels, g
+
+
+def _linear_fb(f, hidden, weight, labels, g):
+    def fb():
+        lp = f(hidden, weight, labels, TAU)
+        lp.backward(g)
+        return lp.detach(), hidden.grad, weight.grad
+    return fb
+
+
+def bench_linear(ctx: Ctx) -> None:
+    N, H, V = SHAPES[ctx.shape]["linear"]
+    dev = ctx.device
+    shape = f"N={N},H={H},V={V},{_dname(ctx.dtype)}"
+    hidden, weight, labels, g = _linear_inputs(N, H, V, dev, ctx.dtype)
+    impls = {"fastrlhf": ours_linear, "eager": BL.linear_lp_eager}
+    if ctx.wants("compile"):
+        impls["compile"] = BL.compiled(BL.linear_lp_eager)
+    peers = BL.peer_providers(dev)
+    for p in ("trl", "liger"):
+        if f"linear/{p}" in peers:
+            impls[p] = peers[f"linear/{p}"]
+    for prov, f in impls.items():
+        if not ctx.wants(prov):
+            continue
+        measure(ctx, "linear_logprobs", "fwd+bwd", prov, shape, _linear_fb(f, hidden, weight, labels, g),
+                lambda o: BL.linear_max_err(hidden.detach(), weight.detach(), labels, TAU, o[0], o[1], o[2], g),
+                flops=6 * N * H * V, leaves=(hidden, weight))
+    del hidden, weight
+    known = {(r["provider"], N): r["peak_extra_mib"] for r in ctx.rows if r["op"] == "linear_logprobs"}
+    linear_memory_scaling(ctx, H, V, known)
+
+
+def linear_memory_scaling(ctx: Ctx, H: int, V: int, known: dict | None = None) -> None:
+    """Peak extra memory of fwd+bwd at two N: the eager baseline grows with N·V (it holds [N, V] logits and their
+    fp32 copies), ours should grow only with N·H (the hidden gradient). ``known``: {(provider, N): MiB} already
+    measured (the timed shape), not measured again."""
+    res = dict(known or {})
+    for N in SHAPES[ctx.shape]["linear_mem"]:
+        if all((p, N) in res for p in ("fastrlhf", "eager")):
+            continue
+        hidden, weight, labels, g = _linear_inputs(N, H, V, ctx.device, ctx.dtype)
+        for prov, f in (("fastrlhf", ours_linear), ("eager", BL.linear_lp_eager)):
+            if not ctx.wants(prov) or (prov, N) in res:
+                continue
+            fb = _linear_fb(f, hidden, weight, labels, g)
+            try:
+                fb()  # warm (first-call allocations such as workspaces are not counted)
+                hidden.grad = weight.grad = None
+                res[(prov, N)] = peak_extra_mib(fb, ctx.device)
+            except Exception as e:  # noqa: BLE001 - reported with the rest
+                ctx.skipped.append(f"linear_logprobs/memory N={N}/{prov}: {type(e).__name__}: {str(e)[:200]}")
+            hidden.grad = weight.grad = None
+        del hidden, weight
+    ns = set(SHAPES[ctx.shape]["linear_mem"])
+    ctx.extra["linear_memory"] = dict(H=H, V=V, peak_mib={k: v for k, v in res.items() if k[1] in ns},
+                                      dtype=_dname(ctx.dtype))
+
+
+def bench_gae(ctx: Ctx) -> None:
+    B, T = SHAPES[ctx.shape]["gae"]
+    dev = ctx.device
+    shape = f"B={B},T={T},fp32"
+    rewards = torch.randn(B, T, device=dev)
+    values = torch.randn(B, T, device=dev)
+    lengths = torch.randint(T // 2, T + 1, (B,), device=dev)
+    mask = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).float()  # right padding, lengths in [T/2, T]
+    ref_a, ref_r = BL.gae_ref64(rewards, values, mask, GAMMA, LAM)
+
+    def err(o):
+        return max((o[0].double() - ref_a).abs().max().item(), (o[1].double() - ref_r).abs().max().item())
+    nbytes = 5 * B * T * 4  # read r, V, m; write A, R (fp32)
+    for prov, f in (("fastrlhf", ours_gae), ("eager", BL.gae_eager)):
+        if ctx.wants(prov):
+            measure(ctx, "gae+whiten", "fwd", prov, shape, lambda f=f: f(rewards, values, mask, GAMMA, LAM), err,
+                    nbytes=nbytes, no_grad=True)
+
+
+def bench_ppo(ctx: Ctx) -> None:
+    B, T = SHAPES[ctx.shape]["ppo"]
+    dev = ctx.device
+    shape = f"B={B},T={T},fp32"
+    logp = (torch.randn(B, T, device=dev) - 2).requires_grad_(True)
+    old = logp.detach() + 0.05 * torch.randn(B, T, device=dev)
+    ref = logp.detach() + 0.05 * torch.randn(B, T, device=dev)
+    adv = torch.randn(B, T, device=dev)
+    lengths = torch.randint(T // 2, T + 1, (B,), device=dev)
+    mask = (torch.arange(T, device=dev)[None, :] < lengths[:, None]).float()
+    values = torch.randn(B, T, device=dev).requires_grad_(True)
+    old_v = values.detach() + 0.1 * torch.randn(B, T, device=dev)
+    returns = torch.randn(B, T, device=dev)
+    g_pg, g_vf = 0.7, 1.3  # non-unit upstream grads of the two losses
+
+    # float64 reference of (pg_loss, vf_loss, dlogp, dvalues)
+    lp64 = logp.detach().double().requires_grad_(True)
+    v64 = values.detach().double().requires_grad_(True)
+    pg64, vf64, _ = BL.ppo_loss_eager(lp64, old.double(), ref.double(), adv.double(), mask.double(), v64,
+                                      old_v.double(), returns.double(), CLIP_EPS, KL_COEF, VF_CLIP)
+    torch.autograd.backward([pg64, vf64], [torch.tensor(g_pg, dtype=torch.float64, device=dev),
+                                           torch.tensor(g_vf, dtype=torch.float64, device=dev)])
+    refs = (pg64.detach(), vf64.detach(), lp64.grad, v64.grad)
+
+    def eager(*a):
+        pg, vf, _ = BL.ppo_loss_eager(*a, CLIP_EPS, KL_COEF, VF_CLIP)
+        return pg, vf
+    impls = {"fastrlhf": ours_ppo, "eager": eager}
+    if ctx.wants("compile"):
+        impls["compile"] = BL.compiled(eager)
+    for prov, f in impls.items():
+        if not ctx.wants(prov):
+            continue
+
+        def fb(f=f):
+            pg, vf = f(logp, old, ref, adv, mask, values, old_v, returns)
+            torch.autograd.backward([pg, vf], [torch.full_like(pg, g_pg), torch.full_like(vf, g_vf)])
+            return pg.detach(), vf.detach(), logp.grad, values.grad
+
+        def err(o):
+            return max((a.double() - b).abs().max().item() for a, b in zip(o, refs))
+        measure(ctx, "ppo_loss+k3+value", "fwd+bwd", prov, shape, fb, err, nbytes=10 * B * T * 4,
+                leaves=(logp, values))
+
+
+BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "gae": bench_gae, "ppo": bench_ppo}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# environment, output
+# ----------------------------------------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        h = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=10)
+        if h.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, timeout=10).returncode != 0
+        return h.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4g}" if (abs(v) >= 1e-3 or v == 0) else f"{v:.2e}"
+    return str(v)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit", "pct_ceiling",
+            "peak_extra_mib", "max_abs_err"]
+    heads = ["op", "mode", "provider", "shape", "median ms", "p20", "p80", "thrpt", "unit", "% ceil", "extra MiB",
+             "max err"]
+    cells = [[_fmt(r[c]) for c in cols] for r in rows]
+    w = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(vals)) + " |"  # noqa: E731
+    out = [line(heads), "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    out += [line(c) for c in cells]
+    return "\n".join(out)
+
+
+def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
+    """Append rows to ``path`` (header written when the file is new or empty; an existing different header is an
+    error rather than a silently misaligned file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if header != CSV_COLUMNS:
+            raise ValueError(f"{path}: existing CSV header {header} != expected {CSV_COLUMNS}; use another --csv path")
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# entry points
+# ----------------------------------------------------------------------------------------------------------------------
+def run(ops=OPS, shape: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+        providers=None, warmup_ms: float | None = None, rep_ms: float | None = None) -> Ctx:
+    """Run the benchmarks; returns the context (``.rows``, ``.skipped``, ``.extra``). Prints nothing."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = shape or ("h100" if device == "cuda" else "tiny")
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
+    bad = [o for o in ops if o not in BENCHES]
+    if bad:
+        raise ValueError(f"--ops {bad}: expected some of {list(BENCHES)}")
+    if providers is None:
+        providers = tuple(p for p in PROVIDERS if device == "cuda" or p not in ("compile", "trl", "liger"))
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad:
+        raise ValueError(f"--providers {bad}: expected some of {list(PROVIDERS)}")
+    if dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ctx = Ctx(device=device, shape=shape, dtype=dtype, providers=tuple(providers),
+              warmup_ms=warmup_ms if warmup_ms is not None else (25.0 if device == "cuda" else 50.0),
+              rep_ms=rep_ms if rep_ms is not None else (100.0 if device == "cuda" else 400.0))
+    torch.manual_seed(0)
+    measure_ceilings(ctx)
+    for op in ops:
+        BENCHES[op](ctx)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return ctx
+
+
+def env_meta(device: str) -> dict:
+    import triton
+    return dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=device_name(device),
+                torch=torch.__version__, triton=triton.__version__, commit=git_commit())
+
+
+def format_memory_scaling(mem: dict) -> str:
+    pk = mem["peak_mib"]
+    ns = sorted({n for _, n in pk})
+    lines = [f"linear_logprobs fwd+bwd peak extra memory vs N (H={mem['H']}, V={mem['V']}, {mem['dtype']}):",
+             "| N | N·V fp32 logits MiB | " + " | ".join(f"{p} MiB" for p in ("fastrlhf", "eager")) + " |",
+             "|---|---|---|---|"]
+    for n in ns:
+        lines.append(f"| {n} | {n * mem['V'] * 4 / 2**20:.1f} | " + " | ".join(
+            _fmt(pk.get((p, n), float("nan"))) for p in ("fastrlhf", "eager")) + " |")
+    if len(ns) == 2:
+        n1, n2 = ns
+        for p in ("fastrlhf", "eager"):
+            if (p, n1) in pk and (p, n2) in pk:
+                grow = pk[(p, n2)] - pk[(p, n1)]
+                per_nv = grow * 2**20 / ((n2 - n1) * mem["V"])
+                lines.append(f"{p}: +{grow:.1f} MiB from N={n1} to N={n2} = {per_nv:.2f} bytes per added N·V element")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: h100 on CUDA, tiny on CPU")
+    ap.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),
+                    help="default: all on CUDA; on CPU all but compile/trl/liger")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                    help="logits/hidden/weight dtype (default bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--warmup-ms", type=float, default=None)
+    ap.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement")
+    a = ap.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[a.dtype]
+    ctx = run(a.ops, a.shape, dtype=dtype, providers=a.providers, warmup_ms=a.warmup_ms, rep_ms=a.rep_ms)
+    meta = env_meta(ctx.device)
+    c = ctx.extra["ceilings"]
+    unit, scale = _flops_unit(ctx.device)
+    print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
+          f"shape preset {ctx.shape}")
+    print(f"ceilings (this run): copy {c['copy_gbps']:.1f} GB/s (read+write), matmul {c['matmul']} "
+          f"{c['matmul_flops'] / scale:.1f} {unit}")
+    print(format_table(ctx.rows))
+    if "linear_memory" in ctx.extra:
+        print()
+        print(format_memory_scaling(ctx.extra["linear_memory"]))
+    for s in ctx.skipped:
+        print("skipped:", s)
+    if not a.no_csv:
+        write_csv(Path(a.csv), ctx.rows, meta)
+        print(f"appended {len(ctx.rows)} rows to {a.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""Timing and peak-memory measurement for the kernel benchmarks.
+
+- ``bench(fn, device)`` -> ``Timing`` (median, p20, p80 in ms).
+  CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, and an L2 flush — a 256 MB buffer zeroed before every call).
+  CPU: ``time.perf_counter`` around each call after warm-up calls; no cache flush (the CPU numbers are warm-cache numbers).
+- ``peak_extra_mib(fn, device)`` -> MiB allocated by torch above what was live before the call, at the call's peak
+  (outputs and gradients the call leaves behind count, as with ``torch.cuda.max_memory_allocated``).
+  CUDA: ``torch.cuda.max_memory_allocated()`` delta after ``reset_peak_memory_stats()``.
+  CPU: torch has no CPU peak counter, so the call runs once under ``torch.profiler`` with ``profile_memory=True``; the
+  allocation (+bytes) and free (−bytes) events of torch's CPU allocator are summed in time order and the running maximum
+  is the peak. What this does NOT see: memory malloc'ed outside torch's allocator (numpy buffers inside C++ extensions,
+  oneDNN/BLAS scratch space). It is the CPU analogue of the CUDA number, not a process RSS.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    n: int  # number of timed calls on CPU; -1 on CUDA (do_bench does not report it)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolated quantile q in [0, 1] of xs (same convention as torch.quantile)."""
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def bench(fn: Callable[[], object], device: str, *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+          min_reps: int = 3, max_reps: int = 200, grad_to_none=None) -> Timing:
+    """Time ``fn()`` on ``device`` ("cuda" or "cpu"). ``warmup_ms``/``rep_ms`` are time budgets as in do_bench."""
+    if device == "cuda":
+        from triton.testing import do_bench
+        med, p20, p80 = do_bench(fn, warmup=int(warmup_ms), rep=int(rep_ms), grad_to_none=grad_to_none,
+                                 quantiles=[0.5, 0.2, 0.8])
+        return Timing(float(med), float(p20), float(p80), -1)
+    # CPU: one untimed call (a warm-up that also estimates the cost), more warm-up calls to fill warmup_ms, then
+    # timed calls to fill rep_ms (at least min_reps).
+    t0 = time.perf_counter()
+    fn()
+    est = max(time.perf_counter() - t0, 1e-7) * 1e3  # ms
+    for _ in range(min(int(warmup_ms / est), 100)):
+        fn()
+    n = max(min_reps, min(int(rep_ms / est), max_reps))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), n)
+
+
+def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
+    """Peak bytes (MiB) torch allocated during one ``fn()`` call above what was live before it (see module doc)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak / 2**20
+    return _cpu_peak_bytes(fn) / 2**20
+
+
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Silence file descriptor 2 (kineto prints a 'profiler_start/stop' line per profile from C++). Python-level
+    exceptions still propagate and are reported by the caller."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out  # freeing the outputs after the peak does not change the peak; it keeps the event list balanced
+    # "[memory]" events carry a signed byte count (+ allocation, − free); keep the CPU ones, in time order
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and "CPU" in str(e.device_type())]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()  # + on allocation, − on free
+        peak = max(peak, live)
+    return peak
