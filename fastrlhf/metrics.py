@@ -115,10 +115,13 @@ class MetricsLogger:
     """``log(step, {name: value})`` -> console line + ``run_dir/metrics.jsonl`` (+ TensorBoard); ``close()`` -> PNG curves.
 
     console_keys: the keys shown on the console line (default: the standard ones present, then up to 4 others).
+    Both call styles work: ``log(step, metrics)`` and ``log(metrics, step=..., console=...)``; ``name`` = ``stage``.
     """
 
-    def __init__(self, run_dir, *, stage: str = "", total_steps: int | None = None, tensorboard: bool = False,
-                 console: bool = True, console_keys: Sequence[str] | None = None, plots: bool = True):
+    def __init__(self, run_dir, *, stage: str = "", name: str = "", total_steps: int | None = None,
+                 tensorboard: bool = False, console: bool = True, console_keys: Sequence[str] | None = None,
+                 plots: bool = True):
+        stage = stage or name
         self.enabled = is_rank0()
         self.run_dir = Path(run_dir)
         self.stage, self.total_steps, self.console, self.plots = stage, total_steps, console, plots
@@ -139,7 +142,16 @@ class MetricsLogger:
             except Exception as e:  # tensorboard is optional
                 print(f"[fastrlhf] TensorBoard disabled ({type(e).__name__}: {e}); pip install tensorboard", flush=True)
 
-    def log(self, step: int, metrics: dict[str, Any], *, echo: bool = True) -> None:
+    def log(self, step: int | dict, metrics: dict[str, Any] | None = None, *, echo: bool = True,
+            console: bool | None = None) -> None:
+        """Append one row; ``echo``/``console`` = False skips the console line (the row is still written)."""
+        if isinstance(step, dict):
+            step, metrics = metrics, step
+        metrics = dict(metrics or {})
+        if step is None:
+            step = metrics.get("step", 0)
+        metrics.pop("step", None)
+        echo = echo if console is None else console
         if not self.enabled:
             return
         clean = {k: _scalar(v) for k, v in metrics.items()}
@@ -204,9 +216,10 @@ class MetricsLogger:
         plt.close(fig)
         return path
 
-    def close(self, plot_dir=None) -> Path | None:
+    def close(self, plot_dir=None, *, plots: bool | None = None) -> Path | None:
         """Flush and close files; write the PNG curves (beside the checkpoint when ``plot_dir`` is given)."""
-        path = self.plot(plot_dir) if self.plots else None
+        plots = self.plots if plots is None else plots
+        path = self.plot(plot_dir) if plots else None
         if self._fh is not None:
             self._fh.close()
             self._fh = None

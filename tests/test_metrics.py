@@ -45,3 +45,14 @@ def test_timer_and_progress():
     assert d["time/generate"] >= 0.02 and t.pop() == {}
     assert list(metrics.progress(range(3), desc="x", disable=True)) == [0, 1, 2]
     assert sum(metrics.progress(range(4), total=4, desc="y")) == 6
+
+
+def test_dict_first_call_style(tmp_path, capsys):
+    log = metrics.MetricsLogger(tmp_path, name="ppo")
+    log.log({"step": 2, "score": 0.5, "kl": 0.1}, step=2, console=False)
+    log.log({"step": 3, "score": 0.75}, step=3)
+    assert log.close(plots=False) is None
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["score"], r["stage"]) for r in rows] == [(2, 0.5, "ppo"), (3, 0.75, "ppo")]
+    out = capsys.readouterr().out
+    assert "[ppo] step 3 | score 0.75" in out and "step 2" not in out
