@@ -142,11 +142,13 @@ class MetricsLogger:
             except Exception as e:  # tensorboard is optional
                 print(f"[fastrlhf] TensorBoard disabled ({type(e).__name__}: {e}); pip install tensorboard", flush=True)
 
-    def log(self, step: int | dict, metrics: dict[str, Any] | None = None, *, echo: bool = True,
-            console: bool | None = None) -> None:
+    def log(self, step_or_metrics: int | dict | None = None, metrics: dict[str, Any] | None = None, *,
+            step: int | None = None, echo: bool = True, console: bool | None = None) -> None:
         """Append one row; ``echo``/``console`` = False skips the console line (the row is still written)."""
-        if isinstance(step, dict):
-            step, metrics = metrics, step
+        if isinstance(step_or_metrics, dict):
+            metrics = step_or_metrics
+        elif step_or_metrics is not None:
+            step = step_or_metrics
         metrics = dict(metrics or {})
         if step is None:
             step = metrics.get("step", 0)
