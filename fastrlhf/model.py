@@ -160,11 +160,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
+        if kv_cache is not None:  # attend in the cache dtype: cast the few new queries, never the whole cache
             k, v = kv_cache.update(self.layer, k, v, cache_pos)  # [B, Hkv, S, D]
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            q = q.to(k.dtype)
         o = attend(q, k, v, meta, self.d ** -0.5, self.sliding)  # [B, T, Hq, D]
-        return self.o_proj(o.reshape(B, T, self.nq * self.d))
+        return self.o_proj(o.reshape(B, T, self.nq * self.d).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -223,8 +223,9 @@ class Decoder(nn.Module):
         c, (B, T), dev = self.config, input_ids.shape, input_ids.device
         if kv_cache is not None and (cache_pos is None or position_ids is None):
             raise ValueError("fastrlhf/model.py: Decoder.forward with kv_cache needs cache_pos [T] and position_ids [B, T]")
-        if cu_seqlens is not None and (B != 1 or kv_cache is not None):
-            raise ValueError(f"fastrlhf/model.py: cu_seqlens needs input_ids [1, N] without kv_cache; got {(B, T)}")
+        if cu_seqlens is not None and (B != 1 or kv_cache is not None or attention_mask is not None):
+            raise ValueError(f"fastrlhf/model.py: cu_seqlens needs input_ids [1, N] and no kv_cache/attention_mask; "
+                             f"got input_ids {(B, T)}")
         if position_ids is None:
             if cu_seqlens is not None:
                 cu = cu_seqlens.to(dev).long()

@@ -68,6 +68,23 @@ def test_causal_lm_parity(tmp_path, family, tie):
         assert ours.shape == (4, 11, V)
 
 
+@pytest.mark.parametrize("cfg", [
+    {"attention_bias": True},                                            # Llama with q/k/v/o biases
+    {"head_dim": 24, "num_attention_heads": 4, "num_key_value_heads": 1},  # D != H / Hq (as Mistral-Nemo), MQA
+    {"num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 500000.0},  # MHA, Llama-3 style theta
+])
+def test_llama_variants_parity(tmp_path, cfg):
+    path = make_tiny_checkpoint(tmp_path, "llama", "lm", tokenizer=False, **cfg)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    model = load_model(path).eval()
+    if cfg.get("attention_bias"):
+        assert model.model.layers[0].self_attn.o_proj.bias is not None
+    ids, mask = _batch(3, 10, "left")
+    with torch.no_grad():
+        err = (model(ids, attention_mask=mask) - _hf_logits(hf, ids, mask))[mask.bool()].abs().max().item()
+    assert err < ATOL, err
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_score_head_parity(tmp_path, family):
     """ScoreModel.score_last == HF *ForSequenceClassification pooled logit (last non-pad token), both paddings."""
