@@ -147,7 +147,7 @@ class _KLPenalty(torch.autograd.Function):
         logp, ref = ctx.saved_tensors
         n = logp.numel()
         g = grad_out.contiguous().view(-1)
-        grad_logp = torch.empty_like(logp)  # input dtype: the store casts the fp32 gradient
+        grad_logp = torch.empty_like(logp)  # input dtype: the store rounds the fp32 gradient (to nearest on GPUs)
         grad_ref = torch.empty_like(ref)
         lo, hi, has_clamp = _launch_args(ctx.clamp)
         if n > 0:

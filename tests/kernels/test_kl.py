@@ -1,0 +1,142 @@
+"""kl_penalty against its float64 reference (values and gradients), both backends, every estimator.
+
+Tolerances. Inputs are drawn in float64 and rounded once to the test dtype; the float64 reference sees exactly those rounded
+values, so the kernel (fp32 math whatever the input dtype) is held to an fp32 bound in every dtype:
+    |out − ref64| ≤ 2·|base32 − ref64| + 4·eps32·scale   (elementwise)
+where base32 is plain PyTorch (kl_penalty_ref) in fp32 on the same inputs and scale the magnitude of the terms summed
+(|logp| + |ref| for k1/abs, d² for k2, exp(d) + |d| + 1 for k3). Gradients: the autograd contract returns them in the input
+dtype, so one final rounding to that dtype is unavoidable; they get that rounding's bound on top: one ulp of the dtype,
+relative (2⁻⁷ bf16, 2⁻¹⁰ fp16, 0 fp32) — a full ulp, not half, because Triton's interpreter truncates where the GPU
+rounds to nearest.
+"""
+import pytest
+import torch
+
+import fastrlhf.kernels as K
+from fastrlhf.kernels import kl_penalty, kl_penalty_ref
+from tests.conftest import pick
+
+EST = ("k1", "k2", "k3", "abs")
+EPS32 = torch.finfo(torch.float32).eps
+ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+BACKENDS = ("triton", "torch")
+
+
+def _scale(logp, ref, est):
+    d = ref - logp
+    if est == "k2":
+        return d * d
+    if est == "k3":
+        return torch.exp(d.clamp(-20, 20)) + d.abs() + 1
+    return logp.abs() + ref.abs()
+
+
+def _inputs(shape, dtype, device, spread=2.0):
+    logp = (-spread * torch.rand(shape, dtype=torch.float64)).to(device=device, dtype=dtype)  # log-probs ≤ 0
+    ref = (logp.double() + spread * torch.randn(shape, dtype=torch.float64, device=device)).to(dtype)
+    return logp, ref
+
+
+def _check(out, ref64, base32, scale, what, extra=0.0):
+    err = (out.double() - ref64).abs()
+    tol = 2 * (base32.double() - ref64).abs() + 4 * EPS32 * scale + extra
+    bad = err > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} elements off, worst err {err.max():.3e} (tol there {tol.flatten()[err.argmax()]:.3e})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("est", EST)
+@pytest.mark.parametrize("clamp", [None, (-0.5, 1.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_values_and_grads_match_float64(backend, est, clamp, dtype, device):
+    B, T = pick((3, 37), (64, 1024))
+    logp, ref = _inputs((B, T), dtype, device)
+    lp = logp.clone().requires_grad_()
+    rf = ref.clone().requires_grad_()
+    with K.backend(backend):
+        out = kl_penalty(lp, rf, estimator=est, clamp=clamp)
+    assert out.dtype == torch.float32 and out.shape == (B, T)
+
+    lp64 = logp.double().requires_grad_()
+    rf64 = ref.double().requires_grad_()
+    ref64 = kl_penalty_ref(lp64, rf64, estimator=est, clamp=clamp)
+    lp32 = logp.float().requires_grad_()
+    rf32 = ref.float().requires_grad_()
+    base32 = kl_penalty_ref(lp32, rf32, estimator=est, clamp=clamp)
+    scale = _scale(logp.double(), ref.double(), est)
+    _check(out, ref64.detach(), base32.detach(), scale, "forward")
+
+    g = torch.randn(B, T, dtype=torch.float64, device=device) * 3  # non-unit upstream gradient
+    out.backward(g.float())
+    ref64.backward(g)
+    base32.backward(g.float())
+    assert lp.grad.dtype == dtype and rf.grad.dtype == dtype
+    dscale = g.abs() * (1 + (ref.double() - logp.double()).abs() + torch.exp((ref.double() - logp.double()).clamp(-20, 20)))
+    for got, want, base, name in ((lp.grad, lp64.grad, lp32.grad, "d logp"), (rf.grad, rf64.grad, rf32.grad, "d ref")):
+        _check(got, want, base, dscale, name, extra=ULP[dtype] * want.abs())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("est", EST)
+def test_identical_distributions_give_zero(backend, est, device):
+    logp = -torch.rand(pick((4, 19), (64, 1024)), device=device) * 5
+    x = logp.clone().requires_grad_()
+    with K.backend(backend):
+        out = kl_penalty(x, logp.clone(), estimator=est)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    # d = 0: ∂k/∂logp = 1 (k1), 0 (k2, k3: exp(0) − 1, abs: sign(0))
+    assert torch.equal(x.grad, torch.full_like(x, 1.0 if est == "k1" else 0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k3_huge_d_is_finite(backend, device):
+    logp = torch.tensor([[-1000.0, 0.0, -30.0, -1e4, 0.0]], device=device)
+    ref = torch.tensor([[0.0, -1000.0, 0.0, -1e4 + 25.0, -21.0]], device=device)
+    x = logp.clone().requires_grad_()
+    with K.backend(backend):
+        out = kl_penalty(x, ref, estimator="k3")
+    want = kl_penalty_ref(logp.double(), ref.double(), estimator="k3")  # exp(clamp(d, ±20)) − d − 1
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=4 * EPS32, atol=0)
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(x.grad).all()
+    # outside |d| ≤ 20 the clamp stops exp's gradient: ∂k3/∂logp = −(0 − 1) = 1
+    assert x.grad[0, 0] == 1.0 and x.grad[0, 1] == 1.0 and x.grad[0, 4] == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, device):
+    B, T = pick((4, 21), (64, 1024))
+    big_l = -torch.rand(T, 2 * B, device=device, dtype=torch.bfloat16) * 3
+    big_r = -torch.rand(B, 2 * T, device=device, dtype=torch.float16) * 3
+    logp = big_l.t()[::2]  # [B, T] strided view (transposed, every other row)
+    ref = big_r[:, 1::2]  # [B, T] stride 2 along T
+    assert not logp.is_contiguous() and not ref.is_contiguous()
+    with K.backend(backend):
+        out = kl_penalty(logp, ref, estimator="k2", clamp=(0.0, 2.0))
+    want = kl_penalty_ref(logp.double(), ref.double(), estimator="k2", clamp=(0.0, 2.0))
+    base = kl_penalty_ref(logp.float(), ref.float(), estimator="k2", clamp=(0.0, 2.0))
+    _check(out, want, base, _scale(logp.double(), ref.double(), "k2"), "non-contiguous")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_shapes(backend, device):
+    for shape in [(1, 1), (7,), (2, 3, 5)]:
+        logp, ref = _inputs(shape, torch.float32, device)
+        with K.backend(backend):
+            out = kl_penalty(logp, ref, estimator="abs")
+        assert out.shape == shape
+        torch.testing.assert_close(out.double(), (ref.double() - logp.double()).abs(), rtol=EPS32, atol=0)
+
+
+def test_bad_arguments():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"unknown estimator 'k4'.*'k1', 'k2', 'k3', 'abs'"):
+        kl_penalty(x, x, estimator="k4")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        kl_penalty(x, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="clamp"):
+        kl_penalty(x, x, clamp=(1.0, 0.0))
+    with pytest.raises(TypeError, match="logprobs"):
+        kl_penalty(x.long(), x)
