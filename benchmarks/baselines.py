@@ -19,12 +19,17 @@ from typing import Callable
 import torch
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to fp32 as the frameworks do, but keep float64 (so each eager formula run in float64 is a reference)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # log-probs (+ entropy) from logits [B, T, V] with labels [B, T]
 # ----------------------------------------------------------------------------------------------------------------------
 def lp_ent_logsoftmax_gather(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
     """verl-style: z = logits/τ in fp32; logp = log_softmax(z)[y]; H = LSE(z) − Σ softmax(z)·z. Returns ([B,T], [B,T])."""
-    z = logits.float() / temperature
+    z = _f32(logits) / temperature
     logp = torch.log_softmax(z, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     p = torch.softmax(z, dim=-1)
     ent = torch.logsumexp(z, dim=-1) - (p * z).sum(-1)  # H = LSE − Σ p·z
@@ -33,7 +38,7 @@ def lp_ent_logsoftmax_gather(logits: torch.Tensor, labels: torch.Tensor, tempera
 
 def lp_ent_logsumexp(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = 128):
     """TRL-style fp32 path: logp = z[y] − logsumexp(z); entropy over chunks of rows: H = −Σ p·log p."""
-    z = logits.float() / temperature
+    z = _f32(logits) / temperature
     logp = z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # logp = z_y − LSE(z)
     flat = z.reshape(-1, z.shape[-1])
     ents = []
@@ -50,7 +55,7 @@ def lp_ent_rowloop(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
         lp = torch.log_softmax(row / temperature, dim=-1)
         lps.append(lp.gather(-1, y.unsqueeze(-1)).squeeze(-1))
         ents.append(-(lp.exp() * lp).sum(-1))  # H = −Σ p log p, in the input dtype
-    return torch.stack(lps).float(), torch.stack(ents).float()
+    return _f32(torch.stack(lps)), _f32(torch.stack(ents))
 
 
 def logprobs_max_err(logits, labels, temperature, outs, grads=None, g_logp=None, g_ent=None, chunk_rows=2048) -> float:
@@ -94,7 +99,7 @@ def logprobs_max_err(logits, labels, temperature, outs, grads=None, g_logp=None,
 def linear_lp_eager(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0):
     """Naive: logits = hidden·Wᵀ as [N, V] (input dtype), fp32 log-softmax, gather. Returns logp [N]."""
     logits = hidden @ weight.t()
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    return torch.log_softmax(_f32(logits) / temperature, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
 
 
 def linear_max_err(hidden, weight, labels, temperature, logp, dhidden=None, dweight=None, g_logp=None,
