@@ -1,0 +1,196 @@
+"""fastrlhf.integrations.functional against float64 references written from veRL's and OpenRLHF's documented formulas
+(their packages are not installed here, and their code is not copied: the references below are the equations).
+
+Tolerances: inputs are exact fp32/bf16 values, references run in float64 on those same values, and our kernels accumulate
+in fp32, so the error is fp32 rounding of O(1)–O(10) quantities summed over V ≤ 1001 or T ≤ 13 terms: 1e-5 absolute
+(2e-5 relative for the whitened advantages, which divide by a std estimated from ~30 values).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastrlhf.integrations.functional import openrlhf, verl
+
+
+def _masks(B: int, T: int) -> torch.Tensor:
+    """[B, T] masks with right padding, left padding, a hole, a full row and an empty row (B ≥ 5)."""
+    m = torch.ones(B, T)
+    m[0, T - 3:] = 0          # right padding
+    m[1, :2] = 0              # left padding
+    m[2, 3:5] = 0             # a hole
+    m[4, :] = 0               # nothing valid
+    return m
+
+
+# --- log-probs and entropy ------------------------------------------------------------------------------------------
+
+
+def _ref_logp_ent(z64, y):
+    lse = torch.logsumexp(z64, -1)  # LSE(z)
+    return z64.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse, lse - (torch.softmax(z64, -1) * z64).sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1001, 37])
+def test_verl_and_openrlhf_logprobs_match_float64(dtype, V):
+    B, T, tau = 3, 7, 0.6
+    logits = (torch.randn(B, T, V) * 4).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (B, T))
+
+    logp_v = verl.logprobs_from_logits(logits, labels)  # veRL: logits already / τ by the caller (τ = 1 here)
+    ent_v = verl.entropy_from_logits(logits)
+    logp_o = openrlhf.log_probs_from_logits(logits, labels, temperature=tau)  # OpenRLHF divides by τ itself
+    for t in (logp_v, ent_v, logp_o):
+        assert t.dtype == torch.float32 and t.shape == (B, T)
+
+    x64 = logits.detach().double().requires_grad_(True)
+    ref_v, ref_ent = _ref_logp_ent(x64, labels)
+    ref_o, _ = _ref_logp_ent(x64 / tau, labels)
+    torch.testing.assert_close(logp_v.double(), ref_v, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_v.double(), ref_ent, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp_o.double(), ref_o, atol=1e-5, rtol=0)
+
+    # gradients one output at a time (autograd would otherwise sum three bf16-rounded contributions in bf16)
+    for out, ref in ((logp_v, ref_v), (ent_v, ref_ent), (logp_o, ref_o)):
+        g = torch.randn(B, T)  # non-unit upstream gradient
+        (got,) = torch.autograd.grad(out, logits, g, retain_graph=True)
+        (want,) = torch.autograd.grad(ref, x64, g.double(), retain_graph=True)
+        # fp32 math, result stored in the logits' dtype: bf16 allows one rounding (2^-8 relative)
+        rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2**-8, 1e-6)
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol)
+
+
+# --- veRL GAE -------------------------------------------------------------------------------------------------------
+
+
+def _verl_gae_ref(r, v, m, gamma, lam):
+    """GAE over the valid tokens of each row (masked tokens skipped: V_next and A_next come from the next valid token),
+    R = A + V, then A whitened over all valid tokens of the batch with the unbiased variance. float64, 0 where m = 0."""
+    B, T = r.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        next_v, next_a = 0.0, 0.0
+        for t in reversed(range(T)):
+            if m[b, t] == 0:
+                continue
+            delta = r[b, t] + gamma * next_v - v[b, t]   # δ_t = r_t + γ V_next − V_t
+            adv[b, t] = delta + gamma * lam * next_a     # A_t = δ_t + γλ A_next
+            next_v, next_a = v[b, t], adv[b, t]
+    ret = (adv + v) * m                                  # R_t = A_t + V_t
+    valid = adv[m.bool()]
+    mu, var = valid.mean(), valid.var(unbiased=True)
+    white = (adv - mu) * torch.rsqrt(var + 1e-8) * m     # (A − μ) / sqrt(σ² + 1e-8)
+    return white, ret
+
+
+@pytest.mark.parametrize("T", [13, 6])
+def test_verl_gae_matches_float64(T):
+    B, gamma, lam = 6, 0.97, 0.9
+    r, v, m = torch.randn(B, T), torch.randn(B, T), _masks(B, T)
+    adv, ret = verl.compute_gae_advantage_return(r, v, m, gamma, lam)
+    assert adv.dtype == ret.dtype == torch.float32 and adv.shape == ret.shape == (B, T)
+    ref_adv, ref_ret = _verl_gae_ref(r.double(), v.double(), m.double(), gamma, lam)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=1e-5, rtol=2e-5)
+    assert (adv[m == 0] == 0).all() and (ret[m == 0] == 0).all()
+
+
+def test_verl_gae_closed_form():
+    """rewards [0, 0, 0, 1], values 0, no padding: R = A = [(γλ)³, (γλ)², γλ, 1] before whitening."""
+    gamma, lam = 0.9, 0.8
+    r, v, m = torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), torch.ones(1, 4)
+    adv, ret = verl.compute_gae_advantage_return(r, v, m, gamma, lam)
+    gl = gamma * lam
+    expect = torch.tensor([[gl**3, gl**2, gl, 1.0]])
+    torch.testing.assert_close(ret, expect, atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv, (expect - expect.mean()) / expect.std(), atol=1e-5, rtol=0)
+
+
+def test_verl_masked_whiten_keeps_mean_when_asked():
+    x, m = torch.randn(5, 9) * 3 + 2, _masks(5, 9)
+    x64, m64 = x.double(), m.double()
+    valid = x64[m.bool()]
+    mu, var = valid.mean(), valid.var(unbiased=True)
+    ref = ((x64 - mu) * torch.rsqrt(var + 1e-8) + mu) * m64
+    torch.testing.assert_close(verl.masked_whiten(x, m, shift_mean=False).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+# --- KL estimators --------------------------------------------------------------------------------------------------
+
+
+def _logps(shape):
+    """Token log-probs and reference log-probs whose difference spans small values and the clamp regions (|d| up to 30)."""
+    logp = -torch.rand(shape) * 5
+    ref = logp + torch.randn(shape) * torch.tensor([0.05, 1.0, 4.0, 30.0]).repeat(shape[-1] // 4 + 1)[: shape[-1]]
+    return logp, ref
+
+
+def _verl_kl_ref(lp, rf, name):
+    """veRL's documented estimators, float64: kl = lp − rf, abs = |lp − rf|, mse = ½(lp − rf)²,
+    low_var_kl = clamp(exp(d) − d − 1, −10, 10) with d = clamp(rf − lp, −20, 20)."""
+    base = name.rstrip("+")
+    if base in ("kl", "k1"):
+        val = lp - rf
+    elif base == "abs":
+        val = (lp - rf).abs()
+    elif base in ("mse", "k2"):
+        val = 0.5 * (lp - rf) ** 2
+    else:
+        d = torch.clamp(rf - lp, -20, 20)
+        val = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    if name.endswith("+"):  # straight-through: value of `base`, gradient of ½(lp − rf)²
+        k2 = 0.5 * (lp - rf) ** 2
+        val = k2 - k2.detach() + val.detach()
+    return val
+
+
+@pytest.mark.parametrize("name", ["kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3", "k1+", "low_var_kl+", "k3+"])
+def test_verl_kl_penalty_matches_float64(name):
+    logp, ref = _logps((4, 12))
+    logp.requires_grad_(True)
+    out = verl.kl_penalty(logp, ref, name)
+    assert out.dtype == torch.float32 and out.shape == logp.shape
+    lp64 = logp.detach().double().requires_grad_(True)
+    want = _verl_kl_ref(lp64, ref.double(), name)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    g = torch.randn(4, 12)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(logp.grad.double(), lp64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_verl_kl_penalty_rejects_unknown_names():
+    lp, rf = torch.zeros(2, 3), torch.zeros(2, 3)
+    with pytest.raises(NotImplementedError, match="full"):
+        verl.kl_penalty(lp, rf, "full")
+    with pytest.raises(ValueError, match="low_var_kl"):
+        verl.kl_penalty(lp, rf, "k4")
+
+
+@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_openrlhf_compute_approx_kl_matches_float64(est, with_mask):
+    logp, base = _logps((5, 8))
+    mask = _masks(5, 8) if with_mask else None
+    logp.requires_grad_(True)
+    out = openrlhf.compute_approx_kl(logp, base, kl_estimator=est, action_mask=mask)
+    lp64 = logp.detach().double().requires_grad_(True)
+    r = lp64 - base.double()                              # r = log π − log π_base
+    want = {"k1": r, "k2": r**2 / 2.0, "k3": torch.exp(-r) - 1 + r}[est]
+    want = want.clamp(min=-10, max=10)                    # every estimator clamped to [−10, 10]
+    if mask is not None:
+        want = want * mask.double()
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    g = torch.randn(5, 8)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(logp.grad.double(), lp64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_openrlhf_compute_approx_kl_rejects_bad_input():
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="low_var_kl|k3"):
+        openrlhf.compute_approx_kl(lp, lp, kl_estimator="low_var_kl")
+    with pytest.raises(ValueError, match="action_mask"):
+        openrlhf.compute_approx_kl(lp, lp, kl_estimator="k1", action_mask=torch.ones(3, 2))
