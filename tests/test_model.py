@@ -438,3 +438,86 @@ def test_flash_matches_sdpa(tmp_path):
             assert (a - b)[valid].abs().max().item() < 0.05
         a, b = flash(ids[:1], cu_seqlens=cu).float(), sdpa(ids[:1], cu_seqlens=cu).float()
         assert (a - b).abs().max().item() < 0.05
+        # kv-cache decode (flash_attn_with_kvcache with cache_leftpad) vs SDPA on the same left-padded prompt
+        P, S = 9, 24
+        outs = []
+        for m in (flash, sdpa):
+            cache, slot = m.new_kv_cache(3, S), torch.zeros(3, S, dtype=torch.long, device="cuda")
+            slot[:, :P] = mask[:, :P]
+            pos = _positions(mask)
+            steps = [m(ids[:, :P], attention_mask=slot, position_ids=pos[:, :P], kv_cache=cache,
+                       cache_pos=torch.arange(P, device="cuda"))[:, -1:]]
+            for t in range(P, 17):
+                slot[:, t] = 1
+                steps.append(m(ids[:, t:t + 1], attention_mask=slot, position_ids=pos[:, t:t + 1], kv_cache=cache,
+                               cache_pos=torch.tensor([t], device="cuda")))
+            outs.append(torch.cat(steps, 1).float())
+        assert (outs[0] - outs[1]).abs().max().item() < 0.05
+
+
+# Reference versions of the three flash-attn entry points, written from flash-attn's documented semantics (layout
+# [B, T, H, D]; causal mask aligned to the bottom-right corner; window_size=(left, right) keys in [i-left, i+right];
+# varlen = independent sequences cut by cu_seqlens; kv-cache keys of row b are slots [cache_leftpad[b], cache_seqlens[b])).
+# They let the CPU run check our flash bookkeeping (unpadding indices, cu_seqlens, window conversion, left-pad offsets).
+def _ref_flash_func(q, k, v, softmax_scale, causal, window_size=(-1, -1)):
+    T, S = q.shape[1], k.shape[1]
+    i, j = torch.arange(T)[:, None] + (S - T), torch.arange(S)[None, :]  # bottom-right aligned query positions
+    allowed = (j <= i) if causal else torch.ones(T, S, dtype=torch.bool)
+    if window_size[0] >= 0:
+        allowed = allowed & (j >= i - window_size[0])
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    s = torch.einsum("bthd,bshd->bhts", q, k) * softmax_scale
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    return torch.einsum("bhts,bshd->bthd", p, v)
+
+
+def _ref_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_size=(-1, -1)):
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        out[a:b] = _ref_flash_func(q[None, a:b], k[None, a:b], v[None, a:b], softmax_scale, causal, window_size)[0]
+    return out
+
+
+def _ref_flash_kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softmax_scale, causal, window_size=(-1, -1)):
+    assert k_cache.stride(-1) == 1 and cache_seqlens.dtype == cache_leftpad.dtype == torch.int32
+    rows = [_ref_flash_func(q[b:b + 1], k_cache[b:b + 1, lo:hi], v_cache[b:b + 1, lo:hi], softmax_scale, causal,
+                            window_size) for b, (lo, hi) in enumerate(zip(cache_leftpad.tolist(), cache_seqlens.tolist()))]
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("family,extra", [("llama", {}), ("mistral", {"sliding_window": 4})])
+def test_flash_bookkeeping_with_reference_kernels(tmp_path, monkeypatch, family, extra):
+    """The flash code path (dense, unpadded varlen, packed varlen, left-padded kv-cache decode) with the flash kernels
+    replaced by plain-torch references equals the SDPA path, on CPU in fp32."""
+    import fastrlhf.model as M
+    import fastrlhf.models.attention as A
+    monkeypatch.setattr(A, "flash_attn_func", _ref_flash_func)
+    monkeypatch.setattr(A, "flash_attn_varlen_func", _ref_flash_varlen)
+    monkeypatch.setattr(A, "flash_attn_with_kvcache", _ref_flash_kvcache)
+    monkeypatch.setattr(M, "resolve_impl", lambda impl, *a, **k: impl)
+    path = make_tiny_checkpoint(tmp_path, family, "lm", tokenizer=False, **extra)
+    flash, sdpa = load_model(path, attn_impl="flash").eval(), load_model(path, attn_impl="sdpa").eval()
+    ids, mask = _batch(3, 11, "left")
+    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    with torch.no_grad():
+        torch.testing.assert_close(flash(ids), sdpa(ids), rtol=0, atol=ATOL)
+        for padding in ("left", "right"):
+            ids, mask = _batch(3, 11, padding)
+            a, b = flash(ids, attention_mask=mask), sdpa(ids, attention_mask=mask)
+            assert (a - b)[mask.bool()].abs().max().item() < ATOL
+        torch.testing.assert_close(flash(ids[:1], cu_seqlens=cu), sdpa(ids[:1], cu_seqlens=cu), rtol=0, atol=ATOL)
+        ids, mask = _batch(3, 11, "left")
+        mask[:, 6:] = 1
+        ids = torch.where(mask.bool(), ids, PAD_ID)
+        full, pos = sdpa(ids, attention_mask=mask), _positions(mask)
+        cache, slot = flash.new_kv_cache(4, 16), torch.zeros(3, 16, dtype=torch.long)
+        slot[:, :6] = mask[:, :6]
+        steps = [flash(ids[:, :6], attention_mask=slot, position_ids=pos[:, :6], kv_cache=cache,
+                       cache_pos=torch.arange(6))]
+        for t in range(6, 11):
+            slot[:, t] = 1
+            steps.append(flash(ids[:, t:t + 1], attention_mask=slot, position_ids=pos[:, t:t + 1], kv_cache=cache,
+                               cache_pos=torch.tensor([t])))
+        assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max().item() < ATOL

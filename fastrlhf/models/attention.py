@@ -6,6 +6,7 @@ shared by every layer; it carries the mask for SDPA/eager and the varlen bookkee
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -13,24 +14,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 try:  # optional dependency; everything works without it
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    from flash_attn import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
     HAVE_FLASH = True
+    # decoding from a left-padded cache needs ``cache_leftpad`` (flash-attn >= 2.6)
+    HAVE_FLASH_LEFTPAD = "cache_leftpad" in inspect.signature(flash_attn_with_kvcache).parameters
 except Exception:  # ImportError, or a broken CUDA build
-    flash_attn_func = flash_attn_varlen_func = None
-    HAVE_FLASH = False
+    flash_attn_func = flash_attn_varlen_func = flash_attn_with_kvcache = None
+    HAVE_FLASH = HAVE_FLASH_LEFTPAD = False
 
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, kv_cache: bool = False) -> str:
-    """"auto": flash when importable on CUDA in fp16/bf16 (and not decoding from the cache), else SDPA.
-    The KV-cache path always uses SDPA/eager: its key mask over cache slots is arbitrary (left padding), which
-    flash-attn's kv-cache kernel does not express without extra copies."""
+    """"auto": flash when importable on CUDA in fp16/bf16, else SDPA; with a KV cache "auto" means SDPA.
+    The KV-cache mask over slots is arbitrary in general; flash-attn's kv-cache kernel only expresses "valid slots of
+    row b are [leftpad_b, cache_pos[-1]]" (left padding, no holes). That path is taken only when attn_impl="flash"
+    is asked for explicitly, and then the caller guarantees that layout."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"fastrlhf/models/attention.py: attn_impl={impl!r}; expected one of {ATTN_IMPLS}")
     if impl == "flash" and not HAVE_FLASH:
         raise ImportError("fastrlhf/models/attention.py: attn_impl='flash' but flash_attn is not importable")
-    flash_ok = HAVE_FLASH and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not kv_cache
+    flash_ok = HAVE_FLASH and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if kv_cache:
+        flash_ok = flash_ok and HAVE_FLASH_LEFTPAD and impl == "flash"
     if impl == "auto":
         return "flash" if flash_ok else "sdpa"
     if impl == "flash" and not flash_ok:
@@ -49,6 +55,9 @@ class AttnMeta:
     indices: Tensor | None = None
     cu_seqlens: Tensor | None = None
     max_seqlen: int = 0
+    # flash kv-cache decode: per row, keys are the slots [cache_leftpad[b], cache_seqlens[b]) (int32 [B])
+    cache_seqlens: Tensor | None = None
+    cache_leftpad: Tensor | None = None
 
 
 def _causal(q_slot: Tensor, k_slot: Tensor, window: int | None) -> Tensor:
@@ -70,6 +79,13 @@ def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = Non
     meta = AttnMeta(impl=impl, window=window if need_window else None)
     wins = [None] + ([window] if need_window else [])
     if cache_pos is not None:  # ---- decode / prefill into the cache
+        if impl == "flash":  # no host sync: first valid slot by argmax, end = last written slot + 1
+            if attention_mask is None:
+                raise ValueError("fastrlhf/models/attention.py: the flash kv-cache path needs attention_mask [B, S]")
+            B = attention_mask.shape[0]
+            meta.cache_leftpad = attention_mask.int().argmax(-1).to(torch.int32)  # first valid slot of each row
+            meta.cache_seqlens = (cache_pos[-1] + 1).to(torch.int32).expand(B).contiguous()
+            return meta
         k_slot = torch.arange(S, device=device)
         for w in wins:
             m = _causal(cache_pos, k_slot, w)[None, None]  # [1, 1, T, S]
@@ -134,6 +150,9 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, window
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, T, H, D]
     win = (window - 1, 0) if window is not None else (-1, -1)  # keys in [q - (W-1), q]
     B, T, H, D = q.shape
+    if meta.cache_seqlens is not None:  # cache buffers viewed as [B, S, Hkv, D] (strided; last dim contiguous)
+        return flash_attn_with_kvcache(q, k, v, cache_seqlens=meta.cache_seqlens, cache_leftpad=meta.cache_leftpad,
+                                       softmax_scale=scale, causal=True, window_size=win)
     if meta.cu_seqlens is None:
         return flash_attn_func(q, k, v, softmax_scale=scale, causal=True, window_size=win)
     flat = lambda x: x.reshape(B * T, x.shape[2], D)  # noqa: E731  [B*T, H, D]
