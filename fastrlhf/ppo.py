@@ -29,7 +29,8 @@ from .config import param
 from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from .engine import HybridEngine
 from .model import autocast_context, load_model, load_tokenizer, save_model
-from .ppo_core import explained_variance, make_experience, masked_mean, ppo_update
+from .metrics import explained_variance
+from .ppo_core import make_experience, masked_mean, ppo_update
 
 
 @dataclass
@@ -188,7 +189,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
     if log is None:
         from .metrics import MetricsLogger
-        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, name="ppo")
+        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, stage="ppo", total_steps=cfg.iterations)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
     last_ckpt = latest_checkpoint(run_dir)

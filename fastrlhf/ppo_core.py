@@ -134,19 +134,6 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
                       returns=returns, scores=score, kl=kl, prompt_len=P)
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """1 - Var[R - V] / Var[R] over valid tokens (1 = perfect value function, <= 0 = no better than a constant)."""
-    n = mask.sum()
-    if n < 2:
-        return float("nan")
-    mr = (returns * mask).sum() / n
-    var_r = (((returns - mr) ** 2) * mask).sum() / n
-    diff = (returns - values) * mask
-    md = diff.sum() / n
-    var_d = (((diff - md) ** 2) * mask).sum() / n
-    return float(1.0 - var_d / var_r) if var_r > 0 else float("nan")
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     n = mask.sum()
     return float((x * mask).sum() / n) if n > 0 else 0.0
