@@ -9,9 +9,12 @@ One number per row (instead of Gumbel noise of shape [B, V]) keeps the random dr
 all of a rollout's numbers up front, outside the decode loop.
 
 Log-probs are fp32 and taken under the distribution that was sampled from:
-- temperature τ > 0, no filtering: log p(y) = z_y − LSE(z) with z = logits / τ  (``fastrlhf.kernels.logprobs_from_logits``)
-- with top-k / top-p: the same over the kept tokens only (the renormalised distribution): z_y − LSE(z[kept])
-- greedy (τ = 0): y = argmax(logits), log p(y) = log_softmax(logits)_y of the raw logits (τ = 1)
+- temperature τ > 0: log p(y) = z_y − LSE(z[kept]) with z = logits / τ, over the tokens top-k / top-p keep (all tokens
+  without filtering: then it is exactly ``fastrlhf.kernels.logprobs_from_logits(logits, y, temperature=τ)``). It is
+  computed from the max and Σexp the sampler already has, instead of a second pass over [B, V] (tests check it against
+  the kernel and against a teacher-forced recomputation).
+- greedy (τ = 0): y = argmax(logits), log p(y) = log_softmax(logits)_y of the raw logits
+  (``fastrlhf.kernels.logprobs_from_logits``)
 """
 from __future__ import annotations
 
@@ -93,9 +96,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor |
     # inverse CDF: first v with CDF(v) > u · total; removed tokens add 0 to the CDF and so are never chosen
     tokens = torch.searchsorted(cdf, uniform.reshape(-1, 1).to(cdf.dtype) * total, right=True)
     tokens = tokens.clamp_(max=z.shape[-1] - 1).squeeze(-1)  # u·total rounding up to total would give V
-    if params.filtered:
-        # log p(y) = z_y − LSE(z[kept]),  LSE = max z + log Σ exp(z − max z)
-        logprobs = z.gather(-1, tokens[:, None]).squeeze(-1) - (z_max + torch.log(total)).squeeze(-1)
-    else:
-        logprobs = logprobs_from_logits(logits, tokens, temperature=params.temperature)
+    # log p(y) = z_y − LSE(z[kept]),  LSE = max z + log Σ exp(z − max z): the log_softmax of
+    # ``kernels.logprobs_from_logits`` (without filtering), reusing the max and Σexp the sampler already has
+    logprobs = z.gather(-1, tokens[:, None]).squeeze(-1) - (z_max + torch.log(total)).squeeze(-1)
     return tokens, logprobs
