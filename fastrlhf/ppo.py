@@ -11,11 +11,7 @@ Defaults follow InstructGPT where it states them (β = 0.02, clip 0.2, λ = 0.95
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import itertools
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +25,8 @@ from .config import param
 from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from .engine import HybridEngine
 from .model import autocast_context, load_model, load_tokenizer, save_model
-from .metrics import explained_variance
+from .metrics import explained_variance, progress
+from .optim import make_adamw, resolve_device, use_autocast
 from .ppo_core import make_experience, masked_mean, ppo_update
 
 
@@ -82,29 +79,17 @@ class PPOConfig:
     plots: bool = param(True, "PNG plots of the curves at the end (if matplotlib is installed)")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _compute_dtype(cfg_mp: str, device: torch.device) -> torch.dtype | None:
-    if cfg_mp == "bf16" or (cfg_mp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def make_optimizer(params, *, kind: str, lr: float, weight_decay: float):
-    params = [p for p in params if p.requires_grad]
+def make_optimizer(model, *, kind: str, lr: float, weight_decay: float):
+    """AdamW (optim.make_adamw) or bitsandbytes' 8-bit AdamW when ``kind == "adamw8bit"``."""
     if kind == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise RuntimeError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
+            raise RuntimeError("ppo: optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
                                "use --optimizer adamw") from e
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    fused = params[0].is_cuda if params else False
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+        return bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                   weight_decay=weight_decay)
+    return make_adamw(model, lr=lr, weight_decay=weight_decay)
 
 
 def _freeze(model):
@@ -153,11 +138,11 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
     value = load_model(value_init, head="score", device=device)
     policy.train(), value.train()
-    policy_opt = make_optimizer(policy.parameters(), kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    value_opt = make_optimizer(value.parameters(), kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
+    policy_opt = make_optimizer(policy, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    value_opt = make_optimizer(value, kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
     kl_ctl = (K.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else K.FixedKLController(cfg.kl_coef))
-    compute_dtype = _compute_dtype(cfg.mixed_precision, device)
+    compute_dtype = torch.bfloat16 if use_autocast(cfg.mixed_precision, device) else None
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
 
@@ -202,6 +187,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                keep=cfg.keep_checkpoints,
                                extra_files={"value_model": lambda p: save_model(value, p)})
 
+    bar = progress(total=cfg.iterations, initial=start, desc="ppo")
     with graceful_interrupt() as stop:
         for step in range(start, cfg.iterations):
             t0 = time.perf_counter()
@@ -254,6 +240,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                 raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "
                                          f"{last_ckpt}")
             history.append(metrics)
+            bar.update(1)
             log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.log_every, 1) == 0)
             done = step + 1 == cfg.iterations
             if done or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
@@ -261,6 +248,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             if stop:
                 print(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}", flush=True)
                 break
+    bar.close()
     if start >= cfg.iterations and last_ckpt is None:
         last_ckpt = save(start)
     log.close(plots=cfg.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
