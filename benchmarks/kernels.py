@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import os
 import platform
 import subprocess
 import sys
@@ -44,13 +45,16 @@ OPS = ("logprobs", "linear", "gae", "ppo")
 PROVIDERS = ("fastrlhf", "eager", "eager-lse", "eager-rowloop", "compile", "trl", "liger")
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 
-# Shapes: ANCHORS.md ("h100") and a CPU-sized "tiny" (whole runner ≤ 2 min on 2 cores). linear_mem: two N for the
-# memory-scaling check.
+# Shapes: ANCHORS.md ("h100"); a CPU-sized "tiny" (the whole runner in ≤ 2 min on 2 free cores); "smoke" for the
+# runner's own test (seconds). linear_mem = (H, (N1, N2)): the memory-scaling check's hidden size and two token counts
+# (tiny: N·V crosses the CPU path's 256 MiB chunk budget at both N, as the h100 shape does on the GPU).
 SHAPES = {
-    "h100": dict(logits=(32, 512, 151936), linear=(16384, 896, 151936), linear_mem=(4096, 16384), gae=(64, 1024),
+    "h100": dict(logits=(32, 512, 151936), linear=(16384, 896, 151936), linear_mem=(896, (4096, 16384)),
+                 gae=(64, 1024), ppo=(64, 1024)),
+    "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(64, (2048, 6144)), gae=(64, 1024),
                  ppo=(64, 1024)),
-    "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(256, 1024), gae=(64, 1024),
-                 ppo=(64, 1024)),
+    "smoke": dict(logits=(2, 16, 4099), linear=(128, 64, 4099), linear_mem=(64, (64, 256)), gae=(8, 256),
+                  ppo=(8, 256)),
 }
 GAMMA, LAM, TAU = 1.0, 0.95, 1.0
 CLIP_EPS, KL_COEF, VF_CLIP = 0.2, 0.001, 0.2
@@ -98,6 +102,7 @@ class Ctx:
     providers: tuple[str, ...]
     warmup_ms: float
     rep_ms: float
+    min_reps: int = 3  # timed calls at least (CPU)
     ceil_gbps: float = float("nan")
     ceil_flops: float = float("nan")  # FLOP/s
     rows: list = field(default_factory=list)
@@ -156,7 +161,7 @@ def measure(ctx: Ctx, op: str, mode: str, provider: str, shape: str, fn: Callabl
         for t in leaves:
             t.grad = None
         peak = peak_extra_mib(call, ctx.device)
-        tm = bench(call, ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms)
+        tm = bench(call, ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms, min_reps=ctx.min_reps)
     except NotImplementedError as e:
         ctx.skipped.append(f"{op}/{mode}/{provider}: not implemented yet ({e})")
         return
@@ -262,16 +267,20 @@ def bench_linear(ctx: Ctx) -> None:
                 lambda o: BL.linear_max_err(hidden.detach(), weight.detach(), labels, TAU, o[0], o[1], o[2], g),
                 flops=6 * N * H * V, leaves=(hidden, weight))
     del hidden, weight
+    mem_h, _ = SHAPES[ctx.shape]["linear_mem"]
     known = {(r["provider"], N): r["peak_extra_mib"] for r in ctx.rows if r["op"] == "linear_logprobs"}
-    linear_memory_scaling(ctx, H, V, known)
+    linear_memory_scaling(ctx, V, known if mem_h == H else None)
 
 
-def linear_memory_scaling(ctx: Ctx, H: int, V: int, known: dict | None = None) -> None:
-    """Peak extra memory of fwd+bwd at two N: the eager baseline grows with N·V (it holds [N, V] logits and their
-    fp32 copies), ours should grow only with N·H (the hidden gradient). ``known``: {(provider, N): MiB} already
-    measured (the timed shape), not measured again."""
+def linear_memory_scaling(ctx: Ctx, V: int, known: dict | None = None) -> None:
+    """Peak extra memory of fwd+bwd at two N (one measured call each; one warm call per provider first): the eager
+    baseline grows with
+    N·V (it holds [N, V] logits and their fp32 copies), ours should grow only with N·H (the hidden gradient).
+    ``known``: {(provider, N): MiB} already measured at the same H (the timed shape), not measured again."""
+    H, ns = SHAPES[ctx.shape]["linear_mem"]
     res = dict(known or {})
-    for N in SHAPES[ctx.shape]["linear_mem"]:
+    warmed = {p for p, _ in res}  # a provider already run at this H is warm
+    for N in ns:
         if all((p, N) in res for p in ("fastrlhf", "eager")):
             continue
         hidden, weight, labels, g = _linear_inputs(N, H, V, ctx.device, ctx.dtype)
@@ -280,15 +289,16 @@ def linear_memory_scaling(ctx: Ctx, H: int, V: int, known: dict | None = None) -
                 continue
             fb = _linear_fb(f, hidden, weight, labels, g)
             try:
-                fb()  # warm (first-call allocations such as workspaces are not counted)
-                hidden.grad = weight.grad = None
+                if prov not in warmed:  # one-time allocations (workspaces, caches) are not what we measure
+                    fb()
+                    warmed.add(prov)
+                    hidden.grad = weight.grad = None
                 res[(prov, N)] = peak_extra_mib(fb, ctx.device)
             except Exception as e:  # noqa: BLE001 - reported with the rest
                 ctx.skipped.append(f"linear_logprobs/memory N={N}/{prov}: {type(e).__name__}: {str(e)[:200]}")
             hidden.grad = weight.grad = None
         del hidden, weight
-    ns = set(SHAPES[ctx.shape]["linear_mem"])
-    ctx.extra["linear_memory"] = dict(H=H, V=V, peak_mib={k: v for k, v in res.items() if k[1] in ns},
+    ctx.extra["linear_memory"] = dict(H=H, V=V, peak_mib={k: v for k, v in res.items() if k[1] in set(ns)},
                                       dtype=_dname(ctx.dtype))
 
 
@@ -434,7 +444,7 @@ def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
 # entry points
 # ----------------------------------------------------------------------------------------------------------------------
 def run(ops=OPS, shape: str | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-        providers=None, warmup_ms: float | None = None, rep_ms: float | None = None) -> Ctx:
+        providers=None, warmup_ms: float | None = None, rep_ms: float | None = None, min_reps: int = 3) -> Ctx:
     """Run the benchmarks; returns the context (``.rows``, ``.skipped``, ``.extra``). Prints nothing."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("h100" if device == "cuda" else "tiny")
@@ -452,7 +462,7 @@ def run(ops=OPS, shape: str | None = None, device: str | None = None, dtype: tor
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ctx = Ctx(device=device, shape=shape, dtype=dtype, providers=tuple(providers),
               warmup_ms=warmup_ms if warmup_ms is not None else (25.0 if device == "cuda" else 50.0),
-              rep_ms=rep_ms if rep_ms is not None else (100.0 if device == "cuda" else 400.0))
+              rep_ms=rep_ms if rep_ms is not None else (100.0 if device == "cuda" else 400.0), min_reps=min_reps)
     torch.manual_seed(0)
     measure_ceilings(ctx)
     for op in ops:
@@ -505,8 +515,9 @@ def main(argv=None) -> int:
     meta = env_meta(ctx.device)
     c = ctx.extra["ceilings"]
     unit, scale = _flops_unit(ctx.device)
+    load = f" | load avg {os.getloadavg()[0]:.1f} (1 min)" if hasattr(os, "getloadavg") else ""
     print(f"device: {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
-          f"shape preset {ctx.shape}")
+          f"shape preset {ctx.shape}{load}")
     print(f"ceilings (this run): copy {c['copy_gbps']:.1f} GB/s (read+write), matmul {c['matmul']} "
           f"{c['matmul_flops'] / scale:.1f} {unit}")
     print(format_table(ctx.rows))

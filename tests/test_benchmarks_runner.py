@@ -1,0 +1,111 @@
+"""The kernel benchmark runner (benchmarks/kernels.py) end to end on CPU, and its timing / memory helpers.
+
+The runner's own timings are not checked (they are the benchmark's job); its plumbing is: every op yields a fastrlhf
+and an eager row, the CSV is well formed and appends, the error column is small, and the memory probe is exact.
+"""
+import csv
+import importlib
+import math
+import time
+
+import pytest
+import torch
+
+from fastrlhf.benchmarks import kernels as runner
+from fastrlhf.benchmarks.timing import bench, peak_extra_mib
+
+OPS_IN_CSV = {"logprobs", "linear_logprobs", "gae+whiten", "ppo_loss+k3+value"}
+
+
+def _read(path):
+    with open(path, newline="") as fh:
+        rd = csv.reader(fh)
+        header = next(rd)
+        return header, [dict(zip(header, r)) for r in rd]
+
+
+def test_runner_end_to_end_writes_wellformed_csv(tmp_path, capsys):
+    """All four ops at the 'smoke' preset with minimal timing budgets; then a second run appends to the same CSV."""
+    path = tmp_path / "results.csv"
+    assert runner.main(["--shape", "smoke", "--warmup-ms", "0", "--rep-ms", "0", "--csv", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| op " in printed and "ceilings (this run)" in printed
+    assert "peak extra memory vs N" in printed
+    header, rows = _read(path)
+    assert header == runner.CSV_COLUMNS
+    assert {r["op"] for r in rows} == OPS_IN_CSV
+    for op in OPS_IN_CSV:
+        provs = {r["provider"] for r in rows if r["op"] == op}
+        assert {"fastrlhf", "eager"} <= provs, (op, provs)
+    assert {r["mode"] for r in rows if r["op"] == "logprobs"} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert len(r) == len(runner.CSV_COLUMNS) and all(r[c] != "" for c in runner.CSV_COLUMNS), r
+        med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80, r
+        assert float(r["throughput"]) > 0 and math.isfinite(float(r["pct_ceiling"])), r
+        assert r["unit"] in ("GB/s", "GFLOP/s"), r
+        assert float(r["peak_extra_mib"]) >= 0, r
+        # fp32 inputs: every provider agrees with float64 to far better than 1e-3 (bf16-level error would be ~1e-2)
+        assert 0 <= float(r["max_abs_err"]) < 1e-3, r
+        assert r["device"] and r["torch"] == torch.__version__ and r["commit"], r
+        assert "fp32" in r["shape"], r
+    n_first = len(rows)
+    assert runner.main(["--shape", "smoke", "--ops", "ppo", "--warmup-ms", "0", "--rep-ms", "0",
+                        "--csv", str(path)]) == 0
+    header2, rows2 = _read(path)
+    assert header2 == runner.CSV_COLUMNS and len(rows2) == n_first + 2  # appended, header not repeated
+
+
+def test_runner_tiny_preset_cheap_ops():
+    """The 'tiny' preset's GAE and PPO benches (the cheap ones) run and report both providers."""
+    ctx = runner.run(["gae", "ppo"], "tiny", warmup_ms=0, rep_ms=0, min_reps=1)
+    assert not [s for s in ctx.skipped if "fastrlhf" in s or "eager" in s], ctx.skipped
+    assert {(r["op"], r["provider"]) for r in ctx.rows} == {
+        ("gae+whiten", "fastrlhf"), ("gae+whiten", "eager"),
+        ("ppo_loss+k3+value", "fastrlhf"), ("ppo_loss+k3+value", "eager")}
+    assert all(r["shape"].startswith("B=64,T=1024") for r in ctx.rows)
+
+
+def test_runner_rejects_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit):
+        runner.main(["--ops", "nope"])
+    with pytest.raises(ValueError, match="shape"):
+        runner.run(["gae"], "huge")
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="header"):
+        runner.write_csv(bad, [], {})
+
+
+def test_peak_extra_mib_cpu_sees_torch_allocations():
+    """8 MiB then 4 MiB live together, the 8 MiB freed: the peak is 12 MiB (the returned 4 MiB counts, as on CUDA)."""
+    def fn():
+        a = torch.empty(2 * 2**20, dtype=torch.float32)
+        b = torch.empty(2**20, dtype=torch.float32)
+        a.fill_(1)
+        del a
+        return b
+    assert peak_extra_mib(fn, "cpu") == pytest.approx(12.0, abs=0.01)
+    assert peak_extra_mib(lambda: None, "cpu") == pytest.approx(0.0, abs=0.01)
+
+
+def test_bench_cpu_orders_quantiles():
+    t = bench(lambda: time.sleep(0.002), "cpu", warmup_ms=0, rep_ms=20, min_reps=5)
+    assert t.n >= 5
+    assert 1.9 <= t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def test_linear_memory_scaling_eager_grows_ours_bounded(monkeypatch):
+    """Eager holds [N, V] fp32 logits (≥ 8 bytes per N·V element counting its log-softmax); ours, with its chunk budget
+    shrunk so that the smoke shape is chunked, grows only with N·H (the hidden gradient): < 1 byte per N·V element."""
+    ll = importlib.import_module("fastrlhf.kernels.linear_logprobs")
+    monkeypatch.setattr(ll, "CHUNK_BYTES", 2**20)  # 1 MiB: the N=256 smoke case is chunked
+    ctx = runner.Ctx(device="cpu", shape="smoke", dtype=torch.float32, providers=("fastrlhf", "eager"),
+                     warmup_ms=0, rep_ms=0)
+    runner.linear_memory_scaling(ctx, V=4099)
+    mem = ctx.extra["linear_memory"]
+    (n1, n2), V = runner.SHAPES["smoke"]["linear_mem"][1], mem["V"]
+    per_nv = {p: (mem["peak_mib"][(p, n2)] - mem["peak_mib"][(p, n1)]) * 2**20 / ((n2 - n1) * V)
+              for p in ("fastrlhf", "eager")}
+    assert per_nv["eager"] >= 8, per_nv
+    assert per_nv["fastrlhf"] < 1, per_nv
