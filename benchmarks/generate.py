@@ -1,0 +1,282 @@
+"""Generation benchmark: fastrlhf's HybridEngine beside transformers' ``generate`` on the same random model, in one run.
+
+    python -m benchmarks.generate [--shape tiny|qwen2-0.5b|smoke] [--runs 5] [--threads 2] [--csv benchmarks/results.csv]
+    fastrlhf bench generate ...            (the CLI calls ``main(argv)``)
+
+Shapes (shared/ANCHORS.md): ``tiny`` (CPU default) = Qwen2-style hidden 256, 4 layers, 4 heads / 2 KV, MLP 768, vocab 4096,
+tied; batch 16, prompt 32, 64 new tokens, fp32. ``qwen2-0.5b`` (CUDA default) = hidden 896, 24 layers, 14 heads / 2 KV,
+MLP 4864, vocab 151936, tied; batch 64, prompt 128, 256 new tokens, bf16. ``smoke``: seconds, for the runner's own test.
+All providers sample at temperature 1 (top-k/top-p off) and generate exactly G tokens (no EOS stop; transformers gets
+``min_new_tokens=G``), so every provider does the same work.
+
+Providers:
+- ``fastrlhf``     HybridEngine (static KV cache; CUDA: decode step captured as CUDA graphs), ``memory_policy="keep"``
+- ``hf-dynamic``   transformers ``generate`` with its default dynamic cache
+- ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
+                   forward with torch.compile automatically: that is the "+ compile" baseline of ANCHORS.md)
+
+Metrics (median of ``--runs`` timed runs after one warm-up run; B batch, P prompt, G new tokens):
+- ``tokens_per_s``   B·G / (time of one full generate call)
+- ``prefill_tok_s``  B·P / (time of a generate call with 1 new token: prefill + first sample)
+- ``decode_tok_s``   B·(G−1) / (full call − 1-token call)
+- ``setup_s``        first call − steady-state call (fastrlhf: cache allocation + graph capture; hf-static: compile)
+- ``capture_s``      fastrlhf on CUDA: time spent capturing graphs
+- ``switch_ms``      fastrlhf: leaving ``generation()`` for training and entering it again (cache kept), per round trip
+- ``peak_mib``       memory allocated by torch during a first ``with generation(): generate`` / a generate call above what
+                     was live before (CUDA: ``torch.cuda.max_memory_allocated``; CPU: torch's CPU allocator events via
+                     the profiler, ``benchmarks.timing.peak_extra_mib`` — not a process RSS)
+Prints a table (device named, load average on CPU) and appends one CSV row per measurement
+(columns ``CSV_COLUMNS``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
+DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
+PROVIDERS = ("fastrlhf", "hf-dynamic", "hf-static")
+
+# model: Qwen2 config fields; run: batch B, prompt P, new tokens G
+SHAPES = {
+    "tiny": dict(model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=4096), B=16, P=32, G=64),
+    "qwen2-0.5b": dict(model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                  num_key_value_heads=2, vocab_size=151936), B=64, P=128, G=256),
+    "smoke": dict(model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512), B=4, P=8, G=16),
+}
+
+
+def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """(hf_model, fastrlhf_model): one random Qwen2 checkpoint, loaded by both (same weights)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from fastrlhf.model import load_model
+    m = SHAPES[shape]["model"]
+    V = m["vocab_size"]
+    cfg = Qwen2Config(**m, max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=V - 2,
+                      eos_token_id=V - 1, bos_token_id=V - 1)
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_gen_") as d:
+        hf.save_pretrained(d)
+        ours = load_model(d, dtype=dtype, device=device)
+    hf = hf.to(device=device, dtype=dtype).eval()
+    return hf, ours
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _peak_mib(fn, device: str) -> float:
+    from .timing import peak_extra_mib
+    return peak_extra_mib(fn, device)
+
+
+def run(shape: str | None = None, device: str | None = None, runs: int = 5, providers=PROVIDERS, seed: int = 0):
+    """Measure every provider; returns (rows [dict(provider, metric, median, unit)], info dict). Prints nothing."""
+    from fastrlhf.engine import HybridEngine
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad:
+        raise ValueError(f"--providers {bad}: expected some of {list(PROVIDERS)}")
+    if runs < 3:
+        raise ValueError(f"--runs {runs}: at least 3 (medians)")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    S = SHAPES[shape]
+    B, P, G = S["B"], S["P"], S["G"]
+    V = S["model"]["vocab_size"]
+    hf, ours = build_models(shape, device, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, V - 2, (B, P), generator=g).to(device)
+    att = torch.ones_like(ids)
+    rows: list[dict] = []
+
+    def add(provider, metric, value, unit):
+        rows.append(dict(provider=provider, metric=metric, median=float(value), unit=unit))
+
+    def measure(provider, gen_full, gen_one, first_call=None):
+        """gen_full(): G tokens; gen_one(): 1 token. first_call: time of the first call (set-up included)."""
+        full = [_timed(gen_full, device) for _ in range(runs)]
+        one = [_timed(gen_one, device) for _ in range(runs)]
+        t_full, t_one = statistics.median(full), statistics.median(one)
+        add(provider, "tokens_per_s", B * G / t_full, "tok/s")
+        add(provider, "prefill_tok_s", B * P / t_one, "tok/s")
+        add(provider, "decode_tok_s", B * (G - 1) / max(t_full - t_one, 1e-9), "tok/s")
+        if first_call is not None:
+            add(provider, "setup_s", max(first_call - t_full, 0.0), "s")
+        return t_full
+
+    # ---- fastrlhf
+    if "fastrlhf" in providers:
+        kw = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None)
+        # peak memory of a first rollout from scratch (cache + buffers + graphs included), on a throw-away engine
+        def first_rollout():
+            e = HybridEngine(ours, memory_policy="free")
+            with e.generation(max_batch_size=B, max_seq_len=P + G):
+                return e.generate(ids, max_new_tokens=G, seed=0, **kw)
+        add("fastrlhf", "peak_mib", _peak_mib(first_rollout, device), "MiB")
+        eng = HybridEngine(ours, memory_policy="keep")
+        t0 = time.perf_counter()
+        with eng.generation(max_batch_size=B, max_seq_len=P + G):
+            eng.generate(ids, max_new_tokens=G, seed=0, **kw)
+            _sync(device)
+            first = time.perf_counter() - t0
+            eng.generate(ids, max_new_tokens=1, seed=0, **kw)  # warm the 1-token path too
+            measure("fastrlhf", lambda: eng.generate(ids, max_new_tokens=G, seed=0, **kw),
+                    lambda: eng.generate(ids, max_new_tokens=1, seed=0, **kw), first)
+        if device == "cuda":
+            add("fastrlhf", "capture_s", eng.stats["capture_s"], "s")
+        ours.train()
+        sw = []
+        cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+        cm.__enter__()
+        for _ in range(max(runs, 10)):  # one round trip: generation -> training -> generation (cache kept)
+            _sync(device)
+            t = time.perf_counter()
+            cm.__exit__(None, None, None)
+            cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+            cm.__enter__()
+            _sync(device)
+            sw.append(time.perf_counter() - t)
+        cm.__exit__(None, None, None)
+        add("fastrlhf", "switch_ms", 1e3 * statistics.median(sw), "ms")
+        eng.free()
+        del eng
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---- transformers
+    def hf_gen(n, **extra):
+        with torch.no_grad():
+            return hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=True,
+                               temperature=1.0, top_k=0, top_p=1.0, pad_token_id=V - 2, **extra)
+    for provider, extra in (("hf-dynamic", {}), ("hf-static", dict(cache_implementation="static"))):
+        if provider not in providers:
+            continue
+        if provider == "hf-dynamic":
+            add(provider, "peak_mib", _peak_mib(lambda: hf_gen(G, **extra), device), "MiB")
+        t0 = time.perf_counter()
+        hf_gen(G, **extra)
+        _sync(device)
+        first = time.perf_counter() - t0
+        hf_gen(1, **extra)
+        measure(provider, lambda: hf_gen(G, **extra), lambda: hf_gen(1, **extra),
+                first if provider == "hf-static" else None)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    # speed-up of fastrlhf end to end over each baseline, same run
+    tps = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
+    if "fastrlhf" in tps:
+        for p in ("hf-dynamic", "hf-static"):
+            if p in tps:
+                add("fastrlhf", f"speedup_vs_{p}", tps["fastrlhf"] / tps[p], "x")
+    info = dict(device=device, shape=shape, dtype=str(dtype).replace("torch.", ""), B=B, P=P, G=G, runs=runs)
+    return rows, info
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = "CPU"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        h = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if h.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, timeout=10).returncode != 0
+        return h.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def format_table(rows: list[dict]) -> str:
+    heads = ["provider", "metric", "median", "unit"]
+    cells = [[r["provider"], r["metric"], f"{r['median']:.4g}", r["unit"]] for r in rows]
+    w = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w[i]) for i, v in enumerate(vals)) + " |"  # noqa: E731
+    return "\n".join([line(heads), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(c) for c in cells])
+
+
+def write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
+    """Append rows to ``path``; header written when new. If ``path`` exists with another header (another benchmark's
+    columns), the rows go to ``<stem>_generate.csv`` beside it instead of misaligning the file; returns the path used."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if header != CSV_COLUMNS:
+            path = path.with_name(path.stem + "_generate" + path.suffix)
+            return write_csv(path, rows, meta)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r, "median": f"{r['median']:.6g}"})
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; >= 3)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (ANCHORS.md: 2)")
+    ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rows, info = run(a.shape, a.device, a.runs, tuple(a.providers))
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=device_name(info["device"]),
+                bench="generate", shape=info["shape"], torch=torch.__version__, commit=git_commit())
+    load = f" | load avg {os.getloadavg()[0]:.1f} (1 min)" if hasattr(os, "getloadavg") else ""
+    print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | shape {info['shape']} "
+          f"(B={info['B']}, P={info['P']}, G={info['G']}, {info['dtype']}, sampling T=1) | median of {info['runs']}{load}")
+    print(format_table(rows))
+    if not a.no_csv:
+        used = write_csv(Path(a.csv), rows, meta)
+        print(f"appended {len(rows)} rows to {used}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
