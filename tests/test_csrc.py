@@ -129,7 +129,8 @@ def test_pack_sequences_known_answer_and_errors():
 
 
 def test_ops_run_concurrently_from_threads():
-    """The loops release the GIL: several threads calling the ops at once get the same answers as serial calls."""
+    """Thread safety: several threads calling the op at once (its loops run without the GIL, on private buffers) get the
+    same answer as a serial call. (This checks correctness under concurrency, not that the GIL is released.)"""
     rng = np.random.default_rng(0)
     r = rng.standard_normal((64, 2048)).astype(np.float32)
     m = rng.random((64, 2048)) < 0.8
