@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import use_triton
+from ._backend import interpreting, use_triton
 from ._lse import M_INIT, lse_tile_update, merge_partials
 from ._utils import check_float
 from .logprobs import check_labels, logprobs_from_logits_ref
@@ -59,7 +59,14 @@ def launch_config(N: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: full fp32 ("ieee", like torch's default fp32 matmul) for fp32 inputs."""
+    """tl.dot input precision: full fp32 ("ieee", like torch's default fp32 matmul) for fp32 inputs.
+
+    "upcast" (interpreter only): Triton 3.6's interpreter computes bf16 tl.dot wrongly (garbage ~1e10), so there the
+    bf16 operands are upcast to fp32 and multiplied with "ieee" — the same math as the tensor cores (bf16·bf16 products are
+    exact in fp32, fp32 accumulation). Compiled kernels never take this branch.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return "upcast"
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 operands
 
 
@@ -88,7 +95,10 @@ def _logits_tile(
                      mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         wt = tl.load(w_ptr + c64[:, None] * stride_wv + k[None, :] * stride_wk,
                      mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_V, BLOCK_K]
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PREC)  # acc += x·Wᵀ
+        if DOT_PREC == "upcast":  # interpreter-only workaround (see dot_precision)
+            acc = tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PREC)  # acc += x·Wᵀ
     return acc
 
 
