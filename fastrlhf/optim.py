@@ -1,0 +1,50 @@
+"""Optimizer, learning-rate schedule and device helpers shared by the SFT and reward-model stages."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when present, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
+    return dev
+
+
+def use_autocast(mixed_precision: str, device: torch.device) -> bool:
+    """bf16 autocast over fp32 master weights: "auto" = on CUDA only, "bf16" = always, "no" = never."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+
+
+def make_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW with weight decay on matrices only (norm gains, biases and 1-D params are not decayed)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = bool(decay) and decay[0].is_cuda
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+
+
+def lr_at(step: int, *, total: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio · peak`` at ``total``.
+
+    lr(s) = peak · (s+1)/warmup                                       for s < warmup
+    lr(s) = peak · (r + (1 − r) · ½(1 + cos(π · (s − warmup)/(total − warmup))))   after, r = min_ratio
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
