@@ -264,3 +264,16 @@ def test_grpo_trainer_same_losses_and_logprobs_with_apply(tiny_checkpoint, tmp_p
             n_entropy += 1
             torch.testing.assert_close(en1.float(), en0.float(), atol=1e-4, rtol=0)
     assert n_entropy > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not KNOWN, reason=f"TRL {trl.__version__} is not a version fastrlhf supports")
+def test_bench_trl_runs_at_smoke_shape(tmp_path, capsys):
+    from benchmarks.trl import CSV_COLUMNS, main
+
+    out_csv = tmp_path / "results.csv"
+    assert main(["--shape", "smoke", "--steps", "1", "--warmup", "0", "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "trl+fastrlhf" in text and "step_ms" in text and "fastrlhf kernel calls: {'" in text
+    rows = out_csv.read_text().splitlines()
+    assert rows[0].split(",") == CSV_COLUMNS and len(rows) == 1 + 2 * (4 if torch.cuda.is_available() else 3)  # 2 arms x metrics (train peak: CUDA)
