@@ -1,0 +1,242 @@
+"""Stage 2 of InstructGPT: the reward model.
+
+A scalar head on the last token (the EOS) of each response, initialised from the SFT model. Loss (InstructGPT eq. 1):
+for a prompt x with K ranked responses, every ranked pair (y_w above y_l) contributes, all C(K,2) pairs of one prompt form
+one batch element and each response passes through the model once:
+    loss(x) = −1/C(K,2) · Σ_(w,l) log σ(r(x, y_w) − r(x, y_l))       (C(K,2) = the number of untied pairs kept)
+The batch loss is the mean over prompts. Held-out metric: pairwise accuracy P[r(x, y_w) > r(x, y_l)].
+At the end, the bias b = mean r(x, y_demo) over the SFT demonstrations is stored with the model (config.json
+"fastrlhf_reward_bias", subtracted by ScoreModel), so the demonstrations have mean reward 0.
+
+    1. load SFT body + fresh scalar head       2. read, validate, tokenize rankings, split held-out
+    3. per step: batch_size prompts × their K responses -> rewards -> pairwise loss -> backward (grad_accum)
+    4. clip, warmup+cosine lr, AdamW           5. log / held-out accuracy / checkpoint       6. bias from SFT demos, final save
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume,
+                         restore_trainer_state, save_checkpoint, seed_everything, trainer_state_dict)
+from .config import param
+from .data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
+                   split_holdout, tokenize_preferences, tokenize_conversation)
+from .metrics import MetricsLogger, peak_memory_gb, progress
+from .model import autocast_context, load_model, load_tokenizer
+from .optim import lr_at, make_adamw, resolve_device, set_lr, use_autocast
+
+
+@dataclass
+class RewardConfig:
+    """Reward model (stage 2): a scalar head trained on ranked comparisons (InstructGPT's pairwise loss)."""
+
+    model: str = param("", "SFT checkpoint folder (HF format): body of the reward model; the scalar head starts fresh")
+    data: str = param("", "jsonl of {\"prompt\",\"responses\",\"ranking\"} (K=2..9) or {\"prompt\",\"chosen\",\"rejected\"}")
+    eval_data: str = param("", "held-out comparisons jsonl (default: eval_fraction of data)")
+    eval_fraction: float = param(0.1, "fraction of prompts held out when eval_data is not given")
+    sft_data: str = param("", "SFT demonstrations jsonl: the stored bias gives them mean reward 0 ('' = no bias)")
+    output_dir: str = param("runs/rm", "where checkpoints, metrics.jsonl and plots go")
+    seed: int = param(0, "seed of data order, held-out split and the head's initialisation")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    max_seq_len: int = param(0, "longest prompt+response in tokens (0 = the model's context); longer responses are cut")
+    batch_size: int = param(8, "prompts per micro-batch (each with all its K responses)")
+    grad_accum: int = param(1, "micro-batches per optimizer step")
+    epochs: int = param(1, "passes over the data (InstructGPT: 1, the RM overfits after one epoch)")
+    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
+    lr: float = param(9e-6, "peak learning rate")
+    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr")
+    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup")
+    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)")
+    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas")
+    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)")
+    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
+    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
+    eval_every: int = param(0, "held-out accuracy every N steps (0 = only at the end)")
+    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = param(2, "how many checkpoints to keep")
+    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
+    log_every: int = param(1, "console line every N steps")
+    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
+    plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
+
+
+def ranking_loss(rewards: torch.Tensor, batch: RMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT's loss and pairwise accuracy.
+
+    rewards [M] fp32 (one per sequence); batch.win/lose/pair_group [P]. Returns (loss scalar, accuracy scalar):
+    loss = mean_g [ −1/C_g · Σ_{(w,l) ∈ g} log σ(r_w − r_l) ],  accuracy = mean over pairs of 1[r_w > r_l].
+    """
+    d = rewards[batch.win] - rewards[batch.lose]                         # [P]  r(x, y_w) − r(x, y_l)
+    nll = -F.logsigmoid(d)                                              # [P]  −log σ(d)
+    per_group = torch.zeros(batch.n_groups, device=d.device, dtype=d.dtype).index_add_(0, batch.pair_group, nll)
+    count = torch.bincount(batch.pair_group, minlength=batch.n_groups).clamp(min=1).to(d.dtype)
+    loss = (per_group / count).mean()                                   # each prompt's C(K,2) pairs = one element
+    return loss, (d.detach() > 0).float().mean()
+
+
+def rewards_of(model, batch: RMBatch) -> torch.Tensor:
+    """[M] reward at the last valid token (EOS) of each right-padded sequence, fp32."""
+    return model.score_last(batch.input_ids, batch.attention_mask).float()
+
+
+@torch.no_grad()
+def evaluate(model, items, pad_id: int, batch_size: int, device, autocast: bool) -> dict:
+    """Held-out pairwise accuracy and loss (nan when there is no held-out data)."""
+    if not items:
+        return {"eval_accuracy": float("nan"), "eval_loss": float("nan")}
+    was = model.training
+    model.eval()
+    hits = pairs = 0.0
+    loss_sum = 0.0
+    for lo in progress(range(0, len(items), batch_size), desc="rm eval"):
+        b = collate_rm(items[lo: lo + batch_size], pad_id).to(device)
+        with autocast_context(device, enabled=autocast):
+            r = rewards_of(model, b)
+        loss, acc = ranking_loss(r, b)
+        hits += float(acc) * len(b.win)
+        pairs += len(b.win)
+        loss_sum += float(loss) * b.n_groups
+    model.train(was)
+    return {"eval_accuracy": hits / max(pairs, 1.0), "eval_loss": loss_sum / len(items)}
+
+
+@torch.no_grad()
+def demonstration_bias(model, tokenizer, sft_path: str, device, autocast: bool, max_len: int,
+                       batch_size: int = 32) -> float:
+    """Mean reward (under the current bias) of the SFT demonstrations: prompt + demonstrated response, scored at its EOS."""
+    rows = []
+    for ex in load_sft(sft_path):
+        ids, _ = tokenize_conversation(tokenizer, ex.messages, ex.source)
+        eos = tokenizer.eos_token_id
+        if eos is not None and eos in ids:  # score at the final EOS, as for the comparisons
+            ids = ids[: len(ids) - ids[::-1].index(eos)]
+        rows.append(ids[:max_len - 1] + ids[-1:] if len(ids) > max_len else ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    model.eval()
+    total = 0.0
+    for lo in progress(range(0, len(rows), batch_size), desc="rm bias"):
+        ids, mask = pad_right(rows[lo: lo + batch_size], pad)
+        with autocast_context(device, enabled=autocast):
+            total += float(model.score_last(ids.to(device), mask.to(device)).float().sum())
+    return total / len(rows)
+
+
+def train(cfg: RewardConfig) -> dict:
+    """Train the reward model; returns {"checkpoint", "steps", "eval_accuracy", "bias", "history"}."""
+    for name in ("model", "data"):
+        if not getattr(cfg, name):
+            raise ValueError(f"rm: the field '{name}' is required (see fastrlhf rm --help)")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError(f"rm: batch_size ({cfg.batch_size}) and grad_accum ({cfg.grad_accum}) must be >= 1")
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = Path(cfg.output_dir)
+    resume_from = resolve_resume(cfg.resume, run_dir)
+
+    # 1. SFT body + scalar head (fresh unless resuming)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(resume_from or cfg.model, head="score", device=device)
+    check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
+    model.config.gradient_checkpointing = cfg.gradient_checkpointing
+    model.train()
+    autocast = use_autocast(cfg.mixed_precision, device)
+    ctx = model.config.max_position_embeddings
+    max_len = min(cfg.max_seq_len or ctx, ctx)
+
+    # 2. comparisons: validated (permutations, 2 <= K <= 9, ties dropped), tokenized, held-out split by prompt
+    items, n_cut = tokenize_preferences(load_preferences(cfg.data), tokenizer, max_len)
+    if cfg.eval_data:
+        held, _ = tokenize_preferences(load_preferences(cfg.eval_data), tokenizer, max_len)
+    else:
+        items, held = split_holdout(items, cfg.eval_fraction, cfg.seed)
+    if n_cut:
+        print(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens", flush=True)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sampler = EpochSampler(len(items), cfg.batch_size, seed=cfg.seed)
+    steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.grad_accum)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_ratio * total)
+    opt = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+
+    start = 0
+    if resume_from is not None:
+        start = restore_trainer_state(load_trainer_state(resume_from), optimizer=opt, data=sampler)
+        print(f"[fastrlhf rm] resumed from {resume_from} at step {start}", flush=True)
+    last_ckpt = latest_checkpoint(run_dir)
+    log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard)
+    history: list[dict] = []
+    ev = {"eval_accuracy": float("nan"), "eval_loss": float("nan")}
+
+    def save(step: int) -> Path:
+        st = trainer_state_dict(step=step, optimizer=opt, data_state=sampler.state_dict())
+        return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state=st, config=cfg,
+                               keep=cfg.keep_checkpoints)
+
+    batches = iter(sampler)
+    bar = progress(total=total, initial=start, desc="rm")
+    with graceful_interrupt() as stop:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            # 3. grad_accum micro-batches of prompts, each prompt's K responses scored once
+            loss_sum, acc_sum, n_tok = 0.0, 0.0, 0
+            for _ in range(cfg.grad_accum):
+                b = collate_rm([items[i] for i in next(batches)], pad_id).to(device)
+                with autocast_context(device, enabled=autocast):
+                    r = rewards_of(model, b)
+                loss, acc = ranking_loss(r, b)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+                acc_sum += float(acc) / cfg.grad_accum
+                n_tok += int(b.attention_mask.sum())
+            # 4. clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
+            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                     else torch.zeros(()))
+            if not math.isfinite(loss_sum) or not math.isfinite(float(gnorm)):
+                raise FloatingPointError(f"rm: non-finite loss ({loss_sum}) or grad norm ({float(gnorm)}) at step "
+                                         f"{step + 1}; stopped without saving; last good checkpoint: {last_ckpt}")
+            lr = lr_at(step, total=total, peak=cfg.lr, warmup=warmup, min_ratio=cfg.min_lr_ratio)
+            set_lr(opt, lr)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            # 5. metrics, held-out accuracy, checkpoints
+            dt = time.perf_counter() - t0
+            m = {"loss": loss_sum, "accuracy": acc_sum, "lr": lr, "grad_norm": float(gnorm),
+                 "tokens_per_s": n_tok / max(dt, 1e-9), "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
+            done = step + 1 == total
+            if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
+                ev = evaluate(model, held, pad_id, cfg.batch_size, device, autocast)
+                m.update(ev)
+            history.append({"step": step + 1, **m})
+            log.log(step + 1, m, echo=done or (step + 1) % max(cfg.log_every, 1) == 0 or "eval_accuracy" in m)
+            bar.update(1)
+            if stop and not done:
+                last_ckpt = save(step + 1)
+                print(f"[fastrlhf rm] interrupted at step {step + 1}; saved {last_ckpt}", flush=True)
+                break
+            if not done and cfg.save_every and (step + 1) % cfg.save_every == 0:
+                last_ckpt = save(step + 1)
+    bar.close()
+    bias = float(model.config.reward_bias)
+    if not stop:
+        # 6. the bias that gives the SFT demonstrations mean reward 0, stored with the model; final checkpoint
+        if cfg.sft_data:
+            bias = bias + demonstration_bias(model, tokenizer, cfg.sft_data, device, autocast, max_len)
+            model.config.reward_bias = bias
+            print(f"[fastrlhf rm] reward bias {bias:+.4f} (SFT demonstrations now have mean reward 0)", flush=True)
+        last_ckpt = save(max(total, start))
+    log.close(plot_dir=last_ckpt)
+    return {"checkpoint": str(last_ckpt), "steps": history[-1]["step"] if history else start,
+            "eval_accuracy": ev["eval_accuracy"], "bias": bias, "history": history}
+
+
+def main(argv=None) -> dict:
+    from .config import parse_config
+    return train(parse_config(RewardConfig, argv, prog="fastrlhf rm"))
