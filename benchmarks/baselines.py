@@ -58,7 +58,7 @@ def lp_ent_rowloop(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     return _f32(torch.stack(lps)), _f32(torch.stack(ents))
 
 
-def logprobs_max_err(logits, labels, temperature, outs, grads=None, g_logp=None, g_ent=None, chunk_rows=2048) -> float:
+def logprobs_max_err(logits, labels, temperature, outs, grads=None, g_logp=None, g_ent=None, chunk_rows=512) -> float:
     """Max |·| error of (logp, entropy[, dlogits]) against float64, computed chunk by chunk over the N = B·T rows
     (so a [32, 512, 151936] check never holds float64 logits at once). ``outs`` = (logp, entropy or None);
     ``grads`` = dlogits for upstream grads (g_logp, g_ent) (either may be None = 0)."""

@@ -193,7 +193,7 @@ def _dname(dtype: torch.dtype) -> str:
 def bench_logprobs(ctx: Ctx) -> None:
     B, T, V = SHAPES[ctx.shape]["logits"]
     dev = ctx.device
-    shape = f"B={B},T={T},V={V},{_dname(ctx.dtype)}"
+    shape = f"B={B} T={T} V={V} {_dname(ctx.dtype)}"
     logits = (torch.randn(B, T, V, device=dev, dtype=torch.float32) * 3).to(ctx.dtype)
     labels = torch.randint(0, V, (B, T), device=dev)
     g_lp = torch.randn(B, T, device=dev)
@@ -251,7 +251,7 @@ def _linear_fb(f, hidden, weight, labels, g):
 def bench_linear(ctx: Ctx) -> None:
     N, H, V = SHAPES[ctx.shape]["linear"]
     dev = ctx.device
-    shape = f"N={N},H={H},V={V},{_dname(ctx.dtype)}"
+    shape = f"N={N} H={H} V={V} {_dname(ctx.dtype)}"
     hidden, weight, labels, g = _linear_inputs(N, H, V, dev, ctx.dtype)
     impls = {"fastrlhf": ours_linear, "eager": BL.linear_lp_eager}
     if ctx.wants("compile"):
@@ -305,7 +305,7 @@ def linear_memory_scaling(ctx: Ctx, V: int, known: dict | None = None) -> None:
 def bench_gae(ctx: Ctx) -> None:
     B, T = SHAPES[ctx.shape]["gae"]
     dev = ctx.device
-    shape = f"B={B},T={T},fp32"
+    shape = f"B={B} T={T} fp32"
     rewards = torch.randn(B, T, device=dev)
     values = torch.randn(B, T, device=dev)
     lengths = torch.randint(T // 2, T + 1, (B,), device=dev)
@@ -324,7 +324,7 @@ def bench_gae(ctx: Ctx) -> None:
 def bench_ppo(ctx: Ctx) -> None:
     B, T = SHAPES[ctx.shape]["ppo"]
     dev = ctx.device
-    shape = f"B={B},T={T},fp32"
+    shape = f"B={B} T={T} fp32"
     logp = (torch.randn(B, T, device=dev) - 2).requires_grad_(True)
     old = logp.detach() + 0.05 * torch.randn(B, T, device=dev)
     ref = logp.detach() + 0.05 * torch.randn(B, T, device=dev)
