@@ -521,3 +521,14 @@ def test_flash_bookkeeping_with_reference_kernels(tmp_path, monkeypatch, family,
             steps.append(flash(ids[:, t:t + 1], attention_mask=slot, position_ids=pos[:, t:t + 1], kv_cache=cache,
                                cache_pos=torch.tensor([t])))
         assert (torch.cat(steps, 1) - full)[mask.bool()].abs().max().item() < ATOL
+
+
+def test_tokenizer_without_pad_gets_eos(tmp_path):
+    from tests.helpers_models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    assert loaded.pad_token_id == loaded.eos_token_id == 2
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)

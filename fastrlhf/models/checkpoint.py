@@ -136,11 +136,16 @@ def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAU
 
 
 def load_tokenizer(path):
-    """The checkpoint's tokenizer (tokenizer.json) as a transformers PreTrainedTokenizerFast."""
-    from transformers import PreTrainedTokenizerFast
-    if not (Path(path) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{Path(path) / 'tokenizer.json'}: no tokenizer.json in the checkpoint folder")
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
+    """The checkpoint's tokenizer, loaded offline from the folder with transformers.AutoTokenizer (a fast tokenizer,
+    i.e. a PreTrainedTokenizerFast). A tokenizer without a pad token (e.g. Llama 3) gets pad = eos."""
+    from transformers import AutoTokenizer
+    p = Path(path)
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"{p}: no tokenizer.json / tokenizer.model / vocab.json in the checkpoint folder")
+    tok = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def config_from_tokenizer_check(model, tokenizer) -> None:
