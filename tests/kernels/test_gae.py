@@ -83,35 +83,36 @@ def test_triton_multi_tile_carries(block_t, kind, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.5, 1.0)])
-def test_closed_form(backend, gamma, lam):
+def test_closed_form(backend, gamma, lam, device):
     """rewards [0, 0, 0, 1], values 0 → A = R = [(γλ)³, (γλ)², γλ, 1]; with holes the same over the valid tokens."""
     gl = gamma * lam
-    want = torch.tensor([[gl**3, gl**2, gl, 1.0]])
+    want = torch.tensor([[gl**3, gl**2, gl, 1.0]], device=device)
     with K.backend(backend):
-        adv, ret = gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), torch.ones(1, 4), gamma=gamma, lam=lam)
+        adv, ret = gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]], device=device), torch.zeros(1, 4, device=device),
+                       torch.ones(1, 4, device=device), gamma=gamma, lam=lam)
         torch.testing.assert_close(adv, want, rtol=2 * EPS32, atol=0)
         torch.testing.assert_close(ret, want, rtol=2 * EPS32, atol=0)
         # holes and padding: valid tokens at 1, 3, 4, 6 of 8; the reward at 6 decays by γλ per VALID step
-        mask = torch.tensor([[0, 1, 0, 1, 1, 0, 1, 0]], dtype=torch.bool)
-        r = torch.tensor([[5.0, 0.0, 7.0, 0.0, 0.0, 9.0, 1.0, 3.0]])  # rewards at masked slots must be ignored
-        adv, ret = gae(r, torch.zeros(1, 8), mask, gamma=gamma, lam=lam)
-    want = torch.tensor([[0.0, gl**3, 0.0, gl**2, gl, 0.0, 1.0, 0.0]])
+        mask = torch.tensor([[0, 1, 0, 1, 1, 0, 1, 0]], dtype=torch.bool, device=device)
+        r = torch.tensor([[5.0, 0.0, 7.0, 0.0, 0.0, 9.0, 1.0, 3.0]], device=device)  # rewards at masked slots: ignored
+        adv, ret = gae(r, torch.zeros(1, 8, device=device), mask, gamma=gamma, lam=lam)
+    want = torch.tensor([[0.0, gl**3, 0.0, gl**2, gl, 0.0, 1.0, 0.0]], device=device)
     torch.testing.assert_close(adv, want, rtol=2 * EPS32, atol=0)
     torch.testing.assert_close(ret, want, rtol=2 * EPS32, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_values_bootstrap_across_holes(backend):
+def test_values_bootstrap_across_holes(backend, device):
     """δ uses V at the next VALID token: one step, r=0, V=[1, ·, 2] with a hole → A_0 = γ·2 − 1 + γλ·A_2, A_2 = −2."""
     gamma, lam = 0.9, 0.5
-    mask = torch.tensor([[1, 0, 1]])
-    values = torch.tensor([[1.0, 100.0, 2.0]])
+    mask = torch.tensor([[1, 0, 1]], device=device)
+    values = torch.tensor([[1.0, 100.0, 2.0]], device=device)
     with K.backend(backend):
-        adv, ret = gae(torch.zeros(1, 3), values, mask, gamma=gamma, lam=lam)
+        adv, ret = gae(torch.zeros(1, 3, device=device), values, mask, gamma=gamma, lam=lam)
     a2 = 0.0 + gamma * 0.0 - 2.0  # last valid token: V_next = 0
     a0 = 0.0 + gamma * 2.0 - 1.0 + gamma * lam * a2
-    torch.testing.assert_close(adv, torch.tensor([[a0, 0.0, a2]]))
-    torch.testing.assert_close(ret, torch.tensor([[a0 + 1.0, 0.0, a2 + 2.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[a0, 0.0, a2]], device=device))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 1.0, 0.0, a2 + 2.0]], device=device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -77,16 +77,17 @@ def test_matches_float64_with_grads(backend, kind, dtype, mask_dtype, device, mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_score_lands_on_last_valid_token(backend):
-    kl = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]])
-    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])  # left+right pad, hole, empty, full
-    scores = torch.tensor([10.0, 20.0, 30.0, 40.0])
+def test_score_lands_on_last_valid_token(backend, device):
+    kl = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5], [2.0, 2.0, 2.0, 2.0]],
+                      device=device)
+    mask = torch.tensor([[0, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], device=device)  # pads, hole, empty
+    scores = torch.tensor([10.0, 20.0, 30.0, 40.0], device=device)
     with K.backend(backend):
         out = shape_rewards(scores, kl, mask, kl_coef=0.5)
     want = torch.tensor([[0.0, -1.0, -1.5 + 10.0, 0.0],  # r = −β·kl·m, score at the last valid token (not the padding)
                          [-0.5, 0.0, -0.5 + 20.0, 0.0],
                          [0.0, 0.0, 0.0, 0.0],  # no valid token: no score, all zero
-                         [-1.0, -1.0, -1.0, -1.0 + 40.0]])
+                         [-1.0, -1.0, -1.0, -1.0 + 40.0]], device=device)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
