@@ -102,7 +102,7 @@ def _finalize_kernel(
     tot = tl.zeros([BLOCK_K], dtype=tl.float32)          # Σ_b P[b, k]
     nonempty = tl.zeros([BLOCK_B], dtype=tl.float32)     # #{b : n_b > 0}, lane-wise
     # pass 1: column totals
-    b0 = 0
+    b0 = tl.full([], 0, tl.int32)
     while b0 < B:  # (while: Triton 3.6's interpreter cannot take a runtime bound in range() under numpy 2.4)
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
@@ -126,7 +126,7 @@ def _finalize_kernel(
     inv_den = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)   # 1/D, 0 when D = 0
     # pass 2: per-row weights w_b and L = Σ_b w_b S_b
     acc = tl.zeros([BLOCK_B], dtype=tl.float32)
-    b0 = 0
+    b0 = tl.full([], 0, tl.int32)
     while b0 < B:
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B

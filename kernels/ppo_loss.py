@@ -52,7 +52,7 @@ def _ppo_fwd_kernel(
     acc_clip = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc_akl = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK_T], dtype=tl.float32)
-    t0 = 0
+    t0 = tl.full([], 0, tl.int32)
     while t0 < T:  # (a while loop: Triton 3.6's interpreter cannot take a runtime bound in range() under numpy 2.4)
         t = t0 + tl.arange(0, BLOCK_T)
         ok = t < T

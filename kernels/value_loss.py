@@ -42,7 +42,7 @@ def _value_fwd_kernel(
     acc_l = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc_n = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc_clip = tl.zeros([BLOCK_T], dtype=tl.float32)
-    t0 = 0
+    t0 = tl.full([], 0, tl.int32)
     while t0 < T:  # (a while loop: Triton 3.6's interpreter cannot take a runtime bound in range() under numpy 2.4)
         t = t0 + tl.arange(0, BLOCK_T)
         ok = t < T
