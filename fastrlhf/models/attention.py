@@ -58,6 +58,7 @@ class AttnMeta:
     # flash kv-cache decode: per row, keys are the slots [cache_leftpad[b], cache_seqlens[b]) (int32 [B])
     cache_seqlens: Tensor | None = None
     cache_leftpad: Tensor | None = None
+    cached: bool = False                # keys come from a KV cache (S slots, usually S >> T)
 
 
 def _causal(q_slot: Tensor, k_slot: Tensor, window: int | None) -> Tensor:
@@ -79,6 +80,7 @@ def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = Non
     meta = AttnMeta(impl=impl, window=window if need_window else None)
     wins = [None] + ([window] if need_window else [])
     if cache_pos is not None:  # ---- decode / prefill into the cache
+        meta.cached = True
         if impl == "flash":  # no host sync: first valid slot by argmax, end = last written slot + 1
             if attention_mask is None:
                 raise ValueError("fastrlhf/models/attention.py: the flash kv-cache path needs attention_mask [B, S]")
@@ -139,9 +141,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, slidin
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~mask, float("-inf"))
         o = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-    else:
+    elif mask is None:  # plain causal: SDPA's flash backend, which takes GQA natively
         gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **gqa)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
+    else:  # masked: the memory-efficient backend, which (torch <= 2.11) has no GQA, so give it equal head counts
+        Hkv = k.shape[1]
+        rep = Hq // Hkv
+        if rep > 1 and meta.cached:  # decode: fold the rep query heads of a group into the query axis (the cache
+            qf = q.reshape(B, Hkv, rep * T, D)  # is never copied): [B, Hkv, rep*T, D], row r*T + t = head g*rep + r
+            mf = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * T, mask.shape[-1])
+            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale).reshape(B, Hq, T, D)
+        else:  # training with padding / packing: k, v repeated per query head
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
 
 
