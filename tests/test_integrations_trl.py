@@ -171,6 +171,12 @@ def test_apply_undo_restores_and_nests():
         warnings.simplefilter("error")  # a supported version patches silently
         with ft.patched() as p:
             assert p.applied and _current_objects() != before
+            names = {f"{m.__name__}.{n}" for m, n, _, _ in p.patched}
+            if KEY is ft._PLANS[(0, 29)]:  # GRPO, RLOO and the experimental PPO all look the helpers up by name
+                assert {"trl.trainer.grpo_trainer.selective_log_softmax", "trl.trainer.grpo_trainer.entropy_from_logits",
+                        "trl.experimental.ppo.ppo_trainer.selective_log_softmax"} <= names, (names, p.skipped)
+            else:
+                assert names == {"trl.trainer.utils._ChunkedLogProbFunction"}
             with ft.patched() as inner:  # nested: same patch, still active after the inner block
                 assert inner is p
             assert p.applied and ft.apply() is p
