@@ -177,10 +177,10 @@ def from_dict(cls: type, data: dict, source: str = "<dict>", _prefix: str = "", 
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in fields:
-            raise ConfigError(f"{source}: unknown field '{_prefix}{key}' for {cls.__name__} "
+            raise ConfigError(f"{source}: unknown field '{_prefix}{key}' for {cls.__name__} "  # noqa: E501
                               f"(known: {', '.join(sorted(fields))})")
         f, tp = fields[name], hints[name]
-        where = f"{source}: field '{_prefix}{name}'"
+        where = (f"{source}: --{_prefix}{name}" if source == "command line" else f"{source}: field '{_prefix}{name}'")
         if dataclasses.is_dataclass(tp):
             updates[name] = from_dict(tp, value, source, f"{_prefix}{name}.", getattr(obj, name))
         else:

@@ -240,3 +240,6 @@ def train(cfg: RewardConfig) -> dict:
 def main(argv=None) -> dict:
     from .config import parse_config
     return train(parse_config(RewardConfig, argv, prog="fastrlhf rm"))
+
+
+RMConfig = RewardConfig  # the short name (fastrlhf rm)

@@ -1,0 +1,120 @@
+"""The ``fastrlhf`` command: one subcommand per stage plus tools.
+
+    fastrlhf sft | rm | ppo       train one stage (``--config run.yaml``, any field as ``--field value``; ``--help``)
+    fastrlhf pipeline             all three stages on the built-in task (no arguments needed)
+    fastrlhf generate | eval      sample from / evaluate a checkpoint
+    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)  (kernels, generate, trl, ppo)
+    fastrlhf selfcheck            every kernel against its float64 reference, as a table
+
+Errors in user input (config, data, checkpoints) print one line naming the file/line/field and exit with status 2;
+set FASTRLHF_DEBUG=1 for the traceback. Ctrl-C inside a training loop saves a checkpoint first (status 130).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+# command -> (module, one-line description); modules are imported only when their command runs
+COMMANDS = {
+    "sft": ("fastrlhf.sft", "stage 1: supervised fine-tuning on demonstrations"),
+    "rm": ("fastrlhf.reward", "stage 2: reward model on ranked comparisons"),
+    "ppo": ("fastrlhf.ppo", "stage 3: PPO against the reward model with a KL penalty"),
+    "pipeline": ("fastrlhf.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores)"),
+    "generate": ("fastrlhf.generate", "sample responses from a checkpoint"),
+    "eval": ("fastrlhf.eval", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
+    "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo [args]"),
+    "selfcheck": ("fastrlhf.selfcheck", "run every kernel against its float64 reference and print a table"),
+}
+
+
+def usage() -> str:
+    w = max(map(len, COMMANDS))
+    lines = ["usage: fastrlhf <command> [--config FILE] [--field value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(w)}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "fastrlhf <command> --help lists the fields of a command with their defaults and meaning."]
+    return "\n".join(lines)
+
+
+def bench_names() -> list[str]:
+    """Benchmark runners: modules of fastrlhf.benchmarks with a ``main`` (by file; nothing is imported to list them)."""
+    try:
+        pkg = importlib.import_module("fastrlhf.benchmarks")
+    except ImportError:
+        return []
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
+                  if not m.name.startswith(("_", "bench_", "test_")) and m.name not in ("timing", "baselines"))
+
+
+def _bench(argv: list[str]):
+    names = bench_names()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fastrlhf bench NAME [args]\n\nbenchmark runners: " + (", ".join(names) or "(none installed)"))
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in names:
+        raise _UsageError(f"bench: unknown benchmark '{name}' (available: {', '.join(names) or 'none'})")
+    mod = importlib.import_module(f"fastrlhf.benchmarks.{name}")
+    if not hasattr(mod, "main"):
+        raise _UsageError(f"bench: fastrlhf.benchmarks.{name} has no main(argv)")
+    return mod.main(rest)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _user_errors() -> tuple[type, ...]:
+    """Exception types that mean bad input (reported in one line) rather than a bug."""
+    from fastrlhf.config import ConfigError
+    errors: list[type] = [ConfigError, _UsageError, FileNotFoundError]
+    for mod, name in (("fastrlhf.data", "DataError"), ("fastrlhf.checkpoint", "CheckpointError")):
+        try:
+            errors.append(getattr(importlib.import_module(mod), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from fastrlhf import __version__
+        print(f"fastrlhf {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"fastrlhf: unknown command '{cmd}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    debug = os.environ.get("FASTRLHF_DEBUG") == "1"
+    user_errors = _user_errors()
+    try:
+        if cmd == "bench":
+            result = _bench(rest)
+        else:
+            module = importlib.import_module(COMMANDS[cmd][0])
+            result = module.main(rest)
+    except SystemExit as e:  # --help of a command
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except KeyboardInterrupt:
+        print(f"\nfastrlhf {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except user_errors as e:
+        if debug:
+            raise
+        print(f"fastrlhf {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as e:  # bad field combinations, non-finite loss: one clear line
+        if debug:
+            raise
+        print(f"fastrlhf {cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

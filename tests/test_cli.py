@@ -1,0 +1,80 @@
+"""fastrlhf.cli: commands, --help of every field, one-line errors naming the field/file, bench dispatch, selfcheck."""
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from fastrlhf import cli, task
+from tests._tiny import tiny_checkpoint
+
+
+def test_usage_and_unknown_command(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("sft", "rm", "ppo", "pipeline", "generate", "eval", "bench", "selfcheck"):
+        assert f"  {cmd}" in out
+    assert cli.main(["train"]) == 2
+    assert "unknown command 'train'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd,field,default", [("sft", "--batch_tokens", "4096"), ("rm", "--sft_data", "''"),
+                                               ("generate", "--max_new_tokens", "64")])
+def test_help_lists_fields_with_defaults(capsys, cmd, field, default):
+    assert cli.main([cmd, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert field in out and f"default: {default}" in out
+
+
+def test_errors_are_one_line_naming_field_and_file(tmp_path, capsys):
+    assert cli.main(["sft", "--lr", "fast"]) == 2
+    assert "fastrlhf sft: error: command line: --lr: expected a number" in capsys.readouterr().err
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 0.1\nlearning_rate: 0.2\n")
+    assert cli.main(["sft", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "run.yaml" in err and "'learning_rate'" in err and "Traceback" not in err
+    bad = tmp_path / "d.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    model = tiny_checkpoint(tmp_path / "m")
+    assert cli.main(["sft", "--model", model, "--data", str(bad), "--output_dir", str(tmp_path / "o")]) == 2
+    assert f"{bad}:2: malformed JSON" in capsys.readouterr().err
+
+
+def test_sft_from_toml_config(tmp_path, capsys):
+    model = tiny_checkpoint(tmp_path / "m")
+    d = task.write_sft_data(str(tmp_path / "sft.jsonl"), 12, seed=0)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'model = "{model}"\ndata = "{d}"\noutput_dir = "{tmp_path / "o"}"\nbatch_tokens = 128\n'
+                   f'device = "cpu"\nplots = false\n')
+    assert cli.main(["sft", "--config", str(cfg), "--max_steps", "2"]) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (tmp_path / "o" / "checkpoint-0000002" / "run_config.yaml").exists()
+
+
+def test_bench_dispatch(monkeypatch, capsys):
+    seen = {}
+    fake = types.ModuleType("fastrlhf.benchmarks.fake")
+    fake.main = lambda argv: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "fastrlhf.benchmarks.fake", fake)
+    monkeypatch.setattr(cli, "bench_names", lambda: ["fake", "kernels"])
+    assert cli.main(["bench", "fake", "--size", "3"]) == 0 and seen["argv"] == ["--size", "3"]
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_real_bench_names():
+    assert "kernels" in cli.bench_names()
+
+
+def test_selfcheck_table(capsys):
+    assert cli.main(["selfcheck"]) == 0
+    out = capsys.readouterr().out
+    assert "9/9 ops pass" in out and "linear_logprobs" in out and "ppo_value_loss" in out
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "fastrlhf", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "selfcheck" in r.stdout
