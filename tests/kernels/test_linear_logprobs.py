@@ -100,10 +100,10 @@ def test_matches_float64_ref(be, dtype, bias, device):
 
 
 @pytest.mark.parametrize("be", BACKENDS)
-@pytest.mark.parametrize("V", (pick(4099, 50257), 50257, 32001))
+@pytest.mark.parametrize("V", (pick(1031, 151936), 50257, 32001))
 def test_odd_vocab(be, V, device):
     if be == "triton" and not ON_CUDA and V > 5000:
-        V = 1001  # the interpreter runs one program per 64-wide vocab tile: keep it small (same masking code path)
+        V = {50257: 1001, 32001: 517}[V]  # the interpreter runs a program per 64-wide vocab tile: same masking code path
     hidden, weight, b, labels = _inputs(pick((3,), (2, 1024)), pick(24, 896), V, torch.float32, device)
     check_against_ref(hidden, weight, b, labels, 1.7, be)
 
@@ -206,16 +206,21 @@ def _peak_extra_bytes(fn, N: int, V: int, H: int) -> int:
 
 @pytest.mark.skipif(ON_CUDA, reason="measures the CPU path")
 def test_cpu_memory_does_not_grow_with_n_times_v(monkeypatch):
-    """CPU path with a 1 MiB chunk budget: peak extra memory stays flat from N=512 to N=4096 at V=4099 (where [N, V] fp32
-    logits grow by 56 MiB); the materializing reference shows that growth, so the measurement can see it."""
+    """CPU path with a 1 MiB chunk budget: peak extra memory stays flat from N=256 to N=2048 at V=4099 (where [N, V] fp32
+    logits grow by 28 MiB); the materializing reference shows that growth, so the measurement can see it."""
     monkeypatch.setattr(LL, "CHUNK_BYTES", 1 << 20)
-    V, H = 4099, 32
-    with backend("torch"):
-        _peak_extra_bytes(linear_logprobs, 256, V, H)  # warm-up (thread pools, allocator)
-        small = _peak_extra_bytes(linear_logprobs, 512, V, H)
-        big = _peak_extra_bytes(linear_logprobs, 4096, V, H)
-        ref_big = _peak_extra_bytes(linear_logprobs_ref, 4096, V, H)
-    grow_nv = (4096 - 512) * V * 4
-    assert ref_big >= 4096 * V * 4, f"measurement sanity: the reference peaked only {ref_big / 2**20:.1f} MiB"
+    V, H, n_small, n_big = 4099, 16, 256, 2048
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny chunks: keep OpenMP out of it (this test is about memory, not speed)
+    try:
+        with backend("torch"):
+            _peak_extra_bytes(linear_logprobs, 64, V, H)  # warm-up (thread pools, allocator)
+            small = _peak_extra_bytes(linear_logprobs, n_small, V, H)
+            big = _peak_extra_bytes(linear_logprobs, n_big, V, H)
+            ref_big = _peak_extra_bytes(linear_logprobs_ref, n_big, V, H)
+    finally:
+        torch.set_num_threads(threads)
+    grow_nv = (n_big - n_small) * V * 4
+    assert ref_big >= n_big * V * 4, f"measurement sanity: the reference peaked only {ref_big / 2**20:.1f} MiB"
     assert big - small < grow_nv / 4, f"extra memory grew {(big - small) / 2**20:.1f} MiB (N·V·4 grew {grow_nv / 2**20:.0f})"
     assert big < 16 * 2**20, f"extra memory {big / 2**20:.1f} MiB with a 1 MiB chunk budget"
