@@ -1,6 +1,6 @@
 """Kernel benchmark runner: fastrlhf.kernels beside the eager / compiled / peer implementations, in one run.
 
-    python -m benchmarks.kernels [--ops logprobs linear gae ppo] [--shape tiny|h100] [--csv benchmarks/results.csv]
+    python -m benchmarks.kernels [--ops logprobs linear gae ppo] [--shape tiny|h100|smoke] [--csv benchmarks/results.csv]
     fastrlhf bench kernels ...            (the CLI calls ``main(argv)``)
 
 For every (op, mode, provider) it measures: median / p20 / p80 time (``timing.bench``), throughput (GB/s of the minimal
