@@ -73,23 +73,24 @@ class TinyModelSpec:
 def build_tiny_model(path: str, tokenizer=None, spec: TinyModelSpec = TinyModelSpec(), seed: int = 0) -> str:
     """Randomly initialised tiny Llama + the built-in tokenizer, saved as an HF folder (safetensors) at ``path``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastrlhf.model import CausalLM, ModelConfig, save_model
 
     tokenizer = tokenizer or build_tokenizer()
-    vocab = len(tokenizer)
-    vocab = (vocab + 7) // 8 * 8  # round up like real checkpoints do; ids >= len(tokenizer) are never produced
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+    vocab = (len(tokenizer) + 7) // 8 * 8  # rounded up like real checkpoints; ids >= len(tokenizer) are never produced
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                       num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
                       num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, rms_norm_eps=1e-6)
     torch.manual_seed(seed)
-    # TODO(model.py): switch to fastrlhf.model.save_model once a CausalLM can be built from a ModelConfig alone; until then
-    # transformers writes the HF folder (config.json + model.safetensors), which fastrlhf.model.load_model reads.
-    model = LlamaForCausalLM(cfg)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
+    model = CausalLM(cfg)
+    std = cfg.initializer_range  # HF Llama init: N(0, 0.02) for every linear / embedding weight, norms at 1
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, std)
+    save_model(model, path, tokenizer=tokenizer)
     return path
 
 

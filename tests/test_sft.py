@@ -74,3 +74,23 @@ def test_bad_data_and_missing_fields(tmp_path):
         sft.train(_cfg(tmp_path, model, "", tmp_path / "o"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         sft.train(_cfg(tmp_path, str(tmp_path / "nowhere"), str(bad), tmp_path / "o"))
+
+
+def test_ctrl_c_saves_then_resume_auto_finishes(tmp_path, monkeypatch):
+    import os
+    import signal
+    model = tiny_checkpoint(tmp_path / "m")
+    d = task.write_sft_data(str(tmp_path / "sft.jsonl"), 20, seed=0)
+    real_lr_at = sft.lr_at
+
+    def lr_at_with_ctrl_c(step, **kw):  # a real SIGINT arrives during the 2nd step
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(step, **kw)
+
+    monkeypatch.setattr(sft, "lr_at", lr_at_with_ctrl_c)
+    out = sft.train(_cfg(tmp_path, model, d, tmp_path / "o", max_steps=4))
+    assert out["steps"] == 2 and out["checkpoint"].endswith("checkpoint-0000002")
+    monkeypatch.setattr(sft, "lr_at", real_lr_at)
+    again = sft.train(_cfg(tmp_path, model, d, tmp_path / "o", max_steps=4, resume="auto"))
+    assert [h["step"] for h in again["history"]] == [3, 4] and again["checkpoint"].endswith("checkpoint-0000004")
