@@ -509,7 +509,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-csv", action="store_true", help="print only")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[a.dtype]
     ctx = run(a.ops, a.shape, dtype=dtype, providers=a.providers, warmup_ms=a.warmup_ms, rep_ms=a.rep_ms)
     meta = env_meta(ctx.device)
