@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 # Initial running max: finite (not -inf) so that (m_old − m_new)·s stays 0·finite = 0 on the first tile.
-M_INIT = -1.0e30
+M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -234,7 +234,7 @@ def _fwd_torch(x, w, b, y, inv_tau):
     for n0 in range(0, N, n_c):
         n1 = min(N, n0 + n_c)
         yc = y[n0:n1]
-        m = torch.full((n1 - n0,), -1.0e30, device=x.device)
+        m = torch.full((n1 - n0,), M_INIT.value, device=x.device)
         s = torch.zeros_like(m)
         t = torch.zeros_like(m)
         zy = torch.zeros_like(m)
