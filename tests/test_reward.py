@@ -78,3 +78,20 @@ def test_bad_rankings_name_line(tmp_path, row, needle):
     f.write_text(json.dumps({"prompt": "count from 1 to 2", "chosen": "1 2", "rejected": "1"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(data.DataError, match=rf"rm.jsonl:2: .*{needle}"):
         reward.train(reward.RewardConfig(model=model, data=str(f), output_dir=str(tmp_path / "o"), device="cpu"))
+
+
+def test_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+    model = tiny_checkpoint(tmp_path / "m")
+    d = _rm_data(tmp_path / "rm.jsonl", 24, 1)
+
+    def cfg(out, **kw):
+        return reward.RewardConfig(model=model, data=d, output_dir=str(out), batch_size=4, max_steps=4, save_every=2,
+                                   lr=1e-2, device="cpu", plots=False, keep_checkpoints=3, **kw)
+
+    a = reward.train(cfg(tmp_path / "a"))
+    b = reward.train(cfg(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-0000002")))
+    assert [h["step"] for h in b["history"]] == [3, 4]
+    wa, wb = (load_file(f"{x['checkpoint']}/model.safetensors") for x in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert b["history"][-1]["loss"] == a["history"][-1]["loss"]
