@@ -194,3 +194,60 @@ def test_openrlhf_compute_approx_kl_rejects_bad_input():
         openrlhf.compute_approx_kl(lp, lp, kl_estimator="low_var_kl")
     with pytest.raises(ValueError, match="action_mask"):
         openrlhf.compute_approx_kl(lp, lp, kl_estimator="k1", action_mask=torch.ones(3, 2))
+
+
+# --- TRL's GRPO loss ------------------------------------------------------------------------------------------------
+
+
+def _grpo_ref(lp, old, adv, m, ref, eps_lo, eps_hi, beta, loss_type, max_len, num_items):
+    """TRL GRPO's documented loss in float64: ℓ = −min(ρA, clip(ρ, 1−ε_lo, 1+ε_hi)A) + β(exp(d) − d − 1), d = ref − lp."""
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    rho = torch.exp(lp - old)
+    tok = -torch.minimum(rho * adv, torch.clamp(rho, 1 - eps_lo, 1 + eps_hi) * adv)
+    if beta:
+        d = ref - lp
+        tok = tok + beta * (torch.exp(d) - d - 1)
+    if loss_type == "grpo":
+        return ((tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return (tok * m).sum() / m.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return (tok * m).sum() / (tok.shape[0] * max_len)
+    return (tok * m).sum() / num_items
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta,per_token_adv", [(0.0, False), (0.04, True)])
+def test_trl_grpo_loss_matches_float64(loss_type, beta, per_token_adv):
+    from fastrlhf.integrations.functional import trl_grpo_loss
+
+    B, T = 6, 9
+    m = _masks(B, T)
+    old = -torch.rand(B, T) * 4
+    lp = (old + torch.randn(B, T) * 0.3).requires_grad_(True)  # ratios around 1, some beyond the clip range
+    ref = old + torch.randn(B, T) * 0.5
+    adv = torch.randn(B, T) if per_token_adv else torch.randn(B)
+    kw = dict(epsilon_low=0.2, epsilon_high=0.28, beta=beta, loss_type=loss_type, max_completion_length=T + 3,
+              num_items=torch.tensor(float(m.sum() + 5)))
+    loss, metrics = trl_grpo_loss(lp, old, adv, m, ref, **kw)
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and "clipfrac" in metrics
+
+    lp64 = lp.detach().double().requires_grad_(True)
+    want = _grpo_ref(lp64, old.double(), adv.double(), m.double(), ref.double(), 0.2, 0.28, beta, loss_type, T + 3,
+                     float(m.sum() + 5))
+    torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-5)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_trl_grpo_loss_rejects_unsupported():
+    from fastrlhf.integrations.functional import trl_grpo_loss
+
+    x, m = torch.zeros(2, 3), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="cispo"):
+        trl_grpo_loss(x, x, torch.zeros(2), m, loss_type="cispo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        trl_grpo_loss(x, x, torch.zeros(2), m, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="ref_per_token_logps"):
+        trl_grpo_loss(x, x, torch.zeros(2), m, beta=0.1, loss_type="bnpo")

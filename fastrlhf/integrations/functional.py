@@ -29,6 +29,14 @@ OpenRLHF (``openrlhf.models.utils``)
   k1 = r, k2 = r²/2, k3 = exp(−r) − 1 + r, then clamp(−10, 10) for every estimator; older releases took ``action_mask``
   and multiplied it in (kept as an optional argument).
 - ``log_probs_from_logits(logits [..., V], labels [...], temperature=1.0)``: log softmax(logits / τ)[label].
+
+TRL's GRPO loss (documented in TRL's GRPO trainer docs; TRL computes it inline in ``GRPOTrainer._compute_loss``, so it
+cannot be patched in: ``trl_grpo_loss`` is for trainers that subclass GRPOTrainer or write their own loop)
+- per token ℓ_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β (exp(d_t) − d_t − 1), ρ_t = exp(logp_t − old_t),
+  d_t = ref_t − logp_t, A one advantage per completion ([B] or [B, 1]) or per token ([B, T]);
+- ``loss_type``: "grpo" = mean over the B completions of each one's token mean; "bnpo" = Σ ℓ m / Σ m;
+  "dr_grpo" = Σ ℓ m / (B · max_completion_length); "dapo" = Σ ℓ m / ``num_items`` (the token count of the whole
+  batch, across accumulation steps and processes).
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ import types
 
 import torch
 
-from fastrlhf.kernels import gae, logprobs_from_logits, whiten
+from fastrlhf.kernels import gae, logprobs_from_logits, ppo_policy_loss, whiten
 from fastrlhf.kernels import kl_penalty as _kl
 
 # --- veRL -------------------------------------------------------------------------------------------------------------
@@ -136,3 +144,42 @@ openrlhf = types.SimpleNamespace(
     compute_approx_kl=openrlhf_compute_approx_kl,
     log_probs_from_logits=openrlhf_log_probs_from_logits,
 )
+
+
+# --- TRL's GRPO loss --------------------------------------------------------------------------------------------------
+
+_GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def trl_grpo_loss(per_token_logps: torch.Tensor, old_per_token_logps: torch.Tensor, advantages: torch.Tensor,
+                  completion_mask: torch.Tensor, ref_per_token_logps: torch.Tensor | None = None, *,
+                  epsilon_low: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0,
+                  loss_type: str = "dapo", max_completion_length: int | None = None, num_items=None):
+    """TRL GRPO's clipped loss (+ k3 KL when ``beta`` > 0) as one fused ``ppo_policy_loss`` call.
+
+    per_token_logps (the only input with a gradient), old_per_token_logps, ref_per_token_logps, completion_mask: [B, T];
+    advantages: [B], [B, 1] or [B, T]. Returns (loss 0-d fp32, metrics dict: clipfrac, approx_kl, kl).
+    The ratio is exp(clamp(logp − old, −20, 20)) (TRL: no clamp; equal unless |logp − old| > 20).
+    """
+    if loss_type not in _GRPO_LOSS_TYPES:
+        raise ValueError(f"trl_grpo_loss: loss_type={loss_type!r}; supported: {_GRPO_LOSS_TYPES} "
+                         "(cispo, sapo, vespo, luspo have other per-token losses)")
+    B = per_token_logps.shape[0]
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages  # [B] -> [B, 1], broadcast over T
+    if beta != 0.0 and ref_per_token_logps is None:
+        raise ValueError("trl_grpo_loss: beta != 0 needs ref_per_token_logps")
+    if loss_type == "grpo":
+        agg, normalizer = "seq-mean-token-mean", float(B)  # / B: rows without valid tokens count as 0, as in TRL
+    elif loss_type == "bnpo":
+        agg, normalizer = "token-mean", None               # / Σ m (0 when Σ m = 0)
+    elif loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("trl_grpo_loss: loss_type='dr_grpo' needs max_completion_length")
+        agg, normalizer = "token-mean", float(B * max_completion_length)
+    else:
+        if num_items is None:
+            raise ValueError("trl_grpo_loss: loss_type='dapo' needs num_items (tokens in the whole batch)")
+        agg, normalizer = "token-mean", num_items
+    return ppo_policy_loss(per_token_logps, old_per_token_logps, adv, completion_mask, clip_eps=epsilon_low,
+                           clip_eps_high=epsilon_high, ref_logprobs=ref_per_token_logps if beta != 0.0 else None,
+                           kl_coef=beta, kl_estimator="k3", agg=agg, normalizer=normalizer)
