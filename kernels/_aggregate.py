@@ -262,6 +262,8 @@ def side_input(name: str, x, like: torch.Tensor, where: str, *, is_mask: bool = 
             raise TypeError(f"{where}: {name} must be bool / integer / float, got {x.dtype}")
     elif x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise TypeError(f"{where}: {name} must be a float tensor (fp32/bf16/fp16/fp64), got {x.dtype}")
+    if x.shape == like.shape:  # the common case: no broadcast needed (this runs per call; keep it cheap)
+        return x.detach()
     try:
         shape = torch.broadcast_shapes(x.shape, like.shape)
     except RuntimeError:
