@@ -120,7 +120,9 @@ class MetricsLogger:
 
     def __init__(self, run_dir, *, stage: str = "", name: str = "", total_steps: int | None = None,
                  tensorboard: bool = False, console: bool = True, console_keys: Sequence[str] | None = None,
-                 plots: bool = True):
+                 plots: bool = True, resume_step: int | None = None):
+        """``resume_step``: continuing a run from that step: earlier rows of metrics.jsonl are kept (and plotted), rows
+        of this stage after it (logged after the checkpoint by the interrupted run) are dropped."""
         stage = stage or name
         self.enabled = is_rank0()
         self.run_dir = Path(run_dir)
@@ -134,6 +136,8 @@ class MetricsLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            self._truncate(int(resume_step))
         self._fh = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
@@ -141,6 +145,26 @@ class MetricsLogger:
                 self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
             except Exception as e:  # tensorboard is optional
                 print(f"[fastrlhf] TensorBoard disabled ({type(e).__name__}: {e}); pip install tensorboard", flush=True)
+
+    def _truncate(self, resume_step: int) -> None:
+        keep = []
+        with open(self.path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line of a killed run
+                    continue
+                mine = row.get("stage", "") == self.stage
+                if mine and row.get("step", 0) > resume_step:
+                    continue
+                keep.append(line if line.endswith("\n") else line + "\n")
+                if mine:
+                    for k, v in row.items():
+                        if k not in ("step", "time", "stage") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                            self.history.setdefault(k, []).append((int(row["step"]), float(v)))
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, step_or_metrics: int | dict | None = None, metrics: dict[str, Any] | None = None, *,
             step: int | None = None, echo: bool = True, console: bool | None = None) -> None:

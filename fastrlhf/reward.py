@@ -169,7 +169,8 @@ def train(cfg: RewardConfig) -> dict:
         start = restore_trainer_state(load_trainer_state(resume_from), optimizer=opt, data=sampler)
         print(f"[fastrlhf rm] resumed from {resume_from} at step {start}", flush=True)
     last_ckpt = latest_checkpoint(run_dir)
-    log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard)
+    log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard,
+                        resume_step=start if resume_from is not None else None, plots=cfg.plots)
     history: list[dict] = []
     ev = {"eval_accuracy": float("nan"), "eval_loss": float("nan")}
 

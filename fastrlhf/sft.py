@@ -22,7 +22,8 @@ from . import kernels as K
 from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume,
                          restore_trainer_state, save_checkpoint, seed_everything, trainer_state_dict)
 from .config import param
-from .data import PackedBatch, PackedLoader, check_vocab, load_sft, split_holdout, tokenize_sft
+from .data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
+                   tokenize_sft)
 from .metrics import MetricsLogger, peak_memory_gb, progress
 from .model import autocast_context, load_model, load_tokenizer
 from .optim import lr_at, make_adamw, resolve_device, set_lr, use_autocast
@@ -85,7 +86,6 @@ def evaluate(model, loader: PackedLoader | None, device, autocast: bool) -> floa
     total, count = 0.0, 0.0
     bins = loader.bins(0)
     for b in progress(range(len(bins)), desc="sft eval", total=len(bins)):
-        from .data import make_packed_batch
         batch = make_packed_batch([loader.samples[i] for i in bins[b]], loader.budget, loader.pad_id).to(device)
         with autocast_context(device, enabled=autocast):
             n = float(batch.loss_mask.sum())
@@ -142,7 +142,8 @@ def train(cfg: SFTConfig) -> dict:
         start = restore_trainer_state(load_trainer_state(resume_from), optimizer=opt, data=loader)
         print(f"[fastrlhf sft] resumed from {resume_from} at step {start}", flush=True)
     last_ckpt = latest_checkpoint(run_dir)
-    log = MetricsLogger(run_dir, stage="sft", total_steps=total, tensorboard=cfg.tensorboard)
+    log = MetricsLogger(run_dir, stage="sft", total_steps=total, tensorboard=cfg.tensorboard,
+                        resume_step=start if resume_from is not None else None, plots=cfg.plots)
     history: list[dict] = []
     eval_loss = float("nan")
 

@@ -56,3 +56,17 @@ def test_dict_first_call_style(tmp_path, capsys):
     assert [(r["step"], r["score"], r["stage"]) for r in rows] == [(2, 0.5, "ppo"), (3, 0.75, "ppo")]
     out = capsys.readouterr().out
     assert "[ppo] step 3 | score 0.75" in out and "step 2" not in out
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_keeps_history(tmp_path):
+    with metrics.MetricsLogger(tmp_path, stage="sft", plots=False) as log:
+        for s in range(1, 6):
+            log.log(s, {"loss": float(s)}, echo=False)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 6, "loss"')                                  # torn line of a killed run
+    log = metrics.MetricsLogger(tmp_path, stage="sft", resume_step=3, plots=False)
+    assert log.history["loss"] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    log.log(4, {"loss": 40.0}, echo=False)
+    log.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
