@@ -11,6 +11,8 @@ All providers sample at temperature 1 (top-k/top-p off) and generate exactly G t
 
 Providers:
 - ``fastrlhf``     HybridEngine (static KV cache; CUDA: decode step captured as CUDA graphs), ``memory_policy="keep"``
+- ``fastrlhf-compile``  CPU only: the same with ``compile_step=True`` (the eager decode step through torch.compile;
+                   its compile time is in ``setup_s``). On CUDA the graphs already remove the per-op overhead.
 - ``hf-dynamic``   transformers ``generate`` with its default dynamic cache
 - ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
                    forward with torch.compile automatically: that is the "+ compile" baseline of ANCHORS.md)
@@ -43,7 +45,7 @@ import torch
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
-PROVIDERS = ("fastrlhf", "hf-dynamic", "hf-static")
+PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static")
 
 # model: Qwen2 config fields; run: batch B, prompt P, new tokens G
 SHAPES = {
@@ -129,39 +131,46 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
         return t_full
 
     # ---- fastrlhf
-    if "fastrlhf" in providers:
+    for provider in ("fastrlhf", "fastrlhf-compile"):
+        if provider not in providers or (provider == "fastrlhf-compile" and device == "cuda"):
+            continue
+        ekw = dict(compile_step=provider == "fastrlhf-compile")
         kw = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None)
-        # peak memory of a first rollout from scratch (cache + buffers + graphs included), on a throw-away engine
-        def first_rollout():
-            e = HybridEngine(ours, memory_policy="free")
-            with e.generation(max_batch_size=B, max_seq_len=P + G):
-                return e.generate(ids, max_new_tokens=G, seed=0, **kw)
-        add("fastrlhf", "peak_mib", _peak_mib(first_rollout, device), "MiB")
-        eng = HybridEngine(ours, memory_policy="keep")
+        if provider == "fastrlhf":
+            # peak memory of a first rollout from scratch (cache + buffers + graphs included), on a throw-away engine
+            def first_rollout():
+                e = HybridEngine(ours, memory_policy="free")
+                with e.generation(max_batch_size=B, max_seq_len=P + G):
+                    return e.generate(ids, max_new_tokens=G, seed=0, **kw)
+            add(provider, "peak_mib", _peak_mib(first_rollout, device), "MiB")
+        eng = HybridEngine(ours, memory_policy="keep", **ekw)
         t0 = time.perf_counter()
         with eng.generation(max_batch_size=B, max_seq_len=P + G):
             eng.generate(ids, max_new_tokens=G, seed=0, **kw)
             _sync(device)
             first = time.perf_counter() - t0
             eng.generate(ids, max_new_tokens=1, seed=0, **kw)  # warm the 1-token path too
-            measure("fastrlhf", lambda: eng.generate(ids, max_new_tokens=G, seed=0, **kw),
+            measure(provider, lambda: eng.generate(ids, max_new_tokens=G, seed=0, **kw),
                     lambda: eng.generate(ids, max_new_tokens=1, seed=0, **kw), first)
         if device == "cuda":
-            add("fastrlhf", "capture_s", eng.stats["capture_s"], "s")
-        ours.train()
-        sw = []
-        cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
-        cm.__enter__()
-        for _ in range(max(runs, 10)):  # one round trip: generation -> training -> generation (cache kept)
-            _sync(device)
-            t = time.perf_counter()
-            cm.__exit__(None, None, None)
+            add(provider, "capture_s", eng.stats["capture_s"], "s")
+        if provider == "fastrlhf-compile":
+            add(provider, "compile_s", eng.stats["compile_s"], "s")
+        if provider == "fastrlhf":
+            ours.train()
+            sw = []
             cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
             cm.__enter__()
-            _sync(device)
-            sw.append(time.perf_counter() - t)
-        cm.__exit__(None, None, None)
-        add("fastrlhf", "switch_ms", 1e3 * statistics.median(sw), "ms")
+            for _ in range(max(runs, 10)):  # one round trip: generation -> training -> generation (cache kept)
+                _sync(device)
+                t = time.perf_counter()
+                cm.__exit__(None, None, None)
+                cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+                cm.__enter__()
+                _sync(device)
+                sw.append(time.perf_counter() - t)
+            cm.__exit__(None, None, None)
+            add(provider, "switch_ms", 1e3 * statistics.median(sw), "ms")
         eng.free()
         del eng
         if device == "cuda":
@@ -189,10 +198,10 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
 
     # speed-up of fastrlhf end to end over each baseline, same run
     tps = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
-    if "fastrlhf" in tps:
+    for ours_p in ("fastrlhf", "fastrlhf-compile"):
         for p in ("hf-dynamic", "hf-static"):
-            if p in tps:
-                add("fastrlhf", f"speedup_vs_{p}", tps["fastrlhf"] / tps[p], "x")
+            if ours_p in tps and p in tps:
+                add(ours_p, f"speedup_vs_{p}", tps[ours_p] / tps[p], "x")
     info = dict(device=device, shape=shape, dtype=str(dtype).replace("torch.", ""), B=B, P=P, G=G, runs=runs)
     return rows, info
 

@@ -117,11 +117,14 @@ class HybridEngine:
         idle). None = powers of two. Only used with CUDA graphs (eager decoding runs exactly B rows).
     compute_dtype: run generation under ``torch.autocast`` in this dtype (e.g. bf16 over fp32 master weights); None = the
         parameters' dtype, no autocast.
+    compile_step: when the decode step runs eagerly (CPU, or cuda_graphs off), run it through ``torch.compile`` (fused
+        kernels, far less per-op overhead; costs a one-off compile of tens of seconds per (batch, sampling params),
+        counted in ``stats["compile_s"]``). Off by default.
     check_every: decode steps between looks at the "all rows done" flag (each look is one host sync).
     """
 
     def __init__(self, model, *, memory_policy: str = "keep", cuda_graphs="auto", batch_buckets=None,
-                 compute_dtype: torch.dtype | None = None, check_every: int = 8):
+                 compute_dtype: torch.dtype | None = None, compile_step: bool = False, check_every: int = 8):
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"HybridEngine(memory_policy={memory_policy!r}): expected one of {MEMORY_POLICIES}")
         if cuda_graphs not in ("auto", True, False):
@@ -151,7 +154,10 @@ class HybridEngine:
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[_StepKey, torch.cuda.CUDAGraph] = {}
         self._active = False
-        self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0}
+        self.compile_step = bool(compile_step)
+        self._compiled = None  # torch.compile(self._step), made on first use
+        self._compiled_keys: set = set()
+        self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0, "compile_s": 0.0}
 
     # ------------------------------------------------------------------------------------------------ mode switching
     @contextlib.contextmanager
@@ -386,7 +392,23 @@ class HybridEngine:
         """The decode step for ``key``: a replay of its CUDA graph (captured on first use), or the eager step."""
         eos_t = torch.tensor(key.eos or [-1], device=self.device)
         if not self.use_graphs:
-            return lambda: self._step(key, eos_t)
+            if not self.compile_step:
+                return lambda: self._step(key, eos_t)
+            if self._compiled is None:
+                self._compiled = torch.compile(self._step, dynamic=False)
+            if key not in self._compiled_keys:  # time the first (compiling) call; it does one real step
+                self._compiled_keys.add(key)
+                first = [True]
+
+                def timed_first():
+                    if not first[0]:
+                        return self._compiled(key, eos_t)
+                    first[0] = False
+                    t0 = time.perf_counter()
+                    self._compiled(key, eos_t)
+                    self.stats["compile_s"] += time.perf_counter() - t0
+                return timed_first
+            return lambda: self._compiled(key, eos_t)
         graph = self._graphs.get(key)
         if graph is None:
             try:
