@@ -158,6 +158,8 @@ def load_preferences(path) -> list[PreferenceExample]:
         prompt: str | list[dict]
         if "messages" in obj:
             prompt = _messages(obj, where)
+            if prompt[-1]["role"] != "user":
+                raise DataError(f"{where}: field 'messages': the prompt's last message must be a user turn")
         else:
             prompt = _str_field(obj, "prompt", where)
         if "responses" in obj:
