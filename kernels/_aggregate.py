@@ -1,7 +1,8 @@
 """Aggregation of per-token losses over valid tokens, shared by ``ppo_loss.py`` and ``value_loss.py``.
 
-Notation: B batch (rows), T time, m the [B, T] 0/1 mask, ℓ the per-token loss. Modes (KERNELS.md "Clipped PPO policy loss"):
-- ``token-mean``:          L = Σ_bt ℓ m / D,                      D = normalizer or Σ_bt m  (global tokens under DP / grad acc.)
+Notation: B batch (rows), T time, m the [B, T] 0/1 mask, ℓ the per-token loss.
+Modes (KERNELS.md "Clipped PPO policy loss"):
+- ``token-mean``:          L = Σ_bt ℓ m / D,                      D = normalizer or Σ_bt m  (global count under DP)
 - ``seq-mean-token-mean``: L = Σ_b [n_b > 0] (Σ_t ℓ m / n_b) / D,  D = normalizer or #{b : n_b > 0}, n_b = Σ_t m_bt
 - ``seq-mean-token-sum``:  L = Σ_b Σ_t ℓ m / D,                   D = normalizer or B
 Every mode is linear in the per-row sums S_b = Σ_t ℓ_bt m_bt:  L = Σ_b w_b S_b, with one weight per row
@@ -9,8 +10,9 @@ Every mode is linear in the per-row sums S_b = Σ_t ℓ_bt m_bt:  L = Σ_b w_b S
 ∂L/∂ℓ_bt = w_b m_bt and the backward of a fused loss is  grad_bt = g · w_b · (m ∂ℓ/∂x)_bt  (g the upstream scalar).
 A zero denominator (all-zero mask) gives L = 0 and w = 0, never NaN.
 
-The fused losses write per-row partials P [B, K] (fp32): column 0 = S_b, 1 = n_b, 2.. = metric numerators (Σ_t over valid
-tokens). ``finalize`` turns P into (loss, metrics = column sums 2.. / Σ n_b, w [B]); ``scale_grad`` forms the gradient.
+The fused losses write per-row partials P [B, K] (fp32): column 0 = S_b, 1 = n_b, 2.. = metric numerators (Σ_t over
+valid tokens). ``finalize`` turns P into (loss, metrics = column sums 2.. / Σ n_b, w [B]); ``scale_grad`` forms the
+gradient.
 Both exist as one Triton kernel each (one program for ``finalize``; grid (B, T tiles) for ``scale_grad``) and as a
 vectorised torch version for the CPU path.
 """
@@ -34,7 +36,7 @@ def check_agg(agg: str, where: str) -> int:
 
 
 def check_normalizer(normalizer, device: torch.device, where: str):
-    """Validate ``normalizer`` (None, a float > 0, or a 0-d / 1-element tensor). Returns (NORM_MODE, float, tensor|None).
+    """Validate ``normalizer`` (None, a float > 0, or a 1-element tensor). Returns (NORM_MODE, float, tensor|None).
 
     A tensor is never read on the host (no sync); it is moved to ``device`` as fp32 (a no-op when it already is).
     """
@@ -106,7 +108,8 @@ def _finalize_kernel(
     while b0 < B:  # (while: Triton 3.6's interpreter cannot take a runtime bound in range() under numpy 2.4)
         rows = b0 + tl.arange(0, BLOCK_B)
         row_ok = rows < B
-        p = tl.load(part_ptr + rows[:, None] * n_cols + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        p = tl.load(part_ptr + rows[:, None] * n_cols + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                    other=0.0)
         tot += tl.sum(p, axis=0)
         n_b = tl.load(part_ptr + rows * n_cols + 1, mask=row_ok, other=0.0)
         nonempty += tl.where(n_b > 0, 1.0, 0.0)
@@ -154,7 +157,7 @@ def _scale_grad_kernel(
     # constants
     BLOCK_T: tl.constexpr,
 ):
-    """out[b, t] = g · w_b · dl[b, t]  (dl [B, T] fp32 contiguous, already 0 on masked tokens; out in the input dtype)."""
+    """out[b, t] = g · w_b · dl[b, t]  (dl [B, T] fp32 contiguous, 0 on masked tokens; out in the input dtype)."""
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     ok = t < T
@@ -164,7 +167,7 @@ def _scale_grad_kernel(
 
 
 def grad_block_t(T: int) -> int:
-    """BLOCK_T of ``scale_grad``: 16 under the interpreter (multi-tile on small tests), else 1024 (256 for short rows)."""
+    """BLOCK_T of ``scale_grad``: 16 under the interpreter (multi-tile on small tests), else 256 (T ≤ 256) or 1024."""
     if interpreting():
         return 16
     return 256 if T <= 256 else 1024
@@ -251,7 +254,7 @@ def main_input(name: str, x, where: str) -> torch.Tensor:
 def side_input(name: str, x, like: torch.Tensor, where: str, *, is_mask: bool = False) -> torch.Tensor:
     """A non-differentiated input broadcast (as a strided view, no copy) to ``like``'s [B, T]; detached.
 
-    Float for data; bool / integer / float for a mask (nonzero = valid token). E.g. advantages [B, 1] (one per sequence).
+    Float for data; bool / integer / float for a mask (nonzero = valid token). E.g. advantages [B, 1] (per sequence).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")

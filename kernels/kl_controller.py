@@ -15,7 +15,7 @@ def _finite(name: str, x, where: str) -> float:
     try:
         x = float(x)
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{where}: {name} must be a real number (or a 1-element tensor), got {type(x).__name__}") from None
+        raise TypeError(f"{where}: {name} must be a real number or 1-element tensor, got {type(x).__name__}") from None
     if not math.isfinite(x):
         raise ValueError(f"{where}: {name} must be finite, got {x}")
     return x
@@ -51,7 +51,7 @@ def adaptive_kl_coef(kl_coef: float, current_kl, target: float, horizon: float, 
 
 
 class AdaptiveKLController:
-    """Adaptive β (Ziegler et al. 2019). ``.value`` is β; ``.update(current_kl, n_steps)`` moves it toward the target."""
+    """Adaptive β (Ziegler et al. 2019). ``.value`` is β; ``.update(current_kl, n_steps)`` moves it to the target."""
 
     def __init__(self, init_kl_coef: float, target: float, horizon: float):
         where = "AdaptiveKLController"

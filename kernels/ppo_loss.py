@@ -1,4 +1,6 @@
-"""Clipped PPO policy loss (+ optional KL-in-loss term), forward and backward fused. Math: KERNELS.md "Clipped PPO policy loss".
+"""Clipped PPO policy loss (+ optional KL-in-loss term), forward and backward fused.
+
+Math: KERNELS.md "Clipped PPO policy loss".
 
 Notation: B batch (rows), T response tokens, m the [B, T] mask.
 
@@ -45,7 +47,7 @@ def _ppo_fwd_kernel(
     lo, hi, dual_c, kl_coef,
     KL_EST: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """One row per program. Writes dl[b, :] = m ∂ℓ/∂logp (fp32, if STORE_GRAD) and part[b, :] = [S, n, clip, akl, (kl)]."""
+    """One row per program. Writes dl[b, :] = m ∂ℓ/∂logp (fp32, if STORE_GRAD), part[b, :] = [S, n, clip, akl, (kl)]."""
     row = tl.program_id(0).to(tl.int64)
     acc_l = tl.zeros([BLOCK_T], dtype=tl.float32)
     acc_n = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -84,7 +86,8 @@ def _ppo_fwd_kernel(
             elif KL_EST == 3:
                 dc = tl.minimum(tl.maximum(d, -20.0), 20.0)               # d' = clamp(d, −20, 20)
                 e = tl.exp(dc)
-                kl = e - dc - 1.0                                         # k3 = e^d' − d' − 1; ∂/∂logp = 1 − e^d' (|d| ≤ 20)
+                kl = e - dc - 1.0                                         # k3 = e^d' − d' − 1
+                # ∂k3/∂logp = 1 − e^d' inside the clamp (|d| ≤ 20), 0 outside
                 dkl = tl.where(tl.abs(d) <= 20.0, 1.0 - e, 0.0)
             else:
                 kl = tl.abs(d)                                            # abs = |d|;      ∂/∂logp = −sign(d)
@@ -214,7 +217,7 @@ def _check_args(clip_eps, clip_eps_high, dual_clip, ref_logprobs, kl_coef, kl_es
     if not (isinstance(kl_coef, (int, float)) and math.isfinite(kl_coef)):
         raise ValueError(f"{where}: kl_coef must be a finite float, got {kl_coef!r}")
     if kl_coef != 0.0 and ref_logprobs is None:
-        raise ValueError(f"{where}: kl_coef={kl_coef} needs ref_logprobs (the KL-in-loss term is against the reference)")
+        raise ValueError(f"{where}: kl_coef={kl_coef} needs ref_logprobs (the KL-in-loss term is against it)")
     return float(clip_eps), float(eps_high)
 
 

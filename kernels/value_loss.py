@@ -4,7 +4,8 @@ Notation: B batch (rows), T response tokens, m the [B, T] mask.
 
     v_clip = V_old + clip(V − V_old, −ε, ε)
     ℓ = ½ max((V − R)², (v_clip − R)²)          ∂ℓ/∂V = V − R on the unclipped branch, 0 when the clipped term wins
-    loss = agg(ℓ, m)   (``_aggregate.py``),  vf_clipfrac = fraction of valid tokens where the clipped term is strictly larger
+    loss = agg(ℓ, m)   (``_aggregate.py``)
+    vf_clipfrac = fraction of valid tokens where the clipped term is strictly larger
 
 Fusion as in ``ppo_loss.py``: ``_value_fwd_kernel`` (grid (B,), row loop in BLOCK_T tiles: ℓ, m ∂ℓ/∂V, row partials
 [S_b, n_b, #clipped]) + ``_finalize_kernel`` + backward ``_scale_grad_kernel``: 3 launches, no host sync.
@@ -58,7 +59,7 @@ def _value_fwd_kernel(
         sq_cl = err_cl * err_cl
         clipped = sq_cl > sq                                                # clipped term strictly larger
         loss = 0.5 * tl.maximum(sq, sq_cl)                                  # ℓ = ½ max((V − R)², (v_clip − R)²)
-        dl = tl.where(clipped, 0.0, err)                                    # ∂ℓ/∂V (v_clip is constant in V when clipped)
+        dl = tl.where(clipped, 0.0, err)                                    # ∂ℓ/∂V (v_clip constant in V if clipped)
         acc_l += tl.where(m, loss, 0.0)                                     # S_b = Σ_t ℓ m
         acc_n += tl.where(m, 1.0, 0.0)                                      # n_b = Σ_t m
         acc_clip += tl.where(m & clipped, 1.0, 0.0)

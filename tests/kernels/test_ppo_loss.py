@@ -1,7 +1,8 @@
 """ppo_policy_loss (fused Triton / vectorised torch) against ppo_policy_loss_ref in float64 on fresh random inputs.
 
 Every test runs on both backends: "triton" (the kernels; Triton's interpreter on CPU) and "torch" (the CPU path).
-Tolerances: tests/kernels/loss_cases.py. Shapes: [6, 21] under the interpreter (2 BLOCK_T tiles per row), [64, 1024] on CUDA.
+Tolerances: tests/kernels/loss_cases.py. Shapes: [6, 21] under the interpreter (2 BLOCK_T tiles per row), [64, 1024]
+on CUDA.
 """
 import math
 
@@ -27,7 +28,8 @@ def make_inputs(B, T, device, dtype=torch.float32, spread=0.5, mask_layout="mixe
     ref = (logp.float() + 0.5 * torch.randn(B, T, device=device)).to(dtype)
     mask = make_mask(B, T, mask_layout, device)
     if T >= 5:  # plant one token per branch in row 0 so every branch is exercised whatever the draw
-        r = torch.tensor([-0.5, 0.5, 1.2, 0.0, 0.18], device=device)   # log ρ: low clip, high clip, dual, inside, 1.1<ρ<1.3
+        # log ρ per planted token: low clip, high clip, dual clip, inside, 1.1 < ρ < 1.3
+        r = torch.tensor([-0.5, 0.5, 1.2, 0.0, 0.18], device=device)
         a = torch.tensor([-1.0, 1.0, -1.0, 1.0, 1.0], device=device)
         old[0, :5] = (logp[0, :5].float() - r).to(dtype)
         adv[0, :5] = a.to(dtype)
