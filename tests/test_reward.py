@@ -1,5 +1,4 @@
 """fastrlhf.reward: InstructGPT's ranking loss (closed form), learning, demonstration bias, bad rankings."""
-import itertools
 import json
 import math
 
