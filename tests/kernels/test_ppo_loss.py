@@ -11,6 +11,7 @@ import torch
 
 import fastrlhf.kernels as K
 from fastrlhf.kernels import ppo_policy_loss, ppo_policy_loss_ref
+from tests.conftest import pick
 from tests.kernels.loss_cases import GRAD_TOL, LOSS_TOL, assert_close, count_tol, make_mask, shape
 
 BACKENDS = ("triton", "torch")
@@ -175,6 +176,15 @@ def test_single_token(backend, agg, device):
     logp, old, adv, ref, mask = make_inputs(1, 1, device)
     mask[:] = True
     got, want = run_both(backend, logp, old, adv, mask, ref, kl_coef=0.2, agg=agg, dual_clip=1.5)
+    check(got, want, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_short_rows(backend, device):
+    """B = 20 > the interpreter's finalize tile (16 rows): the per-row weight loop runs over 2 tiles."""
+    B, T = pick((20, 5), (4096, 64))
+    logp, old, adv, ref, mask = make_inputs(B, T, device)
+    got, want = run_both(backend, logp, old, adv, mask, ref, kl_coef=0.1, agg="seq-mean-token-mean", dual_clip=2.0)
     check(got, want, mask)
 
 
