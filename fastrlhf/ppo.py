@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 
 from . import kernels as K
 from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume, save_checkpoint,
@@ -24,10 +26,14 @@ from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_sta
 from .config import param
 from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from .engine import HybridEngine
+from .lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
 from .model import autocast_context, load_model, load_tokenizer, save_model
 from .metrics import explained_variance, progress
 from .optim import make_adamw, resolve_device, use_autocast
 from .ppo_core import make_experience, masked_mean, ppo_update
+
+
+LORA_FILE = "lora_adapter.safetensors"
 
 
 @dataclass
@@ -54,6 +60,11 @@ class PPOConfig:
     value_lr: float = param(1e-5, "value-model learning rate (AdamW)")
     weight_decay: float = param(0.0, "AdamW weight decay")
     optimizer: str = param("adamw", "adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
+    lora_rank: int = param(0, "LoRA rank of the policy (peft); 0 = train all weights. The reference = adapter disabled")
+    lora_alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)")
+    lora_dropout: float = param(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                    "linear layers that get adapters")
     max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
     kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
     adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
@@ -129,11 +140,19 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
     # Models: policy (trained) and value (trained); reference and reward (frozen).
     tokenizer = load_tokenizer(cfg.policy)
-    policy = load_model(resume_from or cfg.policy, head="lm", device=device)
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ref_context = None
+    if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
+        policy = add_lora(load_model(cfg.policy, head="lm", device=device), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                          dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+        if resume_from is not None:
+            load_lora_state_dict(policy, load_safetensors(str(resume_from / LORA_FILE), device=str(device)))
+        ref, ref_context = policy, (lambda: adapters_disabled(policy))
+    else:
+        policy = load_model(resume_from or cfg.policy, head="lm", device=device)
+        ref = _freeze(load_model(cfg.policy, head="lm", device=device, dtype=frozen_dtype))
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
     policy.config.gradient_checkpointing = cfg.gradient_checkpointing
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    ref = _freeze(load_model(cfg.policy, head="lm", device=device, dtype=frozen_dtype))
     reward = _freeze(load_model(cfg.reward_model, head="score", device=device, dtype=frozen_dtype))
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
     value = load_model(value_init, head="score", device=device)
@@ -183,9 +202,13 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, optimizer=policy_opt, data_state=sampler.state_dict(),
                                 extra={"value_optimizer": value_opt.state_dict(), "kl_ctl": kl_ctl.state_dict()})
-        return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints,
-                               extra_files={"value_model": lambda p: save_model(value, p)})
+        extra = {"value_model": lambda p: save_model(value, p)}
+        export = policy
+        if cfg.lora_rank > 0:  # the HF export holds merged weights; the adapter alone is kept to resume
+            export = merged_copy(policy)
+            extra[LORA_FILE] = lambda p: save_safetensors(lora_state_dict(policy), str(p))
+        return save_checkpoint(run_dir, step, model=export, tokenizer=tokenizer, trainer_state=st, config=cfg,
+                               keep=cfg.keep_checkpoints, extra_files=extra)
 
     bar = progress(total=cfg.iterations, initial=start, desc="ppo")
     with graceful_interrupt() as stop:
@@ -208,7 +231,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                   eos_token_id=tokenizer.eos_token_id,
                                   missing_eos_penalty=cfg.missing_eos_penalty or None,
                                   forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                                  whiten_advantages=cfg.whiten_advantages)
+                                  ref_context=ref_context, whiten_advantages=cfg.whiten_advantages)
             policy.train(), value.train()
             t2 = time.perf_counter()
             # 8. PPO epochs over minibatches

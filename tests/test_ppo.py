@@ -158,3 +158,35 @@ def test_prompt_longer_than_context_names_the_line(ckpts, tmp_path):
 def test_missing_required_field(tmp_path):
     with pytest.raises(ValueError, match="reward_model"):
         train(PPOConfig(policy="x", prompts="y", output_dir=str(tmp_path)), log=_NullLog())
+
+
+def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
+    """LoRA: only adapters train; the reference (adapter off) is the SFT model; the export merges and loads in HF."""
+    pytest.importorskip("peft", reason="LoRA is an optional extra (pip install peft)")
+    from transformers import AutoModelForCausalLM
+
+    from fastrlhf.lora import adapters_disabled, add_lora, merged_copy
+
+    out = train(_cfg(ckpts, tmp_path / "lora", iterations=2, lora_rank=4, lora_alpha=8.0, lr=3e-3, save_every=1),
+                log=_NullLog())
+    ids = torch.tensor([[1, 8, 9, 10, 11, 12]])
+    base = load_model(ckpts["policy"], head="lm")
+    tuned = load_model(out["checkpoint"], head="lm")
+    hf = AutoModelForCausalLM.from_pretrained(out["checkpoint"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, tuned(ids), rtol=1e-4, atol=1e-4)  # the export is a plain HF model
+        assert (tuned(ids) - base(ids)).abs().max() > 1e-4  # and the adapters moved it
+    # the reference = adapters off == the SFT model exactly, also after the adapters got non-zero weights
+    pol = add_lora(load_model(ckpts["policy"], head="lm"), rank=4, alpha=8.0)
+    for n, p in pol.named_parameters():
+        assert p.requires_grad == ("lora_" in n)
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        with adapters_disabled(pol):
+            torch.testing.assert_close(pol(ids), base(ids), rtol=0, atol=0)
+        torch.testing.assert_close(merged_copy(pol)(ids), pol(ids), rtol=1e-5, atol=1e-5)
+    # resume continues from the adapter file
+    again = train(_cfg(ckpts, tmp_path / "lora", iterations=3, lora_rank=4, lora_alpha=8.0, lr=3e-3, resume="auto"),
+                  log=_NullLog())
+    assert again["history"][0]["step"] == 3
