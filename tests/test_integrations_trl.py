@@ -190,8 +190,8 @@ def test_apply_undo_restores_and_nests():
 # --- TRL's GRPO trainer on CPU, with and without apply() ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
     """A random 2-layer Qwen2 (V=63, H=32) and a word-level tokenizer, saved offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -201,19 +201,17 @@ def tiny_checkpoint(tmp_path_factory):
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    g = torch.Generator().manual_seed(0)
     cfg = Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
                       eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)
-    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=g)))
-    model = Qwen2ForCausalLM(cfg)
-    path = tmp_path_factory.mktemp("tiny_qwen2")
+    model = Qwen2ForCausalLM(cfg)  # random weights from the (fresh, reported) test seed
+    path = tmp_path / "tiny_qwen2"
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path), words, tok
 
 
-def _run_grpo(path, words, tok, out_dir):
+def _run_grpo(path, words, tok, out_dir, seed):
     """3 GRPO steps (2 generations per prompt, 6 new tokens, τ = 0.7, β = 0.1, 2 iterations per batch) on CPU in fp32.
     Returns the logged losses and every (logps, entropies) the trainer computed."""
     from datasets import Dataset
@@ -233,7 +231,7 @@ def _run_grpo(path, words, tok, out_dir):
     ds = Dataset.from_dict({"prompt": [" ".join(words[i:i + 4]) for i in range(8)]})
     args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=4, num_generations=2, max_completion_length=6,
                       max_steps=3, num_iterations=2, use_cpu=True, bf16=False, fp16=False, report_to=[], logging_steps=1,
-                      seed=1234, beta=0.1, temperature=0.7, save_strategy="no", learning_rate=1e-3,
+                      seed=seed, beta=0.1, temperature=0.7, save_strategy="no", learning_rate=1e-3,
                       model_init_kwargs={"dtype": torch.float32}, disable_tqdm=True)
     trainer = Recording(model=path, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
     assert trainer.model.dtype == torch.float32 and trainer.accelerator.device.type == "cpu"  # use_cpu / no bf16 honored
@@ -247,9 +245,10 @@ def _run_grpo(path, words, tok, out_dir):
 def test_grpo_trainer_same_losses_and_logprobs_with_apply(tiny_checkpoint, tmp_path):
     path, words, tok = tiny_checkpoint
     before = _current_objects()
-    base_losses, base_seen = _run_grpo(path, words, tok, str(tmp_path / "base"))
+    seed = int(torch.randint(0, 2**31, (1,)))  # the same trainer seed for both runs
+    base_losses, base_seen = _run_grpo(path, words, tok, str(tmp_path / "base"), seed)
     with ft.patched() as patch:
-        fast_losses, fast_seen = _run_grpo(path, words, tok, str(tmp_path / "fast"))
+        fast_losses, fast_seen = _run_grpo(path, words, tok, str(tmp_path / "fast"), seed)
     assert _current_objects() == before  # undone
 
     assert patch.calls, "fastrlhf kernels were never called"
