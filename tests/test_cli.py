@@ -78,3 +78,13 @@ def test_selfcheck_table(capsys):
 def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "fastrlhf", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "selfcheck" in r.stdout
+
+
+def test_selfcheck_catches_a_wrong_kernel(monkeypatch, capsys):
+    import fastrlhf.kernels as K
+    real = K.whiten
+    monkeypatch.setattr(K, "whiten", lambda x, mask=None, **kw: real(x, mask, **kw) * (1 + 1e-4))  # 1e-4 relative off
+    assert cli.main(["selfcheck"]) == 1
+    out = capsys.readouterr().out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith("whiten")] == ["FAIL"]
+    assert "8/9 ops pass" in out
