@@ -283,10 +283,12 @@ class TokenizedSFT:
     source: str
 
 
-def check_prompt_length(n_prompt: int, max_len: int, source: str) -> None:
-    if n_prompt >= max_len:
-        raise DataError(f"{source}: field 'prompt' has {n_prompt} tokens, which does not fit the context of {max_len} "
-                        f"tokens (raise max_seq_len or shorten the prompt)")
+def check_prompt_length(n_prompt: int, limit: int, source: str) -> None:
+    """Error (naming file:line) when a prompt has more than ``limit`` tokens: the context minus the room the response
+    needs (at least 1 token for SFT/RM, max_new_tokens for generation)."""
+    if n_prompt > limit:
+        raise DataError(f"{source}: field 'prompt' has {n_prompt} tokens; at most {limit} fit the context with room "
+                        f"for the response (raise max_seq_len / the model's context, or shorten the prompt)")
 
 
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_len: int) -> tuple[list[TokenizedSFT], int]:
@@ -296,7 +298,7 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_len: int) -> tup
     for ex in examples:
         ids, mask = tokenize_conversation(tokenizer, ex.messages, ex.source)
         first = mask.index(1) if 1 in mask else len(ids)
-        check_prompt_length(first, max_len, ex.source)
+        check_prompt_length(first, max_len - 1, ex.source)  # room for at least one response token
         if len(ids) > max_len:
             ids, mask, truncated = ids[:max_len], mask[:max_len], truncated + 1
         if sum(mask) == 0:
@@ -540,7 +542,7 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer, max_l
         seqs = []
         for r in ex.responses:
             p, resp = tokenize_pair(tokenizer, ex.prompt, r, ex.source)
-            check_prompt_length(len(p), max_len, ex.source)
+            check_prompt_length(len(p), max_len - 1, ex.source)
             ids = p + resp
             if len(ids) > max_len:
                 truncated += 1

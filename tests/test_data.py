@@ -217,3 +217,9 @@ def test_rm_collate(tok):
     assert b.win.tolist() == [0, 0, 1, 3] and b.lose.tolist() == [1, 2, 2, 4] and b.pair_group.tolist() == [0, 0, 0, 1]
     last = b.attention_mask.sum(1) - 1
     assert (b.input_ids[torch.arange(5), last] == tok.eos_token_id).all()   # the scalar head reads the EOS
+
+
+def test_prompt_length_boundary():
+    data.check_prompt_length(10, 10, "f:1")             # exactly fits (e.g. P + max_new_tokens == context)
+    with pytest.raises(DataError, match=r"f:1: field 'prompt' has 11 tokens; at most 10"):
+        data.check_prompt_length(11, 10, "f:1")
