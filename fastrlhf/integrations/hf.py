@@ -67,7 +67,7 @@ def linear_logprobs_forward(model, input_ids: torch.Tensor, labels: torch.Tensor
     if not bool(valid.any()):  # nothing to score: zeros that still depend on the body (a zero gradient, not an error)
         zero = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device) + 0.0 * hidden.float().sum()
         return (zero, zero.clone()) if return_entropy else zero
-    h = hidden[valid].to(weight.dtype)  # [N, H]
+    h = hidden[valid].to(weight.dtype)  # [N, H]; under autocast the head runs in the weight's dtype (fp32 stays fp32)
     # z = c · (h Wᵀ + b) / τ  =  (h Wᵀ + b) / (τ / c)
     res = linear_logprobs(h, weight, labels[valid], bias=bias, temperature=temperature / c,
                           return_entropy=return_entropy)
