@@ -88,3 +88,19 @@ def test_selfcheck_catches_a_wrong_kernel(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert [line.split()[-1] for line in out.splitlines() if line.startswith("whiten")] == ["FAIL"]
     assert "8/9 ops pass" in out
+
+
+def test_generate(tmp_path, capsys):
+    model = tiny_checkpoint(tmp_path / "m")
+    assert cli.main(["generate", "--model", model, "--prompt", "count from 1 to 3", "--max_new_tokens", "4",
+                     "--device", "cpu"]) == 0
+    assert "count from 1 to 3\n  -> " in capsys.readouterr().out
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "reverse : cat dog"}\n{"messages": [{"role": "user", "content": "count from 2 to 3"}]}\n')
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", "--model", model, "--prompts", str(prompts), "--num_samples", "2", "--temperature",
+                     "1.0", "--max_new_tokens", "3", "--output", str(out), "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in open(out)]
+    assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
+    assert cli.main(["generate", "--model", model, "--prompt", "x", "--prompts", str(prompts)]) == 1
+    assert "exactly one of 'prompt'" in capsys.readouterr().err
