@@ -1,0 +1,591 @@
+"""End-to-end PPO benchmark: full iterations of fastrlhf's trainer core beside TRL's PPOTrainer, same shapes, one run.
+
+    python -m benchmarks.ppo [--shape tiny|qwen2-0.5b|smoke] [--iters 4] [--threads 2] [--trl-path DIR] [--csv ...]
+    fastrlhf bench ppo ...            (the CLI calls ``main(argv)``)
+
+One iteration (both systems): generate B responses of exactly G tokens (sampling at T = 1, no EOS stop), score them with
+the reward model, old / reference log-probs and values (one forward each), per-token KL-shaped rewards, GAE, whitened
+advantages, then ``epochs`` passes of clipped policy + clipped value loss over ``B / minibatch`` minibatches with AdamW.
+Four models: policy and value (trained), reference and reward (frozen). Random Qwen2-style weights, saved once as HF
+folders and loaded by both systems (same weights, same prompts).
+
+fastrlhf arm — exactly the pieces ``fastrlhf/ppo.py``'s train loop uses: ``fastrlhf.model.load_model`` (head "lm" /
+"score"), ``engine.HybridEngine.generate`` (step 2, ``eos_token_id=None`` so every row runs G tokens),
+``ppo_core.make_experience`` (steps 3-7), ``ppo_core.ppo_update`` (step 8) with ``optim.make_adamw`` optimizers.
+Like ppo.py: fp32 on CPU; on CUDA fp32 master weights for policy/value, bf16 reference/reward, bf16 autocast.
+
+TRL arm — ``trl.experimental.ppo.PPOTrainer`` (exists in trl 0.29.x; trl 1.x removed it). It runs in a subprocess whose
+``sys.path`` starts with ``--trl-path`` when given (e.g. ``pip install --no-deps --target DIR trl==0.29.1``), so the
+installed trl is left alone. If PPOTrainer cannot be imported, the TRL rows are left out and the reason is printed.
+Same shapes, ``num_ppo_epochs``, ``num_mini_batches``, ``stop_token=None``, fp32 on CPU / bf16 on CUDA.
+
+Every arm runs in its own fresh process (clean peak-memory counters, its own thread setting). Metrics per arm:
+- ``s_per_iter``      median seconds per iteration over ``--iters`` iterations after one warm-up iteration
+- ``resp_tok_s``      B·G / s_per_iter (response tokens per second)
+- ``gen_s`` / ``exp_s`` / ``train_s``  medians of the time split: generation (step 2) / experience (steps 3-7) /
+                      PPO epochs (step 8). TRL: generation = its ``batch_generation`` call; experience ends when its
+                      advantage whitening returns; training = the rest of the step.
+- ``peak_mem``        CUDA: ``torch.cuda.max_memory_allocated`` over the iterations (GiB, weights included).
+                      CPU: peak RSS delta (MiB) = peak resident set size during all iterations (Linux VmHWM, reset through
+                      /proc/self/clear_refs just before the first iteration) minus the RSS at that moment (models already
+                      loaded). It includes optimizer state, KV cache, activations and whatever the C allocator keeps.
+                      Fallback where clear_refs is not writable: ``resource.getrusage`` ru_maxrss delta (a lower bound).
+- ``tflops`` / ``mfu`` model FLOPs per iteration (``model_flops``) / s_per_iter; MFU = that over the dense bf16 peak of
+                      the GPU (CUDA, known GPUs only). On CPU the achieved GFLOP/s is printed instead of an MFU.
+- ``setup_s``         first (warm-up) iteration minus the median.
+fastrlhf only: the top-10 ops by self time (torch.profiler) of one extra iteration, printed below the table.
+Prints a table (device named, load average) and appends one CSV row per metric (columns ``CSV_COLUMNS``, as the
+generation / TRL runners use).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .generate import CSV_COLUMNS, device_name, format_table, git_commit
+from .timing import _quantile
+
+DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
+ARMS = ("fastrlhf", "trl")
+# model: Qwen2 config fields. B prompts of P tokens, G response tokens, epochs, minibatch (rollouts per optimizer step),
+# trl_micro: TRL's per-device micro-batch (TRL: batch = micro × gradient_accumulation_steps; ANCHORS.md used 8 on the H100).
+SHAPES = {
+    "tiny": dict(model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=4096), B=16, P=32, G=64, epochs=4, minibatch=16,
+                 trl_micro=16),
+    "qwen2-0.5b": dict(model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                  num_key_value_heads=2, vocab_size=151936), B=64, P=128, G=256, epochs=4, minibatch=64,
+                       trl_micro=8),
+    "smoke": dict(model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512), B=4, P=8, G=16, epochs=2, minibatch=2, trl_micro=2),
+}
+KL_COEF, CLIP, VF_CLIP, GAMMA, LAM, LR = 0.02, 0.2, 0.2, 1.0, 0.95, 1e-6
+# dense bf16 tensor-core peak (no sparsity), FLOP/s, by device-name substring
+GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shared set-up
+# ----------------------------------------------------------------------------------------------------------------------
+def hf_config(shape: str):
+    from transformers import Qwen2Config
+    m = SHAPES[shape]["model"]
+    V = m["vocab_size"]
+    return Qwen2Config(**m, max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=V - 2,
+                       eos_token_id=V - 1, bos_token_id=V - 1, num_labels=1)
+
+
+def build_checkpoints(shape: str, root: str | Path, seed: int = 0) -> dict:
+    """Random HF checkpoints ``root/policy`` (Qwen2ForCausalLM) and ``root/reward`` (Qwen2ForSequenceClassification,
+    also the value model's init, as in InstructGPT), and ``root/prompts.json`` (the prompts of every iteration)."""
+    from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
+    root = Path(root)
+    cfg = hf_config(shape)
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(cfg).save_pretrained(root / "policy")
+    Qwen2ForSequenceClassification(cfg).save_pretrained(root / "reward")
+    return {"policy": str(root / "policy"), "reward": str(root / "reward")}
+
+
+def make_prompts(shape: str, n_iters: int, seed: int = 1) -> list[list[list[int]]]:
+    """Prompts per iteration: n_iters lists of B token-id lists of length P (ids below the pad/eos ids)."""
+    S = SHAPES[shape]
+    V = S["model"]["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V - 2, (S["B"], S["P"]), generator=g).tolist() for _ in range(n_iters)]
+
+
+def model_flops(shape: str) -> dict:
+    """Model FLOPs of one iteration (matmuls only; 2 FLOPs per multiply-add; backward = 2x forward).
+
+    Per token, one decoder forward: 2·L·(H·(H + 2·Hkv·D) + H·H + 3·H·I) (q, k, v, o projections, gated MLP);
+    LM head 2·H·V per scored token; attention 4·L·Hq·D·t per token attending over t keys (QKᵀ and AV).
+    generation: prefill B·P tokens (+ head on the last) + B·(G−1) decode steps (+ head each);
+    experience: policy, reference, reward, value forwards over B·(P+G) tokens (+ head on the G response positions for
+    policy and reference); training: epochs × 3 × (policy + value forwards).
+    """
+    S = SHAPES[shape]
+    m = S["model"]
+    H, I, L, V = m["hidden_size"], m["intermediate_size"], m["num_hidden_layers"], m["vocab_size"]
+    Hq, Hkv = m["num_attention_heads"], m["num_key_value_heads"]
+    D = H // Hq
+    B, P, G, E = S["B"], S["P"], S["G"], S["epochs"]
+    T = P + G
+    body = 2 * L * (H * (H + 2 * Hkv * D) + H * Hq * D + 3 * H * I)  # per token
+    head = 2 * H * V  # per scored token
+    attn_full = 4 * L * Hq * D * (T * (T + 1) / 2)  # one causal sequence of T tokens
+    attn_prefill = 4 * L * Hq * D * (P * (P + 1) / 2)
+    attn_decode = 4 * L * Hq * D * sum(P + i + 1 for i in range(1, G))
+    fwd_seq_body = B * (T * body + attn_full)  # one model over the rollout batch
+    gen = B * (P * body + attn_prefill + head) + B * ((G - 1) * (body + head)) + B * attn_decode
+    exp = 4 * fwd_seq_body + 2 * B * G * head
+    train = E * 3 * (2 * fwd_seq_body + B * G * head)
+    attention = B * (attn_prefill + attn_decode) + (4 + E * 3 * 2) * B * attn_full
+    return {"generation": gen, "experience": exp, "training": train, "total": gen + exp + train,
+            "attention": attention}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _PeakMemory:
+    """Peak memory over a block. CUDA: max_memory_allocated (GiB, absolute). CPU: peak RSS delta (MiB, see module doc)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.how = ""
+
+    @staticmethod
+    def _status_kib(field: str) -> int | None:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.how = "torch.cuda.max_memory_allocated (GiB)"
+            return
+        import resource
+        self.rss0 = self._status_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the peak-RSS high-water mark (VmHWM) to the current RSS
+            self.how = "peak RSS delta (MiB): VmHWM reset via /proc/self/clear_refs"
+            self.use_hwm = self.rss0 is not None
+        except OSError:
+            self.use_hwm = False
+        if not self.use_hwm:
+            self.ru0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+            self.how = "ru_maxrss delta (MiB, lower bound)"
+
+    def stop(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() / 2**30
+        if self.use_hwm:
+            return (self._status_kib("VmHWM") - self.rss0) / 1024
+        import resource
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.ru0) / 1024
+
+
+def _summary(times: list[tuple[float, float, float]], B: int, G: int) -> dict:
+    """times: (generation, experience, training) seconds per iteration, warm-up first."""
+    tot = [sum(t) for t in times]
+    steady = tot[1:] or tot
+    med = statistics.median(steady)
+    part = lambda i: statistics.median([t[i] for t in (times[1:] or times)])  # noqa: E731
+    return {"s_per_iter": med, "p20_s": _quantile(steady, 0.2), "p80_s": _quantile(steady, 0.8),
+            "resp_tok_s": B * G / med, "gen_s": part(0), "exp_s": part(1), "train_s": part(2),
+            "setup_s": max(tot[0] - med, 0.0), "iter_times": tot}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fastrlhf arm
+# ----------------------------------------------------------------------------------------------------------------------
+def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bool = True, seed: int = 0) -> dict:
+    """Warm-up + ``iters`` timed iterations of fastrlhf's PPO core (+ one profiled iteration). Returns the metrics."""
+    from fastrlhf.engine import HybridEngine
+    from fastrlhf.model import autocast_context, load_model
+    from fastrlhf.optim import make_adamw
+    from fastrlhf.ppo_core import make_experience, ppo_update
+
+    S = SHAPES[shape]
+    B, G, V = S["B"], S["G"], S["model"]["vocab_size"]
+    dev = torch.device(device)
+    frozen_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    compute_dtype = torch.bfloat16 if dev.type == "cuda" else None  # ppo.py's mixed_precision="auto"
+    policy = load_model(ckpt["policy"], head="lm", device=dev)
+    ref = load_model(ckpt["policy"], head="lm", device=dev, dtype=frozen_dtype)
+    reward = load_model(ckpt["reward"], head="score", device=dev, dtype=frozen_dtype)
+    value = load_model(ckpt["reward"], head="score", device=dev)
+    for m in (ref, reward):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    policy.train(), value.train()
+    policy_opt = make_adamw(policy, lr=LR, weight_decay=0.0)
+    value_opt = make_adamw(value, lr=LR, weight_decay=0.0)
+    autocast = lambda: autocast_context(dev, enabled=compute_dtype is not None)  # noqa: E731
+    engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
+    n_total = iters + 1 + (1 if profile else 0)
+    prompts = make_prompts(shape, n_total, seed=seed + 1)
+    gen = torch.Generator(device="cpu")
+    pad = V - 2
+    last = {}
+
+    def iteration(step: int) -> tuple[float, float, float]:
+        batch = prompts[step]
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.profiler.record_function("ppo/2_generation"):
+            with engine.generation(max_batch_size=B, max_seq_len=S["P"] + G):
+                rollout = engine.generate(batch, max_new_tokens=G, temperature=1.0, top_k=0, top_p=1.0,
+                                          eos_token_id=None, pad_token_id=pad, seed=seed * 100003 + step)
+            _sync(device)
+        t1 = time.perf_counter()
+        with torch.profiler.record_function("ppo/3-7_experience"):
+            policy.eval(), value.eval()
+            exp = make_experience(rollout, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
+                                  kl_coef=KL_COEF, gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=None,
+                                  missing_eos_penalty=None, forward_batch_size=64, autocast=autocast,
+                                  whiten_advantages=True)
+            policy.train(), value.train()
+            _sync(device)
+        t2 = time.perf_counter()
+        with torch.profiler.record_function("ppo/8_training"):
+            gen.manual_seed(seed * 7919 + step)
+            stats = ppo_update(exp, policy=policy, value_model=value, policy_opt=policy_opt, value_opt=value_opt,
+                               epochs=S["epochs"], minibatch_size=S["minibatch"], clip_eps=CLIP, vf_clip_eps=VF_CLIP,
+                               temperature=1.0, max_grad_norm=1.0, autocast=autocast, generator=gen)
+            _sync(device)
+        t3 = time.perf_counter()
+        last.update(stats=stats, resp_len=float(rollout.lengths.float().mean()), G=int(rollout.response_ids.shape[1]),
+                    score=float(exp.scores.mean()), kl=float((exp.kl * exp.mask).sum(-1).mean()))
+        return t1 - t0, t2 - t1, t3 - t2
+
+    mem = _PeakMemory(device)
+    mem.start()
+    times = [iteration(i) for i in range(iters + 1)]
+    peak = mem.stop()
+    out = _summary(times, B, G)
+    out.update(peak_mem=peak, peak_mem_how=mem.how, response_len=last["resp_len"], score=last["score"],
+               kl=last["kl"], **{k: last["stats"][k] for k in ("policy_loss", "value_loss", "entropy", "grad_norm",
+                                                               "approx_kl")})
+    if last["G"] != G:
+        raise RuntimeError(f"benchmarks/ppo.py: fastrlhf rollout has {last['G']} response tokens, expected {G}")
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+        from .timing import _quiet_fd2
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with _quiet_fd2(), tprofile(activities=acts) as prof:
+            iteration(iters + 1)
+        key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        out["profile_table"] = prof.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=48)
+        phases = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages() if e.key.startswith("ppo/")}
+        out["profile_phases_ms"] = phases
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TRL arm
+# ----------------------------------------------------------------------------------------------------------------------
+def trl_importable() -> tuple[bool, str]:
+    """(True, version) when ``trl.experimental.ppo.PPOTrainer`` imports in this process, else (False, why)."""
+    try:
+        import trl
+    except Exception as e:  # noqa: BLE001
+        return False, f"trl not importable ({type(e).__name__}: {e})"
+    try:
+        from trl.experimental.ppo import PPOTrainer  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return False, f"trl {trl.__version__} has no trl.experimental.ppo.PPOTrainer ({type(e).__name__})"
+    return True, trl.__version__
+
+
+def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -> dict:
+    """Warm-up + ``iters`` timed steps of TRL's PPOTrainer on the same checkpoints and prompts. Returns the metrics."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM, Qwen2ForSequenceClassification, TrainerCallback
+    import trl
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    import trl.experimental.ppo.ppo_trainer as trl_ppo_mod
+
+    S = SHAPES[shape]
+    B, P, G, V = S["B"], S["P"], S["G"], S["model"]["vocab_size"]
+    cuda = device == "cuda"
+    # word-level tokenizer over the model's vocabulary: w0..w{V-3}, [PAD] = V-2, [EOS] = V-1 (prompts are ids anyway)
+    vocab = {f"w{i}": i for i in range(V - 2)}
+    vocab.update({"[PAD]": V - 2, "[EOS]": V - 1})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", eos_token="[EOS]")
+    tok.padding_side = "left"
+    dt = torch.bfloat16 if cuda else torch.float32
+    policy = Qwen2ForCausalLM.from_pretrained(ckpt["policy"], dtype=torch.float32)
+    ref = Qwen2ForCausalLM.from_pretrained(ckpt["policy"], dtype=torch.float32)
+    rm = Qwen2ForSequenceClassification.from_pretrained(ckpt["reward"], dtype=torch.float32)
+    vm = Qwen2ForSequenceClassification.from_pretrained(ckpt["reward"], dtype=torch.float32)
+    del dt  # TRL's own mixed precision (bf16=True on CUDA) handles the dtypes, as in ANCHORS.md's script
+    prompts = [row for it in make_prompts(shape, iters + 1, seed=seed + 1) for row in it]
+    ds = Dataset.from_list([{"input_ids": r} for r in prompts])
+    micro = S["trl_micro"]
+    args = PPOConfig(output_dir=tempfile.mkdtemp(prefix="fastrlhf_bench_trl_ppo_"), per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=B // micro, num_mini_batches=B // S["minibatch"],
+                     num_ppo_epochs=S["epochs"], total_episodes=B * (iters + 1), response_length=G, stop_token=None,
+                     temperature=1.0, local_rollout_forward_batch_size=min(B, 16 if cuda else B), learning_rate=LR,
+                     report_to=[], logging_steps=1, save_strategy="no", num_sample_generations=0, kl_coef=KL_COEF,
+                     missing_eos_penalty=None, use_cpu=not cuda, gradient_checkpointing=False, bf16=cuda, fp16=False,
+                     dataloader_num_workers=0, seed=seed, cliprange=CLIP, cliprange_value=VF_CLIP, gamma=GAMMA,
+                     lam=LAM, max_grad_norm=1.0, disable_tqdm=True)
+
+    marks: dict[str, list[float]] = {"gen0": [], "gen1": [], "whiten": [], "end": []}
+    real_gen, real_whiten = trl_ppo_mod.batch_generation, trl_ppo_mod.masked_whiten
+
+    def timed_gen(*a, **k):
+        _sync(device)
+        marks["gen0"].append(time.perf_counter())
+        out = real_gen(*a, **k)
+        _sync(device)
+        marks["gen1"].append(time.perf_counter())
+        return out
+
+    def timed_whiten(*a, **k):
+        out = real_whiten(*a, **k)
+        _sync(device)
+        marks["whiten"].append(time.perf_counter())  # the last call of a step = end of the experience phase
+        return out
+
+    class _Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            _sync(device)
+            marks["end"].append(time.perf_counter())
+
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                         train_dataset=ds, value_model=vm, callbacks=[_Clock()])
+    if args.batch_size != B:  # set by PPOTrainer: micro × accumulation × mini-batches × processes
+        raise RuntimeError(f"benchmarks/ppo.py: TRL batch size {args.batch_size} != B = {B}")
+    mem = _PeakMemory(device)
+    trl_ppo_mod.batch_generation, trl_ppo_mod.masked_whiten = timed_gen, timed_whiten
+    try:
+        mem.start()
+        _sync(device)
+        t_start = time.perf_counter()
+        trainer.train()
+        peak = mem.stop()
+    finally:
+        trl_ppo_mod.batch_generation, trl_ppo_mod.masked_whiten = real_gen, real_whiten
+    n = len(marks["end"])
+    if n != iters + 1 or len(marks["gen0"]) != n:
+        raise RuntimeError(f"benchmarks/ppo.py: TRL ran {n} steps / {len(marks['gen0'])} generations, expected {iters + 1}")
+    starts = [t_start] + marks["end"][:-1]
+    times = []
+    for i in range(n):
+        w = max(t for t in marks["whiten"] if marks["gen1"][i] <= t <= marks["end"][i])
+        times.append((marks["gen1"][i] - starts[i], w - marks["gen1"][i], marks["end"][i] - w))
+    out = _summary(times, B, G)
+    out.update(peak_mem=peak, peak_mem_how=mem.how, trl_version=trl.__version__, trl_micro_batch=micro)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# runner
+# ----------------------------------------------------------------------------------------------------------------------
+def _arm_subprocess(arm: str, shape: str, ckpt_root: str, device: str, iters: int, threads: int, profile: bool,
+                    trl_path: str | None, timeout: float) -> dict:
+    """Run one arm in a fresh ``python -m benchmarks.ppo --arm ...`` process; returns its metrics (or {"error": ...})."""
+    out_json = os.path.join(ckpt_root, f"{arm}.json")
+    cmd = [sys.executable, "-m", "benchmarks.ppo", "--arm", arm, "--ckpt", ckpt_root, "--json", out_json,
+           "--shape", shape, "--device", device, "--iters", str(iters), "--threads", str(threads)]
+    if not profile:
+        cmd.append("--no-profile")
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    paths = ([trl_path] if (arm == "trl" and trl_path) else []) + [repo] + \
+        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=repo)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if r.returncode != 0 or not os.path.exists(out_json):
+        tail = (r.stderr or r.stdout or "").strip().splitlines()[-15:]
+        return {"error": f"exit {r.returncode}: " + " | ".join(tail)}
+    with open(out_json) as fh:
+        return json.load(fh)
+
+
+def _rows(arm: str, res: dict, device: str, flops: dict) -> list[dict]:
+    rows = []
+
+    def add(metric, value, unit):
+        rows.append(dict(provider=arm, metric=metric, median=float(value), unit=unit))
+
+    add("s_per_iter", res["s_per_iter"], "s")
+    add("resp_tok_s", res["resp_tok_s"], "tok/s")
+    add("gen_s", res["gen_s"], "s")
+    add("exp_s", res["exp_s"], "s")
+    add("train_s", res["train_s"], "s")
+    add("setup_s", res["setup_s"], "s")
+    if device == "cuda":
+        add("peak_mem", res["peak_mem"], "GiB")
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+        add("tflops", flops["total"] / res["s_per_iter"] / 1e12, "TFLOP/s")
+        if peak is not None:
+            add("mfu", 100 * flops["total"] / res["s_per_iter"] / peak, "%")
+    else:
+        add("peak_rss_delta", res["peak_mem"], "MiB")
+        add("gflops", flops["total"] / res["s_per_iter"] / 1e9, "GFLOP/s")
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
+    """Append rows (header when new). A file with another header (another runner's columns) is left alone and the
+    rows go to ``<stem>_ppo.csv`` beside it; returns the path used."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, newline="") as fh:
+            if next(csv.reader(fh), None) != CSV_COLUMNS:
+                return _write_csv(path.with_name(path.stem + "_ppo" + path.suffix), rows, meta)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **r, "median": f"{r['median']:.6g}"})
+    return path
+
+
+def run(shape: str | None = None, device: str | None = None, iters: int = 4, threads: int = 2, arms=ARMS,
+        profile: bool = True, trl_path: str | None = None, timeout: float = 1800.0, seed: int = 0):
+    """Both arms, one fresh process each, on the same checkpoints. Returns (rows, info, results per arm)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
+    if shape not in SHAPES:
+        raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
+    if iters < 1:
+        raise ValueError(f"--iters {iters}: at least 1 timed iteration (after the warm-up)")
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ValueError(f"--arms {bad}: expected some of {list(ARMS)}")
+    S = SHAPES[shape]
+    flops = model_flops(shape)
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_ppo_") as root:
+        build_checkpoints(shape, root, seed=seed)
+        for arm in arms:
+            results[arm] = _arm_subprocess(arm, shape, root, device, iters, threads, profile, trl_path, timeout)
+    rows = []
+    for arm in arms:
+        if "error" not in results[arm]:
+            rows += _rows(arm, results[arm], device, flops)
+    ok = {a: r for a, r in results.items() if "error" not in r}
+    if "fastrlhf" in ok and "trl" in ok:
+        f, t = ok["fastrlhf"], ok["trl"]
+        rows.append(dict(provider="fastrlhf", metric="speedup_vs_trl", median=t["s_per_iter"] / f["s_per_iter"],
+                         unit="x"))
+        rows.append(dict(provider="fastrlhf", metric="mem_ratio_vs_trl",
+                         median=f["peak_mem"] / t["peak_mem"] if t["peak_mem"] > 0 else math.nan, unit="x"))
+    info = dict(device=device, shape=shape, dtype="bf16 autocast" if device == "cuda" else "fp32", B=S["B"], P=S["P"],
+                G=S["G"], epochs=S["epochs"], minibatch=S["minibatch"], iters=iters, threads=threads,
+                gflop_per_iter=flops["total"] / 1e9)
+    return rows, info, results
+
+
+def side_by_side(results: dict, device: str) -> str:
+    """fastrlhf | TRL | ratio for the headline metrics."""
+    f, t = results.get("fastrlhf", {}), results.get("trl", {})
+    mem_unit = "GiB" if device == "cuda" else "MiB"
+    lines = ["| metric | fastrlhf | TRL PPOTrainer | TRL / fastrlhf |", "|---|---|---|---|"]
+    for key, label in (("s_per_iter", "s / iteration"), ("resp_tok_s", "response tok/s"), ("gen_s", "generation s"),
+                       ("exp_s", "experience s"), ("train_s", "training s"),
+                       ("peak_mem", f"peak mem ({mem_unit})")):
+        a, b = f.get(key), t.get(key)
+        fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+        ratio = f"{b / a:.2f}x" if (a and b) else "–"
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio} |")
+    return "\n".join(lines)
+
+
+def _arm_main(a) -> int:
+    torch.set_num_threads(a.threads)
+    root = Path(a.ckpt)
+    ckpt = {"policy": str(root / "policy"), "reward": str(root / "reward")}
+    if a.arm == "fastrlhf":
+        res = run_fastrlhf(a.shape, ckpt, a.device, a.iters, profile=not a.no_profile)
+    else:
+        ok, why = trl_importable()
+        if not ok:
+            raise SystemExit(f"benchmarks/ppo.py --arm trl: {why}; install trl==0.29.1 into a folder "
+                             f"(pip install --no-deps --target DIR trl==0.29.1) and pass --trl-path DIR")
+        res = run_trl(a.shape, ckpt, a.device, a.iters)
+    res["threads"] = torch.get_num_threads()
+    with open(a.json, "w") as fh:
+        json.dump(res, fh)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.ppo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--iters", type=int, default=4, help="timed iterations after one warm-up (median)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per arm (ANCHORS.md: 2)")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--trl-path", default=os.environ.get("FASTRLHF_TRL_PATH"),
+                    help="folder with a trl that has trl.experimental.ppo (e.g. trl==0.29.1 installed with "
+                         "pip --target); prepended to the TRL arm's sys.path (env FASTRLHF_TRL_PATH)")
+    ap.add_argument("--no-profile", action="store_true", help="skip the torch.profiler iteration")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per arm")
+    ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
+    ap.add_argument("--no-csv", action="store_true", help="print only")
+    # internal: one arm in this process (the runner starts these)
+    ap.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.arm:
+        a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        a.shape = a.shape or ("qwen2-0.5b" if a.device == "cuda" else "tiny")
+        return _arm_main(a)
+    torch.set_num_threads(a.threads)
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    rows, info, results = run(a.shape, a.device, a.iters, a.threads, tuple(a.arms), not a.no_profile, a.trl_path,
+                              a.timeout)
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=device_name(info["device"]),
+                bench="ppo", shape=info["shape"], torch=torch.__version__, commit=git_commit())
+    print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | shape {info['shape']} "
+          f"(B={info['B']}, P={info['P']}, G={info['G']}, {info['epochs']} epochs, minibatch {info['minibatch']}, "
+          f"{info['dtype']}, 4 models) | median of {info['iters']} iterations after 1 warm-up | "
+          f"{info['gflop_per_iter']:.0f} GFLOP/iter | load avg (1 min) {load0:.1f} before, {load1:.1f} after")
+    for arm, res in results.items():
+        if "error" in res:
+            print(f"[{arm}] not measured: {res['error']}")
+        elif arm == "trl":
+            print(f"[trl] trl {res['trl_version']}, micro-batch {res['trl_micro_batch']}")
+    if results.get("fastrlhf", {}).get("peak_mem_how"):
+        print(f"peak memory: {results['fastrlhf']['peak_mem_how']}")
+    print(side_by_side(results, info["device"]))
+    print(format_table(rows))
+    prof = results.get("fastrlhf", {}).get("profile_table")
+    if prof:
+        print("\nfastrlhf: top 10 ops by self time, one profiled iteration (torch.profiler; phases: "
+              + ", ".join(f"{k} {v:.0f} ms" for k, v in results["fastrlhf"].get("profile_phases_ms", {}).items())
+              + ")")
+        print(prof)
+    if not a.no_csv and rows:
+        used = _write_csv(Path(a.csv), rows, meta)
+        print(f"appended {len(rows)} rows to {used}")
+    return 0 if all("error" not in r for a_, r in results.items() if a_ == "fastrlhf") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
