@@ -40,6 +40,13 @@ def test_sft_errors_name_file_line_field(tmp_path, rows, line, needle):
     assert f"{f}:{line}:" in str(e.value) and needle in str(e.value)
 
 
+def test_not_utf8(tmp_path):
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataError, match=rf"{f}:2: not valid UTF-8"):
+        data.load_sft(f)
+
+
 def test_empty_and_missing_files(tmp_path):
     f = write(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(DataError, match="empty dataset") as e:
