@@ -5,10 +5,10 @@ from fastrlhf.model import CausalLM, ModelConfig, save_model
 from fastrlhf.task import build_tokenizer
 
 
-def tiny_checkpoint(path, *, hidden=32, layers=1, seed=0, nan=False):
+def tiny_checkpoint(path, *, hidden=32, layers=1, seed=0, nan=False, vocab=None):
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    m = CausalLM(ModelConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+    m = CausalLM(ModelConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                              max_position_embeddings=64, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                              pad_token_id=tok.pad_token_id))

@@ -94,3 +94,10 @@ def test_ctrl_c_saves_then_resume_auto_finishes(tmp_path, monkeypatch):
     monkeypatch.setattr(sft, "lr_at", real_lr_at)
     again = sft.train(_cfg(tmp_path, model, d, tmp_path / "o", max_steps=4, resume="auto"))
     assert [h["step"] for h in again["history"]] == [3, 4] and again["checkpoint"].endswith("checkpoint-0000004")
+
+
+def test_tokenizer_model_vocab_mismatch(tmp_path):
+    model = tiny_checkpoint(tmp_path / "m", vocab=16)
+    d = task.write_sft_data(str(tmp_path / "sft.jsonl"), 4, seed=0)
+    with pytest.raises(data.DataError, match=r"tokenizer has \d+ tokens but the model's vocab_size is 16"):
+        sft.train(_cfg(tmp_path, model, d, tmp_path / "o"))
