@@ -4,10 +4,13 @@ Tolerance rule (flash-attention style): for every output and gradient, our max-a
 (computed on float64 copies of the very same, already-rounded inputs) must be ≤ 2 × the error of plain PyTorch doing the same
 computation in the input dtype (``log_softmax(x.float()/τ)`` + gather, autograd giving grads in the logits' dtype) + a small
 atol. The atol covers a different fp32 evaluation order: logp/entropy are O(log V) ≈ 12 in size and an fp32 sum of V
-terms has relative error ~√V·2⁻²⁴ in practice, so 2e-5 absolute. A gradient element is g·p·(…) with p = exp(z − LSE):
-an fp32 z (we multiply by 1/τ; PyTorch divides by τ) is off by up to 1 ulp of max|z|, which moves p relatively by
-2⁻²³·max|z|, so the grad atol is 2⁻²³·max|z|·max|grad|; for bf16/fp16 add half an ulp of the written gradient (a
-rounding-direction flip vs PyTorch rounding a slightly different fp32 value): 2⁻⁸·max|grad| (bf16), 2⁻¹¹·max|grad| (fp16).
+terms has relative error ~√V·2⁻²⁴ in practice, so 2e-5 absolute. Gradients: grad_v = g·(δ − p_v) − g_H·p_v·(log p_v + H)
+with log p = z − LSE formed in fp32 (we multiply by 1/τ, PyTorch divides by τ): an error ε in log p (a few roundings at
+the scale of |z| + |LSE| ≤ max|z| + log V, so ε = 2⁻²²·(max|z| + log V)) changes grad_v by ≤ ε·p_v·(|g| + |g_H|·(1 +
+|log p_v + H|)); the atol is ε times the max of that factor (from the float64 ref). For bf16/fp16 add half an ulp of the
+written gradient (a rounding-direction flip vs PyTorch rounding a slightly different fp32 value): 2⁻⁸·max|grad| (bf16),
+2⁻¹¹·max|grad| (fp16). Exception: Triton 3.6's *interpreter* truncates fp32→bf16 stores (it ignores round-to-nearest;
+compiled kernels round), i.e. up to a full ulp, so under the interpreter the bf16 term is 2⁻⁷·max|grad|.
 """
 import importlib
 
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 from fastrlhf.kernels import backend, logprobs_from_logits, logprobs_from_logits_ref
+from fastrlhf.kernels._backend import interpreting
 from tests.conftest import pick
 
 LP = importlib.import_module("fastrlhf.kernels.logprobs")  # the module (the package attribute is the function)
@@ -56,6 +60,19 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+def _grad_atol(logits, tau, g_lp, g_h):
+    """ε·max_v p_v·(|g| + |g_H|·(1 + |log p_v + H|)), ε = 2⁻²²·(max|z| + log V): fp32 error of log p through the grad."""
+    if logits.numel() == 0:
+        return 0.0
+    z = logits.double() / tau
+    log_p = torch.log_softmax(z, dim=-1)
+    p = log_p.exp()
+    ent = -(p * log_p).sum(-1, keepdim=True)
+    eps = 2.0**-22 * (z.abs().max().item() + torch.log(torch.tensor(float(z.shape[-1]))).item())
+    factor = p * (g_lp.abs().double()[..., None] + g_h.abs().double()[..., None] * (1 + (log_p + ent).abs()))
+    return eps * factor.max().item()
+
+
 def check_against_ref(logits, labels, tau, be):
     """Compare ours (backend ``be``) with the float64 ref; tolerance relative to plain PyTorch's own error."""
     g_lp = torch.randn(labels.shape, device=logits.device)
@@ -69,8 +86,10 @@ def check_against_ref(logits, labels, tau, be):
     for name, o, p, r in zip(("logp", "entropy"), ours[:2], plain[:2], ref[:2]):
         err, base = _err(o, r), _err(p, r)
         assert err <= 2 * base + VAL_ATOL, f"{name}: err {err:.3g} > 2×plain {base:.3g} + {VAL_ATOL}"
-    z_max = logits.float().abs().max().item() / tau
-    atol = (GRAD_ULP[logits.dtype] + 2.0**-23 * max(z_max, 1.0)) * ref[2].abs().max().item()
+    ulp = GRAD_ULP[logits.dtype]
+    if be == "triton" and interpreting() and logits.dtype == torch.bfloat16:
+        ulp = 2.0**-7  # the interpreter truncates fp32→bf16 (see module docstring)
+    atol = _grad_atol(logits, tau, g_lp, g_h) + ulp * ref[2].abs().max().item()
     err, base = _err(ours[2], ref[2]), _err(plain[2], ref[2])
     assert err <= 2 * base + atol, f"grad: err {err:.3g} > 2×plain {base:.3g} + {atol:.3g}"
     assert torch.isfinite(ours[0]).all() and torch.isfinite(ours[1]).all() and torch.isfinite(ours[2].float()).all()
