@@ -421,23 +421,37 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_csv(path: Path, rows: list[dict], meta: dict) -> None:
-    """Append rows to ``path`` (header written when the file is new or empty; an existing different header is an
-    error rather than a silently misaligned file)."""
+def write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
+    """Append rows to ``path`` (header written when the file is new or empty). If ``path`` already holds another
+    runner's columns (benchmarks/results.csv is shared by the runners), the rows go to ``<stem>_kernels.csv`` beside it
+    instead of misaligning the file. Returns the path written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
+    if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as fh:
             header = next(csv.reader(fh), None)
         if header != CSV_COLUMNS:
-            raise ValueError(f"{path}: existing CSV header {header} != expected {CSV_COLUMNS}; use another --csv path")
+            path = path.with_name(f"{path.stem}_kernels{path.suffix or '.csv'}")
+            return write_csv(path, rows, meta) if not path.exists() or _header(path) == CSV_COLUMNS else _refuse(path)
+    new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
         if new:
             w.writeheader()
         for r in rows:
             w.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+    return path
+
+
+def _header(path: Path):
+    if path.stat().st_size == 0:
+        return CSV_COLUMNS
+    with open(path, newline="") as fh:
+        return next(csv.reader(fh), None)
+
+
+def _refuse(path: Path):
+    raise ValueError(f"{path}: existing CSV header is not the kernel runner's {CSV_COLUMNS}; pass another --csv path")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -530,8 +544,8 @@ def main(argv=None) -> int:
     for s in ctx.skipped:
         print("skipped:", s)
     if not a.no_csv:
-        write_csv(Path(a.csv), ctx.rows, meta)
-        print(f"appended {len(ctx.rows)} rows to {a.csv}")
+        used = write_csv(Path(a.csv), ctx.rows, meta)
+        print(f"appended {len(ctx.rows)} rows to {used}")
     return 0
 
 

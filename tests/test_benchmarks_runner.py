@@ -71,10 +71,20 @@ def test_runner_rejects_bad_arguments(tmp_path):
         runner.main(["--ops", "nope"])
     with pytest.raises(ValueError, match="shape"):
         runner.run(["gae"], "huge")
-    bad = tmp_path / "other.csv"
-    bad.write_text("a,b\n1,2\n")
+    other = tmp_path / "results.csv"  # shared file already holding another runner's columns
+    other.write_text("a,b\n1,2\n")
+    row = dict(op="gae+whiten", mode="fwd", provider="eager", shape="B=1 T=1 fp32", median_ms=1.0, p20_ms=1.0,
+               p80_ms=1.0, throughput=1.0, unit="GB/s", pct_ceiling=1.0, peak_extra_mib=0.0, max_abs_err=0.0)
+    meta = dict(date="d", device="cpu", torch="t", triton="tr", commit="c")
+    used = runner.write_csv(other, [row], meta)
+    assert used == tmp_path / "results_kernels.csv" and other.read_text() == "a,b\n1,2\n"
+    header, rows = _read(used)
+    assert header == runner.CSV_COLUMNS and len(rows) == 1
+    assert {k: rows[0][k] for k in meta} == meta and rows[0]["op"] == "gae+whiten"
+    assert float(rows[0]["median_ms"]) == 1.0 and float(rows[0]["max_abs_err"]) == 0.0
+    (tmp_path / "results_kernels.csv").write_text("x\n")
     with pytest.raises(ValueError, match="header"):
-        runner.write_csv(bad, [], {})
+        runner.write_csv(other, [row], meta)
 
 
 def test_peak_extra_mib_cpu_sees_torch_allocations():
