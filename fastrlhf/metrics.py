@@ -227,7 +227,7 @@ class MetricsLogger:
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
         for ax, k in zip(axes.flat, keys):
             xs, ys = zip(*self.history[k])
-            ax.plot(xs, ys, lw=1.2)
+            ax.plot(xs, ys, lw=1.2, marker="o" if len(xs) < 20 else None, ms=3)  # sparse series (eval) visible
             ax.set_title(k, fontsize=9)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
