@@ -459,16 +459,24 @@ class PackedLoader:
 
 
 class EpochSampler:
-    """Seeded epochs of shuffled indices in batches of ``batch_size`` (the last short batch kept), resumable."""
+    """Seeded epochs of shuffled indices in batches of ``batch_size``, resumable at (epoch, index).
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True):
+    ``drop_last``: skip the last short batch of each epoch (fixed batch shapes, e.g. for PPO rollouts); it needs
+    n >= batch_size. Otherwise the short batch is kept.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = False):
         if n <= 0:
             raise DataError("no samples (empty dataset)")
-        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        if batch_size <= 0:
+            raise ValueError(f"EpochSampler: batch_size must be > 0, got {batch_size}")
+        if drop_last and n < batch_size:
+            raise DataError(f"{n} samples are fewer than one batch of {batch_size} (drop_last=True)")
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
         self.epoch, self.index = 0, 0
 
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:

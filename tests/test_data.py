@@ -230,3 +230,13 @@ def test_prompt_length_boundary():
     data.check_prompt_length(10, 10, "f:1")             # exactly fits (e.g. P + max_new_tokens == context)
     with pytest.raises(DataError, match=r"f:1: field 'prompt' has 11 tokens; at most 10"):
         data.check_prompt_length(11, 10, "f:1")
+
+
+def test_epoch_sampler_drop_last():
+    s = data.EpochSampler(10, 4, seed=2, drop_last=True)
+    it = iter(s)
+    batches = [next(it) for _ in range(4)]                       # 2 full batches per epoch, 2 epochs
+    assert all(len(b) == 4 for b in batches) and s.state_dict()["epoch"] == 1
+    assert len(set(batches[0] + batches[1])) == 8
+    with pytest.raises(DataError, match="fewer than one batch"):
+        data.EpochSampler(3, 4, drop_last=True)
