@@ -30,6 +30,8 @@ Design (H100; shapes of the anchor: N=16384, H=896, V=151936, bf16; FLOPs 2·N·
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -70,9 +72,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for bf16/fp16 operands
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def num_vocab_splits(N: int, V: int, block_n: int, block_v: int, device: torch.device) -> int:
-    """S vocab splits of the forward so that ≥ 2 programs per SM run: S = clamp(⌈2·SMs / token blocks⌉, 1, V tiles)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    """S vocab splits of the forward so that ≥ 2 programs per SM run: S = clamp(⌈2·SMs / token blocks⌉, 1, V tiles).
+    (On CPU — the interpreter — an H100's 132 SMs are assumed, so tests exercise the same split logic.)"""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 132
     n_blocks = triton.cdiv(N, block_n)
     return max(1, min(triton.cdiv(V, block_v), triton.cdiv(2 * sms, n_blocks)))
 
@@ -193,7 +202,7 @@ def _chunks(N: int, V: int, elem_bytes: int) -> tuple[int, int]:
     """
     max_elems = max(1, CHUNK_BYTES // elem_bytes)
     if N * min(V, MIN_V_CHUNK) <= max_elems:
-        return N, max(1, min(V, max_elems // max(N, 1)))
+        return max(N, 1), max(1, min(V, max_elems // max(N, 1)))
     v_c = min(V, MIN_V_CHUNK)
     return max(1, max_elems // v_c), v_c
 
@@ -300,8 +309,13 @@ def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
     dx32 = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
     one_token_chunk = n_c >= N
     dw = None
+    if N == 0:
+        return (torch.zeros_like(x) if need_dx else None, torch.zeros_like(w) if need_dw else None,
+                torch.zeros_like(b) if need_db else None)
     if need_dw:  # complete per vocab chunk when all tokens are in one chunk; else accumulate in fp32
-        dw = torch.empty_like(w) if one_token_chunk else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        dw = torch.empty(w.shape, dtype=w.dtype if one_token_chunk else torch.float32, device=w.device)  # contiguous
+        if not one_token_chunk:
+            dw.zero_()
     db32 = torch.zeros(V, dtype=torch.float32, device=x.device) if need_db else None
     for n0 in range(0, N, n_c):
         n1 = min(N, n0 + n_c)
@@ -315,7 +329,7 @@ def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
                 dx32[n0:n1] += g @ wv  # dX += G·W_chunk
             if need_dw:
                 if one_token_chunk:
-                    dw[v0:v1] = g.t() @ xc  # dW_chunk = Gᵀ·X (fp32 accumulation inside the GEMM over all N)
+                    torch.mm(g.t(), xc, out=dw[v0:v1])  # dW_chunk = Gᵀ·X (fp32 accumulation inside the GEMM over all N)
                 else:
                     dw[v0:v1] += g.t() @ xc  # dW_chunk += Gᵀ·X_chunk (fp32 buffer)
             if need_db:
@@ -331,8 +345,10 @@ def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, y, inv_tau, triton_path):
-        fwd = _fwd_triton if triton_path else _fwd_torch
-        logp, lse, ent = fwd(x, w, b, y, inv_tau)
+        if x.shape[0] == 0:  # no tokens: empty outputs (and zero gradients)
+            logp = lse = ent = x.new_zeros(0, dtype=torch.float32)
+        else:
+            logp, lse, ent = (_fwd_triton if triton_path else _fwd_torch)(x, w, b, y, inv_tau)
         ctx.save_for_backward(x, w, b, y, lse, ent)
         ctx.inv_tau, ctx.triton_path = inv_tau, triton_path
         return logp, ent

@@ -224,3 +224,14 @@ def test_cpu_memory_does_not_grow_with_n_times_v(monkeypatch):
     assert ref_big >= n_big * V * 4, f"measurement sanity: the reference peaked only {ref_big / 2**20:.1f} MiB"
     assert big - small < grow_nv / 4, f"extra memory grew {(big - small) / 2**20:.1f} MiB (N·V·4 grew {grow_nv / 2**20:.0f})"
     assert big < 16 * 2**20, f"extra memory {big / 2**20:.1f} MiB with a 1 MiB chunk budget"
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_no_tokens(be, device):
+    x = torch.randn(2, 0, 8, device=device, requires_grad=True)
+    w = torch.randn(10, 8, device=device, requires_grad=True)
+    with backend(be):
+        lp, h = linear_logprobs(x, w, torch.zeros(2, 0, dtype=torch.long, device=device), return_entropy=True)
+        (lp.sum() + h.sum()).backward()
+    assert lp.shape == h.shape == (2, 0) and x.grad.shape == x.shape
+    assert w.grad.shape == w.shape and (w.grad == 0).all()

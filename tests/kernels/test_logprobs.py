@@ -220,3 +220,12 @@ def test_bad_input_errors(be):
         with pytest.raises(TypeError, match="logits"):
             logprobs_from_logits(x.long(), torch.zeros(2, 3, dtype=torch.long))
 
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_no_tokens(be, device):
+    x = torch.randn(0, 5, 10, device=device, requires_grad=True)
+    with backend(be):
+        lp, h = logprobs_from_logits(x, torch.zeros(0, 5, dtype=torch.long, device=device), return_entropy=True)
+        (lp.sum() + h.sum()).backward()
+    assert lp.shape == h.shape == (0, 5) and x.grad.shape == x.shape
