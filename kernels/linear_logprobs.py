@@ -26,7 +26,7 @@ Design (H100; shapes of the anchor: N=16384, H=896, V=151936, bf16; FLOPs 2·N·
   grows with N·V. If N·min(V, 2048)·bytes > budget, tokens are chunked too and dW goes through a [V, H] fp32 buffer.
 - CPU auto/"torch": the same chunked algorithm with PyTorch ops in place of the two Triton kernels (fp32 math per chunk).
 - Labels < 0 give logp = 0 and no gradient through logp; labels ≥ V raise ValueError on CPU (not checked on CUDA: they
-  behave like ignored labels).
+  behave like ignored labels: logp = 0, no logp gradient).
 """
 from __future__ import annotations
 
@@ -221,7 +221,7 @@ def _fwd_triton(x, w, b, y, inv_tau):
         H=H, HAS_BIAS=b is not None, BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, DOT_PREC=dot_precision(x.dtype),
         num_warps=nw, num_stages=ns)
     lse, ent = merge_partials(part[0], part[1], part[2])
-    logp = torch.where(y >= 0, part[3].sum(0) - lse, 0.0)  # logp = z[y] − LSE (z[y] lives in exactly one split)
+    logp = torch.where((y >= 0) & (y < V), part[3].sum(0) - lse, 0.0)  # logp = z[y] − LSE (z[y] is in one split)
     return logp, lse, ent
 
 
@@ -261,7 +261,7 @@ def _fwd_torch(x, w, b, y, inv_tau):
         log_s = torch.log(s)
         lse[n0:n1] = m + log_s  # LSE = m + log s
         ent[n0:n1] = log_s - t / s  # H = log s − t/s
-        logp[n0:n1] = torch.where(yc >= 0, zy - lse[n0:n1], 0.0)  # logp = z[y] − LSE
+        logp[n0:n1] = torch.where((yc >= 0) & (yc < V), zy - lse[n0:n1], 0.0)  # logp = z[y] − LSE
     return logp, lse, ent
 
 
@@ -356,7 +356,8 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         x, w, b, y, lse, ent = ctx.saved_tensors
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+        g_logp = torch.where((y >= 0) & (y < w.shape[0]), g_logp, 0.0).contiguous()  # ignored (or, on CUDA, unchecked ≥ V)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need)

@@ -15,7 +15,7 @@ Design
 - CPU auto/"torch": PyTorch over row chunks of ``CHUNK_BYTES`` fp32, with a custom autograd that recomputes in backward.
 - Labels < 0 (e.g. −100) give logp = 0 and no gradient through logp (entropy is still computed).
   Labels ≥ V raise ValueError for CPU tensors; on CUDA they are not checked (that would need a host sync) and behave like
-  ignored labels (logp = 0).
+  ignored labels (logp = 0, no logp gradient).
 """
 from __future__ import annotations
 
@@ -176,8 +176,8 @@ def _fwd_torch(x2: torch.Tensor, y: torch.Tensor, inv_tau: float):
         z = x2[r0:r1].float() * inv_tau  # z = logits / τ
         l = torch.logsumexp(z, dim=-1)  # LSE
         yc = y[r0:r1]
-        zy = z.gather(1, yc.clamp(min=0).unsqueeze(1)).squeeze(1)
-        logp[r0:r1] = torch.where(yc >= 0, zy - l, 0.0)  # logp = z[y] − LSE
+        zy = z.gather(1, yc.clamp(0, V - 1).unsqueeze(1)).squeeze(1)
+        logp[r0:r1] = torch.where((yc >= 0) & (yc < V), zy - l, 0.0)  # logp = z[y] − LSE (unchecked ≥ V: 0)
         log_p = z - l[:, None]  # log p = z − LSE
         ent[r0:r1] = -(log_p.exp() * log_p).sum(-1)  # H = LSE − Σ p·z = −Σ p log p
         lse[r0:r1] = l
@@ -187,13 +187,13 @@ def _fwd_torch(x2: torch.Tensor, y: torch.Tensor, inv_tau: float):
 def _bwd_torch(x2, y, lse, ent, g_logp, g_ent, inv_tau):
     n, V = x2.shape
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
-    g_lp = torch.where(y >= 0, g_logp, 0.0)  # ignored labels: no gradient through logp
+    g_lp = torch.where((y >= 0) & (y < V), g_logp, 0.0)  # ignored labels: no gradient through logp
     for r0, r1 in _row_chunks(n, V):
         log_p = x2[r0:r1].float() * inv_tau - lse[r0:r1, None]  # log p = z − LSE
         p = torch.exp(log_p)
         dz = -g_lp[r0:r1, None] * p - g_ent[r0:r1, None] * p * (log_p + ent[r0:r1, None])  # −g·p − g_H·p(log p + H)
         yc = y[r0:r1]
-        ok = yc >= 0
+        ok = (yc >= 0) & (yc < V)
         rows = torch.arange(r1 - r0, device=x2.device)[ok]
         dz[rows, yc[ok]] += g_lp[r0:r1][ok]  # + g·onehot(y)
         dx[r0:r1] = (dz * inv_tau).to(x2.dtype)  # ∂L/∂logits = ∂L/∂z / τ
@@ -214,7 +214,8 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits, labels, lse, ent = ctx.saved_tensors
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1).float().contiguous()
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1).float()
+        g_logp = torch.where((labels >= 0) & (labels < logits.shape[-1]), g_logp, 0.0).contiguous()  # ignored / ≥ V
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.reshape(-1).float().contiguous()
         if ctx.triton_path:
             dx = _bwd_triton(logits, labels, lse, ent, g_logp, g_ent, ctx.inv_tau)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # ~60 compiles in a child process (~1 min on 2 cores)
+
 ROOT = Path(__file__).resolve().parents[2]
 TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LOGPROB_VOCABS = (37, 1000, 151936)  # one vocabulary per logprobs config

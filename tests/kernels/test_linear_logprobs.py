@@ -235,3 +235,14 @@ def test_no_tokens(be, device):
         (lp.sum() + h.sum()).backward()
     assert lp.shape == h.shape == (2, 0) and x.grad.shape == x.shape
     assert w.grad.shape == w.shape and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("triton_path", (True, False))
+def test_unchecked_out_of_range_labels_act_as_ignored(triton_path, device):
+    """What CUDA does with labels ≥ V (not checked there): like ignored labels (bypasses the CPU-side check)."""
+    x = torch.randn(3, 16, device=device, requires_grad=True)
+    w = torch.randn(40, 16, device=device)
+    lp, h = LL._LinearLogProbs.apply(x, w, None, torch.tensor([5, 40, 1000], device=device), 1.0, triton_path)
+    lp.sum().backward()
+    assert (lp[1:] == 0).all() and lp[0] < 0
+    assert (x.grad[1:] == 0).all() and (x.grad[0] != 0).all()

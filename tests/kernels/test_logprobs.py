@@ -229,3 +229,15 @@ def test_no_tokens(be, device):
         lp, h = logprobs_from_logits(x, torch.zeros(0, 5, dtype=torch.long, device=device), return_entropy=True)
         (lp.sum() + h.sum()).backward()
     assert lp.shape == h.shape == (0, 5) and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("triton_path", (True, False))
+def test_unchecked_out_of_range_labels_act_as_ignored(triton_path, device):
+    """What CUDA does with labels ≥ V (not checked there: no host sync): like ignored labels. Calls the autograd Function
+    directly to bypass the CPU-side check."""
+    x = torch.randn(4, 50, device=device, requires_grad=True)
+    y = torch.tensor([3, 50, 77, -100], device=device)
+    lp, h = LP._LogProbs.apply(x, y, 1.0, triton_path)
+    lp.sum().backward()
+    assert (lp[1:] == 0).all() and lp[0] < 0
+    assert (x.grad[1:] == 0).all() and (x.grad[0] != 0).all()
