@@ -22,8 +22,9 @@ Design (H100; shapes of the anchor: N=16384, H=896, V=151936, bf16; FLOPs 2·N·
   the two GEMMs, mostly hidden behind compute) + the fp32 dX accumulation (19 chunks × 145 MB ≈ 0.9 ms).
   Estimated total ≈ 7.5 + 21 ≈ 28 ms against the 25 ms target (floor 18.4 ms) — not measured (no GPU here); the gap to the
   target is the recompute matmul, which the contract (per-token upstream gradients unknown in the forward) requires.
-  Extra memory: G chunk 256 MiB + dX fp32 N·H·4 + one [V_chunk, H] GEMM output; ≤ 0.4 GiB at the anchor shape, and no term
-  grows with N·V. If N·min(V, 2048)·bytes > budget, tokens are chunked too and dW goes through a [V, H] fp32 buffer.
+  Extra memory: G chunk 256 MiB + dX fp32 N·H·4 (58 MB) + the [N, H] product G·W_chunk before it is added (29 MB); dW is
+  written in place by the GEMM (out=); ≈ 0.35 GiB at the anchor shape, and no term grows with N·V. If
+  N·min(V, 2048)·bytes > budget, tokens are chunked too and dW goes through a [V, H] fp32 buffer.
 - CPU auto/"torch": the same chunked algorithm with PyTorch ops in place of the two Triton kernels (fp32 math per chunk).
 - Labels < 0 give logp = 0 and no gradient through logp; labels ≥ V raise ValueError on CPU (not checked on CUDA: they
   behave like ignored labels: logp = 0, no logp gradient).
@@ -266,7 +267,9 @@ def _fwd_torch(x, w, b, y, inv_tau):
 
 
 def merge_stats(m1, s1, t1, m2, s2, t2):
-    """Merge two (m, s, t) running stats [N] (see ``_lse``): M = max(m1, m2), s = Σ e^{m_i−M}s_i, t = Σ e^{m_i−M}(t_i + (m_i−M)s_i)."""
+    """Merge two (m, s, t) running stats [N] (see ``_lse``).
+
+    M = max(m1, m2);  s = Σ_i e^{m_i−M}·s_i;  t = Σ_i e^{m_i−M}·(t_i + (m_i−M)·s_i)."""
     big_m = torch.maximum(m1, m2)
     a1, a2 = torch.exp(m1 - big_m), torch.exp(m2 - big_m)
     return big_m, a1 * s1 + a2 * s2, a1 * (t1 + (m1 - big_m) * s1) + a2 * (t2 + (m2 - big_m) * s2)
