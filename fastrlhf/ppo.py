@@ -28,7 +28,7 @@ from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, 
 from .engine import HybridEngine
 from .lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
 from .model import autocast_context, load_model, load_tokenizer, save_model
-from .metrics import explained_variance, progress
+from .metrics import explained_variance, peak_memory_gb, progress
 from .optim import make_adamw, resolve_device, use_autocast
 from .ppo_core import make_experience, masked_mean, ppo_update
 
@@ -173,7 +173,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         ids = tokenize_prompt(tokenizer, ex.prompt, ex.source)
         check_prompt_length(len(ids), max_prompt, ex.source)
         prompts.append(ids)
-    sampler = EpochSampler(len(prompts), cfg.batch_size, seed=cfg.seed)
+    sampler = EpochSampler(len(prompts), cfg.batch_size, seed=cfg.seed, drop_last=True)  # fixed rollout shapes
     ptx_batches, ptx_loss_fn = (None, None)
     if cfg.ptx_coef > 0:
         if not cfg.ptx_data:
@@ -193,7 +193,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
     if log is None:
         from .metrics import MetricsLogger
-        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, stage="ppo", total_steps=cfg.iterations)
+        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, stage="ppo", total_steps=cfg.iterations,
+                            resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
     last_ckpt = latest_checkpoint(run_dir)
@@ -256,8 +257,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                 "advantage_mean": masked_mean(exp.advantages, exp.mask),
                 "response_length": float(rollout.lengths.float().mean()),
                 "tokens_per_s": n_tok / max(t3 - t0, 1e-9),
-                "time_generation_s": t1 - t0, "time_experience_s": t2 - t1, "time_training_s": t3 - t2,
-                "peak_gpu_mem_gib": (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else 0.0,
+                "time/generate": t1 - t0, "time/experience": t2 - t1, "time/train": t3 - t2,
+                "peak_mem_gb": peak_memory_gb(device),
             }
             if not math.isfinite(metrics["policy_loss"]) or not math.isfinite(metrics["value_loss"]):
                 raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "
