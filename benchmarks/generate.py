@@ -17,7 +17,8 @@ Providers:
 - ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
                    forward with torch.compile automatically: that is the "+ compile" baseline of ANCHORS.md)
 
-Metrics (median of ``--runs`` timed runs after one warm-up run; B batch, P prompt, G new tokens):
+Metrics (median of ``--runs`` timed runs after a warm-up, interleaved across providers so that load drift on a shared
+machine hits all alike; B batch, P prompt, G new tokens):
 - ``tokens_per_s``   B·G / (time of one full generate call)
 - ``prefill_tok_s``  B·P / (time of a generate call with 1 new token: prefill + first sample)
 - ``decode_tok_s``   B·(G−1) / (full call − 1-token call)
@@ -33,6 +34,7 @@ Prints a table (device named, load average on CPU) and appends one CSV row per m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import os
@@ -118,83 +120,85 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
     def add(provider, metric, value, unit):
         rows.append(dict(provider=provider, metric=metric, median=float(value), unit=unit))
 
-    def measure(provider, gen_full, gen_one, first_call=None):
-        """gen_full(): G tokens; gen_one(): 1 token. first_call: time of the first call (set-up included)."""
-        full = [_timed(gen_full, device) for _ in range(runs)]
-        one = [_timed(gen_one, device) for _ in range(runs)]
-        t_full, t_one = statistics.median(full), statistics.median(one)
-        add(provider, "tokens_per_s", B * G / t_full, "tok/s")
-        add(provider, "prefill_tok_s", B * P / t_one, "tok/s")
-        add(provider, "decode_tok_s", B * (G - 1) / max(t_full - t_one, 1e-9), "tok/s")
-        if first_call is not None:
-            add(provider, "setup_s", max(first_call - t_full, 0.0), "s")
-        return t_full
+    # 1. set-up of every provider: first call (set-up included), then warm both call shapes
+    calls: dict[str, tuple] = {}  # provider -> (gen_full, gen_one)
+    first: dict[str, float] = {}
+    engines: dict[str, HybridEngine] = {}
+    stack = contextlib.ExitStack()
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None)
 
-    # ---- fastrlhf
-    for provider in ("fastrlhf", "fastrlhf-compile"):
-        if provider not in providers or (provider == "fastrlhf-compile" and device == "cuda"):
-            continue
-        ekw = dict(compile_step=provider == "fastrlhf-compile")
-        kw = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None)
-        if provider == "fastrlhf":
-            # peak memory of a first rollout from scratch (cache + buffers + graphs included), on a throw-away engine
-            def first_rollout():
-                e = HybridEngine(ours, memory_policy="free")
-                with e.generation(max_batch_size=B, max_seq_len=P + G):
-                    return e.generate(ids, max_new_tokens=G, seed=0, **kw)
-            add(provider, "peak_mib", _peak_mib(first_rollout, device), "MiB")
-        eng = HybridEngine(ours, memory_policy="keep", **ekw)
-        t0 = time.perf_counter()
-        with eng.generation(max_batch_size=B, max_seq_len=P + G):
-            eng.generate(ids, max_new_tokens=G, seed=0, **kw)
-            _sync(device)
-            first = time.perf_counter() - t0
-            eng.generate(ids, max_new_tokens=1, seed=0, **kw)  # warm the 1-token path too
-            measure(provider, lambda: eng.generate(ids, max_new_tokens=G, seed=0, **kw),
-                    lambda: eng.generate(ids, max_new_tokens=1, seed=0, **kw), first)
-        if device == "cuda":
-            add(provider, "capture_s", eng.stats["capture_s"], "s")
-        if provider == "fastrlhf-compile":
-            add(provider, "compile_s", eng.stats["compile_s"], "s")
-        if provider == "fastrlhf":
-            ours.train()
-            sw = []
-            cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
-            cm.__enter__()
-            for _ in range(max(runs, 10)):  # one round trip: generation -> training -> generation (cache kept)
-                _sync(device)
-                t = time.perf_counter()
-                cm.__exit__(None, None, None)
-                cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
-                cm.__enter__()
-                _sync(device)
-                sw.append(time.perf_counter() - t)
-            cm.__exit__(None, None, None)
-            add(provider, "switch_ms", 1e3 * statistics.median(sw), "ms")
-        eng.free()
-        del eng
-        if device == "cuda":
-            torch.cuda.empty_cache()
-
-    # ---- transformers
     def hf_gen(n, **extra):
         with torch.no_grad():
             return hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=True,
                                temperature=1.0, top_k=0, top_p=1.0, pad_token_id=V - 2, **extra)
-    for provider, extra in (("hf-dynamic", {}), ("hf-static", dict(cache_implementation="static"))):
-        if provider not in providers:
-            continue
-        if provider == "hf-dynamic":
-            add(provider, "peak_mib", _peak_mib(lambda: hf_gen(G, **extra), device), "MiB")
-        t0 = time.perf_counter()
-        hf_gen(G, **extra)
-        _sync(device)
-        first = time.perf_counter() - t0
-        hf_gen(1, **extra)
-        measure(provider, lambda: hf_gen(G, **extra), lambda: hf_gen(1, **extra),
-                first if provider == "hf-static" else None)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+
+    with stack:
+        for provider in providers:
+            if provider == "fastrlhf-compile" and device == "cuda":
+                continue  # on CUDA the graphs already remove the per-op overhead
+            if provider == "fastrlhf":
+                # peak memory of a first rollout from scratch (cache + buffers + graphs), on a throw-away engine
+                def first_rollout():
+                    e = HybridEngine(ours, memory_policy="free")
+                    with e.generation(max_batch_size=B, max_seq_len=P + G):
+                        return e.generate(ids, max_new_tokens=G, seed=0, **kw)
+                add(provider, "peak_mib", _peak_mib(first_rollout, device), "MiB")
+            if provider == "hf-dynamic":
+                add(provider, "peak_mib", _peak_mib(lambda: hf_gen(G), device), "MiB")
+            t0 = time.perf_counter()
+            if provider.startswith("fastrlhf"):
+                eng = engines[provider] = HybridEngine(ours, memory_policy="keep",
+                                                       compile_step=provider == "fastrlhf-compile")
+                stack.enter_context(eng.generation(max_batch_size=B, max_seq_len=P + G))
+                full = (lambda e: lambda: e.generate(ids, max_new_tokens=G, seed=0, **kw))(eng)
+                one = (lambda e: lambda: e.generate(ids, max_new_tokens=1, seed=0, **kw))(eng)
+            else:
+                extra = dict(cache_implementation="static") if provider == "hf-static" else {}
+                full = (lambda x: lambda: hf_gen(G, **x))(extra)
+                one = (lambda x: lambda: hf_gen(1, **x))(extra)
+            full()
+            _sync(device)
+            first[provider] = time.perf_counter() - t0
+            one()
+            calls[provider] = (full, one)
+        # 2. timed runs, interleaved across providers (run r of every provider, then run r+1, ...) so that a change
+        #    in machine load during the run hits every provider alike
+        t_full = {p: [] for p in calls}
+        t_one = {p: [] for p in calls}
+        for _ in range(runs):
+            for p, (full, one) in calls.items():
+                t_full[p].append(_timed(full, device))
+                t_one[p].append(_timed(one, device))
+    # 3. metrics
+    for p in calls:
+        tf, to = statistics.median(t_full[p]), statistics.median(t_one[p])
+        add(p, "tokens_per_s", B * G / tf, "tok/s")
+        add(p, "prefill_tok_s", B * P / to, "tok/s")
+        add(p, "decode_tok_s", B * (G - 1) / max(tf - to, 1e-9), "tok/s")
+        if p != "hf-dynamic":
+            add(p, "setup_s", max(first[p] - tf, 0.0), "s")
+        if p in engines and device == "cuda":
+            add(p, "capture_s", engines[p].stats["capture_s"], "s")
+        if p == "fastrlhf-compile":
+            add(p, "compile_s", engines[p].stats["compile_s"], "s")
+    if "fastrlhf" in engines:  # generation -> training -> generation round trip, cache kept
+        eng = engines["fastrlhf"]
+        ours.train()
+        sw = []
+        cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+        cm.__enter__()
+        for _ in range(max(runs, 10)):
+            _sync(device)
+            t = time.perf_counter()
+            cm.__exit__(None, None, None)
+            cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+            cm.__enter__()
+            _sync(device)
+            sw.append(time.perf_counter() - t)
+        cm.__exit__(None, None, None)
+        add("fastrlhf", "switch_ms", 1e3 * statistics.median(sw), "ms")
+    for e in engines.values():
+        e.free()
 
     # speed-up of fastrlhf end to end over each baseline, same run
     tps = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}

@@ -244,7 +244,8 @@ class HybridEngine:
         p = next(self.model.parameters())
         if self.compute_dtype is None or self.compute_dtype == p.dtype:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        # no autocast weight-cast cache: cached casts made during a CUDA-graph capture would be freed after it
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, cache_enabled=False)
 
     # ------------------------------------------------------------------------------------------------ generation
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -324,6 +324,20 @@ def test_cache_reused_grown_and_freed(model):
     assert eng_free.cache is None and not eng_free._buffers
 
 
+def test_compute_dtype_autocast(model):
+    """compute_dtype=bf16 over fp32 weights: bf16 cache, fp32 log-probs, and the same greedy tokens as a bf16-autocast
+    teacher-forced forward on most positions (bf16 rounding may flip near-ties, so not all)."""
+    eng = HybridEngine(model, compute_dtype=torch.bfloat16)
+    prompts = ragged_prompts(4, seed=13)
+    with eng.generation():
+        r = eng.generate(prompts, max_new_tokens=8, temperature=0)
+    assert eng.cache.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    assert r.logprobs.dtype == torch.float32 and bool(torch.isfinite(r.logprobs).all())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = teacher_forced_logits(model, r)
+    assert (logits.argmax(-1) == r.response_ids).float().mean() >= 0.75
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_eager_and_sees_weight_updates(model):
     """compile_step=True (torch.compile of the eager decode step): same samples as eager for the same seed, and an
