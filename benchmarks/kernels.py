@@ -3,7 +3,8 @@
     python -m benchmarks.kernels [--ops logprobs linear gae ppo] [--shape tiny|h100|smoke] [--csv benchmarks/results.csv]
     fastrlhf bench kernels ...            (the CLI calls ``main(argv)``)
 
-For every (op, mode, provider) it measures: median / p20 / p80 time (``timing.bench``), throughput (GB/s of the minimal
+For every (op, mode, provider) it measures: median / p20 / p80 time (CUDA: ``timing.bench``, do_bench per provider;
+CPU: ``timing.bench_interleaved``, the providers of one op and mode timed round robin), throughput (GB/s of the minimal
 bytes, or FLOP/s of the minimal FLOPs) and its % of a ceiling measured at the start of the same run (device-to-device
 copy and a matmul), peak extra memory (``timing.peak_extra_mib``), and the max abs error against a float64 reference
 computed from the same inputs (forward outputs, and for fwd+bwd also the input gradients under random upstream grads).
@@ -37,7 +38,7 @@ from typing import Callable
 import torch
 
 from . import baselines as BL
-from .timing import bench, peak_extra_mib
+from .timing import bench, bench_interleaved, peak_extra_mib
 
 CSV_COLUMNS = ["date", "device", "op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
                "pct_ceiling", "peak_extra_mib", "max_abs_err", "torch", "triton", "commit"]
@@ -106,6 +107,7 @@ class Ctx:
     ceil_gbps: float = float("nan")
     ceil_flops: float = float("nan")  # FLOP/s
     rows: list = field(default_factory=list)
+    pending: list = field(default_factory=list)  # measured (error, memory), waiting to be timed together by flush()
     skipped: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # anything else measured (memory scaling)
 
@@ -144,8 +146,9 @@ def _flops_unit(device: str) -> tuple[str, float]:
 def measure(ctx: Ctx, op: str, mode: str, provider: str, shape: str, fn: Callable[[], object],
             err_fn: Callable[[object], float], *, nbytes: float = 0.0, flops: float = 0.0,
             leaves: tuple = (), no_grad: bool = False) -> None:
-    """Run ``fn`` once (error), once more for peak memory, then time it; append a row. ``leaves``: tensors whose
-    ``.grad`` ``fn`` fills (cleared before each call). nbytes / flops: the minimal work, for GB/s or FLOP/s."""
+    """Run ``fn`` once (error) and once more (peak memory); ``flush`` later times it beside the other providers of the
+    same op and mode and appends the row. ``leaves``: tensors whose ``.grad`` ``fn`` fills (cleared before each call).
+    nbytes / flops: the minimal work, for GB/s or FLOP/s."""
     def call():
         for t in leaves:
             t.grad = None
@@ -161,7 +164,6 @@ def measure(ctx: Ctx, op: str, mode: str, provider: str, shape: str, fn: Callabl
         for t in leaves:
             t.grad = None
         peak = peak_extra_mib(call, ctx.device)
-        tm = bench(call, ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms, min_reps=ctx.min_reps)
     except NotImplementedError as e:
         ctx.skipped.append(f"{op}/{mode}/{provider}: not implemented yet ({e})")
         return
@@ -171,15 +173,41 @@ def measure(ctx: Ctx, op: str, mode: str, provider: str, shape: str, fn: Callabl
     finally:
         for t in leaves:
             t.grad = None
-    sec = tm.median_ms * 1e-3
-    if flops:
-        unit, scale = _flops_unit(ctx.device)
-        thr, pct = flops / sec / scale, 100 * flops / sec / ctx.ceil_flops
-    else:
-        unit, thr, pct = "GB/s", nbytes / sec / 1e9, 100 * nbytes / sec / 1e9 / ctx.ceil_gbps
-    ctx.rows.append(dict(op=op, mode=mode, provider=provider, shape=shape, median_ms=tm.median_ms, p20_ms=tm.p20_ms,
-                         p80_ms=tm.p80_ms, throughput=thr, unit=unit, pct_ceiling=pct, peak_extra_mib=peak,
-                         max_abs_err=err))
+    ctx.pending.append(dict(call=call, leaves=leaves, nbytes=nbytes, flops=flops,
+                            row=dict(op=op, mode=mode, provider=provider, shape=shape, peak_extra_mib=peak,
+                                     max_abs_err=err)))
+
+
+def flush(ctx: Ctx) -> None:
+    """Time the pending measurements (CUDA: do_bench each; CPU: round robin across them) and append their rows."""
+    pend, ctx.pending = ctx.pending, []
+    if not pend:
+        return
+    try:
+        if ctx.device == "cuda":
+            tms = [bench(p["call"], ctx.device, warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms) for p in pend]
+        else:
+            tms = bench_interleaved([p["call"] for p in pend], warmup_ms=ctx.warmup_ms, rep_ms=ctx.rep_ms,
+                                    min_reps=ctx.min_reps)
+    except Exception as e:  # noqa: BLE001 - reported
+        names = ", ".join(f"{p['row']['op']}/{p['row']['mode']}/{p['row']['provider']}" for p in pend)
+        ctx.skipped.append(f"timing {names}: {type(e).__name__}: {str(e)[:200]}")
+        return
+    finally:
+        for p in pend:
+            for t in p["leaves"]:
+                t.grad = None
+    for p, tm in zip(pend, tms):
+        sec = tm.median_ms * 1e-3
+        if p["flops"]:
+            unit, scale = _flops_unit(ctx.device)
+            thr, pct = p["flops"] / sec / scale, 100 * p["flops"] / sec / ctx.ceil_flops
+        else:
+            unit, thr, pct = "GB/s", p["nbytes"] / sec / 1e9, 100 * p["nbytes"] / sec / 1e9 / ctx.ceil_gbps
+        r = p["row"]
+        ctx.rows.append(dict(op=r["op"], mode=r["mode"], provider=r["provider"], shape=r["shape"],
+                             median_ms=tm.median_ms, p20_ms=tm.p20_ms, p80_ms=tm.p80_ms, throughput=thr, unit=unit,
+                             pct_ceiling=pct, peak_extra_mib=r["peak_extra_mib"], max_abs_err=r["max_abs_err"]))
 
 
 def _dname(dtype: torch.dtype) -> str:
@@ -212,6 +240,7 @@ def bench_logprobs(ctx: Ctx) -> None:
             continue
         measure(ctx, "logprobs", "fwd", prov, shape, lambda f=f: f(logits, labels, TAU),
                 lambda o: BL.logprobs_max_err(logits, labels, TAU, o), nbytes=nbytes, no_grad=True)
+    flush(ctx)
     x = logits.clone().requires_grad_(True)
     for prov, f in impls.items():
         if not ctx.wants(prov) or prov == "liger":  # that Liger kernel has no backward
@@ -229,6 +258,7 @@ def bench_logprobs(ctx: Ctx) -> None:
             lp, ent, grad, has_ent = o
             return BL.logprobs_max_err(logits, labels, TAU, (lp, ent), grad, g_lp, g_ent if has_ent else None)
         measure(ctx, "logprobs", "fwd+bwd", prov, shape, fb, err, nbytes=2 * nbytes, leaves=(x,))
+    flush(ctx)
     del logits, x
 
 
@@ -266,6 +296,7 @@ def bench_linear(ctx: Ctx) -> None:
         measure(ctx, "linear_logprobs", "fwd+bwd", prov, shape, _linear_fb(f, hidden, weight, labels, g),
                 lambda o: BL.linear_max_err(hidden.detach(), weight.detach(), labels, TAU, o[0], o[1], o[2], g),
                 flops=6 * N * H * V, leaves=(hidden, weight))
+    flush(ctx)
     del hidden, weight
     mem_h, _ = SHAPES[ctx.shape]["linear_mem"]
     known = {(r["provider"], N): r["peak_extra_mib"] for r in ctx.rows if r["op"] == "linear_logprobs"}
@@ -319,6 +350,7 @@ def bench_gae(ctx: Ctx) -> None:
         if ctx.wants(prov):
             measure(ctx, "gae+whiten", "fwd", prov, shape, lambda f=f: f(rewards, values, mask, GAMMA, LAM), err,
                     nbytes=nbytes, no_grad=True)
+    flush(ctx)
 
 
 def bench_ppo(ctx: Ctx) -> None:
@@ -364,6 +396,7 @@ def bench_ppo(ctx: Ctx) -> None:
             return max((a.double() - b).abs().max().item() for a, b in zip(o, refs))
         measure(ctx, "ppo_loss+k3+value", "fwd+bwd", prov, shape, fb, err, nbytes=10 * B * T * 4,
                 leaves=(logp, values))
+    flush(ctx)
 
 
 BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "gae": bench_gae, "ppo": bench_ppo}

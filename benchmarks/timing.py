@@ -1,6 +1,7 @@
 """Timing and peak-memory measurement for the kernel benchmarks.
 
-- ``bench(fn, device)`` -> ``Timing`` (median, p20, p80 in ms).
+- ``bench(fn, device)`` -> ``Timing`` (median, p20, p80 in ms); ``bench_interleaved(fns)`` the same for several
+  implementations of one op timed round robin on CPU (fair under load drifting on a shared machine).
   CUDA: ``triton.testing.do_bench`` (CUDA events, warm-up, and an L2 flush — a 256 MB buffer zeroed before every call).
   CPU: ``time.perf_counter`` around each call after warm-up calls; no cache flush (the CPU numbers are warm-cache numbers).
 - ``peak_extra_mib(fn, device)`` -> MiB allocated by torch above what was live before the call, at the call's peak
@@ -63,6 +64,30 @@ def bench(fn: Callable[[], object], device: str, *, warmup_ms: float = 25.0, rep
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), n)
+
+
+def bench_interleaved(fns: list[Callable[[], object]], *, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+                      min_reps: int = 3, max_reps: int = 200) -> list[Timing]:
+    """CPU timing of several implementations of one op, round robin: each round times every ``fn`` once (until it has
+    its own count of calls, from its rep_ms budget), so load drifting on a shared machine hits all of them alike.
+    One untimed call each first (warm-up + cost estimate), then warm-up calls to fill warmup_ms."""
+    est = []
+    for fn in fns:
+        t0 = time.perf_counter()
+        fn()
+        est.append(max(time.perf_counter() - t0, 1e-7) * 1e3)  # ms
+    for fn, e in zip(fns, est):
+        for _ in range(min(int(warmup_ms / e), 100)):
+            fn()
+    want = [max(min_reps, min(int(rep_ms / e), max_reps)) for e in est]
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(max(want)):
+        for i, fn in enumerate(fns):
+            if r < want[i]:
+                t0 = time.perf_counter()
+                fn()
+                times[i].append((time.perf_counter() - t0) * 1e3)
+    return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), len(t)) for t in times]
 
 
 def peak_extra_mib(fn: Callable[[], object], device: str) -> float:

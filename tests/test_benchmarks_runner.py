@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastrlhf.benchmarks import kernels as runner
-from fastrlhf.benchmarks.timing import bench, peak_extra_mib
+from fastrlhf.benchmarks.timing import bench, bench_interleaved, peak_extra_mib
 
 OPS_IN_CSV = {"logprobs", "linear_logprobs", "gae+whiten", "ppo_loss+k3+value"}
 
@@ -103,6 +103,16 @@ def test_bench_cpu_orders_quantiles():
     t = bench(lambda: time.sleep(0.002), "cpu", warmup_ms=0, rep_ms=20, min_reps=5)
     assert t.n >= 5
     assert 1.9 <= t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def test_bench_interleaved_times_each_fn_on_its_own_budget():
+    calls = []
+    fast = lambda: (calls.append("f"), time.sleep(0.001))  # noqa: E731
+    slow = lambda: (calls.append("s"), time.sleep(0.004))  # noqa: E731
+    tf, ts = bench_interleaved([fast, slow], warmup_ms=0, rep_ms=20, min_reps=3)
+    assert ts.n >= 3 and tf.n > ts.n  # the fast one gets more calls from the same budget
+    assert 0.9 <= tf.median_ms < ts.median_ms and 3.9 <= ts.median_ms
+    assert calls[2:4] == ["f", "s"]  # after one untimed call each, timed round robin
 
 
 def test_linear_memory_scaling_eager_grows_ours_bounded(monkeypatch):
