@@ -16,7 +16,7 @@ import torch
 
 from .ppo import SHAPES, build_checkpoints, run_fastrlhf
 
-ITERS = 2
+ITERS = 1  # warm-up + 1 timed iteration: a smoke check, not a measurement
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,6 @@ def test_ppo_iteration_fastrlhf(benchmark, ckpt):
     assert res["s_per_iter"] > 0 and res["gen_s"] > 0 and res["exp_s"] > 0 and res["train_s"] > 0
     assert res["resp_tok_s"] == pytest.approx(S["B"] * S["G"] / res["s_per_iter"])
     assert res["entropy"] > 0 and res["grad_norm"] > 0
-    # the three phases are the iteration: their medians add up to the median iteration within the spread of iterations
+    # the three phases are the iteration: their medians add up to the median iteration (exactly with one timed one)
     spread = max(res["iter_times"][1:]) - min(res["iter_times"][1:])
     assert abs(res["gen_s"] + res["exp_s"] + res["train_s"] - res["s_per_iter"]) <= spread + 1e-6
