@@ -1,10 +1,25 @@
-"""Ahead-of-time compilation of a Triton kernel for the H100 (sm_90) without a GPU.
+"""Ahead-of-time compilation of Triton kernels for the H100 (sm_90) without a GPU.
 
 The interpreter does not compile, so a kernel that runs under ``TRITON_INTERPRET=1`` can still fail to compile (or spill
 past shared memory) on the real device. ``compile_for_h100`` runs Triton's full pipeline down to a cubin (ptxas ships
-with triton) and returns the compiled kernel's metadata; tests call it for every configuration the launcher can pick.
+with triton) and returns the compiled kernel; each ``tests/kernels/test_aot_*.py`` lists every configuration its
+launchers can pick as ``AOTCase``s (its ``configs()``) and compiles them all with ``compile_cases_in_child``.
+
+Why a child process: with TRITON_INTERPRET=1 (set by conftest on CPU) every ``@triton.jit`` function — the kernels, the
+jit helpers they call, the combine functions behind ``tl.sum`` / ``tl.associative_scan`` — is an interpreter object, and
+compiling from it fails (nested jit calls cannot be inlined, while-loop carried values reach the code generator as raw
+IR values). So one child Python per test module, with TRITON_INTERPRET removed from its environment, compiles every case
+(in 2 worker processes) and writes ``{id: "ok" | error text}`` as JSON; each case is then one test in the parent.
 """
 from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -12,22 +27,120 @@ from triton.compiler import ASTSource
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_SMEM_BYTES = 227 * 1024  # max dynamic shared memory per block on sm_90
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def compile_for_h100(fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3):
+@dataclass(frozen=True)
+class AOTCase:
+    """One kernel configuration to compile for sm_90.
+
+    id: test id. module / kernel: ``fastrlhf.kernels.<module>.<kernel>`` (the module, not the package's re-exported
+    function of the same name). signature: {arg: "*bf16" | "*fp32" | "i32" | "i64" | "fp32" | "constexpr" ...};
+    constexprs: {arg: value} for every constexpr arg.
+    as_launched: specialize like the CUDA JIT specializes a real launch (triton 3.6: ints == 1 become constexpr 1,
+    16-byte-aligned pointers and 16-divisible ints carry ``tt.divisibility=16``): every pointer is taken as aligned,
+    ``ones`` names the int args that are 1 (contiguous inner strides) and ``div16`` the ints divisible by 16. Only
+    then does Triton vectorize loads and software-pipeline ``tl.dot`` loops, so this is the shared memory that must fit.
+    pipelined: also require the PTX to use cp.async (the pipelined K loop).
+    """
+
+    id: str
+    module: str
+    kernel: str
+    signature: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    as_launched: bool = False
+    ones: tuple = ()
+    div16: tuple = ()
+    pipelined: bool = False
+
+    def __post_init__(self):
+        missing = [k for k, v in self.signature.items() if v == "constexpr" and k not in self.constexprs]
+        if missing:
+            raise ValueError(f"AOTCase {self.id}: constexpr args {missing} have no value in constexprs")
+        unknown = [k for k in (*self.ones, *self.div16) if k not in self.signature]
+        if unknown:
+            raise ValueError(f"AOTCase {self.id}: ones/div16 name args {unknown} not in the signature")
+        if (self.ones or self.div16) and not self.as_launched:
+            raise ValueError(f"AOTCase {self.id}: ones/div16 only apply with as_launched=True")
+
+    def compile_args(self) -> tuple[dict, dict, dict]:
+        """(signature, constexprs, attrs) for ``compile_for_h100``."""
+        if not self.as_launched:
+            return dict(self.signature), dict(self.constexprs), {}
+        sig, const = dict(self.signature), dict(self.constexprs)
+        for k in self.ones:  # a stride of 1 is specialized away: constexpr 1
+            sig[k], const[k] = "constexpr", 1
+        div = [i for i, (k, v) in enumerate(sig.items()) if v.startswith("*") or k in self.div16]
+        return sig, const, {(i,): [["tt.divisibility", 16]] for i in div}
+
+
+def compile_for_h100(fn, signature: dict, constexprs: dict, *, num_warps: int = 4, num_stages: int = 3,
+                     attrs: dict | None = None):
     """Compile ``fn`` (a ``@triton.jit`` function; under the interpreter its ``.fn`` is unwrapped) for sm_90.
 
     signature: {arg name: triton type string, e.g. "*bf16", "*fp32", "i32", "i64", "fp32", or "constexpr"}.
     constexprs: {arg name: value} for every constexpr argument.
-    Returns the CompiledKernel; asserts its shared memory fits the H100.
+    attrs: {(arg index,): [["tt.divisibility", 16]]} as a real launch specializes (see ``AOTCase.compile_args``).
+    Returns the CompiledKernel; asserts its shared memory fits the H100. Kernels that call other jit functions or have
+    while loops only compile with TRITON_INTERPRET unset: use ``compile_cases_in_child``.
     """
     jit_fn = fn
     # Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction: compile the underlying JITFunction instead.
     if not isinstance(jit_fn, triton.runtime.JITFunction):
         jit_fn = triton.runtime.JITFunction(getattr(fn, "fn", fn))
-    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs)
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(src, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
     assert "cubin" in compiled.asm, "no cubin produced"
     smem = compiled.metadata.shared
-    assert smem <= H100_SMEM_BYTES, f"{getattr(fn, '__name__', fn)}: {smem} B shared memory > H100's {H100_SMEM_BYTES} B"
+    name = getattr(fn, "__name__", fn)
+    assert smem <= H100_SMEM_BYTES, f"{name}: {smem} B shared memory > H100's {H100_SMEM_BYTES} B"
     return compiled
+
+
+def compile_case(case: AOTCase) -> tuple[str, str]:
+    """Compile one case → (id, "ok" | error text)."""
+    try:
+        fn = getattr(importlib.import_module(f"fastrlhf.kernels.{case.module}"), case.kernel)
+        sig, const, attrs = case.compile_args()
+        k = compile_for_h100(fn, sig, const, num_warps=case.num_warps, num_stages=case.num_stages, attrs=attrs)
+        if case.pipelined:
+            assert "cp.async" in k.asm["ptx"], f"not pipelined: no cp.async in the PTX (smem={k.metadata.shared} B)"
+        return case.id, "ok"
+    except Exception as e:  # reported per case by the test that owns it
+        return case.id, f"{type(e).__name__}: {e}"[-4000:]
+
+
+def _load_cases(provider: str) -> list:
+    """"package.module:function" → that function's list of AOTCase."""
+    mod, _, attr = provider.partition(":")
+    cases = getattr(importlib.import_module(mod), attr)()
+    ids = [c.id for c in cases]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{provider}: duplicate case ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    return cases
+
+
+def _child_main(provider: str, path: str, workers: int) -> None:
+    """Child side: compile every case of ``provider`` in ``workers`` processes; write {id: result} JSON to ``path``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cases = _load_cases(provider)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = dict(pool.map(compile_case, cases))
+    Path(path).write_text(json.dumps(results))
+
+
+def compile_cases_in_child(cases_provider: str, tmp_dir, *, workers: int = 2, timeout: float = 900) -> dict:
+    """Compile every case returned by ``cases_provider`` ("tests.kernels.test_aot_rl:configs") in a child Python with
+    TRITON_INTERPRET removed from its environment; returns {case id: "ok" | error text}."""
+    path = Path(tmp_dir) / "aot_results.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import tests.kernels.aot as a; a._child_main({cases_provider!r}, {str(path)!r}, {int(workers)})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"AOT child for {cases_provider} failed:\n{proc.stderr[-4000:]}"
+    return json.loads(path.read_text())

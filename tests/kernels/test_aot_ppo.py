@@ -10,22 +10,17 @@ The interpreter never compiles, so every configuration the launchers can pick is
 - ``_scale_grad_kernel``: BLOCK_T ∈ {256, 1024} × gradient dtype (= the input's: fp32, bf16, fp16, fp64 on 1024).
 All launchers pass num_warps=4. Compiling takes ~0.6 s per configuration on this machine's 2 cores.
 
-Why a subprocess: with TRITON_INTERPRET=1 (set by conftest on CPU) every ``@triton.jit`` function is an interpreter
-object, and compiling its unwrapped function fails for kernels with while loops (the loop-carried values reach the
-code generator as raw IR values), so compilation runs once in a child Python with TRITON_INTERPRET unset.
+Compilation runs in one child Python without TRITON_INTERPRET (``compile_cases_in_child``: while-loop carried values
+of an unwrapped interpreter function reach the code generator as raw IR values); each case is a test here.
 """
 import importlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.kernels.aot import AOTCase, compile_cases_in_child
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 BLOCK_TS = (256, 1024)
 NUM_WARPS = 4
 
@@ -51,7 +46,7 @@ def _value_sig(dt: str, mt: str) -> dict:
 
 
 def configs():
-    """[(id, module, kernel name, signature, constexprs)]."""
+    """[AOTCase] for every configuration a launcher can pick (all with num_warps=NUM_WARPS)."""
     ppo, agg = _mod("ppo_loss"), _mod("_aggregate")
     out = []
     ppo_cases = [(est, grad, bt, "fp32", "u1") for est in sorted(ppo.KL_CODE.values())
@@ -59,49 +54,30 @@ def configs():
     ppo_cases += [(3, True, 1024, dt, mt) for dt, mt in (("bf16", "u1"), ("fp16", "u1"), ("fp64", "u1"),
                                                          ("fp32", "fp32"), ("bf16", "i64"))]
     for est, grad, bt, dt, mt in ppo_cases:
-        out.append((f"ppo_fwd-kl{est}-grad{int(grad)}-{bt}-{dt}-{mt}", "ppo_loss", "_ppo_fwd_kernel", _ppo_sig(dt, mt),
-                    {"KL_EST": est, "STORE_GRAD": grad, "BLOCK_T": bt}))
+        out.append(AOTCase(f"ppo_fwd-kl{est}-grad{int(grad)}-{bt}-{dt}-{mt}", "ppo_loss", "_ppo_fwd_kernel",
+                           _ppo_sig(dt, mt), {"KL_EST": est, "STORE_GRAD": grad, "BLOCK_T": bt}, NUM_WARPS))
     value_cases = [(grad, bt, "fp32", "u1") for grad in (False, True) for bt in BLOCK_TS]
     value_cases += [(True, 1024, dt, mt) for dt, mt in (("bf16", "u1"), ("fp16", "u1"), ("fp64", "i64"))]
     for grad, bt, dt, mt in value_cases:
-        out.append((f"value_fwd-grad{int(grad)}-{bt}-{dt}-{mt}", "value_loss", "_value_fwd_kernel", _value_sig(dt, mt),
-                    {"STORE_GRAD": grad, "BLOCK_T": bt}))
+        out.append(AOTCase(f"value_fwd-grad{int(grad)}-{bt}-{dt}-{mt}", "value_loss", "_value_fwd_kernel",
+                           _value_sig(dt, mt), {"STORE_GRAD": grad, "BLOCK_T": bt}, NUM_WARPS))
     for a in sorted(agg.AGG_CODE.values()):
         for nm in (agg.NORM_NONE, agg.NORM_SCALAR, agg.NORM_TENSOR):
-            out.append((f"finalize-agg{a}-norm{nm}", "_aggregate", "_finalize_kernel",
-                        {"part_ptr": "*fp32", "loss_ptr": "*fp32", "metrics_ptr": "*fp32", "w_ptr": "*fp32",
-                         "norm_ptr": "*fp32", "B": "i32", "n_cols": "i32", "norm_value": "fp32", "AGG": "constexpr",
-                         "NORM_MODE": "constexpr", "BLOCK_B": "constexpr", "BLOCK_K": "constexpr"},
-                        {"AGG": a, "NORM_MODE": nm, "BLOCK_B": agg.FINALIZE_BLOCK_B, "BLOCK_K": agg.FINALIZE_BLOCK_K}))
+            const = {"AGG": a, "NORM_MODE": nm, "BLOCK_B": agg.FINALIZE_BLOCK_B, "BLOCK_K": agg.FINALIZE_BLOCK_K}
+            out.append(AOTCase(f"finalize-agg{a}-norm{nm}", "_aggregate", "_finalize_kernel",
+                               {"part_ptr": "*fp32", "loss_ptr": "*fp32", "metrics_ptr": "*fp32", "w_ptr": "*fp32",
+                                "norm_ptr": "*fp32", "B": "i32", "n_cols": "i32", "norm_value": "fp32",
+                                **{k: "constexpr" for k in const}}, const, NUM_WARPS))
     for bt, dt in [(256, "fp32"), (1024, "fp32"), (1024, "bf16"), (1024, "fp16"), (1024, "fp64")]:
-        out.append((f"scale_grad-{bt}-{dt}", "_aggregate", "_scale_grad_kernel",
-                    {"dl_ptr": "*fp32", "w_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": f"*{dt}", "T": "i32",
-                     "BLOCK_T": "constexpr"}, {"BLOCK_T": bt}))
+        out.append(AOTCase(f"scale_grad-{bt}-{dt}", "_aggregate", "_scale_grad_kernel",
+                           {"dl_ptr": "*fp32", "w_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": f"*{dt}", "T": "i32",
+                            "BLOCK_T": "constexpr"}, {"BLOCK_T": bt}, NUM_WARPS))
     return out
-
-
-def _compile_all(path: str) -> None:
-    """Child process: compile every configuration, write {id: "ok" | error text} to ``path``."""
-    from tests.kernels.aot import compile_for_h100
-
-    results = {}
-    for cid, mod, name, sig, const in configs():
-        try:
-            compile_for_h100(getattr(_mod(mod), name), sig, const, num_warps=NUM_WARPS)
-            results[cid] = "ok"
-        except Exception as e:  # reported per configuration by the tests below
-            results[cid] = f"{type(e).__name__}: {e}"[-4000:]
-    Path(path).write_text(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("aot_ppo") / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import tests.kernels.test_aot_ppo as t; t._compile_all({str(path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(path.read_text())
+    return compile_cases_in_child("tests.kernels.test_aot_ppo:configs", tmp_path_factory.mktemp("aot_ppo"))
 
 
 def test_block_choices_are_covered(monkeypatch):
@@ -112,6 +88,6 @@ def test_block_choices_are_covered(monkeypatch):
     assert picked == set(BLOCK_TS)
 
 
-@pytest.mark.parametrize("cid", [c[0] for c in configs()])
+@pytest.mark.parametrize("cid", [c.id for c in configs()])
 def test_compiles_for_h100(compiled, cid):
     assert compiled[cid] == "ok", compiled[cid]

@@ -10,22 +10,17 @@ The interpreter never compiles, so every configuration the launchers can pick is
 The input dtype only changes the load's element type, so a few dtype variants on the largest tile cover them (compiling
 is ~0.6 s per configuration on this machine's 2 cores; the full cross product would take minutes).
 
-Why a subprocess: with TRITON_INTERPRET=1 (set by conftest on CPU) every ``@triton.jit`` function — including the combine
-functions behind ``tl.sum`` / ``tl.max`` / ``tl.associative_scan`` — is an interpreter object that the compiler cannot
-inline, so the compilation runs once, in a child Python with TRITON_INTERPRET unset, and each configuration is a test here.
+Compilation runs in one child Python without TRITON_INTERPRET (``compile_cases_in_child``: the combine functions behind
+``tl.sum`` / ``tl.max`` / ``tl.associative_scan`` cannot be inlined from interpreter objects); each case is a test here.
 """
 import importlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.kernels.aot import AOTCase, compile_cases_in_child
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 BLOCK_TS = [1 << k for k in range(4, 11)]  # 16 ... 1024
 ROW_MASKS = [("u8", "fp32"), ("fp32", "bf16"), ("i64", "fp16")]  # (mask type, input type) pairs
 KL_CASES = [("fp32", est, clamp) for est in ("k1", "k2", "k3", "abs") for clamp in (False, True)]
@@ -39,68 +34,49 @@ def _mod(name):
 
 
 def configs():
-    """[(id, module, kernel name, signature, constexprs, num_warps)] for every configuration a launcher can pick."""
+    """[AOTCase] for every configuration a launcher can pick."""
     kl, gm, wm = _mod("kl"), _mod("gae"), _mod("whiten")
     out = []
     assert {est for _, est, _ in KL_CASES} == set(kl.ESTIMATORS)
     for dt, est, clamp in KL_CASES:
         const = {"EST": kl._EST_ID[est], "HAS_CLAMP": clamp, "BLOCK": kl.BLOCK}
         cx = {k: "constexpr" for k in const}
-        out.append((f"kl_fwd-{dt}-{est}-clamp{int(clamp)}", "kl", "_kl_fwd_kernel",
-                    {"logp_ptr": f"*{dt}", "ref_ptr": f"*{dt}", "out_ptr": "*fp32", "n": "i32", "lo": "fp32",
-                     "hi": "fp32", **cx}, const, kl.NUM_WARPS))
-        out.append((f"kl_bwd-{dt}-{est}-clamp{int(clamp)}", "kl", "_kl_bwd_kernel",
-                    {"logp_ptr": f"*{dt}", "ref_ptr": f"*{dt}", "grad_out_ptr": "*fp32",
-                     "grad_logp_ptr": f"*{dt}", "grad_ref_ptr": f"*{dt}", "n": "i32", "lo": "fp32",
-                     "hi": "fp32", **cx}, const, kl.NUM_WARPS))
+        out.append(AOTCase(f"kl_fwd-{dt}-{est}-clamp{int(clamp)}", "kl", "_kl_fwd_kernel",
+                           {"logp_ptr": f"*{dt}", "ref_ptr": f"*{dt}", "out_ptr": "*fp32", "n": "i32", "lo": "fp32",
+                            "hi": "fp32", **cx}, const, kl.NUM_WARPS))
+        out.append(AOTCase(f"kl_bwd-{dt}-{est}-clamp{int(clamp)}", "kl", "_kl_bwd_kernel",
+                           {"logp_ptr": f"*{dt}", "ref_ptr": f"*{dt}", "grad_out_ptr": "*fp32",
+                            "grad_logp_ptr": f"*{dt}", "grad_ref_ptr": f"*{dt}", "n": "i32", "lo": "fp32",
+                            "hi": "fp32", **cx}, const, kl.NUM_WARPS))
     for bt, mt, dt in ROW_CASES:
-        out.append((f"rewards-{bt}-{mt}-{dt}", "rewards", "_shape_rewards_kernel",
-                    {"scores_ptr": "*fp32", "kl_ptr": f"*{dt}", "mask_ptr": f"*{mt}", "out_ptr": "*fp32",
-                     "last_ptr": "*i32", "T": "i32", "stride_kl_b": "i32", "stride_mask_b": "i32",
-                     "kl_coef": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt}, 4))
-        out.append((f"gae-{bt}-{mt}-{dt}", "gae", "_gae_kernel",
-                    {"r_ptr": f"*{dt}", "v_ptr": f"*{dt}", "m_ptr": f"*{mt}", "adv_ptr": "*fp32",
-                     "ret_ptr": "*fp32", "T": "i32", "stride_r": "i32", "stride_v": "i32", "stride_m": "i32",
-                     "gamma": "fp32", "gamma_lam": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt},
-                    gm.pick_num_warps(bt)))
+        out.append(AOTCase(f"rewards-{bt}-{mt}-{dt}", "rewards", "_shape_rewards_kernel",
+                           {"scores_ptr": "*fp32", "kl_ptr": f"*{dt}", "mask_ptr": f"*{mt}", "out_ptr": "*fp32",
+                            "last_ptr": "*i32", "T": "i32", "stride_kl_b": "i32", "stride_mask_b": "i32",
+                            "kl_coef": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt}, 4))
+        out.append(AOTCase(f"gae-{bt}-{mt}-{dt}", "gae", "_gae_kernel",
+                           {"r_ptr": f"*{dt}", "v_ptr": f"*{dt}", "m_ptr": f"*{mt}", "adv_ptr": "*fp32",
+                            "ret_ptr": "*fp32", "T": "i32", "stride_r": "i32", "stride_v": "i32", "stride_m": "i32",
+                            "gamma": "fp32", "gamma_lam": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt},
+                           gm.pick_num_warps(bt)))
     for mt, dt in ROW_MASKS[:2]:
-        out.append((f"whiten_small-{mt}-{dt}", "whiten", "_whiten_small_kernel",
-                    {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "out_ptr": "*fp32", "N": "i32", "eps": "fp32",
-                     "add_mean": "fp32", "BLOCK": "constexpr"}, {"BLOCK": wm.SMALL_BLOCK}, wm.SMALL_WARPS))
-        out.append((f"whiten_partials-{mt}-{dt}", "whiten", "_whiten_partials_kernel",
-                    {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "part_n_ptr": "*fp32", "part_mean_ptr": "*fp32",
-                     "part_m2_ptr": "*fp32", "N": "i32", "CHUNK": "i32", "BLOCK": "constexpr"},
-                    {"BLOCK": wm.BLOCK}, wm.WARPS))
-        out.append((f"whiten_apply-{mt}-{dt}", "whiten", "_whiten_apply_kernel",
-                    {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "out_ptr": "*fp32", "part_n_ptr": "*fp32",
-                     "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32", "N": "i32", "CHUNK": "i32", "P": "i32",
-                     "eps": "fp32", "add_mean": "fp32", "BLOCK": "constexpr", "P_BLOCK": "constexpr"},
-                    {"BLOCK": wm.BLOCK, "P_BLOCK": wm.MAX_PARTIALS}, wm.WARPS))
+        out.append(AOTCase(f"whiten_small-{mt}-{dt}", "whiten", "_whiten_small_kernel",
+                           {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "out_ptr": "*fp32", "N": "i32", "eps": "fp32",
+                            "add_mean": "fp32", "BLOCK": "constexpr"}, {"BLOCK": wm.SMALL_BLOCK}, wm.SMALL_WARPS))
+        out.append(AOTCase(f"whiten_partials-{mt}-{dt}", "whiten", "_whiten_partials_kernel",
+                           {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "part_n_ptr": "*fp32", "part_mean_ptr": "*fp32",
+                            "part_m2_ptr": "*fp32", "N": "i32", "CHUNK": "i32", "BLOCK": "constexpr"},
+                           {"BLOCK": wm.BLOCK}, wm.WARPS))
+        out.append(AOTCase(f"whiten_apply-{mt}-{dt}", "whiten", "_whiten_apply_kernel",
+                           {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "out_ptr": "*fp32", "part_n_ptr": "*fp32",
+                            "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32", "N": "i32", "CHUNK": "i32", "P": "i32",
+                            "eps": "fp32", "add_mean": "fp32", "BLOCK": "constexpr", "P_BLOCK": "constexpr"},
+                           {"BLOCK": wm.BLOCK, "P_BLOCK": wm.MAX_PARTIALS}, wm.WARPS))
     return out
-
-
-def _compile_all(path: str) -> None:
-    """Child process: compile every configuration, write {id: "ok" | error text} to ``path``."""
-    from tests.kernels.aot import compile_for_h100
-
-    results = {}
-    for cid, mod, name, sig, const, warps in configs():
-        try:
-            compile_for_h100(getattr(_mod(mod), name), sig, const, num_warps=warps)
-            results[cid] = "ok"
-        except Exception as e:  # reported per configuration by the tests below
-            results[cid] = f"{type(e).__name__}: {e}"[-4000:]
-    Path(path).write_text(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    path = tmp_path_factory.mktemp("aot_rl") / "results.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import tests.kernels.test_aot_rl as t; t._compile_all({str(path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(path.read_text())
+    return compile_cases_in_child("tests.kernels.test_aot_rl:configs", tmp_path_factory.mktemp("aot_rl"))
 
 
 def test_block_t_choices_are_covered():
@@ -109,6 +85,6 @@ def test_block_t_choices_are_covered():
     assert picked == set(BLOCK_TS)
 
 
-@pytest.mark.parametrize("cid", [c[0] for c in configs()])
+@pytest.mark.parametrize("cid", [c.id for c in configs()])
 def test_compiles_for_h100(compiled, cid):
     assert compiled[cid] == "ok", compiled[cid]
