@@ -19,8 +19,11 @@ TRL arm — ``trl.experimental.ppo.PPOTrainer`` (exists in trl 0.29.x; trl 1.x r
 installed trl is left alone. If PPOTrainer cannot be imported, the TRL rows are left out and the reason is printed.
 Same shapes, ``num_ppo_epochs``, ``num_mini_batches``, ``stop_token=None``, fp32 on CPU / bf16 on CUDA.
 
-Every arm runs in its own fresh process (clean peak-memory counters, its own thread setting). Metrics per arm:
+Every arm runs in its own fresh process (clean peak-memory counters, its own thread setting). ``--rounds R`` runs the
+arms R times alternately (fastrlhf, TRL, fastrlhf, TRL, ...) and pools the timed iterations of all rounds, so a
+machine load that drifts during the run hits both arms alike. Metrics per arm:
 - ``s_per_iter``      median seconds per iteration over ``--iters`` iterations after one warm-up iteration
+                      (per process; × rounds)
 - ``resp_tok_s``      B·G / s_per_iter (response tokens per second)
 - ``gen_s`` / ``exp_s`` / ``train_s``  medians of the time split: generation (step 2) / experience (steps 3-7) /
                       PPO epochs (step 8). TRL: generation = its ``batch_generation`` call; experience ends when its
@@ -197,7 +200,21 @@ def _summary(times: list[tuple[float, float, float]], B: int, G: int) -> dict:
     part = lambda i: statistics.median([t[i] for t in (times[1:] or times)])  # noqa: E731
     return {"s_per_iter": med, "p20_s": _quantile(steady, 0.2), "p80_s": _quantile(steady, 0.8),
             "resp_tok_s": B * G / med, "gen_s": part(0), "exp_s": part(1), "train_s": part(2),
-            "setup_s": max(tot[0] - med, 0.0), "iter_times": tot}
+            "setup_s": max(tot[0] - med, 0.0), "iter_times": tot, "phase_times": [list(t) for t in times]}
+
+
+def merge_rounds(results: list[dict], B: int, G: int) -> dict:
+    """One arm's results from several rounds (fresh processes) -> one: the warm-up of each round dropped, the timed
+    iterations of all rounds pooled for the medians, the largest peak memory, the rest from the first round."""
+    bad = [r["error"] for r in results if "error" in r]
+    if bad:
+        return {"error": bad[0]}
+    steady = [tuple(t) for r in results for t in r["phase_times"][1:]]
+    out = dict(results[0])
+    out.update(_summary([tuple(results[0]["phase_times"][0])] + steady, B, G))
+    out["peak_mem"] = max(r["peak_mem"] for r in results)
+    out["rounds"] = len(results)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -464,24 +481,32 @@ def _write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
 
 
 def run(shape: str | None = None, device: str | None = None, iters: int = 4, threads: int = 2, arms=ARMS,
-        profile: bool = True, trl_path: str | None = None, timeout: float = 1800.0, seed: int = 0):
-    """Both arms, one fresh process each, on the same checkpoints. Returns (rows, info, results per arm)."""
+        profile: bool = True, trl_path: str | None = None, timeout: float = 1800.0, seed: int = 0, rounds: int = 1):
+    """Both arms, one fresh process each, on the same checkpoints; ``rounds`` > 1 alternates the arms (A B A B ...) so
+    that a drifting machine load hits both alike, and pools their timed iterations. Returns (rows, info, results)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
     if iters < 1:
         raise ValueError(f"--iters {iters}: at least 1 timed iteration (after the warm-up)")
+    if rounds < 1:
+        raise ValueError(f"--rounds {rounds}: at least 1")
     bad = [a for a in arms if a not in ARMS]
     if bad:
         raise ValueError(f"--arms {bad}: expected some of {list(ARMS)}")
     S = SHAPES[shape]
     flops = model_flops(shape)
-    results: dict[str, dict] = {}
+    per_round: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_ppo_") as root:
         build_checkpoints(shape, root, seed=seed)
-        for arm in arms:
-            results[arm] = _arm_subprocess(arm, shape, root, device, iters, threads, profile, trl_path, timeout)
+        for r in range(rounds):
+            for arm in arms:
+                if per_round[arm] and "error" in per_round[arm][-1]:
+                    continue
+                per_round[arm].append(_arm_subprocess(arm, shape, root, device, iters, threads, profile and r == 0,
+                                                      trl_path, timeout))
+    results = {a: merge_rounds(per_round[a], S["B"], S["G"]) for a in arms}
     rows = []
     for arm in arms:
         if "error" not in results[arm]:
@@ -494,7 +519,7 @@ def run(shape: str | None = None, device: str | None = None, iters: int = 4, thr
         rows.append(dict(provider="fastrlhf", metric="mem_ratio_vs_trl",
                          median=f["peak_mem"] / t["peak_mem"] if t["peak_mem"] > 0 else math.nan, unit="x"))
     info = dict(device=device, shape=shape, dtype="bf16 autocast" if device == "cuda" else "fp32", B=S["B"], P=S["P"],
-                G=S["G"], epochs=S["epochs"], minibatch=S["minibatch"], iters=iters, threads=threads,
+                G=S["G"], epochs=S["epochs"], minibatch=S["minibatch"], iters=iters, threads=threads, rounds=rounds,
                 gflop_per_iter=flops["total"] / 1e9)
     return rows, info, results
 
@@ -537,6 +562,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--iters", type=int, default=4, help="timed iterations after one warm-up (median)")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the arms this many times (fresh processes; "
+                    "pooled timed iterations)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per arm (ANCHORS.md: 2)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--trl-path", default=os.environ.get("FASTRLHF_TRL_PATH"),
@@ -558,13 +585,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     rows, info, results = run(a.shape, a.device, a.iters, a.threads, tuple(a.arms), not a.no_profile, a.trl_path,
-                              a.timeout)
+                              a.timeout, rounds=a.rounds)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=device_name(info["device"]),
                 bench="ppo", shape=info["shape"], torch=torch.__version__, commit=git_commit())
     print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | shape {info['shape']} "
           f"(B={info['B']}, P={info['P']}, G={info['G']}, {info['epochs']} epochs, minibatch {info['minibatch']}, "
-          f"{info['dtype']}, 4 models) | median of {info['iters']} iterations after 1 warm-up | "
+          f"{info['dtype']}, 4 models) | median of {info['rounds']}x{info['iters']} iterations (1 warm-up per "
+          f"process; arms alternate per round) | "
           f"{info['gflop_per_iter']:.0f} GFLOP/iter | load avg (1 min) {load0:.1f} before, {load1:.1f} after")
     for arm, res in results.items():
         if "error" in res:

@@ -6,7 +6,8 @@ import csv
 import pytest
 import torch
 
-from benchmarks.ppo import CSV_COLUMNS, SHAPES, _summary, _write_csv, build_checkpoints, model_flops, run_fastrlhf
+from benchmarks.ppo import (CSV_COLUMNS, SHAPES, _summary, _write_csv, build_checkpoints, merge_rounds, model_flops,
+                            run_fastrlhf)
 
 
 def test_model_flops_match_counted_matmuls(tmp_path):
@@ -67,3 +68,14 @@ def test_write_csv_appends_and_keeps_foreign_header(tmp_path):
     other.write_text("date,op\nx,y\n")
     used = _write_csv(other, rows, meta)
     assert used.name == "kernels_ppo.csv" and other.read_text() == "date,op\nx,y\n"
+
+
+def test_merge_rounds_pools_timed_iterations():
+    r1 = _summary([(9.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)], B=2, G=10)
+    r2 = _summary([(9.0, 9.0, 9.0), (2.0, 1.0, 1.0), (1.0, 1.0, 5.0)], B=2, G=10)
+    r1.update(peak_mem=5.0)
+    r2.update(peak_mem=7.0)
+    m = merge_rounds([r1, r2], B=2, G=10)
+    assert m["iter_times"] == [11.0, 3.0, 4.0, 4.0, 7.0]  # both rounds' warm-ups gone except the first, for setup_s
+    assert m["s_per_iter"] == pytest.approx(4.0) and m["peak_mem"] == 7.0 and m["rounds"] == 2
+    assert merge_rounds([r1, {"error": "boom"}], B=2, G=10) == {"error": "boom"}
