@@ -44,6 +44,7 @@ from .logprobs import check_labels, logprobs_from_logits_ref
 
 # Backward chunk budget: bytes of G (input dtype) per chunk; CPU-path fp32 temporaries use the same element count × 4 B.
 CHUNK_BYTES = 256 * 2**20
+CPU_CHUNK_BYTES = 16 * 2**20  # the CPU path keeps ~3 fp32 temporaries per chunk; small chunks stay in cache
 MIN_V_CHUNK = 2048  # narrowest vocab chunk before token chunking kicks in
 
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages): the only configs the launcher picks (see ``launch_config``).
@@ -195,13 +196,13 @@ def _linear_dz_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _chunks(N: int, V: int, elem_bytes: int) -> tuple[int, int]:
-    """(n_c, v_c): chunk of tokens × vocab with n_c·v_c·elem_bytes ≤ CHUNK_BYTES (at least 1 × 1).
+def _chunks(N: int, V: int, elem_bytes: int, budget: int | None = None) -> tuple[int, int]:
+    """(n_c, v_c): chunk of tokens × vocab with n_c·v_c·elem_bytes ≤ budget (default CHUNK_BYTES; at least 1 × 1).
 
     Prefer all N tokens at once (then dW of a vocab chunk is complete in one GEMM); chunk tokens only if N·min(V, 2048)
     elements do not fit.
     """
-    max_elems = max(1, CHUNK_BYTES // elem_bytes)
+    max_elems = max(1, (CHUNK_BYTES if budget is None else budget) // elem_bytes)
     if N * min(V, MIN_V_CHUNK) <= max_elems:
         return max(N, 1), max(1, min(V, max_elems // max(N, 1)))
     v_c = min(V, MIN_V_CHUNK)
@@ -237,7 +238,7 @@ def _logits_chunk_torch(xc, wv, bv, inv_tau):
 def _fwd_torch(x, w, b, y, inv_tau):
     """CPU path: the same token × vocab chunk loop, merging (m, s, t) across vocab chunks like the kernel's tiles."""
     N, V = x.shape[0], w.shape[0]
-    n_c, v_c = _chunks(N, V, 4)
+    n_c, v_c = _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES))
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
@@ -291,11 +292,11 @@ def _dz_triton(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
 
 
 def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
-    z = _logits_chunk_torch(xc, wv, bv, inv_tau)  # z = (x·Wᵀ + b)/τ
-    log_p = z - lse[:, None]  # log p = z − LSE
+    log_p = _logits_chunk_torch(xc, wv, bv, inv_tau).sub_(lse[:, None])  # log p = z − LSE, z = (x·Wᵀ + b)/τ
     p = log_p.exp()
     g_lp = torch.where(yc >= 0, g_lp, 0.0)  # ignored labels: no gradient through logp
-    dz = -g_lp[:, None] * p - g_h[:, None] * p * (log_p + ent[:, None])  # −g·p − g_H·p(log p + H)
+    # dz = −g·p − g_H·p(log p + H) = p ⊙ (−g − g_H·(log p + H)), in place over log p (two [n_c, v_c] buffers)
+    dz = log_p.add_(ent[:, None]).mul_(-g_h[:, None]).sub_(g_lp[:, None]).mul_(p)
     local = yc - v_start
     hit = (local >= 0) & (local < wv.shape[0])
     rows = torch.arange(xc.shape[0], device=xc.device)[hit]
@@ -306,7 +307,8 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
 def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
     """x [N, H], w [V, H], b [V]|None, y/lse/ent/g_lp/g_h [N] → (dx [N, H], dw [V, H], db [V]) (None where not needed)."""
     N, V = x.shape[0], w.shape[0]
-    n_c, v_c = _chunks(N, V, x.element_size() if triton_path else 4)
+    n_c, v_c = (_chunks(N, V, x.element_size()) if triton_path
+                else _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES)))
     dz_fn = _dz_triton if triton_path else _dz_torch
     need_dx, need_dw, need_db = need
     dx32 = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
