@@ -295,8 +295,8 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
     log_p = _logits_chunk_torch(xc, wv, bv, inv_tau).sub_(lse[:, None])  # log p = z − LSE, z = (x·Wᵀ + b)/τ
     p = log_p.exp()
     g_lp = torch.where(yc >= 0, g_lp, 0.0)  # ignored labels: no gradient through logp
-    # dz = −g·p − g_H·p(log p + H) = p ⊙ (−g − g_H·(log p + H)), in place over log p (two [n_c, v_c] buffers)
-    dz = log_p.add_(ent[:, None]).mul_(-g_h[:, None]).sub_(g_lp[:, None]).mul_(p)
+    # dz = −g·p − g_H·p(log p + H), reusing the log p buffer: (log p + H)·(−g_H·p) − g·p
+    dz = log_p.add_(ent[:, None]).mul_(p).mul_(-g_h[:, None]).sub_(p.mul_(g_lp[:, None]))
     local = yc - v_start
     hit = (local >= 0) & (local < wv.shape[0])
     rows = torch.arange(xc.shape[0], device=xc.device)[hit]
