@@ -29,21 +29,23 @@ class PipelineConfig:
     base_model: str = param("", "start from this HF folder instead of the built-in tiny Llama (needs the task's words)")
     hidden_size: int = param(128, "built-in model: hidden size")
     num_layers: int = param(2, "built-in model: decoder blocks")
-    n_sft: int = param(1500, "labeler demonstrations for SFT")
+    n_sft: int = param(2000, "labeler demonstrations for SFT")
     demo_noise: float = param(0.3, "fraction of imperfect demonstrations (as human ones are)")
-    sft_epochs: int = param(2, "SFT epochs")
+    sft_steps: int = param(300, "SFT optimizer steps")
+    sft_batch_tokens: int = param(256, "SFT tokens per step (packed)")
     sft_lr: float = param(3e-3, "SFT peak learning rate")
-    n_rm_prompts: int = param(384, "prompts whose K SFT samples the labeler ranks")
+    n_rm_prompts: int = param(3000, "prompts whose K SFT samples the labeler ranks")
     k: int = param(4, "responses ranked per prompt (K, 2..9)")
-    rm_epochs: int = param(2, "reward-model epochs")
+    rm_epochs: int = param(3, "reward-model epochs")
     rm_lr: float = param(1e-3, "reward-model learning rate")
     n_ppo_prompts: int = param(1024, "PPO prompts")
     ppo_iterations: int = param(24, "PPO iterations")
     ppo_batch: int = param(64, "PPO rollouts per iteration")
     ppo_minibatch: int = param(32, "PPO rollouts per optimizer step")
-    ppo_lr: float = param(1e-3, "PPO policy learning rate")
+    ppo_lr: float = param(1e-4, "PPO policy learning rate")
     value_lr: float = param(1e-3, "PPO value learning rate")
-    kl_coef: float = param(0.02, "β, the per-token KL penalty")
+    kl_coef: float = param(0.05, "β, the per-token KL penalty")
+    missing_eos_penalty: float = param(2.0, "score penalty for responses that hit max_new_tokens without EOS")
     max_new_tokens: int = param(8, "response length cap (tokens)")
     n_eval: int = param(256, "held-out prompts for the final evaluation")
     temperature: float = param(1.0, "sampling temperature for RM data, PPO and the evaluation")
@@ -89,8 +91,8 @@ def run(cfg: PipelineConfig) -> dict:
     _banner("1/4 supervised fine-tuning on the labeler's demonstrations")
     t0 = time.perf_counter()
     sft = train_sft(SFTConfig(model=base, data=str(data / "sft.jsonl"), output_dir=str(root / "sft"), seed=cfg.seed,
-                              device=cfg.device, epochs=cfg.sft_epochs, lr=cfg.sft_lr, batch_tokens=1024,
-                              warmup_ratio=0.05, log_every=20))
+                              device=cfg.device, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
+                              batch_tokens=cfg.sft_batch_tokens, warmup_ratio=0.05, log_every=50))
     sft_path = sft["checkpoint"]
     times["sft"] = time.perf_counter() - t0
 
@@ -118,7 +120,7 @@ def run(cfg: PipelineConfig) -> dict:
                               iterations=cfg.ppo_iterations, batch_size=cfg.ppo_batch,
                               minibatch_size=cfg.ppo_minibatch, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, lr=cfg.ppo_lr, value_lr=cfg.value_lr,
-                              kl_coef=cfg.kl_coef, log_every=4))
+                              kl_coef=cfg.kl_coef, missing_eos_penalty=cfg.missing_eos_penalty, log_every=4))
     ppo_path = ppo["checkpoint"]
     times["ppo"] = time.perf_counter() - t0
 
