@@ -27,8 +27,8 @@ from ._backend import use_triton
 from ._lse import M_INIT, lse_tile_update
 from ._utils import check_float
 
-# Row chunk of the CPU path: at most this many bytes of fp32 [rows, V] temporaries at a time.
-CHUNK_BYTES = 64 * 2**20
+# Row chunk of the CPU path: at most this many bytes of fp32 [rows, V] temporaries at a time (small: stays in cache).
+CHUNK_BYTES = 4 * 2**20
 
 # (BLOCK_R, BLOCK_V, num_warps) — the only configs the launcher picks (see ``launch_config``).
 CONFIGS = ((16, 256, 4), (4, 1024, 4), (1, 4096, 8))
@@ -178,8 +178,8 @@ def _fwd_torch(x2: torch.Tensor, y: torch.Tensor, inv_tau: float):
         yc = y[r0:r1]
         zy = z.gather(1, yc.clamp(0, V - 1).unsqueeze(1)).squeeze(1)
         logp[r0:r1] = torch.where((yc >= 0) & (yc < V), zy - l, 0.0)  # logp = z[y] − LSE (unchecked ≥ V: 0)
-        log_p = z - l[:, None]  # log p = z − LSE
-        ent[r0:r1] = -(log_p.exp() * log_p).sum(-1)  # H = LSE − Σ p·z = −Σ p log p
+        log_p = z.sub_(l[:, None])  # log p = z − LSE (in place: z is not needed any more)
+        ent[r0:r1] = -(log_p.exp().mul_(log_p)).sum(-1)  # H = LSE − Σ p·z = −Σ p log p
         lse[r0:r1] = l
     return logp, lse, ent
 
@@ -189,9 +189,10 @@ def _bwd_torch(x2, y, lse, ent, g_logp, g_ent, inv_tau):
     dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)
     g_lp = torch.where((y >= 0) & (y < V), g_logp, 0.0)  # ignored labels: no gradient through logp
     for r0, r1 in _row_chunks(n, V):
-        log_p = x2[r0:r1].float() * inv_tau - lse[r0:r1, None]  # log p = z − LSE
+        log_p = (x2[r0:r1].float() * inv_tau).sub_(lse[r0:r1, None])  # log p = z − LSE
         p = torch.exp(log_p)
-        dz = -g_lp[r0:r1, None] * p - g_ent[r0:r1, None] * p * (log_p + ent[r0:r1, None])  # −g·p − g_H·p(log p + H)
+        # dz = −g·p − g_H·p(log p + H), reusing the log p buffer
+        dz = log_p.add_(ent[r0:r1, None]).mul_(p).mul_(-g_ent[r0:r1, None]).sub_(p.mul_(g_lp[r0:r1, None]))
         yc = y[r0:r1]
         ok = (yc >= 0) & (yc < V)
         rows = torch.arange(r1 - r0, device=x2.device)[ok]
