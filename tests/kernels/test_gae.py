@@ -15,24 +15,11 @@ import torch
 import fastrlhf.kernels as K
 from fastrlhf.kernels import gae, gae_ref
 from tests.conftest import pick
+from tests.kernels.masks import make_mask
 
 gae_mod = importlib.import_module("fastrlhf.kernels.gae")  # the module (the package re-exports the functions)
 EPS32 = torch.finfo(torch.float32).eps
 BACKENDS = ("triton", "torch")
-
-
-def make_mask(B, T, kind, device):
-    """bool [B, T]: right / left padding with random lengths (one row full), or random holes; the last row all masked."""
-    if kind == "holes":
-        m = torch.rand(B, T, device=device) < 0.6
-    else:
-        lengths = torch.randint(0, T + 1, (B,), device=device)
-        lengths[0] = T
-        t = torch.arange(T, device=device)
-        m = t[None, :] < lengths[:, None] if kind == "right" else t[None, :] >= (T - lengths)[:, None]
-    if B > 1:
-        m[-1] = False
-    return m
 
 
 def _check(out, ref64, base32, gamma, lam, what):

@@ -14,25 +14,12 @@ import torch
 import fastrlhf.kernels as K
 from fastrlhf.kernels import shape_rewards, shape_rewards_ref
 from tests.conftest import pick
+from tests.kernels.masks import make_mask
 
 EPS32 = torch.finfo(torch.float32).eps
 ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 BACKENDS = ("triton", "torch")
 rewards_mod = importlib.import_module("fastrlhf.kernels.rewards")  # the module (the package re-exports the functions)
-
-
-def make_mask(B, T, kind, device):
-    """bool [B, T]: right / left padding with random lengths (one row empty, one full), or random holes."""
-    if kind == "holes":
-        m = torch.rand(B, T, device=device) < 0.6
-    else:
-        lengths = torch.randint(0, T + 1, (B,), device=device)
-        lengths[0] = T
-        t = torch.arange(T, device=device)
-        m = t[None, :] < lengths[:, None] if kind == "right" else t[None, :] >= (T - lengths)[:, None]
-    if B > 1:
-        m[-1] = False  # an all-masked row
-    return m
 
 
 def _check(out, ref64, base32, scale, what, extra=0.0):

@@ -13,6 +13,7 @@ import torch
 import fastrlhf.kernels as K
 from fastrlhf.kernels import whiten, whiten_ref
 from tests.conftest import pick
+from tests.kernels.masks import make_mask
 
 whiten_mod = importlib.import_module("fastrlhf.kernels.whiten")  # the module (the package re-exports the functions)
 EPS32 = torch.finfo(torch.float32).eps
@@ -23,19 +24,6 @@ TWO_PHASE_CUDA = dict(small_n=1024)  # on CUDA: force the two-phase path with th
 
 def two_phase(device):
     return TWO_PHASE if device == "cpu" else TWO_PHASE_CUDA
-
-
-def make_mask(B, T, kind, device):
-    if kind == "holes":
-        m = torch.rand(B, T, device=device) < 0.6
-    else:
-        lengths = torch.randint(0, T + 1, (B,), device=device)
-        lengths[0] = T
-        t = torch.arange(T, device=device)
-        m = t[None, :] < lengths[:, None] if kind == "right" else t[None, :] >= (T - lengths)[:, None]
-    if B > 1:
-        m[-1] = False
-    return m
 
 
 def _check(out, x, mask, shift_mean, what):
