@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from .timing import device_name, git_commit
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -208,34 +209,6 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
                 add(ours_p, f"speedup_vs_{p}", tps[ours_p] / tps[p], "x")
     info = dict(device=device, shape=shape, dtype=str(dtype).replace("torch.", ""), B=B, P=P, G=G, runs=runs)
     return rows, info
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = "CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    import subprocess
-    here = Path(__file__).resolve().parent
-    try:
-        h = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if h.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, timeout=10).returncode != 0
-        return h.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -28,8 +28,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +36,7 @@ from typing import Callable
 import torch
 
 from . import baselines as BL
-from .timing import bench, bench_interleaved, peak_extra_mib
+from .timing import bench, bench_interleaved, device_name, git_commit, peak_extra_mib
 
 CSV_COLUMNS = ["date", "device", "op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
                "pct_ceiling", "peak_extra_mib", "max_abs_err", "torch", "triton", "commit"]
@@ -405,34 +403,6 @@ BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "gae": bench_gae,
 # ----------------------------------------------------------------------------------------------------------------------
 # environment, output
 # ----------------------------------------------------------------------------------------------------------------------
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        h = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                           timeout=10)
-        if h.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, timeout=10).returncode != 0
-        return h.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _fmt(v) -> str:
     if isinstance(v, float):
         if v != v:

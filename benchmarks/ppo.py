@@ -57,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-from .generate import CSV_COLUMNS, device_name, format_table, git_commit
-from .timing import _quantile
+from .generate import CSV_COLUMNS, format_table
+from .timing import _quantile, device_name, git_commit
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 ARMS = ("fastrlhf", "trl")

@@ -133,3 +133,41 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
         live += e.nbytes()  # + on allocation, − on free
         peak = max(peak, live)
     return peak
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# environment (shared by the runners' table headers and CSV rows)
+# ----------------------------------------------------------------------------------------------------------------------
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU model with the torch thread count."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    """Short HEAD hash of the checkout the benchmarks run from (+dirty with uncommitted changes), or "unknown"."""
+    import subprocess
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    try:
+        h = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                           timeout=10)
+        if h.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=here, timeout=10).returncode != 0
+        return h.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
