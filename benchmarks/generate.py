@@ -219,17 +219,16 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(heads), "|" + "|".join("-" * (x + 2) for x in w) + "|"] + [line(c) for c in cells])
 
 
-def write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
+def write_csv(path: Path, rows: list[dict], meta: dict, suffix: str = "_generate") -> Path:
     """Append rows to ``path``; header written when new. If ``path`` exists with another header (another benchmark's
-    columns), the rows go to ``<stem>_generate.csv`` beside it instead of misaligning the file; returns the path used."""
+    columns), the rows go to ``<stem><suffix>.csv`` beside it instead of misaligning the file; returns the path used."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.stat().st_size > 0:
         with open(path, newline="") as fh:
             header = next(csv.reader(fh), None)
         if header != CSV_COLUMNS:
-            path = path.with_name(path.stem + "_generate" + path.suffix)
-            return write_csv(path, rows, meta)
+            return write_csv(path.with_name(path.stem + suffix + path.suffix), rows, meta, suffix)
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)

@@ -43,7 +43,6 @@ generation / TRL runners use).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import math
@@ -57,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import CSV_COLUMNS, format_table
+from .generate import CSV_COLUMNS, format_table, write_csv
 from .timing import _quantile, device_name, git_commit
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -462,22 +461,9 @@ def _rows(arm: str, res: dict, device: str, flops: dict) -> list[dict]:
 
 
 def _write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
-    """Append rows (header when new). A file with another header (another runner's columns) is left alone and the
-    rows go to ``<stem>_ppo.csv`` beside it; returns the path used."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="") as fh:
-            if next(csv.reader(fh), None) != CSV_COLUMNS:
-                return _write_csv(path.with_name(path.stem + "_ppo" + path.suffix), rows, meta)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r, "median": f"{r['median']:.6g}"})
-    return path
+    """Append rows (header when new); a file with another runner's header is left alone and the rows go to
+    ``<stem>_ppo.csv`` beside it. Returns the path used."""
+    return write_csv(path, rows, meta, suffix="_ppo")
 
 
 def run(shape: str | None = None, device: str | None = None, iters: int = 4, threads: int = 2, arms=ARMS,
