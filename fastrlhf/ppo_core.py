@@ -151,8 +151,9 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
     PPO-ptx: ``ptx_coef * ptx_loss_fn(policy, batch)`` added to the policy loss for each minibatch.
     """
     B = exp.input_ids.shape[0]
-    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
-                                                       "vf_clipfrac", "entropy", "ptx_loss", "grad_norm")}
+    # detached scalar tensors, averaged and copied to the host once at the end (no sync per statistic per minibatch)
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
+                                                              "vf_clipfrac", "entropy", "ptx_loss", "grad_norm")}
     for _epoch in range(epochs):
         perm = torch.randperm(B, generator=generator, device="cpu").to(exp.input_ids.device)
         for sl in _chunks(B, minibatch_size):
@@ -170,8 +171,9 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                 if ptx_batches is not None and ptx_coef > 0:
                     ptx = ptx_loss_fn(policy, next(ptx_batches))
                     loss_pi = loss_pi + ptx_coef * ptx
-                    stats["ptx_loss"].append(float(ptx.detach()))
-            if not torch.isfinite(loss_pi.detach()) or not torch.isfinite(vf_loss.detach()):
+                    stats["ptx_loss"].append(ptx.detach())
+            # the one host sync per minibatch: a non-finite loss must stop before it reaches the weights
+            if not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach())):
                 raise FloatingPointError(f"non-finite PPO loss (policy {float(loss_pi):.4g}, value {float(vf_loss):.4g})")
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
@@ -179,15 +181,15 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             if max_grad_norm is not None:
                 gn = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_grad_norm)
                 torch.nn.utils.clip_grad_norm_([p for p in value_model.parameters() if p.requires_grad], max_grad_norm)
-                stats["grad_norm"].append(float(gn))
+                stats["grad_norm"].append(gn.detach())
             policy_opt.step()
             value_opt.step()
             if on_minibatch is not None:
                 on_minibatch()
-            stats["policy_loss"].append(float(pg_loss.detach()))
-            stats["value_loss"].append(float(vf_loss.detach()))
-            stats["clipfrac"].append(float(pg_metrics["clipfrac"]))
-            stats["approx_kl"].append(float(pg_metrics["approx_kl"]))
-            stats["vf_clipfrac"].append(float(vf_metrics["vf_clipfrac"]))
-            stats["entropy"].append(masked_mean(ent.detach().float(), mb.mask))
-    return {k: (sum(v) / len(v) if v else math.nan) for k, v in stats.items()}
+            stats["policy_loss"].append(pg_loss.detach())
+            stats["value_loss"].append(vf_loss.detach())
+            stats["clipfrac"].append(pg_metrics["clipfrac"])
+            stats["approx_kl"].append(pg_metrics["approx_kl"])
+            stats["vf_clipfrac"].append(vf_metrics["vf_clipfrac"])
+            stats["entropy"].append((ent.detach().float() * mb.mask).sum() / mb.mask.sum().clamp_min(1))
+    return {k: (float(torch.stack([t.float() for t in v]).mean()) if v else math.nan) for k, v in stats.items()}
