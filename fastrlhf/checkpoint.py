@@ -1,9 +1,13 @@
 """Checkpoints: atomic HF folders + trainer state, resume, and Ctrl-C -> "save then exit".
 
 Layout of a run directory:
-    run_dir/checkpoint-0000120/   config.json, model.safetensors, tokenizer files (an HF folder transformers can load)
-                                  trainer_state.pt (optimizer, step, data position, RNG states; tensors/primitives only)
+    run_dir/checkpoint-0000120/   config.json, model.safetensors, tokenizer files (an HF folder transformers can load;
+                                  under FSDP the full weights are gathered from the shards and written by rank 0)
+                                  optimizer/       (optimizer states, torch.distributed.checkpoint: one file per rank,
+                                                    loadable at any other world size)
+                                  trainer_state.pt (step, data position, RNG states; tensors/primitives only)
                                   run_config.yaml  (the stage config of the run)
+                                  <name>/          (more HF folders, e.g. PPO's value_model)
 A checkpoint is written into a hidden temporary folder in the same parent, fsynced, then renamed into place (os.replace is
 atomic within one filesystem), so a crash mid-save leaves the previous checkpoints untouched. Older checkpoints are removed
 only after the new one is complete (``keep`` newest are kept). Weights load from safetensors only; the trainer state loads
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
+OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder of the optimizer states
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -101,45 +106,118 @@ def _is_rank0() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def full_state_dict(model) -> dict | None:
+    """The full (unsharded) weights of ``model`` on the CPU: gathered from every rank for an FSDP-sharded model
+    (a collective: all ranks call it; rank 0 gets the dict, the others None), ``model.state_dict()`` otherwise."""
+    from fastrlhf.distributed import is_sharded
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if _is_rank0() else None
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+
+
 def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state: dict | None = None,
-                    config: Any = None, keep: int = 2, extra_files: dict[str, Callable[[Path], None]] | None = None) -> Path:
+                    config: Any = None, keep: int = 2, extra_files: dict[str, Callable[[Path], None]] | None = None,
+                    extra_models: dict[str, Any] | None = None, optimizers: dict[str, tuple] | None = None) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically and return its path; keep the ``keep`` newest checkpoints (0 = all).
 
-    ``trainer_state``: a dict of tensors/primitives (use ``trainer_state_dict``). ``extra_files``: name -> writer(path)
-    for more files inside the folder (e.g. a value model). Rank 0 only writes.
+    Called by every rank (under torchrun the weights are gathered and the optimizer state is written by all ranks):
+    - ``model`` and ``extra_models`` (name -> model, e.g. the value model): HF folders transformers loads, full weights
+      gathered from the shards, written by rank 0 (``model`` at the top, the others in sub-folders ``name``);
+    - ``optimizers`` (name -> (model, optimizer)): the optimizer states, sharded as they are, with
+      ``torch.distributed.checkpoint`` into ``optimizer/`` (each rank writes its shard; loadable at another world size);
+    - ``trainer_state``: a dict of tensors/primitives (use ``trainer_state_dict``); ``extra_files``: name -> writer(path)
+      for more files (rank 0).
+    Everything goes to a hidden temporary folder that is renamed into place once complete.
     """
-    final = checkpoint_path(run_dir, step)
-    if not _is_rank0():
-        return final
+    from fastrlhf import distributed as D
     from fastrlhf.model import save_model
 
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(run_dir) / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    final = checkpoint_path(run_dir, step)
+    states = {"": full_state_dict(model)}                          # collectives first, on every rank
+    for name, m in (extra_models or {}).items():
+        states[name] = full_state_dict(m)
+    models = {"": model, **(extra_models or {})}
+    tmp = Path(run_dir) / D.broadcast_object(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        save_model(model, tmp, tokenizer=tokenizer)               # creates tmp/ (itself atomic)
-        if trainer_state is not None:
-            torch.save(trainer_state, tmp / STATE_FILE)
-        if config is not None:
-            from fastrlhf.config import save_config
-            save_config(config, tmp / "run_config.yaml")
-        for name, writer in (extra_files or {}).items():
-            writer(tmp / name)
-        _fsync_tree(tmp)
-        if final.exists():                                        # re-saving the same step: swap, then drop the old one
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(Path(run_dir))
+        if _is_rank0():
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            save_model(model, tmp, tokenizer=tokenizer, state_dict=states[""])  # creates tmp/ (itself atomic)
+            for name, sd in states.items():
+                if name:
+                    save_model(models[name], tmp / name, state_dict=sd)
+        D.barrier()
+        if optimizers:
+            save_optimizers(tmp / OPTIM_DIR, optimizers)
+        if _is_rank0():
+            if trainer_state is not None:
+                torch.save(trainer_state, tmp / STATE_FILE)
+            if config is not None:
+                from fastrlhf.config import save_config
+                save_config(config, tmp / "run_config.yaml")
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
+            _fsync_tree(tmp)
+            if final.exists():                                    # re-saving the same step: swap, then drop the old one
+                old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            _fsync_dir(Path(run_dir))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep > 0:
+    if _is_rank0() and keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    D.barrier()                                                   # every rank sees the finished checkpoint
     return final
+
+
+def save_optimizers(path: Path, optimizers: dict[str, tuple]) -> None:
+    """name -> (model, optimizer): their states with ``torch.distributed.checkpoint`` at ``path`` (all ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items()}
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(path))
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes a single process' when no process group is running: that is the intent here."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to (save|load) in a single process.*")
+        yield
+
+
+def load_optimizers(checkpoint, optimizers: dict[str, tuple], legacy: dict[str, dict | None] | None = None) -> None:
+    """Restore name -> (model, optimizer) from ``checkpoint/optimizer`` (written at any world size; resharded to this
+    one). ``legacy``: name -> the plain ``optimizer.state_dict()`` an older fastrlhf kept in trainer_state.pt (one
+    process), used when the checkpoint has no ``optimizer/`` folder."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    path = Path(checkpoint) / OPTIM_DIR
+    if not (path / ".metadata").is_file():
+        legacy = legacy or {}
+        if all(legacy.get(name) is not None for name in optimizers):
+            for name, (_, opt) in optimizers.items():
+                opt.load_state_dict(legacy[name])
+            return
+        raise CheckpointError(f"{path}: no optimizer state (.metadata missing): not a complete fastrlhf checkpoint")
+    state = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items()}
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load the optimizer state ({type(e).__name__}: {e})") from None
+    for name, (m, opt) in optimizers.items():
+        set_optimizer_state_dict(m, opt, state[name])
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -191,7 +269,8 @@ def trainer_state_dict(*, step: int, optimizer=None, data_state: dict | None = N
 
 
 def restore_trainer_state(state: dict, *, optimizer=None, data=None) -> int:
-    """Load optimizer / data position / RNG from ``state``; returns the step to continue from."""
+    """Load optimizer (when the state holds one) / data position / RNG from ``state``; returns the step to continue
+    from. The stages keep optimizer states in the sharded ``optimizer/`` folder instead (``load_optimizers``)."""
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if data is not None and state.get("data"):

@@ -78,6 +78,15 @@ def _user_errors() -> tuple[type, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``fastrlhf`` command. Under torchrun an uncaught error is also recorded in torchrun's error file (its
+    summary then names the failing rank and shows its traceback; torchrun stops the other ranks)."""
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from torch.distributed.elastic.multiprocessing.errors import record
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -91,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastrlhf: unknown command '{cmd}'\n\n{usage()}", file=sys.stderr)
         return 2
     debug = os.environ.get("FASTRLHF_DEBUG") == "1"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: say which rank failed
+        cmd_name = f"{cmd} [rank {os.environ.get('RANK', '?')}]"
+    else:
+        cmd_name = cmd
     user_errors = _user_errors()
     try:
         if cmd == "bench":
@@ -101,17 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help of a command
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except KeyboardInterrupt:
-        print(f"\nfastrlhf {cmd}: interrupted", file=sys.stderr)
+        print(f"\nfastrlhf {cmd_name}: interrupted", file=sys.stderr)
         return 130
     except user_errors as e:
         if debug:
             raise
-        print(f"fastrlhf {cmd}: error: {e}", file=sys.stderr)
+        print(f"fastrlhf {cmd_name}: error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FloatingPointError) as e:  # bad field combinations, non-finite loss: one clear line
         if debug:
             raise
-        print(f"fastrlhf {cmd}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"fastrlhf {cmd_name}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0
 

@@ -168,6 +168,15 @@ class HybridEngine:
         local). Override (or assign) in a subclass that unshards, e.g. ``model.unshard()`` ... ``model.reshard()``."""
         yield
 
+    def all_done(self, done: Tensor) -> bool:
+        """Whether decoding can stop: every row of ``done`` [B] is finished (one host sync). Sharded models whose decode
+        step is a collective override it so that all ranks agree (``fastrlhf.distributed.attach_gather``)."""
+        return bool(done.all())
+
+    def release_graphs(self) -> None:
+        """Drop the captured decode graphs (they read the parameters' storage; a resharded model frees it)."""
+        self._graphs.clear()
+
     @contextlib.contextmanager
     def generation(self, *, max_batch_size: int | None = None, max_seq_len: int | None = None):
         """Inference mode for the block: eval, no autograd, no gradient checkpointing, KV cache ready.
@@ -314,7 +323,7 @@ class HybridEngine:
             while n < G:
                 step()
                 n += 1
-                if n % self.check_every == 0 and bool(buf.done.all()):
+                if n % self.check_every == 0 and self.all_done(buf.done[:B]):
                     break
             # 4. the rollout: fresh tensors (the buffers are reused by the next call)
             resp = buf.tokens[:B, P:P + n]

@@ -8,6 +8,12 @@ from the RM (InstructGPT §3.5). One iteration = the numbered steps below (the m
     8. epochs × minibatches of clipped policy loss + clipped value loss (+ PPO-ptx)
 
 Defaults follow InstructGPT where it states them (β = 0.02, clip 0.2, λ = 0.95, γ = 1).
+
+Under torchrun (``fastrlhf.distributed``): policy and value FSDP2-sharded and trained, reference and reward model
+sharded for inference only. Each iteration samples ``batch_size × world`` prompts of one global order, rank r rolls out
+its slice; the policy's full weights are gathered once per rollout (``generation_gather``); advantages are whitened
+with all ranks' statistics and the losses divide by the global token count, so N ranks match one process with
+``batch_size × N`` prompts and ``minibatch_size × N`` rollouts per minibatch (given the same rollouts).
 """
 from __future__ import annotations
 
@@ -20,16 +26,17 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
+from . import distributed as D
 from . import kernels as K
-from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume, save_checkpoint,
-                         seed_everything, set_rng_state, trainer_state_dict)
+from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers, load_trainer_state, resolve_resume,
+                         save_checkpoint, seed_everything, set_rng_state, trainer_state_dict)
 from .config import param
 from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from .engine import HybridEngine
 from .lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
-from .model import autocast_context, load_model, load_tokenizer, save_model
+from .model import autocast_context, load_model, load_tokenizer
 from .metrics import explained_variance, peak_memory_gb, progress
-from .optim import make_adamw, resolve_device, use_autocast
+from .optim import make_adamw, use_autocast
 from .ppo_core import make_experience, masked_mean, ppo_update
 
 
@@ -48,8 +55,8 @@ class PPOConfig:
     seed: int = param(0, "seed of prompt order, sampling and initialisation")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     iterations: int = param(20, "PPO iterations (rollout + update)")
-    batch_size: int = param(16, "prompts per iteration (rollouts B)")
-    minibatch_size: int = param(16, "rollouts per optimizer step")
+    batch_size: int = param(16, "prompts per iteration and rank (rollouts B; world × B in all)")
+    minibatch_size: int = param(16, "rollouts per optimizer step and rank")
     ppo_epochs: int = param(4, "passes over each batch of rollouts")
     max_new_tokens: int = param(32, "response length cap G (tokens)")
     max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
@@ -80,6 +87,9 @@ class PPOConfig:
     ptx_data: str = param("", "jsonl of SFT rows for PPO-ptx ({\"prompt\",\"response\"} or {\"messages\"})")
     ptx_batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)")
     forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values")
+    generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
+                                   "and decode step (per_block: less memory), or auto (full when it fits)",
+                                   choices=("auto", "full", "per_block"))
     mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
     gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
     save_every: int = param(0, "save a checkpoint every N iterations (0 = only at the end)")
@@ -133,7 +143,11 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             raise ValueError(f"ppo: the field '{name}' is required (see fastrlhf ppo --help)")
     if cfg.minibatch_size <= 0 or cfg.batch_size <= 0 or cfg.minibatch_size > cfg.batch_size:
         raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
-    device = resolve_device(cfg.device)
+    env = D.init(cfg.device)
+    device = env.device
+    if env.launched and (cfg.lora_rank > 0 or cfg.optimizer != "adamw"):
+        raise ValueError("ppo under torchrun: lora_rank > 0 and optimizer adamw8bit are single-process features for now "
+                         "(use lora_rank 0 and optimizer adamw with FSDP)")
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
@@ -141,6 +155,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     # Models: policy (trained) and value (trained); reference and reward (frozen).
     tokenizer = load_tokenizer(cfg.policy)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    load_dev = "cpu" if env.launched else device  # under torchrun fully_shard moves each rank's shards to its device
     ref_context = None
     if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
         policy = add_lora(load_model(cfg.policy, head="lm", device=device), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -149,14 +164,19 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             load_lora_state_dict(policy, load_safetensors(str(resume_from / LORA_FILE), device=str(device)))
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        policy = load_model(resume_from or cfg.policy, head="lm", device=device)
-        ref = _freeze(load_model(cfg.policy, head="lm", device=device, dtype=frozen_dtype))
+        policy = load_model(resume_from or cfg.policy, head="lm", device=load_dev)
+        ref = _freeze(load_model(cfg.policy, head="lm", device=load_dev, dtype=frozen_dtype))
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
     policy.config.gradient_checkpointing = cfg.gradient_checkpointing
-    reward = _freeze(load_model(cfg.reward_model, head="score", device=device, dtype=frozen_dtype))
+    reward = _freeze(load_model(cfg.reward_model, head="score", device=load_dev, dtype=frozen_dtype))
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
-    value = load_model(value_init, head="score", device=device)
+    value = load_model(value_init, head="score", device=load_dev)
     policy.train(), value.train()
+    bf16 = use_autocast(cfg.mixed_precision, device)
+    policy, value = D.shard_model(policy, env, bf16_compute=bf16), D.shard_model(value, env, bf16_compute=bf16)
+    if ref is not policy:
+        ref = D.shard_model(ref, env)  # frozen: sharded for inference only (already in the frozen dtype)
+    reward = D.shard_model(reward, env)
     policy_opt = make_optimizer(policy, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     value_opt = make_optimizer(value, kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
     kl_ctl = (K.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -164,6 +184,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     compute_dtype = torch.bfloat16 if use_autocast(cfg.mixed_precision, device) else None
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
+    D.attach_gather(engine, D.GenerationGather(policy, cfg.generation_gather, compute_dtype))  # no-op unsharded
 
     # Data: prompts tokenized once (validated: every prompt + max_new_tokens must fit the context).
     ctx = policy.config.max_position_embeddings
@@ -173,7 +194,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         ids = tokenize_prompt(tokenizer, ex.prompt, ex.source)
         check_prompt_length(len(ids), max_prompt, ex.source)
         prompts.append(ids)
-    sampler = EpochSampler(len(prompts), cfg.batch_size, seed=cfg.seed, drop_last=True)  # fixed rollout shapes
+    # fixed rollout shapes; one global batch of batch_size × world prompts per iteration, rank r takes its slice
+    sampler = EpochSampler(len(prompts), cfg.batch_size * env.world_size, seed=cfg.seed, drop_last=True)
     ptx_batches, ptx_loss_fn = (None, None)
     if cfg.ptx_coef > 0:
         if not cfg.ptx_data:
@@ -183,8 +205,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        policy_opt.load_state_dict(state["optimizer"])
-        value_opt.load_state_dict(state["extra"]["value_optimizer"])
+        load_optimizers(resume_from, {"policy": (policy, policy_opt), "value": (value, value_opt)},
+                        legacy={"policy": state.get("optimizer"), "value": state["extra"].get("value_optimizer")})
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -201,15 +223,15 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     history = []
 
     def save(step: int) -> Path:
-        st = trainer_state_dict(step=step, optimizer=policy_opt, data_state=sampler.state_dict(),
-                                extra={"value_optimizer": value_opt.state_dict(), "kl_ctl": kl_ctl.state_dict()})
-        extra = {"value_model": lambda p: save_model(value, p)}
+        st = trainer_state_dict(step=step, data_state=sampler.state_dict(), extra={"kl_ctl": kl_ctl.state_dict()})
+        extra = {}
         export = policy
         if cfg.lora_rank > 0:  # the HF export holds merged weights; the adapter alone is kept to resume
             export = merged_copy(policy)
             extra[LORA_FILE] = lambda p: save_safetensors(lora_state_dict(policy), str(p))
         return save_checkpoint(run_dir, step, model=export, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, extra_files=extra)
+                               keep=cfg.keep_checkpoints, extra_files=extra, extra_models={"value_model": value},
+                               optimizers={"policy": (policy, policy_opt), "value": (value, value_opt)})
 
     bar = progress(total=cfg.iterations, initial=start, desc="ppo")
     with graceful_interrupt() as stop:
@@ -218,12 +240,13 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # 1. sample prompts
-            batch = [prompts[i] for i in next(batches)]
+            batch = [prompts[i] for i in D.local_slice(next(batches), env)]
             # 2. generate with the hybrid engine (the optimizer's in-place updates are what it sees)
             with engine.generation(max_batch_size=cfg.batch_size, max_seq_len=max(map(len, batch)) + cfg.max_new_tokens):
                 rollout = engine.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tokenizer.eos_token_id,
-                                          pad_token_id=tokenizer.pad_token_id, seed=cfg.seed * 100003 + step)
+                                          pad_token_id=tokenizer.pad_token_id,
+                                          seed=cfg.seed * 100003 + step + env.rank * 1_000_003)  # distinct per rank
             t1 = time.perf_counter()
             # 3.-7. score, old/ref log-probs and values, shaped rewards, GAE, whitened advantages
             policy.eval(), value.eval()  # deterministic forwards for the "old" quantities (no dropout anyway)
@@ -243,9 +266,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                max_grad_norm=cfg.max_grad_norm or None, autocast=autocast, generator=gen,
                                ptx_batches=ptx_batches, ptx_coef=cfg.ptx_coef, ptx_loss_fn=ptx_loss_fn)
             t3 = time.perf_counter()
-            # KL per sequence (nats): the quantity the adaptive controller targets
-            seq_kl = float((exp.kl * exp.mask).sum(-1).mean())
-            kl_ctl.update(seq_kl, cfg.batch_size)
+            # KL per sequence (nats), mean over all ranks' rollouts: the quantity the adaptive controller targets
+            seq_kl = D.reduce_metrics({"kl": float((exp.kl * exp.mask).sum(-1).mean())})["kl"]
+            kl_ctl.update(seq_kl, cfg.batch_size * env.world_size)
             n_tok = int(exp.mask.sum())
             metrics = {
                 "step": step + 1, "score": float(exp.scores.mean()), "kl": seq_kl, "kl_coef": float(kl_ctl.value),
@@ -260,6 +283,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                 "time/generate": t1 - t0, "time/experience": t2 - t1, "time/train": t3 - t2,
                 "peak_mem_gb": peak_memory_gb(device),
             }
+            metrics = D.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
+                                       max_keys=("peak_mem_gb", "time/generate", "time/experience", "time/train"))
+            stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
             if not math.isfinite(metrics["policy_loss"]) or not math.isfinite(metrics["value_loss"]):
                 raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "
                                          f"{last_ckpt}")
@@ -267,9 +293,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             bar.update(1)
             log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.log_every, 1) == 0)
             done = step + 1 == cfg.iterations
-            if done or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if done or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 last_ckpt = save(step + 1)
-            if stop:
+            if stop_now:
                 print(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}", flush=True)
                 break
     bar.close()
@@ -283,4 +309,6 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
 def main(argv=None) -> dict:
     from .config import parse_config
-    return train(parse_config(PPOConfig, argv, prog="fastrlhf ppo"))
+    out = train(parse_config(PPOConfig, argv, prog="fastrlhf ppo"))
+    D.shutdown()  # under torchrun: leave the process group once every rank is done
+    return out

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import distributed as D
 from . import kernels as K
 
 
@@ -125,13 +126,40 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
     rewards = K.shape_rewards(score, kl, mask, kl_coef=kl_coef)
     # 6. GAE over valid tokens
     advantages, returns = K.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
-    # 7. whitened advantages (mean 0, unit variance over valid tokens)
+    # 7. whitened advantages (mean 0, unit variance over valid tokens of all ranks)
     if whiten_advantages:
-        advantages = K.whiten(advantages, mask, shift_mean=True)
+        advantages = whiten_across_ranks(advantages, mask)
     return Experience(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       response_ids=rollout.response_ids, mask=mask, old_logprobs=old_logprobs,
                       ref_logprobs=ref_logprobs, old_values=old_values, rewards=rewards, advantages=advantages,
                       returns=returns, scores=score, kl=kl, prompt_len=P)
+
+
+def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``kernels.whiten`` with the statistics of every rank's valid tokens (data parallel); one process: the kernel.
+
+    n = Σ m, μ = Σ x m / n, σ² = (Σ x² m − n μ²) / (n − 1) over all ranks (float64 sums, one all-reduce);
+    out = (x − μ) · rsqrt(σ² + eps) · m.   x, mask: [B, G] -> [B, G]
+    """
+    if D.world_size() == 1:
+        return K.whiten(x, mask, shift_mean=True, eps=eps)
+    m = mask.to(torch.float64)
+    xd = torch.where(mask != 0, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
+    sums = D.all_reduce_sum(torch.stack([m.sum(), xd.sum(), (xd * xd).sum()]))  # [n, Σx, Σx²] of all ranks
+    n, sx, sxx = sums[0], sums[1], sums[2]
+    mean = sx / n.clamp(min=1)
+    var = torch.where(n >= 2, (sxx - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1), torch.zeros_like(n))
+    return ((xd - mean) * torch.rsqrt(var + eps) * m).to(x.dtype)
+
+
+def _denominator(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """This rank's share of the loss denominator of ``agg`` (kernels/_aggregate.py): token-mean Σ m, seq-mean-token-mean
+    #{rows with tokens}, seq-mean-token-sum B.   mask [B, G] -> 0-d fp32"""
+    if agg == "token-mean":
+        return mask.float().sum()
+    if agg == "seq-mean-token-mean":
+        return (mask.sum(-1) > 0).float().sum()
+    return torch.tensor(float(mask.shape[0]), device=mask.device)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -149,6 +177,8 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
     Policy loss: clipped surrogate; value loss: clipped squared error (both fused kernels). The policy and value
     models have separate optimizers (InstructGPT trains separate policy and value networks).
     PPO-ptx: ``ptx_coef * ptx_loss_fn(policy, batch)`` added to the policy loss for each minibatch.
+    Data parallel (FSDP-sharded models): the token-mean denominator is the minibatch's token count over all ranks
+    (``normalizer`` = global count / world, since FSDP averages gradients), and a non-finite loss on any rank stops all.
     """
     B = exp.input_ids.shape[0]
     # detached scalar tensors, averaged and copied to the host once at the end (no sync per statistic per minibatch)
@@ -159,21 +189,23 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
         for sl in _chunks(B, minibatch_size):
             mb = exp.minibatch(perm[sl])
             args = (mb.input_ids, mb.attention_mask, mb.position_ids)
+            # token-mean over all ranks' tokens of this minibatch (one process: None = the local count, as before)
+            norm = D.all_reduce_sum(_denominator(mb.mask, agg)) / D.world_size() if D.world_size() > 1 else None
             with autocast():
                 logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
                                               return_entropy=True)
                 pg_loss, pg_metrics = K.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
-                                                        clip_eps=clip_eps, agg=agg)
+                                                        clip_eps=clip_eps, agg=agg, normalizer=norm)
                 values = response_values(value_model, *args, mb.prompt_len)
                 vf_loss, vf_metrics = K.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
-                                                       clip_eps=vf_clip_eps, agg=agg)
+                                                       clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
                 loss_pi = pg_loss
                 if ptx_batches is not None and ptx_coef > 0:
                     ptx = ptx_loss_fn(policy, next(ptx_batches))
                     loss_pi = loss_pi + ptx_coef * ptx
                     stats["ptx_loss"].append(ptx.detach())
             # the one host sync per minibatch: a non-finite loss must stop before it reaches the weights
-            if not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach())):
+            if D.any_rank(not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach()))):
                 raise FloatingPointError(f"non-finite PPO loss (policy {float(loss_pi):.4g}, value {float(vf_loss):.4g})")
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
@@ -181,7 +213,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             if max_grad_norm is not None:
                 gn = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_grad_norm)
                 torch.nn.utils.clip_grad_norm_([p for p in value_model.parameters() if p.requires_grad], max_grad_norm)
-                stats["grad_norm"].append(gn.detach())
+                stats["grad_norm"].append(D.local_tensor(gn).detach())
             policy_opt.step()
             value_opt.step()
             if on_minibatch is not None:

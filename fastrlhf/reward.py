@@ -11,6 +11,10 @@ At the end, the bias b = mean r(x, y_demo) over the SFT demonstrations is stored
     1. load SFT body + fresh scalar head       2. read, validate, tokenize rankings, split held-out
     3. per step: batch_size prompts × their K responses -> rewards -> pairwise loss -> backward (grad_accum)
     4. clip, warmup+cosine lr, AdamW           5. log / held-out accuracy / checkpoint       6. bias from SFT demos, final save
+
+Under torchrun (``fastrlhf.distributed``): FSDP2-sharded model; a micro-batch is ``batch_size × world`` prompts of one
+global order, rank r takes its slice, and the loss divides by the global number of prompts, so N ranks match one
+process with ``batch_size × N``.
 """
 from __future__ import annotations
 
@@ -22,14 +26,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume,
+from . import distributed as D
+from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers, load_trainer_state, resolve_resume,
                          restore_trainer_state, save_checkpoint, seed_everything, trainer_state_dict)
 from .config import param
 from .data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
                    split_holdout, tokenize_preferences, tokenize_conversation)
 from .metrics import MetricsLogger, peak_memory_gb, progress
 from .model import autocast_context, load_model, load_tokenizer
-from .optim import lr_at, make_adamw, resolve_device, set_lr, use_autocast
+from .optim import lr_at, make_adamw, set_lr, use_autocast
 
 
 @dataclass
@@ -45,7 +50,7 @@ class RewardConfig:
     seed: int = param(0, "seed of data order, held-out split and the head's initialisation")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     max_seq_len: int = param(0, "longest prompt+response in tokens (0 = the model's context); longer responses are cut")
-    batch_size: int = param(8, "prompts per micro-batch (each with all its K responses)")
+    batch_size: int = param(8, "prompts per micro-batch and rank (each with all its K responses)")
     grad_accum: int = param(1, "micro-batches per optimizer step")
     epochs: int = param(1, "passes over the data (InstructGPT: 1, the RM overfits after one epoch)")
     max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
@@ -66,17 +71,19 @@ class RewardConfig:
     plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
 
 
-def ranking_loss(rewards: torch.Tensor, batch: RMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def ranking_loss(rewards: torch.Tensor, batch: RMBatch, normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """InstructGPT's loss and pairwise accuracy.
 
     rewards [M] fp32 (one per sequence); batch.win/lose/pair_group [P]. Returns (loss scalar, accuracy scalar):
-    loss = mean_g [ −1/C_g · Σ_{(w,l) ∈ g} log σ(r_w − r_l) ],  accuracy = mean over pairs of 1[r_w > r_l].
+    loss = Σ_g [ −1/C_g · Σ_{(w,l) ∈ g} log σ(r_w − r_l) ] / D,  D = normalizer or the number of prompts G (a mean),
+    accuracy = mean over pairs of 1[r_w > r_l]. Data-parallel: D = global prompt count / world (FSDP averages grads).
     """
     d = rewards[batch.win] - rewards[batch.lose]                         # [P]  r(x, y_w) − r(x, y_l)
     nll = -F.logsigmoid(d)                                              # [P]  −log σ(d)
     per_group = torch.zeros(batch.n_groups, device=d.device, dtype=d.dtype).index_add_(0, batch.pair_group, nll)
     count = torch.bincount(batch.pair_group, minlength=batch.n_groups).clamp(min=1).to(d.dtype)
-    loss = (per_group / count).mean()                                   # each prompt's C(K,2) pairs = one element
+    denom = float(batch.n_groups) if normalizer is None else normalizer
+    loss = (per_group / count).sum() / denom                            # each prompt's C(K,2) pairs = one element
     return loss, (d.detach() > 0).float().mean()
 
 
@@ -87,22 +94,25 @@ def rewards_of(model, batch: RMBatch) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, items, pad_id: int, batch_size: int, device, autocast: bool) -> dict:
-    """Held-out pairwise accuracy and loss (nan when there is no held-out data)."""
+    """Held-out pairwise accuracy and loss (nan when there is no held-out data). Under torchrun the batches are split
+    over the ranks (padded with weight-0 repeats so every rank runs the same number of forwards) and the sums reduced."""
     if not items:
         return {"eval_accuracy": float("nan"), "eval_loss": float("nan")}
     was = model.training
     model.eval()
     hits = pairs = 0.0
     loss_sum = 0.0
-    for lo in progress(range(0, len(items), batch_size), desc="rm eval"):
-        b = collate_rm(items[lo: lo + batch_size], pad_id).to(device)
+    chunks = [items[lo: lo + batch_size] for lo in range(0, len(items), batch_size)]
+    for chunk, weight in progress(D.padded_shard(chunks), desc="rm eval"):
+        b = collate_rm(chunk, pad_id).to(device)
         with autocast_context(device, enabled=autocast):
             r = rewards_of(model, b)
         loss, acc = ranking_loss(r, b)
-        hits += float(acc) * len(b.win)
-        pairs += len(b.win)
-        loss_sum += float(loss) * b.n_groups
+        hits += weight * float(acc) * len(b.win)
+        pairs += weight * len(b.win)
+        loss_sum += weight * float(loss) * b.n_groups
     model.train(was)
+    hits, pairs, loss_sum = (D.all_reduce_sum(x) for x in (hits, pairs, loss_sum))
     return {"eval_accuracy": hits / max(pairs, 1.0), "eval_loss": loss_sum / len(items)}
 
 
@@ -120,11 +130,12 @@ def demonstration_bias(model, tokenizer, sft_path: str, device, autocast: bool, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     total = 0.0
-    for lo in progress(range(0, len(rows), batch_size), desc="rm bias"):
-        ids, mask = pad_right(rows[lo: lo + batch_size], pad)
+    chunks = [rows[lo: lo + batch_size] for lo in range(0, len(rows), batch_size)]
+    for chunk, weight in progress(D.padded_shard(chunks), desc="rm bias"):  # split over ranks, equal forwards
+        ids, mask = pad_right(chunk, pad)
         with autocast_context(device, enabled=autocast):
-            total += float(model.score_last(ids.to(device), mask.to(device)).float().sum())
-    return total / len(rows)
+            total += weight * float(model.score_last(ids.to(device), mask.to(device)).float().sum())
+    return D.all_reduce_sum(total) / len(rows)
 
 
 def train(cfg: RewardConfig) -> dict:
@@ -134,18 +145,20 @@ def train(cfg: RewardConfig) -> dict:
             raise ValueError(f"rm: the field '{name}' is required (see fastrlhf rm --help)")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError(f"rm: batch_size ({cfg.batch_size}) and grad_accum ({cfg.grad_accum}) must be >= 1")
-    device = resolve_device(cfg.device)
+    env = D.init(cfg.device)
+    device = env.device
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
 
     # 1. SFT body + scalar head (fresh unless resuming)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(resume_from or cfg.model, head="score", device=device)
+    model = load_model(resume_from or cfg.model, head="score", device="cpu" if env.launched else device)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     autocast = use_autocast(cfg.mixed_precision, device)
+    model = D.shard_model(model, env, bf16_compute=autocast)  # FSDP2 under torchrun (moves the shards to device)
     ctx = model.config.max_position_embeddings
     max_len = min(cfg.max_seq_len or ctx, ctx)
 
@@ -158,7 +171,7 @@ def train(cfg: RewardConfig) -> dict:
     if n_cut:
         print(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens", flush=True)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampler = EpochSampler(len(items), cfg.batch_size, seed=cfg.seed)
+    sampler = EpochSampler(len(items), cfg.batch_size * env.world_size, seed=cfg.seed)  # global batches
     steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_ratio * total)
@@ -166,7 +179,9 @@ def train(cfg: RewardConfig) -> dict:
 
     start = 0
     if resume_from is not None:
-        start = restore_trainer_state(load_trainer_state(resume_from), optimizer=opt, data=sampler)
+        state = load_trainer_state(resume_from)
+        start = restore_trainer_state(state, data=sampler)
+        load_optimizers(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
         print(f"[fastrlhf rm] resumed from {resume_from} at step {start}", flush=True)
     last_ckpt = latest_checkpoint(run_dir)
     log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard,
@@ -175,11 +190,12 @@ def train(cfg: RewardConfig) -> dict:
     ev = {"eval_accuracy": float("nan"), "eval_loss": float("nan")}
 
     def save(step: int) -> Path:
-        st = trainer_state_dict(step=step, optimizer=opt, data_state=sampler.state_dict())
+        st = trainer_state_dict(step=step, data_state=sampler.state_dict())
         return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints)
+                               keep=cfg.keep_checkpoints, optimizers={"model": (model, opt)})
 
     batches = iter(sampler)
+    stop_now = False
     bar = progress(total=total, initial=start, desc="rm")
     with graceful_interrupt() as stop:
         for step in range(start, total):
@@ -188,18 +204,23 @@ def train(cfg: RewardConfig) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             # 3. grad_accum micro-batches of prompts, each prompt's K responses scored once
             loss_sum, acc_sum, n_tok = 0.0, 0.0, 0
-            for _ in range(cfg.grad_accum):
-                b = collate_rm([items[i] for i in next(batches)], pad_id).to(device)
+            for k in range(cfg.grad_accum):
+                glob = next(batches)                         # the global micro-batch (all ranks)
+                mine = D.local_slice(glob, env)
+                weight = 1.0 if mine else 0.0                # a short last batch may leave a rank nothing: it runs a
+                b = collate_rm([items[i] for i in (mine or glob[:1])], pad_id).to(device)  # weight-0 forward (FSDP)
+                D.set_gradient_sync(model, k == cfg.grad_accum - 1)
                 with autocast_context(device, enabled=autocast):
                     r = rewards_of(model, b)
-                loss, acc = ranking_loss(r, b)
-                (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-                acc_sum += float(acc) / cfg.grad_accum
+                loss, acc = ranking_loss(r, b, normalizer=len(glob) / env.world_size)
+                (weight * loss / cfg.grad_accum).backward()
+                loss_sum += weight * float(loss.detach()) / cfg.grad_accum
+                acc_sum += weight * float(acc) / cfg.grad_accum
                 n_tok += int(b.attention_mask.sum())
             # 4. clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                     else torch.zeros(()))
+            gnorm = (D.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                     if cfg.max_grad_norm > 0 else torch.zeros(()))
+            loss_sum = D.reduce_metrics({"loss": loss_sum})["loss"]  # mean of the rank terms = the global loss
             if not math.isfinite(loss_sum) or not math.isfinite(float(gnorm)):
                 raise FloatingPointError(f"rm: non-finite loss ({loss_sum}) or grad norm ({float(gnorm)}) at step "
                                          f"{step + 1}; stopped without saving; last good checkpoint: {last_ckpt}")
@@ -211,6 +232,8 @@ def train(cfg: RewardConfig) -> dict:
             dt = time.perf_counter() - t0
             m = {"loss": loss_sum, "accuracy": acc_sum, "lr": lr, "grad_norm": float(gnorm),
                  "tokens_per_s": n_tok / max(dt, 1e-9), "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
+            m = D.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
+            stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
             done = step + 1 == total
             if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 ev = evaluate(model, held, pad_id, cfg.batch_size, device, autocast)
@@ -218,7 +241,7 @@ def train(cfg: RewardConfig) -> dict:
             history.append({"step": step + 1, **m})
             log.log(step + 1, m, echo=done or (step + 1) % max(cfg.log_every, 1) == 0 or "eval_accuracy" in m)
             bar.update(1)
-            if stop and not done:
+            if stop_now and not done:
                 last_ckpt = save(step + 1)
                 print(f"[fastrlhf rm] interrupted at step {step + 1}; saved {last_ckpt}", flush=True)
                 break
@@ -226,7 +249,7 @@ def train(cfg: RewardConfig) -> dict:
                 last_ckpt = save(step + 1)
     bar.close()
     bias = float(model.config.reward_bias)
-    if not stop:
+    if not stop_now:
         # 6. the bias that gives the SFT demonstrations mean reward 0, stored with the model; final checkpoint
         if cfg.sft_data:
             bias = bias + demonstration_bias(model, tokenizer, cfg.sft_data, device, autocast, max_len)
@@ -240,7 +263,9 @@ def train(cfg: RewardConfig) -> dict:
 
 def main(argv=None) -> dict:
     from .config import parse_config
-    return train(parse_config(RewardConfig, argv, prog="fastrlhf rm"))
+    out = train(parse_config(RewardConfig, argv, prog="fastrlhf rm"))
+    D.shutdown()  # under torchrun: leave the process group once every rank is done
+    return out
 
 
 RMConfig = RewardConfig  # the short name (fastrlhf rm)

@@ -8,6 +8,10 @@ hidden states, so the [N, V] logits are never materialized. Samples are packed i
     1. load model + tokenizer, check vocab     2. read, validate, tokenize, split held-out     3. pack into token budgets
     4. per step: grad_accum micro-batches -> loss -> backward      5. clip, warmup+cosine lr, AdamW step
     6. log / evaluate / checkpoint (atomic; Ctrl-C saves)            7. final checkpoint + plots
+
+Under torchrun (``fastrlhf.distributed``): FSDP2-sharded model; one step consumes ``grad_accum × world`` packed
+budgets of the global order and rank r trains on its ``grad_accum`` of them; the loss divides by the global count of
+response tokens (all-reduced), so N ranks match one process with ``grad_accum × N``.
 """
 from __future__ import annotations
 
@@ -18,15 +22,16 @@ from pathlib import Path
 
 import torch
 
+from . import distributed as D
 from . import kernels as K
-from .checkpoint import (graceful_interrupt, latest_checkpoint, load_trainer_state, resolve_resume,
+from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers, load_trainer_state, resolve_resume,
                          restore_trainer_state, save_checkpoint, seed_everything, trainer_state_dict)
 from .config import param
 from .data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
                    tokenize_sft)
 from .metrics import MetricsLogger, peak_memory_gb, progress
 from .model import autocast_context, load_model, load_tokenizer
-from .optim import lr_at, make_adamw, resolve_device, set_lr, use_autocast
+from .optim import lr_at, make_adamw, set_lr, use_autocast
 
 
 @dataclass
@@ -42,7 +47,7 @@ class SFTConfig:
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     max_seq_len: int = param(0, "longest sample in tokens (0 = the model's context); longer responses are cut")
     batch_tokens: int = param(4096, "tokens per micro-batch (the packing budget; >= max_seq_len)")
-    grad_accum: int = param(1, "micro-batches per optimizer step")
+    grad_accum: int = param(1, "micro-batches per optimizer step and rank (a step = grad_accum × world budgets)")
     epochs: int = param(1, "passes over the data (ignored when max_steps > 0)")
     max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
     lr: float = param(2e-5, "peak learning rate")
@@ -78,20 +83,23 @@ def packed_lm_loss(model, batch: PackedBatch, normalizer: float | None = None) -
 
 @torch.no_grad()
 def evaluate(model, loader: PackedLoader | None, device, autocast: bool) -> float:
-    """Token-mean NLL of the response tokens over one pass of the held-out set (nan if there is none)."""
+    """Token-mean NLL of the response tokens over one pass of the held-out set (nan if there is none).
+    Under torchrun the budgets are split over the ranks (padded with weight-0 repeats: equal forwards per rank)."""
     if loader is None:
         return float("nan")
     was = model.training
     model.eval()
     total, count = 0.0, 0.0
     bins = loader.bins(0)
-    for b in progress(range(len(bins)), desc="sft eval", total=len(bins)):
-        batch = make_packed_batch([loader.samples[i] for i in bins[b]], loader.budget, loader.pad_id).to(device)
+    mine = D.padded_shard(bins)
+    for b, weight in progress(mine, desc="sft eval", total=len(mine)):
+        batch = make_packed_batch([loader.samples[i] for i in b], loader.budget, loader.pad_id).to(device)
         with autocast_context(device, enabled=autocast):
             n = float(batch.loss_mask.sum())
-            total += float(packed_lm_loss(model, batch, normalizer=1.0))
-            count += n
+            total += weight * float(packed_lm_loss(model, batch, normalizer=1.0))
+            count += weight * n
     model.train(was)
+    total, count = D.all_reduce_sum(total), D.all_reduce_sum(count)
     return total / max(count, 1.0)
 
 
@@ -102,18 +110,20 @@ def train(cfg: SFTConfig) -> dict:
             raise ValueError(f"sft: the field '{name}' is required (see fastrlhf sft --help)")
     if cfg.grad_accum < 1 or cfg.batch_tokens < 1:
         raise ValueError(f"sft: grad_accum ({cfg.grad_accum}) and batch_tokens ({cfg.batch_tokens}) must be >= 1")
-    device = resolve_device(cfg.device)
+    env = D.init(cfg.device)
+    device = env.device
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
 
     # 1. model + tokenizer (weights from safetensors only)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(resume_from or cfg.model, head="lm", device=device)
+    model = load_model(resume_from or cfg.model, head="lm", device="cpu" if env.launched else device)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
     autocast = use_autocast(cfg.mixed_precision, device)
+    model = D.shard_model(model, env, bf16_compute=autocast)  # FSDP2 under torchrun (moves the shards to device)
     ctx = model.config.max_position_embeddings
     max_len = min(cfg.max_seq_len or ctx, ctx)
     if cfg.batch_tokens < max_len:
@@ -132,14 +142,20 @@ def train(cfg: SFTConfig) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = PackedLoader(samples, cfg.batch_tokens, pad_id, seed=cfg.seed)
     eval_loader = PackedLoader(held, cfg.batch_tokens, pad_id, seed=cfg.seed) if held else None
-    steps_per_epoch = max(1, loader.batches_per_epoch() // cfg.grad_accum)
+    per_step = cfg.grad_accum * env.world_size  # packed budgets consumed per optimizer step, all ranks together
+    if loader.batches_per_epoch() < per_step:
+        raise ValueError(f"sft: one step needs grad_accum × world = {per_step} packed budgets of {cfg.batch_tokens} "
+                         f"tokens, but the data packs into {loader.batches_per_epoch()}; lower batch_tokens/grad_accum")
+    steps_per_epoch = max(1, loader.batches_per_epoch() // per_step)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_ratio * total)
     opt = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
 
     start = 0
     if resume_from is not None:
-        start = restore_trainer_state(load_trainer_state(resume_from), optimizer=opt, data=loader)
+        state = load_trainer_state(resume_from)
+        start = restore_trainer_state(state, data=loader)
+        load_optimizers(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
         print(f"[fastrlhf sft] resumed from {resume_from} at step {start}", flush=True)
     last_ckpt = latest_checkpoint(run_dir)
     log = MetricsLogger(run_dir, stage="sft", total_steps=total, tensorboard=cfg.tensorboard,
@@ -148,9 +164,9 @@ def train(cfg: SFTConfig) -> dict:
     eval_loss = float("nan")
 
     def save(step: int) -> Path:
-        st = trainer_state_dict(step=step, optimizer=opt, data_state=loader.state_dict())
+        st = trainer_state_dict(step=step, data_state=loader.state_dict())
         return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints)
+                               keep=cfg.keep_checkpoints, optimizers={"model": (model, opt)})
 
     batches = iter(loader)
     bar = progress(total=total, initial=start, desc="sft")
@@ -159,18 +175,22 @@ def train(cfg: SFTConfig) -> dict:
             t0 = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            # 4. one optimizer step = grad_accum packed micro-batches; token-mean over all of them
-            micro = [next(batches).to(device) for _ in range(cfg.grad_accum)]
-            n_resp = sum(float(b.loss_mask.sum()) for b in micro)
+            # 4. one optimizer step = grad_accum packed micro-batches per rank; token-mean over all ranks' tokens
+            step_bins = [next(batches) for _ in range(per_step)]
+            micro = [b.to(device) for b in D.local_slice(step_bins, env)]
+            n_resp = D.global_count(sum(float(b.loss_mask.sum()) for b in micro))
             loss_sum = 0.0
-            for b in micro:
+            for i, b in enumerate(micro):
+                D.set_gradient_sync(model, i == len(micro) - 1)  # FSDP: reduce-scatter once, after the last one
                 with autocast_context(device, enabled=autocast):
-                    loss = packed_lm_loss(model, b, normalizer=n_resp)
+                    # FSDP averages gradients over ranks: Σ_ranks (Σ_local / (N/world)) / world = Σ_all / N
+                    loss = packed_lm_loss(model, b, normalizer=n_resp / env.world_size)
                 loss.backward()
                 loss_sum += float(loss.detach())
+            loss_sum = D.reduce_metrics({"loss": loss_sum})["loss"]  # mean over ranks = the global token-mean
             # 5. clip, schedule, AdamW; a non-finite loss or gradient stops the run before it touches the weights
-            gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                     else torch.zeros(()))
+            gnorm = (D.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                     if cfg.max_grad_norm > 0 else torch.zeros(()))
             if not math.isfinite(loss_sum) or not math.isfinite(float(gnorm)):
                 raise FloatingPointError(f"sft: non-finite loss ({loss_sum}) or grad norm ({float(gnorm)}) at step "
                                          f"{step + 1}; stopped without saving; last good checkpoint: {last_ckpt}")
@@ -183,15 +203,17 @@ def train(cfg: SFTConfig) -> dict:
             n_tok = sum(b.n_tokens for b in micro)
             m = {"loss": loss_sum, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": n_tok / max(dt, 1e-9),
                  "epoch": loader.epoch, "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
+            m = D.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
+            stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
             done = step + 1 == total
             if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
                 eval_loss = m["eval_loss"] = evaluate(model, eval_loader, device, autocast)
             history.append({"step": step + 1, **m})
             log.log(step + 1, m, echo=done or (step + 1) % max(cfg.log_every, 1) == 0 or "eval_loss" in m)
             bar.update(1)
-            if done or stop or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if done or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 last_ckpt = save(step + 1)
-            if stop:
+            if stop_now:
                 print(f"[fastrlhf sft] interrupted at step {step + 1}; saved {last_ckpt}", flush=True)
                 break
     bar.close()
@@ -204,4 +226,6 @@ def train(cfg: SFTConfig) -> dict:
 
 def main(argv=None) -> dict:
     from .config import parse_config
-    return train(parse_config(SFTConfig, argv, prog="fastrlhf sft"))
+    out = train(parse_config(SFTConfig, argv, prog="fastrlhf sft"))
+    D.shutdown()  # under torchrun: leave the process group once every rank is done
+    return out

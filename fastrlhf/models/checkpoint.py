@@ -86,16 +86,20 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
     return model
 
 
-def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAULT_SHARD_BYTES,
+               state_dict: dict | None = None) -> None:
     """Write ``model`` (CausalLM or ScoreModel) as an HF folder at ``path``, atomically; shards when the weights exceed
-    ``max_shard_size_bytes`` (model-0000i-of-0000n.safetensors + model.safetensors.index.json)."""
+    ``max_shard_size_bytes`` (model-0000i-of-0000n.safetensors + model.safetensors.index.json).
+    ``state_dict``: the full weights to write instead of ``model.state_dict()`` (e.g. gathered from an FSDP-sharded
+    model on rank 0; ``model`` then only supplies the config and the architecture)."""
     from fastrlhf.model import FAMILIES, CausalLM
     path = Path(path)
     cfg = model.config
     arch = FAMILIES[cfg.model_type] + ("ForCausalLM" if isinstance(model, CausalLM) else "ForSequenceClassification")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
     if isinstance(model, CausalLM) and cfg.tie_word_embeddings:
-        state.pop("lm_head.weight")  # shared with model.embed_tokens.weight; HF re-ties on load
+        state.pop("lm_head.weight", None)  # shared with model.embed_tokens.weight; HF re-ties on load
     d = cfg.to_hf(arch)
     d["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,120 @@
+"""Data parallel on CPU: torchrun + FSDP2 over gloo, 2 processes against 1 with the same global batch.
+
+Every run here is a real ``torchrun --standalone`` job (a free port, OMP_NUM_THREADS=1, a collective timeout of 60 s,
+and a wall-clock bound per job). Tolerances: the 2-process runs reduce gradients in another order (reduce-scatter of
+fp32 sums), so losses agree to float32 rounding (~1e-6 relative) per step; after a few AdamW steps, whose update
+Δ = lr·m/(√v+ε) amplifies tiny differences in near-zero gradient coordinates, weights agree to ~1e-5 absolute.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastrlhf import checkpoint as ck
+from fastrlhf import sft, task
+from tests._tiny import tiny_checkpoint
+
+pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parents[1]
+JOB_TIMEOUT_S = 240
+
+
+def torchrun(nproc: int, args: list[str], *, script: list[str] | None = None, env: dict | None = None,
+             timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc -m fastrlhf args`` (or ``script``), output captured."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1", FASTRLHF_DIST_TIMEOUT_S="60",
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    target = script if script is not None else ["-m", "fastrlhf"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
+    return subprocess.run(cmd, env=e, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}"
+    return proc
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")]
+
+
+def weights(folder) -> dict:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_weights_close(a: dict, b: dict, atol=2e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def as_args(cfg: dict) -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        out += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------- SFT
+
+@pytest.fixture(scope="module")
+def sft_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist_sft")
+    model = tiny_checkpoint(d / "m", layers=2)
+    data = task.write_sft_data(str(d / "sft.jsonl"), 48, seed=0, noise=0.0)
+    base = dict(model=model, data=data, batch_tokens=96, lr=1e-2, warmup_ratio=0.0, device="cpu", log_every=100,
+                plots=False, eval_fraction=0.1, max_steps=4, save_every=2, keep_checkpoints=3, seed=5)
+    # the reference: ONE plain process, global batch = 2 budgets per step
+    one = sft.train(sft.SFTConfig(**base, grad_accum=2, output_dir=str(d / "one")))
+    two = ok(torchrun(2, ["sft", *as_args(dict(base, grad_accum=1, output_dir=str(d / "two")))]))
+    return {"dir": d, "base": base, "one": one, "two_proc": two}
+
+
+def test_sft_two_processes_match_one(sft_setup):
+    d = sft_setup["dir"]
+    one, two = metrics(d / "one"), metrics(d / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-4)
+    assert_weights_close(weights(d / "one" / "checkpoint-0000004"), weights(d / "two" / "checkpoint-0000004"))
+    # the checkpoint: an HF folder transformers loads + the optimizer state written by both ranks with DCP
+    ckpt = d / "two" / "checkpoint-0000004"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in (ckpt / ck.OPTIM_DIR).iterdir()}
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(ckpt)
+    # only rank 0 wrote logs: one row per step
+    assert len(two) == 4
+
+
+def test_failing_rank_stops_the_job_and_resume_at_two_and_one_process(sft_setup, tmp_path):
+    """Rank 1 raises at step 3 (after the step-2 checkpoint): the job ends with that rank's error, not a hang, and
+    the checkpoint resumes with 2 processes and with 1 process to the state of the uninterrupted run."""
+    d, base = sft_setup["dir"], sft_setup["base"]
+    killed = tmp_path / "killed"
+    t0 = time.monotonic()
+    proc = torchrun(2, ["sft", *as_args(dict(base, grad_accum=1, output_dir=str(killed)))],
+                    script=[str(ROOT / "tests" / "distributed_helpers" / "fault.py")], env={"FASTRLHF_TEST_FAULT": "1:3"})
+    elapsed = time.monotonic() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "injected fault on rank 1 at step 3" in out, out[-6000:]
+    assert elapsed < 150, f"the job took {elapsed:.0f} s to stop after a rank failed"
+    assert [p.name for p in ck.list_checkpoints(killed)] == ["checkpoint-0000002"]
+    resume = str(killed / "checkpoint-0000002")
+    ok(torchrun(2, ["sft", *as_args(dict(base, grad_accum=1, output_dir=str(tmp_path / "r2"), resume=resume))]))
+    r1 = sft.train(sft.SFTConfig(**dict(base, grad_accum=2, output_dir=str(tmp_path / "r1"), resume=resume)))
+    assert r1["history"][0]["step"] == 3
+    full = weights(d / "two" / "checkpoint-0000004")
+    assert_weights_close(full, weights(tmp_path / "r2" / "checkpoint-0000004"))
+    assert_weights_close(full, weights(tmp_path / "r1" / "checkpoint-0000004"))
+    rows = metrics(tmp_path / "r2")
+    assert [r["step"] for r in rows] == [3, 4]
+    assert rows[-1]["loss"] == pytest.approx(metrics(d / "two")[-1]["loss"], rel=1e-5)
