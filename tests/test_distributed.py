@@ -118,3 +118,89 @@ def test_failing_rank_stops_the_job_and_resume_at_two_and_one_process(sft_setup,
     rows = metrics(tmp_path / "r2")
     assert [r["step"] for r in rows] == [3, 4]
     assert rows[-1]["loss"] == pytest.approx(metrics(d / "two")[-1]["loss"], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------- PPO
+
+@pytest.fixture(scope="module")
+def ppo_setup(tmp_path_factory):
+    """Rollouts with top_k = 1 (the argmax token: the same rollouts whatever the batch split), so that the comparison
+    isolates the distributed parts: sharded forwards, the gathered policy in generation, whitening with all ranks'
+    statistics, global token-mean normalizers, reduced metrics and the adaptive KL controller's global update."""
+    from tests.helpers_models import make_tiny_checkpoint
+    d = tmp_path_factory.mktemp("dist_ppo")
+    pol = make_tiny_checkpoint(d / "policy", family="llama", head="lm", seed=1)
+    rm = make_tiny_checkpoint(d / "rm", family="llama", head="score", seed=2)
+    prompts = d / "prompts.jsonl"
+    words = ["the cat is", "a dog was", "red blue green", "what is the", "cold water", "hot day"]
+    with open(prompts, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": words[i % len(words)] + " " + " ".join(["1"] * (i % 4))}) + "\n")
+    base = dict(policy=str(pol), reward_model=str(rm), prompts=str(prompts), iterations=3, ppo_epochs=2,
+                max_new_tokens=6, top_k=1, lr=3e-4, value_lr=3e-4, seed=3, plots=False, device="cpu",
+                adaptive_kl=True, kl_target=0.5, kl_horizon=100, save_every=2, keep_checkpoints=3)
+    from fastrlhf.ppo import PPOConfig, train
+    train(PPOConfig(**base, batch_size=8, minibatch_size=8, output_dir=str(d / "one")))
+    ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, output_dir=str(d / "two")))]))
+    return {"dir": d, "base": base}
+
+
+PPO_KEYS = ("score", "kl", "kl_coef", "policy_loss", "value_loss", "response_length", "entropy", "clipfrac")
+
+
+def _assert_ppo_runs_match(one: list[dict], two: list[dict]):
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        for k in PPO_KEYS:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])
+
+
+def test_ppo_two_processes_match_one(ppo_setup):
+    d = ppo_setup["dir"]
+    _assert_ppo_runs_match(metrics(d / "one"), metrics(d / "two"))
+    for sub in ("", "value_model"):
+        assert_weights_close(weights(d / "one" / "checkpoint-0000003" / sub),
+                             weights(d / "two" / "checkpoint-0000003" / sub))
+    p0 = weights(Path(ppo_setup["base"]["policy"]))
+    assert any((p0[k] - v).abs().max() > 1e-4 for k, v in weights(d / "two" / "checkpoint-0000003").items())
+
+
+def test_ppo_per_block_generation_matches(ppo_setup, tmp_path):
+    """generation_gather=per_block (each decode step all-gathers block by block; the ranks agree when to stop)."""
+    d, base = ppo_setup["dir"], ppo_setup["base"]
+    ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, iterations=2, save_every=0,
+                                         generation_gather="per_block", output_dir=str(tmp_path / "pb")))]))
+    _assert_ppo_runs_match(metrics(d / "two")[:2], metrics(tmp_path / "pb"))
+
+
+def test_ppo_two_process_checkpoint_resumes_in_one(ppo_setup, tmp_path):
+    """The 2-process iteration-2 checkpoint (policy + value optimizers sharded by DCP) resumes in one process."""
+    from fastrlhf.ppo import PPOConfig, train
+    d, base = ppo_setup["dir"], ppo_setup["base"]
+    out = train(PPOConfig(**dict(base, batch_size=8, minibatch_size=8, output_dir=str(tmp_path / "r1"),
+                                 resume=str(d / "two" / "checkpoint-0000002"))))
+    assert out["history"][0]["step"] == 3
+    _assert_ppo_runs_match(metrics(d / "two")[2:], metrics(tmp_path / "r1"))
+    for sub in ("", "value_model"):
+        assert_weights_close(weights(d / "two" / "checkpoint-0000003" / sub),
+                             weights(tmp_path / "r1" / "checkpoint-0000003" / sub))
+
+
+# -------------------------------------------------------------------------------------------------- reward model
+
+def test_reward_model_two_processes_match_one(tmp_path):
+    from fastrlhf import reward
+    model = tiny_checkpoint(tmp_path / "m", layers=2)
+    prompts = task.instructions(30, seed=4)
+    samples = [[task.solve(p), task.perturb(task.solve(p), __import__("random").Random(i))] for i, p in enumerate(prompts)]
+    data = task.write_rankings(str(tmp_path / "rank.jsonl"), prompts, samples, seed=0)
+    base = dict(model=model, data=data, lr=1e-3, warmup_ratio=0.0, device="cpu", plots=False, eval_fraction=0.2,
+                max_steps=3, seed=1, log_every=100)
+    reward.train(reward.RewardConfig(**base, batch_size=4, output_dir=str(tmp_path / "one")))
+    ok(torchrun(2, ["rm", *as_args(dict(base, batch_size=2, output_dir=str(tmp_path / "two")))]))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+    assert two[-1]["eval_accuracy"] == pytest.approx(one[-1]["eval_accuracy"], abs=1e-9)
+    assert two[-1]["eval_loss"] == pytest.approx(one[-1]["eval_loss"], rel=1e-4)
+    assert_weights_close(weights(tmp_path / "one" / "checkpoint-0000003"), weights(tmp_path / "two" / "checkpoint-0000003"))
