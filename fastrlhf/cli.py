@@ -28,12 +28,16 @@ COMMANDS = {
     "selfcheck": ("fastrlhf.selfcheck", "run every kernel against its float64 reference and print a table"),
 }
 
+DISTRIBUTED_COMMANDS = ("sft", "rm", "ppo")  # the stages that run data-parallel under torchrun (FSDP2)
+
 
 def usage() -> str:
     w = max(map(len, COMMANDS))
     lines = ["usage: fastrlhf <command> [--config FILE] [--field value ...]", "", "commands:"]
     lines += [f"  {name.ljust(w)}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "fastrlhf <command> --help lists the fields of a command with their defaults and meaning."]
+    lines += ["", "fastrlhf <command> --help lists the fields of a command with their defaults and meaning.",
+              "Several GPUs / nodes (FSDP2): torchrun --nproc_per_node N -m fastrlhf sft|rm|ppo [fields] "
+              "(batch sizes are per rank)."]
     return "\n".join(lines)
 
 
@@ -105,6 +109,10 @@ def _main(argv: list[str] | None = None) -> int:
     else:
         cmd_name = cmd
     user_errors = _user_errors()
+    if cmd not in DISTRIBUTED_COMMANDS and "TORCHELASTIC_RUN_ID" in os.environ and "WORLD_SIZE" in os.environ:
+        print(f"fastrlhf {cmd_name}: error: '{cmd}' runs in one process; under torchrun use "
+              f"{'|'.join(DISTRIBUTED_COMMANDS)} (e.g. torchrun --nproc_per_node 8 -m fastrlhf ppo ...)", file=sys.stderr)
+        return 2
     try:
         if cmd == "bench":
             result = _bench(rest)

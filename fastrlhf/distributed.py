@@ -117,6 +117,32 @@ def shard_model(model: torch.nn.Module, env: DistEnv, *, bf16_compute: bool = Fa
     return model
 
 
+def load_sharded(path, env: DistEnv, *, head: str = "lm", dtype: torch.dtype = torch.float32, bf16_compute: bool = False,
+                 prepare=None) -> torch.nn.Module:
+    """``load_model`` + ``shard_model`` without a full copy of the weights on every rank.
+
+    Not launched: ``load_model(path)`` on ``env.device`` (then ``prepare``). Under torchrun: rank 0 reads the checkpoint
+    into host memory, the other ranks build the model on the meta device (no memory); every rank shards it, the meta
+    shards are allocated on the rank's device, and the weights are broadcast from rank 0 tensor by tensor, each rank
+    keeping its shard (``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)``). Host memory:
+    one full copy on rank 0 only. ``prepare(model)`` (e.g. freezing) runs before sharding.
+    """
+    from .model import load_model
+    if not env.launched:
+        model = load_model(path, head=head, dtype=dtype, device=env.device)
+        return prepare(model) or model if prepare is not None else model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    model = load_model(path, head=head, dtype=dtype, device="cpu", weights=env.rank == 0)
+    full = dict(model.state_dict()) if env.rank == 0 else {}  # keeps the full tensors alive until the broadcast
+    if prepare is not None:
+        model = prepare(model) or model
+    shard_model(model, env, bf16_compute=bf16_compute)
+    if env.rank != 0:
+        model.to_empty(device=env.device)  # the meta shards get real (uninitialised) storage on this rank's device
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)

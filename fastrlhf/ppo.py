@@ -155,7 +155,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     # Models: policy (trained) and value (trained); reference and reward (frozen).
     tokenizer = load_tokenizer(cfg.policy)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    load_dev = "cpu" if env.launched else device  # under torchrun fully_shard moves each rank's shards to its device
+    bf16 = use_autocast(cfg.mixed_precision, device)
     ref_context = None
     if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
         policy = add_lora(load_model(cfg.policy, head="lm", device=device), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
@@ -164,19 +164,15 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             load_lora_state_dict(policy, load_safetensors(str(resume_from / LORA_FILE), device=str(device)))
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        policy = load_model(resume_from or cfg.policy, head="lm", device=load_dev)
-        ref = _freeze(load_model(cfg.policy, head="lm", device=load_dev, dtype=frozen_dtype))
+        # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only)
+        policy = D.load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16)
+        ref = D.load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
     policy.config.gradient_checkpointing = cfg.gradient_checkpointing
-    reward = _freeze(load_model(cfg.reward_model, head="score", device=load_dev, dtype=frozen_dtype))
+    reward = D.load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
-    value = load_model(value_init, head="score", device=load_dev)
+    value = D.load_sharded(value_init, env, head="score", bf16_compute=bf16)
     policy.train(), value.train()
-    bf16 = use_autocast(cfg.mixed_precision, device)
-    policy, value = D.shard_model(policy, env, bf16_compute=bf16), D.shard_model(value, env, bf16_compute=bf16)
-    if ref is not policy:
-        ref = D.shard_model(ref, env)  # frozen: sharded for inference only (already in the frozen dtype)
-    reward = D.shard_model(reward, env)
     policy_opt = make_optimizer(policy, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     value_opt = make_optimizer(value, kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
     kl_ctl = (K.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl

@@ -33,7 +33,7 @@ from .config import param
 from .data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
                    split_holdout, tokenize_preferences, tokenize_conversation)
 from .metrics import MetricsLogger, peak_memory_gb, progress
-from .model import autocast_context, load_model, load_tokenizer
+from .model import autocast_context, load_tokenizer
 from .optim import lr_at, make_adamw, set_lr, use_autocast
 
 
@@ -153,12 +153,12 @@ def train(cfg: RewardConfig) -> dict:
 
     # 1. SFT body + scalar head (fresh unless resuming)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(resume_from or cfg.model, head="score", device="cpu" if env.launched else device)
+    autocast = use_autocast(cfg.mixed_precision, device)
+    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise
+    model = D.load_sharded(resume_from or cfg.model, env, head="score", bf16_compute=autocast)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
-    autocast = use_autocast(cfg.mixed_precision, device)
-    model = D.shard_model(model, env, bf16_compute=autocast)  # FSDP2 under torchrun (moves the shards to device)
     ctx = model.config.max_position_embeddings
     max_len = min(cfg.max_seq_len or ctx, ctx)
 

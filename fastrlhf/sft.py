@@ -30,7 +30,7 @@ from .config import param
 from .data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
                    tokenize_sft)
 from .metrics import MetricsLogger, peak_memory_gb, progress
-from .model import autocast_context, load_model, load_tokenizer
+from .model import autocast_context, load_tokenizer
 from .optim import lr_at, make_adamw, set_lr, use_autocast
 
 
@@ -118,12 +118,12 @@ def train(cfg: SFTConfig) -> dict:
 
     # 1. model + tokenizer (weights from safetensors only)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(resume_from or cfg.model, head="lm", device="cpu" if env.launched else device)
+    autocast = use_autocast(cfg.mixed_precision, device)
+    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise
+    model = D.load_sharded(resume_from or cfg.model, env, head="lm", bf16_compute=autocast)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
-    autocast = use_autocast(cfg.mixed_precision, device)
-    model = D.shard_model(model, env, bf16_compute=autocast)  # FSDP2 under torchrun (moves the shards to device)
     ctx = model.config.max_position_embeddings
     max_len = min(cfg.max_seq_len or ctx, ctx)
     if cfg.batch_tokens < max_len:

@@ -47,10 +47,11 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, device="cpu", attn_impl: str = "auto",
-               gradient_checkpointing: bool = False):
+               gradient_checkpointing: bool = False, weights: bool = True):
     """Load an HF Llama/Qwen2/Mistral folder as ``CausalLM`` (head="lm") or ``ScoreModel`` (head="score").
     head="score" from a causal-LM checkpoint: body loaded, ``score`` freshly initialised N(0, initializer_range)
-    (e.g. a value model from an SFT model); from a *ForSequenceClassification checkpoint (a reward model): loaded."""
+    (e.g. a value model from an SFT model); from a *ForSequenceClassification checkpoint (a reward model): loaded.
+    weights=False: only the config is read; the model comes back on the meta device (no memory; for sharded init)."""
     from fastrlhf.model import CausalLM, ModelConfig, ScoreModel
     path = Path(path)
     if head not in ("lm", "score"):
@@ -63,6 +64,8 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
     cfg.attn_impl, cfg.gradient_checkpointing = attn_impl, gradient_checkpointing
     with torch.device("meta"):
         model = CausalLM(cfg) if head == "lm" else ScoreModel(cfg)
+    if not weights:
+        return model.to(dtype=dtype)
     want = dict(model.state_dict())
     if head == "lm" and cfg.tie_word_embeddings:
         want.pop("lm_head.weight")
