@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastrlhf.sampling import SamplingParams, sample

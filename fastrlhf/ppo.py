@@ -127,13 +127,18 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
 
     samples, _ = tokenize_sft(load_sft(cfg.ptx_data), tokenizer, max_len)
     loader = PackedLoader(samples, cfg.ptx_batch_tokens, tokenizer.pad_token_id, seed=cfg.seed + 7)
+    rank, world = D.rank(), D.world_size()
 
-    def batches():
+    def batches():  # one budget per rank per minibatch: rank r takes the r-th of each group of `world`
+        it = iter(loader)
         while True:
-            for b in loader:
-                yield b.to(device)
+            group = [next(it) for _ in range(world)]
+            yield group[rank].to(device)
 
-    return batches(), packed_lm_loss
+    def loss(policy, batch):  # token-mean over all ranks' ptx tokens (FSDP averages the gradients)
+        return packed_lm_loss(policy, batch, normalizer=D.global_count(batch.loss_mask.sum()) / world)
+
+    return batches(), loss
 
 
 def train(cfg: PPOConfig, *, log=None) -> dict:

@@ -189,8 +189,8 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
         for sl in _chunks(B, minibatch_size):
             mb = exp.minibatch(perm[sl])
             args = (mb.input_ids, mb.attention_mask, mb.position_ids)
-            # token-mean over all ranks' tokens of this minibatch (one process: None = the local count, as before)
-            norm = D.all_reduce_sum(_denominator(mb.mask, agg)) / D.world_size() if D.world_size() > 1 else None
+            # the denominator of `agg` over all ranks' rollouts of this minibatch / world (one process: the local one)
+            norm = D.all_reduce_sum(_denominator(mb.mask, agg)) / D.world_size()
             with autocast():
                 logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
                                               return_entropy=True)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests._tiny import tiny_checkpoint
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 240
+FASTRLHF_EXE = str(Path(sysconfig.get_path("scripts")) / "fastrlhf")  # the console script `pip install` wrote
 
 
 def torchrun(nproc: int, args: list[str], *, script: list[str] | None = None, env: dict | None = None,
@@ -31,7 +33,9 @@ def torchrun(nproc: int, args: list[str], *, script: list[str] | None = None, en
     e = dict(os.environ, OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1", FASTRLHF_DIST_TIMEOUT_S="60",
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     target = script if script is not None else ["-m", "fastrlhf"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
+    opts, target = [t for t in target if t == "--no-python"], [t for t in target if t != "--no-python"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *opts, *target,
+           *args]
     return subprocess.run(cmd, env=e, cwd=str(ROOT), capture_output=True, text=True, timeout=timeout)
 
 
@@ -197,7 +201,9 @@ def test_reward_model_two_processes_match_one(tmp_path):
     base = dict(model=model, data=data, lr=1e-3, warmup_ratio=0.0, device="cpu", plots=False, eval_fraction=0.2,
                 max_steps=3, seed=1, log_every=100)
     reward.train(reward.RewardConfig(**base, batch_size=4, output_dir=str(tmp_path / "one")))
-    ok(torchrun(2, ["rm", *as_args(dict(base, batch_size=2, output_dir=str(tmp_path / "two")))]))
+    # through the installed `fastrlhf` command (torchrun --no-python), with gradient checkpointing under FSDP
+    ok(torchrun(2, ["rm", *as_args(dict(base, batch_size=2, gradient_checkpointing=True,
+                                        output_dir=str(tmp_path / "two")))], script=["--no-python", FASTRLHF_EXE]))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
@@ -219,3 +225,18 @@ def test_sft_two_gpus_nccl_match_one_gpu(sft_setup, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a["step"], a["loss"], b["loss"])
     assert_weights_close(weights(tmp_path / "one" / "checkpoint-0000004"),
                          weights(tmp_path / "two" / "checkpoint-0000004"), atol=1e-4)
+
+
+def test_ppo_ptx_runs_under_torchrun(ppo_setup, tmp_path):
+    """PPO-ptx with 2 ranks: each rank takes its own packed budget of the ptx data per minibatch; the ptx term divides
+    by the global ptx token count. Checked: the job runs and logs a finite ptx loss."""
+    base = ppo_setup["base"]
+    ptx = tmp_path / "ptx.jsonl"
+    with open(ptx, "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"prompt": "what is the", "response": " ".join(["cat", "dog", "1"][: 1 + i % 3])}) + "\n")
+    ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, iterations=1, save_every=0,
+                                         ptx_coef=0.5, ptx_data=str(ptx), ptx_batch_tokens=32,
+                                         output_dir=str(tmp_path / "ptx")))]))
+    rows = metrics(tmp_path / "ptx")
+    assert [r["step"] for r in rows] == [1] and 0 < rows[0]["ptx_loss"] < 50
