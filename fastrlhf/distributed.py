@@ -347,3 +347,9 @@ def attach_gather(engine, gather: GenerationGather) -> None:
     engine.all_done = gather.all_done
     if gather.mode == "per_block":
         engine.use_graphs = False
+
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (flushed): one console line per job, not one per rank."""
+    if rank() == 0:
+        print(*args, **{"flush": True, **kwargs})

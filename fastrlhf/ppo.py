@@ -212,7 +212,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         start = int(state["step"])
-        print(f"[fastrlhf ppo] resumed from {resume_from} at iteration {start}", flush=True)
+        D.print0(f"[fastrlhf ppo] resumed from {resume_from} at iteration {start}")
 
     if log is None:
         from .metrics import MetricsLogger
@@ -297,7 +297,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             if done or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 last_ckpt = save(step + 1)
             if stop_now:
-                print(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}", flush=True)
+                D.print0(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
                 break
     bar.close()
     if start >= cfg.iterations and last_ckpt is None:

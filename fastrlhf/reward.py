@@ -169,7 +169,7 @@ def train(cfg: RewardConfig) -> dict:
     else:
         items, held = split_holdout(items, cfg.eval_fraction, cfg.seed)
     if n_cut:
-        print(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens", flush=True)
+        D.print0(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampler = EpochSampler(len(items), cfg.batch_size * env.world_size, seed=cfg.seed)  # global batches
     steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.grad_accum)
@@ -182,7 +182,7 @@ def train(cfg: RewardConfig) -> dict:
         state = load_trainer_state(resume_from)
         start = restore_trainer_state(state, data=sampler)
         load_optimizers(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
-        print(f"[fastrlhf rm] resumed from {resume_from} at step {start}", flush=True)
+        D.print0(f"[fastrlhf rm] resumed from {resume_from} at step {start}")
     last_ckpt = latest_checkpoint(run_dir)
     log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard,
                         resume_step=start if resume_from is not None else None, plots=cfg.plots)
@@ -243,7 +243,7 @@ def train(cfg: RewardConfig) -> dict:
             bar.update(1)
             if stop_now and not done:
                 last_ckpt = save(step + 1)
-                print(f"[fastrlhf rm] interrupted at step {step + 1}; saved {last_ckpt}", flush=True)
+                D.print0(f"[fastrlhf rm] interrupted at step {step + 1}; saved {last_ckpt}")
                 break
             if not done and cfg.save_every and (step + 1) % cfg.save_every == 0:
                 last_ckpt = save(step + 1)
@@ -254,7 +254,7 @@ def train(cfg: RewardConfig) -> dict:
         if cfg.sft_data:
             bias = bias + demonstration_bias(model, tokenizer, cfg.sft_data, device, autocast, max_len)
             model.config.reward_bias = bias
-            print(f"[fastrlhf rm] reward bias {bias:+.4f} (SFT demonstrations now have mean reward 0)", flush=True)
+            D.print0(f"[fastrlhf rm] reward bias {bias:+.4f} (SFT demonstrations now have mean reward 0)")
         last_ckpt = save(max(total, start))
     log.close(plot_dir=last_ckpt)
     return {"checkpoint": str(last_ckpt), "steps": history[-1]["step"] if history else start,

@@ -136,7 +136,7 @@ def train(cfg: SFTConfig) -> dict:
     else:
         samples, held = split_holdout(samples, cfg.eval_fraction, cfg.seed)
     if n_cut:
-        print(f"[fastrlhf sft] {n_cut} responses cut to {max_len} tokens", flush=True)
+        D.print0(f"[fastrlhf sft] {n_cut} responses cut to {max_len} tokens")
 
     # 3. packing into fixed token budgets, seeded order resumable at (epoch, index)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -156,7 +156,7 @@ def train(cfg: SFTConfig) -> dict:
         state = load_trainer_state(resume_from)
         start = restore_trainer_state(state, data=loader)
         load_optimizers(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
-        print(f"[fastrlhf sft] resumed from {resume_from} at step {start}", flush=True)
+        D.print0(f"[fastrlhf sft] resumed from {resume_from} at step {start}")
     last_ckpt = latest_checkpoint(run_dir)
     log = MetricsLogger(run_dir, stage="sft", total_steps=total, tensorboard=cfg.tensorboard,
                         resume_step=start if resume_from is not None else None, plots=cfg.plots)
@@ -214,7 +214,7 @@ def train(cfg: SFTConfig) -> dict:
             if done or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
                 last_ckpt = save(step + 1)
             if stop_now:
-                print(f"[fastrlhf sft] interrupted at step {step + 1}; saved {last_ckpt}", flush=True)
+                D.print0(f"[fastrlhf sft] interrupted at step {step + 1}; saved {last_ckpt}")
                 break
     bar.close()
     if last_ckpt is None:

@@ -32,6 +32,7 @@ def torchrun(nproc: int, args: list[str], *, script: list[str] | None = None, en
     """``torchrun --standalone --nproc_per_node nproc -m fastrlhf args`` (or ``script``), output captured."""
     e = dict(os.environ, OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1", FASTRLHF_DIST_TIMEOUT_S="60",
              PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+    e.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo over loopback: no dependence on the host name resolving
     target = script if script is not None else ["-m", "fastrlhf"]
     opts, target = [t for t in target if t == "--no-python"], [t for t in target if t != "--no-python"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *opts, *target,
