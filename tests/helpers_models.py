@@ -118,3 +118,18 @@ def make_tiny_checkpoint(tmp_path, family: str = "llama", head: str = "lm", tie:
     if tokenizer:
         tiny_tokenizer().save_pretrained(str(path))
     return path
+
+
+def make_tiny_ppo_setup(d: Path) -> dict:
+    """Policy (llama, lm head, seed 1), reward model (llama, score head, seed 2) and 24 prompts over the tiny tokenizer's
+    words in ``d``: the inputs of the PPO stage tests. Returns {"policy", "rm", "prompts", "dir"} (paths as str)."""
+    import json
+    d = Path(d)
+    pol = make_tiny_checkpoint(d / "policy", family="llama", head="lm", seed=1)
+    rm = make_tiny_checkpoint(d / "rm", family="llama", head="score", seed=2)
+    prompts = d / "prompts.jsonl"
+    words = ["the cat is", "a dog was", "red blue green", "what is the", "cold water", "hot day"]
+    with open(prompts, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": words[i % len(words)] + " " + " ".join(["1"] * (i % 4))}) + "\n")
+    return {"policy": str(pol), "rm": str(rm), "prompts": str(prompts), "dir": d}

@@ -132,16 +132,10 @@ def ppo_setup(tmp_path_factory):
     """Rollouts with top_k = 1 (the argmax token: the same rollouts whatever the batch split), so that the comparison
     isolates the distributed parts: sharded forwards, the gathered policy in generation, whitening with all ranks'
     statistics, global token-mean normalizers, reduced metrics and the adaptive KL controller's global update."""
-    from tests.helpers_models import make_tiny_checkpoint
+    from tests.helpers_models import make_tiny_ppo_setup
     d = tmp_path_factory.mktemp("dist_ppo")
-    pol = make_tiny_checkpoint(d / "policy", family="llama", head="lm", seed=1)
-    rm = make_tiny_checkpoint(d / "rm", family="llama", head="score", seed=2)
-    prompts = d / "prompts.jsonl"
-    words = ["the cat is", "a dog was", "red blue green", "what is the", "cold water", "hot day"]
-    with open(prompts, "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"prompt": words[i % len(words)] + " " + " ".join(["1"] * (i % 4))}) + "\n")
-    base = dict(policy=str(pol), reward_model=str(rm), prompts=str(prompts), iterations=3, ppo_epochs=2,
+    setup = make_tiny_ppo_setup(d)
+    base = dict(policy=setup["policy"], reward_model=setup["rm"], prompts=setup["prompts"], iterations=3, ppo_epochs=2,
                 max_new_tokens=6, top_k=1, lr=3e-4, value_lr=3e-4, seed=3, plots=False, device="cpu",
                 adaptive_kl=True, kl_target=0.5, kl_horizon=100, save_every=2, keep_checkpoints=3)
     from fastrlhf.ppo import PPOConfig, train

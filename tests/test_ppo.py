@@ -10,7 +10,7 @@ from fastrlhf.engine import HybridEngine
 from fastrlhf.model import load_model
 from fastrlhf.ppo import PPOConfig, train
 from fastrlhf.ppo_core import make_experience, ppo_update, response_logprobs
-from tests.helpers_models import make_tiny_checkpoint
+from tests.helpers_models import make_tiny_ppo_setup
 
 
 class _NullLog:
@@ -26,15 +26,7 @@ class _NullLog:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ppo")
-    pol = make_tiny_checkpoint(d / "policy", family="llama", head="lm", seed=1)
-    rm = make_tiny_checkpoint(d / "rm", family="llama", head="score", seed=2)
-    prompts = d / "prompts.jsonl"
-    words = ["the cat is", "a dog was", "red blue green", "what is the", "cold water", "hot day"]
-    with open(prompts, "w") as f:
-        for i in range(24):
-            f.write(json.dumps({"prompt": words[i % len(words)] + " " + " ".join(["1"] * (i % 4))}) + "\n")
-    return {"policy": str(pol), "rm": str(rm), "prompts": str(prompts), "dir": d}
+    return make_tiny_ppo_setup(tmp_path_factory.mktemp("ppo"))
 
 
 def _cfg(ckpts, out, **kw):
