@@ -27,12 +27,19 @@ JOB_TIMEOUT_S = 240
 FASTRLHF_EXE = str(Path(sysconfig.get_path("scripts")) / "fastrlhf")  # the console script `pip install` wrote
 
 
+def job_env(extra: dict | None = None) -> dict:
+    """The environment of a test job: one thread per rank, no progress bars, collectives time out after 60 s, gloo
+    over loopback (no dependence on the host name resolving), this checkout importable."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1", FASTRLHF_DIST_TIMEOUT_S="60",
+             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra or {}))
+    e.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return e
+
+
 def torchrun(nproc: int, args: list[str], *, script: list[str] | None = None, env: dict | None = None,
              timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node nproc -m fastrlhf args`` (or ``script``), output captured."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", FASTRLHF_NO_PROGRESS="1", FASTRLHF_DIST_TIMEOUT_S="60",
-             PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
-    e.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo over loopback: no dependence on the host name resolving
+    e = job_env(env)
     target = script if script is not None else ["-m", "fastrlhf"]
     opts, target = [t for t in target if t == "--no-python"], [t for t in target if t != "--no-python"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *opts, *target,
@@ -123,6 +130,44 @@ def test_failing_rank_stops_the_job_and_resume_at_two_and_one_process(sft_setup,
     rows = metrics(tmp_path / "r2")
     assert [r["step"] for r in rows] == [3, 4]
     assert rows[-1]["loss"] == pytest.approx(metrics(d / "two")[-1]["loss"], rel=1e-5)
+
+
+def test_one_process_checkpoint_resumes_with_two(sft_setup, tmp_path):
+    """Scale out mid-run: the plain single-process run's step-2 checkpoint continues on 2 ranks (optimizer state
+    resharded by DCP) to the single-process run's final weights."""
+    d, base = sft_setup["dir"], sft_setup["base"]
+    ok(torchrun(2, ["sft", *as_args(dict(base, grad_accum=1, output_dir=str(tmp_path / "r2"),
+                                         resume=str(d / "one" / "checkpoint-0000002")))]))
+    assert [r["step"] for r in metrics(tmp_path / "r2")] == [3, 4]
+    assert_weights_close(weights(d / "one" / "checkpoint-0000004"), weights(tmp_path / "r2" / "checkpoint-0000004"))
+
+
+def test_ctrl_c_under_torchrun_saves_on_every_rank_then_stops(sft_setup, tmp_path):
+    """SIGINT to torchrun (what Ctrl-C does): it forwards the signal to the workers, every rank finishes its step,
+    they save one checkpoint together and exit."""
+    import signal
+    base, out = sft_setup["base"], tmp_path / "int"
+    e = job_env()
+    args = as_args(dict(base, grad_accum=1, max_steps=100000, save_every=0, output_dir=str(out)))
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fastrlhf", "sft", *args], env=e, cwd=str(ROOT), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    ckpts = ck.list_checkpoints(out)
+    assert len(ckpts) == 1, log[-4000:]
+    step = int(ckpts[0].name.split("-")[1])
+    assert step == len(metrics(out)) >= 3                             # saved at the step both ranks had finished
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpts[0] / ck.OPTIM_DIR).iterdir()}
+    assert f"interrupted at step {step}" in log
 
 
 # ------------------------------------------------------------------------------------------------------------- PPO
