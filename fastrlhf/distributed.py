@@ -168,11 +168,7 @@ def local_tensor(x):
 
 def unsharded_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
     """Bytes of all parameters when gathered (in ``dtype``, default their own): what a full unshard needs per rank."""
-    total = 0
-    for p in model.parameters():
-        size = (dtype or p.dtype).itemsize if hasattr(dtype or p.dtype, "itemsize") else p.element_size()
-        total += p.numel() * size  # DTensor.numel() is the global size
-    return total
+    return sum(p.numel() * (dtype or p.dtype).itemsize for p in model.parameters())  # DTensor.numel(): global size
 
 
 class GenerationGather:
@@ -184,7 +180,11 @@ class GenerationGather:
     mode "per_block": only the root (embeddings, LM head) unshards for the rollout; each block all-gathers in its own
         forward and frees after, so the extra memory is one block. Every decode step is then a collective: the ranks
         agree on "all rows done" (``all_done``) so they run the same number of steps.
-    mode "auto": "full" unless on CUDA the gathered model would not fit in 90 % of the free memory.
+    mode "auto": decided at the start of each rollout (the KV cache and optimizer state are allocated by then): "full"
+        when the gathered model fits in 90 % of the free CUDA memory (free + cached-but-unused) on every rank, else
+        "per_block"; always "full" on CPU. All ranks take the same decision (one all-reduce): a rank decoding per block
+        runs collectives the others would not.
+    ``mode`` is the mode of the current (or last) rollout; "local" for an unsharded model (nothing to gather).
     """
 
     def __init__(self, model: torch.nn.Module, mode: str = "auto", compute_dtype: torch.dtype | None = None):
@@ -192,22 +192,25 @@ class GenerationGather:
             raise ValueError(f"generation gather mode {mode!r}: expected auto, full or per_block")
         self.model, self.units = model, fsdp_units(model)
         self.compute_dtype = compute_dtype
-        self.mode = self._pick(mode) if self.units else "local"
+        self.requested = mode
+        self.mode = ("full" if mode == "auto" else mode) if self.units else "local"
 
-    def _pick(self, mode: str) -> str:
-        if mode != "auto":
-            return mode
+    def _fits(self) -> bool:
+        """Whether the gathered model fits on this rank now (CPU: always)."""
         dev = next(self.model.parameters()).device
         if dev.type != "cuda":
-            return "full"
+            return True
         free, _ = torch.cuda.mem_get_info(dev)
-        return "full" if unsharded_bytes(self.model, self.compute_dtype) < 0.9 * free else "per_block"
+        free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)  # cached by PyTorch, reusable
+        return unsharded_bytes(self.model, self.compute_dtype) < 0.9 * free
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
-        if self.mode == "local":
+        if not self.units:
             yield
             return
+        if self.requested == "auto":
+            self.mode = "full" if not any_rank(not self._fits()) else "per_block"
         blocks, root = self.units[:-1], self.units[-1]
         gathered = self.units if self.mode == "full" else [root]
         for u in gathered:
@@ -328,25 +331,15 @@ def _comm_device() -> torch.device:
 
 
 def attach_gather(engine, gather: GenerationGather) -> None:
-    """Make a ``HybridEngine`` gather a sharded policy once per rollout: ``engine.gather_weights`` enters ``gather``,
-    decode stops when all ranks are done (per_block mode), and captured CUDA graphs are dropped after each rollout
-    (they point at the gathered parameters, which resharding frees). per_block decoding runs eagerly (no graphs: each
-    step all-gathers)."""
+    """Make a ``HybridEngine`` gather a sharded policy once per rollout (``engine.gather_weights`` enters ``gather``)
+    and stop decoding when all ranks are done (per_block mode). A sharded policy decodes without CUDA graphs: a graph
+    would capture FSDP's forward hooks (stream waits, all-gathers per block) and the addresses of gathered parameters
+    that resharding frees; eager decoding is correct in every mode. No-op for an unsharded model."""
     if gather.mode == "local":
         return
-
-    @contextlib.contextmanager
-    def gather_weights():
-        with gather():
-            try:
-                yield
-            finally:
-                engine.release_graphs()
-
-    engine.gather_weights = gather_weights
+    engine.gather_weights = gather
     engine.all_done = gather.all_done
-    if gather.mode == "per_block":
-        engine.use_graphs = False
+    engine.use_graphs = False
 
 
 def print0(*args, **kwargs) -> None:

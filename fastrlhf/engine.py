@@ -172,10 +172,6 @@ class HybridEngine:
         step is a collective override it so that all ranks agree (``fastrlhf.distributed.attach_gather``)."""
         return bool(done.all())
 
-    def release_graphs(self) -> None:
-        """Drop the captured decode graphs (they read the parameters' storage; a resharded model frees it)."""
-        self._graphs.clear()
-
     @contextlib.contextmanager
     def generation(self, *, max_batch_size: int | None = None, max_seq_len: int | None = None):
         """Inference mode for the block: eval, no autograd, no gradient checkpointing, KV cache ready.
@@ -322,7 +318,7 @@ class HybridEngine:
             while n < G:
                 step()
                 n += 1
-                if n % self.check_every == 0 and self.all_done(buf.done[:B]):
+                if n % self.check_every == 0 and self.all_done(buf.done):
                     break
             # 4. the rollout: fresh tensors (the buffers are reused by the next call)
             resp = buf.tokens[:B, P:P + n]
