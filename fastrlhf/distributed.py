@@ -105,7 +105,13 @@ def shard_model(model: torch.nn.Module, env: DistEnv, *, bf16_compute: bool = Fa
     if not env.launched:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    try:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:
+        FSDPModule = None
+    if FSDPModule is None or not hasattr(FSDPModule, "set_reshard_after_forward"):
+        raise RuntimeError(f"fastrlhf under torchrun needs FSDP2 with FSDPModule.set_reshard_after_forward "
+                           f"(torch >= 2.7); this is torch {torch.__version__}")
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute
           else MixedPrecisionPolicy())
