@@ -119,7 +119,8 @@ def full_state_dict(model) -> dict | None:
 
 def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state: dict | None = None,
                     config: Any = None, keep: int = 2, extra_files: dict[str, Callable[[Path], None]] | None = None,
-                    extra_models: dict[str, Any] | None = None, optimizers: dict[str, tuple] | None = None) -> Path:
+                    extra_models: dict[str, Any] | None = None, optimizers: dict[str, tuple] | None = None,
+                    export: Callable[[dict], dict] | None = None) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically and return its path; keep the ``keep`` newest checkpoints (0 = all).
 
     Called by every rank (under torchrun the weights are gathered and the optimizer state is written by all ranks):
@@ -128,7 +129,9 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
     - ``optimizers`` (name -> (model, optimizer)): the optimizer states, sharded as they are, with
       ``torch.distributed.checkpoint`` into ``optimizer/`` (each rank writes its shard; loadable at another world size);
     - ``trainer_state``: a dict of tensors/primitives (use ``trainer_state_dict``); ``extra_files``: name -> writer(path)
-      for more files (rank 0).
+      for more files (rank 0);
+    - ``export``: rank 0 maps the gathered weights of ``model`` to those written (e.g. LoRA adapters merged into the
+      base weights); it runs before the ``extra_files`` writers.
     Everything goes to a hidden temporary folder that is renamed into place once complete.
     """
     from fastrlhf import distributed as D
@@ -143,7 +146,8 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
     try:
         if _is_rank0():
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            save_model(model, tmp, tokenizer=tokenizer, state_dict=states[""])  # creates tmp/ (itself atomic)
+            top = export(states[""]) if export is not None else states[""]
+            save_model(model, tmp, tokenizer=tokenizer, state_dict=top)  # creates tmp/ (itself atomic)
             for name, sd in states.items():
                 if name:
                     save_model(models[name], tmp / name, state_dict=sd)

@@ -137,16 +137,26 @@ def load_sharded(path, env: DistEnv, *, head: str = "lm", dtype: torch.dtype = t
     if not env.launched:
         model = load_model(path, head=head, dtype=dtype, device=env.device)
         return prepare(model) or model if prepare is not None else model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     model = load_model(path, head=head, dtype=dtype, device="cpu", weights=env.rank == 0)
-    full = dict(model.state_dict()) if env.rank == 0 else {}  # keeps the full tensors alive until the broadcast
     if prepare is not None:
-        model = prepare(model) or model
+        model = prepare(model) or model  # e.g. LoRA adapters: rank 0's fresh ones are broadcast with the rest
+    full = dict(model.state_dict()) if env.rank == 0 else {}  # keeps the full tensors alive until the broadcast
     shard_model(model, env, bf16_compute=bf16_compute)
     if env.rank != 0:
         model.to_empty(device=env.device)  # the meta shards get real (uninitialised) storage on this rank's device
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    load_full_state(model, full, strict=True)
     return model
+
+
+def load_full_state(model: torch.nn.Module, state: dict, *, strict: bool = False) -> None:
+    """Load full (unsharded) tensors into ``model``: a sharded model takes them from rank 0 (``state`` may be empty on
+    the other ranks), each rank keeping its shard; an unsharded one loads ``state`` directly."""
+    if not is_sharded(model):
+        model.load_state_dict(state, strict=strict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                strict=strict))
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

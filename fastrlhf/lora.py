@@ -2,7 +2,7 @@
 
     add_lora(model, rank=16, alpha=32)           # freezes the base weights, trains only the low-rank adapters
     with adapters_disabled(model): ...           # the frozen SFT model (the KL reference) without a second copy
-    merged_copy(model)                           # a plain CausalLM with W + (alpha/r)·B·A, for the Hugging Face export
+    merged_copy(model) / merged_state_dict(model) # W + (alpha/r)·B·A as a plain CausalLM / its weights, for the HF export
     lora_state_dict(model) / load_lora_state_dict(model, sd)   # the adapter alone, to resume
 
 LoRA (Hu et al. 2021): W x + (alpha / r) · B A x with A [r, in], B [out, r], B initialised to 0 so training starts at
@@ -69,32 +69,51 @@ def adapters_disabled(model):
 
 
 @torch.no_grad()
-def merged_copy(model):
-    """A plain ``CausalLM``/``ScoreModel`` of the same config whose weights are W + ΔW (ΔW = alpha/r · B A)."""
+def merged_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` with every adapter merged: W + (alpha/r)·B·A per adapted layer, keys as in the plain
+    model (no ``.base_layer.``, no ``lora_*``). ``state``: the full weights to merge (default ``model.state_dict()``;
+    e.g. gathered from an FSDP-sharded model: the layers' names and scalings come from ``model``)."""
     from peft.tuners.lora import LoraLayer
 
-    deltas = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoraLayer):
-            deltas[name + ".base_layer.weight"] = sum(m.get_delta_weight(a) for a in m.active_adapters)
-    state = {}
-    for k, v in model.state_dict().items():
+    state = model.state_dict() if state is None else state
+    scalings = {name: {a: m.scaling[a] for a in m.active_adapters}
+                for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    out = {}
+    for k, v in state.items():
         if "lora_" in k:
             continue
-        w = v + deltas[k].to(v.dtype) if k in deltas else v
-        state[k.replace(".base_layer.", ".")] = w
+        if k.endswith(".base_layer.weight") and k[: -len(".base_layer.weight")] in scalings:
+            layer = k[: -len(".base_layer.weight")]
+            w = v.float()
+            for a, scale in scalings[layer].items():  # ΔW = scale · B [out, r] @ A [r, in]
+                w = w + scale * (state[f"{layer}.lora_B.{a}.weight"].float() @ state[f"{layer}.lora_A.{a}.weight"].float())
+            v = w.to(v.dtype)
+        out[k.replace(".base_layer.", ".")] = v
+    return out
+
+
+@torch.no_grad()
+def merged_copy(model):
+    """A plain ``CausalLM``/``ScoreModel`` of the same config whose weights are W + ΔW (ΔW = alpha/r · B A)."""
     clean = type(model)(model.config)
-    clean.load_state_dict(state)
+    clean.load_state_dict(merged_state_dict(model))
     return clean.to(next(model.parameters()).device)
 
 
-def lora_state_dict(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+def lora_state_dict(model, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The adapter tensors alone (``lora_*`` keys) of ``state`` (default ``model.state_dict()``), on the CPU."""
+    state = model.state_dict() if state is None else state
+    return {k: v.detach().cpu().contiguous() for k, v in state.items() if "lora_" in k}
 
 
-def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    missing = [k for k in lora_state_dict(model) if k not in state]
+def check_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Raise if ``state`` lacks adapter tensors of ``model`` (another lora_rank / targets than the checkpoint's)."""
+    missing = [k for k in model.state_dict() if "lora_" in k and k not in state]
     if missing:
         raise ValueError(f"LoRA adapter checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); was it saved with "
                          "the same lora_rank and targets?")
+
+
+def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    check_lora_state_dict(model, state)
     model.load_state_dict(state, strict=False)

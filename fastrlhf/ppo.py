@@ -33,8 +33,8 @@ from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers,
 from .config import param
 from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from .engine import HybridEngine
-from .lora import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict, merged_copy
-from .model import autocast_context, load_model, load_tokenizer
+from .lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
+from .model import autocast_context, load_tokenizer
 from .metrics import explained_variance, peak_memory_gb, progress
 from .optim import make_adamw, use_autocast
 from .ppo_core import make_experience, masked_mean, ppo_update
@@ -150,9 +150,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
     env = D.init(cfg.device)
     device = env.device
-    if env.launched and (cfg.lora_rank > 0 or cfg.optimizer != "adamw"):
-        raise ValueError("ppo under torchrun: lora_rank > 0 and optimizer adamw8bit are single-process features for now "
-                         "(use lora_rank 0 and optimizer adamw with FSDP)")
+    if env.launched and cfg.optimizer != "adamw":
+        raise ValueError("ppo under torchrun: optimizer adamw8bit is a single-process feature for now (bitsandbytes "
+                         "states are not sharded); use optimizer adamw with FSDP")
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg.resume, run_dir)
@@ -162,14 +162,17 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bf16 = use_autocast(cfg.mixed_precision, device)
     ref_context = None
+    # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only), else plain
     if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
-        policy = add_lora(load_model(cfg.policy, head="lm", device=device), rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                          dropout=cfg.lora_dropout, targets=cfg.lora_targets)
-        if resume_from is not None:
-            load_lora_state_dict(policy, load_safetensors(str(resume_from / LORA_FILE), device=str(device)))
+        policy = D.load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, prepare=lambda m: add_lora(
+            m, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets))
+        if resume_from is not None:  # the adapter alone (rank 0 reads it, the shards come from there)
+            adapter = load_safetensors(str(resume_from / LORA_FILE)) if env.is_main else {}
+            if env.is_main:
+                check_lora_state_dict(policy, adapter)
+            D.load_full_state(policy, adapter, strict=False)
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only)
         policy = D.load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16)
         ref = D.load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
@@ -225,14 +228,18 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, data_state=sampler.state_dict(), extra={"kl_ctl": kl_ctl.state_dict()})
-        extra = {}
-        export = policy
+        extra, export, kept = {}, None, {}
+
+        def merge_lora(state):  # rank 0, on the full weights gathered from the shards
+            kept["adapter"] = lora_state_dict(policy, state)
+            return merged_state_dict(policy, state)
         if cfg.lora_rank > 0:  # the HF export holds merged weights; the adapter alone is kept to resume
-            export = merged_copy(policy)
-            extra[LORA_FILE] = lambda p: save_safetensors(lora_state_dict(policy), str(p))
-        return save_checkpoint(run_dir, step, model=export, tokenizer=tokenizer, trainer_state=st, config=cfg,
+            export = merge_lora
+            extra[LORA_FILE] = lambda p: save_safetensors(kept["adapter"], str(p))
+        return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
                                keep=cfg.keep_checkpoints, extra_files=extra, extra_models={"value_model": value},
-                               optimizers={"policy": (policy, policy_opt), "value": (value, value_opt)})
+                               optimizers={"policy": (policy, policy_opt), "value": (value, value_opt)},
+                               export=export)
 
     bar = progress(total=cfg.iterations, initial=start, desc="ppo")
     with graceful_interrupt() as stop:

@@ -230,6 +230,28 @@ def test_ppo_two_process_checkpoint_resumes_in_one(ppo_setup, tmp_path):
                              weights(tmp_path / "r1" / "checkpoint-0000003" / sub))
 
 
+def test_ppo_lora_two_processes_match_one_and_resume(ppo_setup, tmp_path):
+    """LoRA policy under FSDP2 (frozen base, sharded adapters; the reference = adapters off): 2 ranks match 1 process,
+    the export merges the gathered adapters into an HF folder, and the adapter checkpoint resumes on 2 ranks."""
+    pytest.importorskip("peft", reason="LoRA is an optional extra (pip install peft)")
+    from fastrlhf.ppo import LORA_FILE, PPOConfig, train
+    base = dict(ppo_setup["base"], iterations=2, save_every=1, lora_rank=4, lora_alpha=8.0, lr=3e-3)
+    train(PPOConfig(**dict(base, batch_size=8, minibatch_size=8, output_dir=str(tmp_path / "one"))))
+    two = dict(base, batch_size=4, minibatch_size=4)
+    ok(torchrun(2, ["ppo", *as_args(dict(two, output_dir=str(tmp_path / "two")))]))
+    _assert_ppo_runs_match(metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    final = tmp_path / "two" / "checkpoint-0000002"
+    for name in ("model.safetensors", LORA_FILE):
+        a, b = load_file(str(tmp_path / "one" / "checkpoint-0000002" / name)), load_file(str(final / name))
+        assert_weights_close(a, b)
+    assert all("lora_" in k for k in load_file(str(final / LORA_FILE)))
+    assert not any("lora_" in k or "base_layer" in k for k in weights(final))      # a plain merged model
+    ok(torchrun(2, ["ppo", *as_args(dict(two, output_dir=str(tmp_path / "r2"),
+                                         resume=str(tmp_path / "two" / "checkpoint-0000001")))]))
+    assert [r["step"] for r in metrics(tmp_path / "r2")] == [2]
+    assert_weights_close(weights(final), weights(tmp_path / "r2" / "checkpoint-0000002"))
+
+
 # -------------------------------------------------------------------------------------------------- reward model
 
 def test_reward_model_two_processes_match_one(tmp_path):
