@@ -3,8 +3,9 @@
 Layout of a run directory:
     run_dir/checkpoint-0000120/   config.json, model.safetensors, tokenizer files (an HF folder transformers can load;
                                   under FSDP the full weights are gathered from the shards and written by rank 0)
-                                  optimizer/       (optimizer states, torch.distributed.checkpoint: one file per rank,
-                                                    loadable at any other world size)
+                                  state/           (trained weights + optimizer states, torch.distributed.checkpoint:
+                                                    one file per rank, loadable at any other world size; --resume
+                                                    reads this, each rank only its shards)
                                   trainer_state.pt (step, data position, RNG states; tensors/primitives only)
                                   run_config.yaml  (the stage config of the run)
                                   <name>/          (more HF folders, e.g. PPO's value_model)
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.pt"
-OPTIM_DIR = "optimizer"  # torch.distributed.checkpoint folder of the optimizer states
+STATE_DIR = "state"  # torch.distributed.checkpoint folder: trained weights + optimizer states, sharded
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -119,15 +120,16 @@ def full_state_dict(model) -> dict | None:
 
 def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state: dict | None = None,
                     config: Any = None, keep: int = 2, extra_files: dict[str, Callable[[Path], None]] | None = None,
-                    extra_models: dict[str, Any] | None = None, optimizers: dict[str, tuple] | None = None,
+                    extra_models: dict[str, Any] | None = None, trained: dict[str, tuple] | None = None,
                     export: Callable[[dict], dict] | None = None) -> Path:
     """Write ``run_dir/checkpoint-<step>`` atomically and return its path; keep the ``keep`` newest checkpoints (0 = all).
 
     Called by every rank (under torchrun the weights are gathered and the optimizer state is written by all ranks):
     - ``model`` and ``extra_models`` (name -> model, e.g. the value model): HF folders transformers loads, full weights
       gathered from the shards, written by rank 0 (``model`` at the top, the others in sub-folders ``name``);
-    - ``optimizers`` (name -> (model, optimizer)): the optimizer states, sharded as they are, with
-      ``torch.distributed.checkpoint`` into ``optimizer/`` (each rank writes its shard; loadable at another world size);
+    - ``trained`` (name -> (model, optimizer)): what resuming needs, the weights and the optimizer state, sharded as
+      they are, with ``torch.distributed.checkpoint`` into ``state/`` (each rank writes its own shards; loadable at
+      any other world size);
     - ``trainer_state``: a dict of tensors/primitives (use ``trainer_state_dict``); ``extra_files``: name -> writer(path)
       for more files (rank 0);
     - ``export``: rank 0 maps the gathered weights of ``model`` to those written (e.g. LoRA adapters merged into the
@@ -152,8 +154,8 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
                 if name:
                     save_model(models[name], tmp / name, state_dict=sd)
         D.barrier()
-        if optimizers:
-            save_optimizers(tmp / OPTIM_DIR, optimizers)
+        if trained:
+            save_training_state(tmp / STATE_DIR, trained)
         if _is_rank0():
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / STATE_FILE)
@@ -182,11 +184,13 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
     return final
 
 
-def save_optimizers(path: Path, optimizers: dict[str, tuple]) -> None:
-    """name -> (model, optimizer): their states with ``torch.distributed.checkpoint`` at ``path`` (all ranks)."""
+def save_training_state(path: Path, trained: dict[str, tuple]) -> None:
+    """name -> (model, optimizer): the model's weights and the optimizer's state, sharded as they are, with
+    ``torch.distributed.checkpoint`` at ``path`` (every rank writes its own shards; a collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    state = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items()}
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {name: {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
+             for name, (m, opt) in trained.items()}
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=str(path))
 
@@ -200,28 +204,36 @@ def _single_process_quiet():
         yield
 
 
-def load_optimizers(checkpoint, optimizers: dict[str, tuple], legacy: dict[str, dict | None] | None = None) -> None:
-    """Restore name -> (model, optimizer) from ``checkpoint/optimizer`` (written at any world size; resharded to this
-    one). ``legacy``: name -> the plain ``optimizer.state_dict()`` an older fastrlhf kept in trainer_state.pt (one
-    process), used when the checkpoint has no ``optimizer/`` folder."""
+def has_training_state(checkpoint) -> bool:
+    return (Path(checkpoint) / STATE_DIR / ".metadata").is_file()
+
+
+def load_training_state(checkpoint, trained: dict[str, tuple], legacy: dict[str, dict | None] | None = None) -> None:
+    """Restore name -> (model, optimizer) from ``checkpoint/state``: weights and optimizer state, written at any world
+    size and resharded to this one (each rank reads only its shards). ``legacy``: name -> the plain
+    ``optimizer.state_dict()`` an older fastrlhf kept in trainer_state.pt (one process, weights from the HF folder),
+    used when the checkpoint has no ``state/`` folder."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-    path = Path(checkpoint) / OPTIM_DIR
-    if not (path / ".metadata").is_file():
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    path = Path(checkpoint) / STATE_DIR
+    if not has_training_state(checkpoint):
         legacy = legacy or {}
-        if all(legacy.get(name) is not None for name in optimizers):
-            for name, (_, opt) in optimizers.items():
+        if all(legacy.get(name) is not None for name in trained):
+            for name, (_, opt) in trained.items():
                 opt.load_state_dict(legacy[name])
             return
-        raise CheckpointError(f"{path}: no optimizer state (.metadata missing): not a complete fastrlhf checkpoint")
-    state = {name: get_optimizer_state_dict(m, opt) for name, (m, opt) in optimizers.items()}
+        raise CheckpointError(f"{path}: no training state (.metadata missing): not a complete fastrlhf checkpoint")
+    state = {name: {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
+             for name, (m, opt) in trained.items()}
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot load the optimizer state ({type(e).__name__}: {e})") from None
-    for name, (m, opt) in optimizers.items():
-        set_optimizer_state_dict(m, opt, state[name])
+        raise CheckpointError(f"{path}: cannot load the training state ({type(e).__name__}: {e})") from None
+    for name, (m, opt) in trained.items():
+        set_model_state_dict(m, state[name]["model"])
+        set_optimizer_state_dict(m, opt, state[name]["optim"])
 
 
 def list_checkpoints(run_dir) -> list[Path]:

@@ -28,8 +28,9 @@ from safetensors.torch import save_file as save_safetensors
 
 from . import distributed as D
 from . import kernels as K
-from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers, load_trainer_state, resolve_resume,
-                         save_checkpoint, seed_everything, set_rng_state, trainer_state_dict)
+from .checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
+                         load_training_state, resolve_resume, save_checkpoint, seed_everything, set_rng_state,
+                         trainer_state_dict)
 from .config import param
 from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from .engine import HybridEngine
@@ -162,24 +163,27 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     bf16 = use_autocast(cfg.mixed_precision, device)
     ref_context = None
-    # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only), else plain
+    # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only), else plain.
+    # Resuming, the trained weights (policy, value) come from the checkpoint's sharded training state instead.
+    resume_state = resume_from is not None and has_training_state(resume_from)
     if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
-        policy = D.load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, prepare=lambda m: add_lora(
-            m, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets))
-        if resume_from is not None:  # the adapter alone (rank 0 reads it, the shards come from there)
+        policy = D.load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state,
+                                prepare=lambda m: add_lora(m, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                                           dropout=cfg.lora_dropout, targets=cfg.lora_targets))
+        if resume_from is not None and not resume_state:  # an older checkpoint: the adapter file (read by rank 0)
             adapter = load_safetensors(str(resume_from / LORA_FILE)) if env.is_main else {}
             if env.is_main:
                 check_lora_state_dict(policy, adapter)
             D.load_full_state(policy, adapter, strict=False)
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        policy = D.load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16)
+        policy = D.load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state)
         ref = D.load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
     policy.config.gradient_checkpointing = cfg.gradient_checkpointing
     reward = D.load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
-    value = D.load_sharded(value_init, env, head="score", bf16_compute=bf16)
+    value = D.load_sharded(value_init, env, head="score", bf16_compute=bf16, weights=not resume_state)
     policy.train(), value.train()
     policy_opt = make_optimizer(policy, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     value_opt = make_optimizer(value, kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
@@ -209,8 +213,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     start = 0
     if resume_from is not None:
         state = load_trainer_state(resume_from)
-        load_optimizers(resume_from, {"policy": (policy, policy_opt), "value": (value, value_opt)},
-                        legacy={"policy": state.get("optimizer"), "value": state["extra"].get("value_optimizer")})
+        load_training_state(resume_from, {"policy": (policy, policy_opt), "value": (value, value_opt)},
+                            legacy={"policy": state.get("optimizer"), "value": state["extra"].get("value_optimizer")})
         kl_ctl.load_state_dict(state["extra"]["kl_ctl"])
         sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
@@ -238,7 +242,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             extra[LORA_FILE] = lambda p: save_safetensors(kept["adapter"], str(p))
         return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
                                keep=cfg.keep_checkpoints, extra_files=extra, extra_models={"value_model": value},
-                               optimizers={"policy": (policy, policy_opt), "value": (value, value_opt)},
+                               trained={"policy": (policy, policy_opt), "value": (value, value_opt)},
                                export=export)
 
     bar = progress(total=cfg.iterations, initial=start, desc="ppo")

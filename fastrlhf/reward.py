@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as D
-from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers, load_trainer_state, resolve_resume,
-                         restore_trainer_state, save_checkpoint, seed_everything, trainer_state_dict)
+from .checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
+                         load_training_state, resolve_resume, restore_trainer_state, save_checkpoint, seed_everything,
+                         trainer_state_dict)
 from .config import param
 from .data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
                    split_holdout, tokenize_preferences, tokenize_conversation)
@@ -154,8 +155,10 @@ def train(cfg: RewardConfig) -> dict:
     # 1. SFT body + scalar head (fresh unless resuming)
     tokenizer = load_tokenizer(cfg.model)
     autocast = use_autocast(cfg.mixed_precision, device)
-    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise
-    model = D.load_sharded(resume_from or cfg.model, env, head="score", bf16_compute=autocast)
+    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise; resuming, the
+    # weights come from the checkpoint's sharded training state instead (each rank reads its shards)
+    resume_state = resume_from is not None and has_training_state(resume_from)
+    model = D.load_sharded(resume_from or cfg.model, env, head="score", bf16_compute=autocast, weights=not resume_state)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
@@ -181,7 +184,7 @@ def train(cfg: RewardConfig) -> dict:
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         start = restore_trainer_state(state, data=sampler)
-        load_optimizers(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
+        load_training_state(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
         D.print0(f"[fastrlhf rm] resumed from {resume_from} at step {start}")
     last_ckpt = latest_checkpoint(run_dir)
     log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard,
@@ -192,7 +195,7 @@ def train(cfg: RewardConfig) -> dict:
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, data_state=sampler.state_dict())
         return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, optimizers={"model": (model, opt)})
+                               keep=cfg.keep_checkpoints, trained={"model": (model, opt)})
 
     batches = iter(sampler)
     stop_now = False

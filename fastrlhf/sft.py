@@ -24,8 +24,9 @@ import torch
 
 from . import distributed as D
 from . import kernels as K
-from .checkpoint import (graceful_interrupt, latest_checkpoint, load_optimizers, load_trainer_state, resolve_resume,
-                         restore_trainer_state, save_checkpoint, seed_everything, trainer_state_dict)
+from .checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
+                         load_training_state, resolve_resume, restore_trainer_state, save_checkpoint, seed_everything,
+                         trainer_state_dict)
 from .config import param
 from .data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
                    tokenize_sft)
@@ -119,8 +120,10 @@ def train(cfg: SFTConfig) -> dict:
     # 1. model + tokenizer (weights from safetensors only)
     tokenizer = load_tokenizer(cfg.model)
     autocast = use_autocast(cfg.mixed_precision, device)
-    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise
-    model = D.load_sharded(resume_from or cfg.model, env, head="lm", bf16_compute=autocast)
+    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise; resuming, the
+    # weights come from the checkpoint's sharded training state instead (each rank reads its shards)
+    resume_state = resume_from is not None and has_training_state(resume_from)
+    model = D.load_sharded(resume_from or cfg.model, env, head="lm", bf16_compute=autocast, weights=not resume_state)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
@@ -155,7 +158,7 @@ def train(cfg: SFTConfig) -> dict:
     if resume_from is not None:
         state = load_trainer_state(resume_from)
         start = restore_trainer_state(state, data=loader)
-        load_optimizers(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
+        load_training_state(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
         D.print0(f"[fastrlhf sft] resumed from {resume_from} at step {start}")
     last_ckpt = latest_checkpoint(run_dir)
     log = MetricsLogger(run_dir, stage="sft", total_steps=total, tensorboard=cfg.tensorboard,
@@ -166,7 +169,7 @@ def train(cfg: SFTConfig) -> dict:
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, data_state=loader.state_dict())
         return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, optimizers={"model": (model, opt)})
+                               keep=cfg.keep_checkpoints, trained={"model": (model, opt)})
 
     batches = iter(loader)
     bar = progress(total=total, initial=start, desc="sft")

@@ -99,7 +99,7 @@ def test_sft_two_processes_match_one(sft_setup):
     assert_weights_close(weights(d / "one" / "checkpoint-0000004"), weights(d / "two" / "checkpoint-0000004"))
     # the checkpoint: an HF folder transformers loads + the optimizer state written by both ranks with DCP
     ckpt = d / "two" / "checkpoint-0000004"
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in (ckpt / ck.OPTIM_DIR).iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {p.name for p in (ckpt / ck.STATE_DIR).iterdir()}
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(ckpt)
     # only rank 0 wrote logs: one row per step
@@ -166,7 +166,7 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_then_stops(sft_setup, tmp_pat
     assert len(ckpts) == 1, log[-4000:]
     step = int(ckpts[0].name.split("-")[1])
     assert step == len(metrics(out)) >= 3                             # saved at the step both ranks had finished
-    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpts[0] / ck.OPTIM_DIR).iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (ckpts[0] / ck.STATE_DIR).iterdir()}
     assert f"interrupted at step {step}" in log
 
 

@@ -76,14 +76,17 @@ def _step(model, opt):
     opt.zero_grad()
 
 
-def test_optimizer_state_round_trips_through_dcp(tmp_path):
+def test_training_state_round_trips_through_dcp(tmp_path):
+    """Weights and AdamW state written with DCP (one process) come back bit-exact into a fresh model + optimizer."""
     m = _tiny(0)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     _step(m, opt)
-    ck.save_optimizers(tmp_path / "optimizer", {"model": (m, opt)})
-    m2 = _tiny(0)
+    ck.save_training_state(tmp_path / ck.STATE_DIR, {"model": (m, opt)})
+    m2 = _tiny(1)                                                      # other weights: they must be overwritten
     opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
-    ck.load_optimizers(tmp_path, {"model": (m2, opt2)})
+    ck.load_training_state(tmp_path, {"model": (m2, opt2)})
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
     for (a, b) in zip(opt.state.values(), opt2.state.values()):
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -96,10 +99,10 @@ def test_legacy_checkpoint_optimizer_in_trainer_state_still_loads(tmp_path):
     _step(m, opt)
     legacy = opt.state_dict()
     opt2 = torch.optim.AdamW(_tiny(1).parameters(), lr=1e-2)
-    ck.load_optimizers(tmp_path, {"model": (None, opt2)}, legacy={"model": legacy})
+    ck.load_training_state(tmp_path, {"model": (None, opt2)}, legacy={"model": legacy})
     assert opt2.state_dict()["state"][0]["exp_avg"].equal(legacy["state"][0]["exp_avg"])
-    with pytest.raises(ck.CheckpointError, match="optimizer"):
-        ck.load_optimizers(tmp_path, {"model": (None, opt2)})
+    with pytest.raises(ck.CheckpointError, match="training state"):
+        ck.load_training_state(tmp_path, {"model": (None, opt2)})
 
 
 def test_non_stage_commands_refuse_torchrun(monkeypatch, capsys):

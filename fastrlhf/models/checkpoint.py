@@ -89,6 +89,16 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
     return model
 
 
+def materialize(model, device):
+    """Give a model built on the meta device (``load_model(..., weights=False)``) real, uninitialised storage on
+    ``device``, keeping tied weights tied. Its values must then be loaded (e.g. from a checkpoint's training state)."""
+    from fastrlhf.model import CausalLM
+    model.to_empty(device=device)
+    if isinstance(model, CausalLM) and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty breaks the tie; restore it
+    return model
+
+
 def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAULT_SHARD_BYTES,
                state_dict: dict | None = None) -> None:
     """Write ``model`` (CausalLM or ScoreModel) as an HF folder at ``path``, atomically; shards when the weights exceed
