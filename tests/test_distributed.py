@@ -302,3 +302,17 @@ def test_ppo_ptx_runs_under_torchrun(ppo_setup, tmp_path):
                                          output_dir=str(tmp_path / "ptx")))]))
     rows = metrics(tmp_path / "ptx")
     assert [r["step"] for r in rows] == [1] and 0 < rows[0]["ptx_loss"] < 50
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL data parallel needs 2 or more GPUs")
+def test_ppo_two_gpus_nccl_match_one_gpu(ppo_setup, tmp_path):
+    """The PPO comparison on CUDA over NCCL (fp32 policy/value compute; the frozen models are bf16 in both runs)."""
+    from fastrlhf.ppo import PPOConfig, train
+    base = dict(ppo_setup["base"], device="cuda", mixed_precision="no", save_every=0)
+    train(PPOConfig(**dict(base, batch_size=8, minibatch_size=8, output_dir=str(tmp_path / "one"))))
+    ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, output_dir=str(tmp_path / "two")))]))
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for a, b in zip(one, two):
+        for k in ("score", "kl", "policy_loss", "value_loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), (a["step"], k, a[k], b[k])
