@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT_ENV = "FASTRLHF_DIST_TIMEOUT_S"  # collective timeout (seconds): a rank stuck longer raises instead of hanging
+_MESHES: dict = {}  # device type -> the 1-D DeviceMesh of all ranks (made once per process group)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ def shutdown() -> None:
     if is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _MESHES.clear()
 
 
 # ------------------------------------------------------------------------------------------------------------ sharding
@@ -112,7 +114,9 @@ def shard_model(model: torch.nn.Module, env: DistEnv, *, bf16_compute: bool = Fa
     if FSDPModule is None or not hasattr(FSDPModule, "set_reshard_after_forward"):
         raise RuntimeError(f"fastrlhf under torchrun needs FSDP2 with FSDPModule.set_reshard_after_forward "
                            f"(torch >= 2.7); this is torch {torch.__version__}")
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mesh = _MESHES.get(env.device.type)
+    if mesh is None:  # one data-parallel mesh over all ranks, shared by every sharded model of the process
+        mesh = _MESHES[env.device.type] = init_device_mesh(env.device.type, (env.world_size,))
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute
           else MixedPrecisionPolicy())
     for block in model.model.layers:
