@@ -170,15 +170,26 @@ def load_full_state(model: torch.nn.Module, state: dict, *, strict: bool = False
                                                                 strict=strict))
 
 
+def _fsdp_module_type():
+    """``FSDPModule`` (None where torch has no distributed support, e.g. some Windows / macOS builds)."""
+    if not dist.is_available():
+        return None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)
+    kind = _fsdp_module_type()
+    return kind is not None and isinstance(model, kind)
 
 
 def fsdp_units(model: torch.nn.Module) -> list:
     """The FSDP units of ``model`` (root last), [] for an unsharded model."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    kind = _fsdp_module_type()
+    units = [m for m in model.modules() if isinstance(m, kind)] if kind is not None else []
     return units[1:] + units[:1]
 
 
