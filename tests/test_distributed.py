@@ -254,19 +254,31 @@ def test_ppo_lora_two_processes_match_one_and_resume(ppo_setup, tmp_path):
 
 # -------------------------------------------------------------------------------------------------- reward model
 
+def _write_pairs(path, prompts: list[str], seed: int) -> str:
+    rng = __import__("random").Random(seed)
+    with open(path, "w") as f:
+        for p in prompts:
+            f.write(json.dumps({"prompt": p, "chosen": task.solve(p), "rejected": task.perturb(task.solve(p), rng)}) + "\n")
+    return str(path)
+
+
 def test_reward_model_two_processes_match_one(tmp_path):
+    """9 training comparisons in global batches of 4: the third batch has 1 comparison, so rank 1 has none and runs a
+    weight-0 forward (FSDP needs the same forwards on every rank); 5 held-out ones in batches of 2 per rank leave
+    rank 1 one padded evaluation batch. The sums still match one process."""
     from fastrlhf import reward
     model = tiny_checkpoint(tmp_path / "m", layers=2)
-    prompts = task.instructions(30, seed=4)
-    samples = [[task.solve(p), task.perturb(task.solve(p), __import__("random").Random(i))] for i, p in enumerate(prompts)]
-    data = task.write_rankings(str(tmp_path / "rank.jsonl"), prompts, samples, seed=0)
-    base = dict(model=model, data=data, lr=1e-3, warmup_ratio=0.0, device="cpu", plots=False, eval_fraction=0.2,
-                max_steps=3, seed=1, log_every=100)
+    prompts = task.instructions(14, seed=4)
+    train_data = _write_pairs(tmp_path / "train.jsonl", prompts[:9], seed=0)
+    eval_data = _write_pairs(tmp_path / "eval.jsonl", prompts[9:], seed=1)
+    base = dict(model=model, data=train_data, eval_data=eval_data, lr=1e-3, warmup_ratio=0.0, device="cpu",
+                plots=False, max_steps=3, seed=1, log_every=100)
     reward.train(reward.RewardConfig(**base, batch_size=4, output_dir=str(tmp_path / "one")))
     # through the installed `fastrlhf` command (torchrun --no-python), with gradient checkpointing under FSDP
     ok(torchrun(2, ["rm", *as_args(dict(base, batch_size=2, gradient_checkpointing=True,
                                         output_dir=str(tmp_path / "two")))], script=["--no-python", FASTRLHF_EXE]))
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
     assert two[-1]["eval_accuracy"] == pytest.approx(one[-1]["eval_accuracy"], abs=1e-9)
