@@ -174,13 +174,15 @@ def test_ctrl_c_under_torchrun_saves_on_every_rank_then_stops(sft_setup, tmp_pat
 
 @pytest.fixture(scope="module")
 def ppo_setup(tmp_path_factory):
-    """Rollouts with top_k = 1 (the argmax token: the same rollouts whatever the batch split), so that the comparison
-    isolates the distributed parts: sharded forwards, the gathered policy in generation, whitening with all ranks'
-    statistics, global token-mean normalizers, reduced metrics and the adaptive KL controller's global update."""
-    from tests.helpers_models import make_tiny_ppo_setup
+    """The embedded task's tokenizer and prompts, a tiny policy and reward model. Rollouts with top_k = 1 (the argmax
+    token: the same rollouts whatever the batch split), so that the comparison isolates the distributed parts: sharded
+    forwards, the gathered policy in generation, whitening with all ranks' statistics, global token-mean normalizers,
+    reduced metrics and the adaptive KL controller's global update."""
     d = tmp_path_factory.mktemp("dist_ppo")
-    setup = make_tiny_ppo_setup(d)
-    base = dict(policy=setup["policy"], reward_model=setup["rm"], prompts=setup["prompts"], iterations=3, ppo_epochs=2,
+    policy = tiny_checkpoint(d / "policy", layers=2, seed=1)
+    rm = tiny_checkpoint(d / "rm", layers=2, seed=2, head="score")
+    prompts = task.write_prompts(str(d / "prompts.jsonl"), 24, seed=3)
+    base = dict(policy=policy, reward_model=rm, prompts=prompts, iterations=3, ppo_epochs=2,
                 max_new_tokens=6, top_k=1, lr=3e-4, value_lr=3e-4, seed=3, plots=False, device="cpu",
                 adaptive_kl=True, kl_target=0.5, kl_horizon=100, save_every=2, keep_checkpoints=3)
     from fastrlhf.ppo import PPOConfig, train
@@ -305,12 +307,9 @@ def test_ppo_ptx_runs_under_torchrun(ppo_setup, tmp_path):
     """PPO-ptx with 2 ranks: each rank takes its own packed budget of the ptx data per minibatch; the ptx term divides
     by the global ptx token count. Checked: the job runs and logs a finite ptx loss."""
     base = ppo_setup["base"]
-    ptx = tmp_path / "ptx.jsonl"
-    with open(ptx, "w") as f:
-        for i in range(12):
-            f.write(json.dumps({"prompt": "what is the", "response": " ".join(["cat", "dog", "1"][: 1 + i % 3])}) + "\n")
+    ptx = task.write_sft_data(str(tmp_path / "ptx.jsonl"), 12, seed=5)
     ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, iterations=1, save_every=0,
-                                         ptx_coef=0.5, ptx_data=str(ptx), ptx_batch_tokens=32,
+                                         ptx_coef=0.5, ptx_data=ptx, ptx_batch_tokens=64,
                                          output_dir=str(tmp_path / "ptx")))]))
     rows = metrics(tmp_path / "ptx")
     assert [r["step"] for r in rows] == [1] and 0 < rows[0]["ptx_loss"] < 50
