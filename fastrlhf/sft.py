@@ -146,9 +146,6 @@ def train(cfg: SFTConfig) -> dict:
     loader = PackedLoader(samples, cfg.batch_tokens, pad_id, seed=cfg.seed)
     eval_loader = PackedLoader(held, cfg.batch_tokens, pad_id, seed=cfg.seed) if held else None
     per_step = cfg.grad_accum * env.world_size  # packed budgets consumed per optimizer step, all ranks together
-    if loader.batches_per_epoch() < per_step:
-        raise ValueError(f"sft: one step needs grad_accum × world = {per_step} packed budgets of {cfg.batch_tokens} "
-                         f"tokens, but the data packs into {loader.batches_per_epoch()}; lower batch_tokens/grad_accum")
     steps_per_epoch = max(1, loader.batches_per_epoch() // per_step)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_ratio * total)
