@@ -152,16 +152,6 @@ def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
     return ((xd - mean) * torch.rsqrt(var + eps) * m).to(x.dtype)
 
 
-def _denominator(mask: torch.Tensor, agg: str) -> torch.Tensor:
-    """This rank's share of the loss denominator of ``agg`` (kernels/_aggregate.py): token-mean Σ m, seq-mean-token-mean
-    #{rows with tokens}, seq-mean-token-sum B.   mask [B, G] -> 0-d fp32"""
-    if agg == "token-mean":
-        return mask.float().sum()
-    if agg == "seq-mean-token-mean":
-        return (mask.sum(-1) > 0).float().sum()
-    return torch.tensor(float(mask.shape[0]), device=mask.device)
-
-
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     n = mask.sum()
     return float((x * mask).sum() / n) if n > 0 else 0.0
@@ -190,7 +180,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             mb = exp.minibatch(perm[sl])
             args = (mb.input_ids, mb.attention_mask, mb.position_ids)
             # the denominator of `agg` over all ranks' rollouts of this minibatch / world (one process: the local one)
-            norm = D.all_reduce_sum(_denominator(mb.mask, agg)) / D.world_size()
+            norm = D.all_reduce_sum(K.default_denominator(mb.mask, agg)) / D.world_size()
             with autocast():
                 logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
                                               return_entropy=True)

@@ -62,22 +62,30 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def default_denominator(mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """The denominator D of ``agg`` when no normalizer is given (mask [B, T] 0/1 -> 0-d, mask's float dtype):
+    token-mean Σ m, seq-mean-token-mean #{b : n_b > 0}, seq-mean-token-sum B. Data parallel: Σ of it over the ranks
+    is the normalizer that makes N ranks' loss the loss of their union."""
+    check_agg(agg, "default_denominator")
+    m = mask if mask.is_floating_point() else mask.float()
+    if agg == "token-mean":
+        return m.sum()                                                    # D = Σ m
+    if agg == "seq-mean-token-mean":
+        return (m.sum(-1) > 0).to(m.dtype).sum()                          # D = #non-empty rows
+    return torch.full((), float(m.shape[0]), dtype=m.dtype, device=m.device)  # D = B
+
+
 def aggregate_ref(loss_tok: torch.Tensor, mask: torch.Tensor, agg: str, normalizer=None) -> torch.Tensor:
     """Aggregate per-token losses ``loss_tok`` [B, T] over ``mask`` [B, T] (0/1, loss dtype). Returns a 0-d tensor."""
     check_agg(agg, "aggregate_ref")
-    B = loss_tok.shape[0]
-    norm = None if normalizer is None else torch.as_tensor(normalizer, dtype=loss_tok.dtype, device=loss_tok.device)
+    den = (default_denominator(mask.to(loss_tok.dtype), agg) if normalizer is None
+           else torch.as_tensor(normalizer, dtype=loss_tok.dtype, device=loss_tok.device))  # D (or normalizer)
     row_sum = (loss_tok * mask).sum(-1)                                   # S_b = Σ_t ℓ m            [B]
-    n_row = mask.sum(-1)                                                  # n_b = Σ_t m              [B]
-    if agg == "token-mean":
-        den = n_row.sum() if norm is None else norm                       # D = Σ m (or normalizer)
-        return _safe_div(row_sum.sum(), den)                              # L = Σ ℓ m / D
     if agg == "seq-mean-token-mean":
+        n_row = mask.sum(-1)                                              # n_b = Σ_t m              [B]
         nonempty = (n_row > 0).to(loss_tok.dtype)                         # rows with ≥ 1 valid token
-        den = nonempty.sum() if norm is None else norm                    # D = #non-empty rows (or normalizer)
         return _safe_div((_safe_div(row_sum, n_row) * nonempty).sum(), den)   # L = Σ_b (S_b / n_b) / D
-    den = torch.full((), float(B), dtype=loss_tok.dtype, device=loss_tok.device) if norm is None else norm
-    return _safe_div(row_sum.sum(), den)                                  # L = Σ_b S_b / D (D = B or normalizer)
+    return _safe_div(row_sum.sum(), den)                                  # L = Σ ℓ m / D
 
 
 def masked_mean_ref(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
