@@ -30,6 +30,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fastrlhf import distributed as D
+
 STATE_FILE = "trainer_state.pt"
 STATE_DIR = "state"  # torch.distributed.checkpoint folder: trained weights + optimizer states, sharded
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -102,19 +104,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def full_state_dict(model) -> dict | None:
     """The full (unsharded) weights of ``model`` on the CPU: gathered from every rank for an FSDP-sharded model
     (a collective: all ranks call it; rank 0 gets the dict, the others None), ``model.state_dict()`` otherwise."""
-    from fastrlhf.distributed import is_sharded
-    if is_sharded(model):
+    if D.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if _is_rank0() else None
+        return sd if D.rank() == 0 else None
     return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
@@ -136,7 +132,6 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
       base weights); it runs before the ``extra_files`` writers.
     Everything goes to a hidden temporary folder that is renamed into place once complete.
     """
-    from fastrlhf import distributed as D
     from fastrlhf.model import save_model
 
     final = checkpoint_path(run_dir, step)
@@ -146,7 +141,7 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
     models = {"": model, **(extra_models or {})}
     tmp = Path(run_dir) / D.broadcast_object(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        if _is_rank0():
+        if D.rank() == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             top = export(states[""]) if export is not None else states[""]
             save_model(model, tmp, tokenizer=tokenizer, state_dict=top)  # creates tmp/ (itself atomic)
@@ -156,7 +151,7 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
         D.barrier()
         if trained:
             save_training_state(tmp / STATE_DIR, trained)
-        if _is_rank0():
+        if D.rank() == 0:
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / STATE_FILE)
             if config is not None:
@@ -174,10 +169,10 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
                 os.replace(tmp, final)
             _fsync_dir(Path(run_dir))
     except BaseException:
-        if _is_rank0():
+        if D.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _is_rank0() and keep > 0:
+    if D.rank() == 0 and keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()                                                   # every rank sees the finished checkpoint

@@ -3,7 +3,7 @@
     add_lora(model, rank=16, alpha=32)           # freezes the base weights, trains only the low-rank adapters
     with adapters_disabled(model): ...           # the frozen SFT model (the KL reference) without a second copy
     merged_copy(model) / merged_state_dict(model) # W + (alpha/r)·B·A as a plain CausalLM / its weights, for the HF export
-    lora_state_dict(model) / load_lora_state_dict(model, sd)   # the adapter alone, to resume
+    lora_state_dict(model) / check_lora_state_dict(model, sd)  # the adapter alone; does a saved one fit the model
 
 LoRA (Hu et al. 2021): W x + (alpha / r) · B A x with A [r, in], B [out, r], B initialised to 0 so training starts at
 the SFT model exactly.
@@ -112,8 +112,3 @@ def check_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
     if missing:
         raise ValueError(f"LoRA adapter checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); was it saved with "
                          "the same lora_rank and targets?")
-
-
-def load_lora_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    check_lora_state_dict(model, state)
-    model.load_state_dict(state, strict=False)

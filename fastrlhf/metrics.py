@@ -24,8 +24,9 @@ _SHORT = {"loss": "loss", "score": "score", "kl": "kl", "entropy": "ent", "clipf
 
 
 def is_rank0() -> bool:
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    """Whether this process writes logs, plots and progress bars (rank 0, or the only process)."""
+    from .distributed import rank
+    return rank() == 0
 
 
 def explained_variance(y_pred: torch.Tensor, y_true: torch.Tensor, mask: torch.Tensor | None = None) -> float:
