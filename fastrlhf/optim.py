@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from . import distributed as D
+
 
 def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when present, else cpu; otherwise the named device."""
@@ -48,3 +50,21 @@ def lr_at(step: int, *, total: int, peak: float, warmup: int, min_ratio: float =
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def apply_step(model, optimizer, loss: float, *, step: int, total: int, warmup: int, peak_lr: float, min_lr_ratio: float,
+               max_grad_norm: float, where: str) -> tuple[float, float, float]:
+    """The end of one SFT / reward-model step, after the backward passes: the global loss (mean of the ranks' terms),
+    gradient clipping by the global norm (0 = off), a stop on a non-finite loss or norm (the same on every rank,
+    before the weights change), the warmup + cosine lr (``lr_at``) and the optimizer step.
+    Returns (loss, lr, grad_norm). ``where``: the message prefix of the error (it names the last good checkpoint)."""
+    loss = D.reduce_metrics({"loss": float(loss)})["loss"]
+    gnorm = (float(D.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)))
+             if max_grad_norm > 0 else 0.0)
+    if not math.isfinite(loss) or not math.isfinite(gnorm):
+        raise FloatingPointError(f"{where}: non-finite loss ({loss}) or grad norm ({gnorm}) at step {step + 1}")
+    lr = lr_at(step, total=total, peak=peak_lr, warmup=warmup, min_ratio=min_lr_ratio)
+    set_lr(optimizer, lr)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, lr, gnorm

@@ -18,7 +18,6 @@ process with ``batch_size × N``.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from .data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferen
                    split_holdout, tokenize_preferences, tokenize_conversation)
 from .metrics import MetricsLogger, peak_memory_gb, progress
 from .model import autocast_context, load_tokenizer
-from .optim import lr_at, make_adamw, set_lr, use_autocast
+from .optim import apply_step, make_adamw, use_autocast
 
 
 @dataclass
@@ -220,20 +219,14 @@ def train(cfg: RewardConfig) -> dict:
                 loss_sum += weight * float(loss.detach()) / cfg.grad_accum
                 acc_sum += weight * float(acc) / cfg.grad_accum
                 n_tok += int(b.attention_mask.sum())
-            # 4. clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
-            gnorm = (D.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                     if cfg.max_grad_norm > 0 else torch.zeros(()))
-            loss_sum = D.reduce_metrics({"loss": loss_sum})["loss"]  # mean of the rank terms = the global loss
-            if not math.isfinite(loss_sum) or not math.isfinite(float(gnorm)):
-                raise FloatingPointError(f"rm: non-finite loss ({loss_sum}) or grad norm ({float(gnorm)}) at step "
-                                         f"{step + 1}; stopped without saving; last good checkpoint: {last_ckpt}")
-            lr = lr_at(step, total=total, peak=cfg.lr, warmup=warmup, min_ratio=cfg.min_lr_ratio)
-            set_lr(opt, lr)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            # 4. global loss, clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
+            loss_sum, lr, gnorm = apply_step(
+                model, opt, loss_sum, step=step, total=total, warmup=warmup, peak_lr=cfg.lr,
+                min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm,
+                where=f"rm (stopped without saving; last good checkpoint: {last_ckpt})")
             # 5. metrics, held-out accuracy, checkpoints
             dt = time.perf_counter() - t0
-            m = {"loss": loss_sum, "accuracy": acc_sum, "lr": lr, "grad_norm": float(gnorm),
+            m = {"loss": loss_sum, "accuracy": acc_sum, "lr": lr, "grad_norm": gnorm,
                  "tokens_per_s": n_tok / max(dt, 1e-9), "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
             m = D.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
             stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop

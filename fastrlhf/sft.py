@@ -15,7 +15,6 @@ response tokens (all-reduced), so N ranks match one process with ``grad_accum ×
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from .data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed
                    tokenize_sft)
 from .metrics import MetricsLogger, peak_memory_gb, progress
 from .model import autocast_context, load_tokenizer
-from .optim import lr_at, make_adamw, set_lr, use_autocast
+from .optim import apply_step, make_adamw, use_autocast
 
 
 @dataclass
@@ -187,21 +186,15 @@ def train(cfg: SFTConfig) -> dict:
                     loss = packed_lm_loss(model, b, normalizer=n_resp / env.world_size)
                 loss.backward()
                 loss_sum += float(loss.detach())
-            loss_sum = D.reduce_metrics({"loss": loss_sum})["loss"]  # mean over ranks = the global token-mean
-            # 5. clip, schedule, AdamW; a non-finite loss or gradient stops the run before it touches the weights
-            gnorm = (D.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                     if cfg.max_grad_norm > 0 else torch.zeros(()))
-            if not math.isfinite(loss_sum) or not math.isfinite(float(gnorm)):
-                raise FloatingPointError(f"sft: non-finite loss ({loss_sum}) or grad norm ({float(gnorm)}) at step "
-                                         f"{step + 1}; stopped without saving; last good checkpoint: {last_ckpt}")
-            lr = lr_at(step, total=total, peak=cfg.lr, warmup=warmup, min_ratio=cfg.min_lr_ratio)
-            set_lr(opt, lr)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            # 5. global loss, clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
+            loss_sum, lr, gnorm = apply_step(
+                model, opt, loss_sum, step=step, total=total, warmup=warmup, peak_lr=cfg.lr,
+                min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm,
+                where=f"sft (stopped without saving; last good checkpoint: {last_ckpt})")
             # 6. metrics, held-out loss, checkpoints
             dt = time.perf_counter() - t0
             n_tok = sum(b.n_tokens for b in micro)
-            m = {"loss": loss_sum, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": n_tok / max(dt, 1e-9),
+            m = {"loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": n_tok / max(dt, 1e-9),
                  "epoch": loader.epoch, "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
             m = D.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
             stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop

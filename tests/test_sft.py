@@ -81,17 +81,18 @@ def test_ctrl_c_saves_then_resume_auto_finishes(tmp_path, monkeypatch):
     import signal
     model = tiny_checkpoint(tmp_path / "m")
     d = task.write_sft_data(str(tmp_path / "sft.jsonl"), 20, seed=0)
-    real_lr_at = sft.lr_at
+    from fastrlhf import optim
+    real_lr_at = optim.lr_at  # the schedule sft's optimizer step (optim.apply_step) calls
 
     def lr_at_with_ctrl_c(step, **kw):  # a real SIGINT arrives during the 2nd step
         if step == 1:
             os.kill(os.getpid(), signal.SIGINT)
         return real_lr_at(step, **kw)
 
-    monkeypatch.setattr(sft, "lr_at", lr_at_with_ctrl_c)
+    monkeypatch.setattr(optim, "lr_at", lr_at_with_ctrl_c)
     out = sft.train(_cfg(tmp_path, model, d, tmp_path / "o", max_steps=4))
     assert out["steps"] == 2 and out["checkpoint"].endswith("checkpoint-0000002")
-    monkeypatch.setattr(sft, "lr_at", real_lr_at)
+    monkeypatch.setattr(optim, "lr_at", real_lr_at)
     again = sft.train(_cfg(tmp_path, model, d, tmp_path / "o", max_steps=4, resume="auto"))
     assert [h["step"] for h in again["history"]] == [3, 4] and again["checkpoint"].endswith("checkpoint-0000004")
 
