@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 import torch
-from .timing import device_name, git_commit
+from .timing import check_choice, check_choices, device_name, git_commit
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -101,11 +101,8 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
     from fastrlhf.engine import HybridEngine
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
-    if shape not in SHAPES:
-        raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
-    bad = [p for p in providers if p not in PROVIDERS]
-    if bad:
-        raise ValueError(f"--providers {bad}: expected some of {list(PROVIDERS)}")
+    check_choice("shape", shape, SHAPES)
+    check_choices("providers", providers, PROVIDERS)
     if runs < 3:
         raise ValueError(f"--runs {runs}: at least 3 (medians)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

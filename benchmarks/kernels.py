@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from . import baselines as BL
-from .timing import bench, bench_interleaved, device_name, git_commit, peak_extra_mib
+from .timing import bench, bench_interleaved, check_choice, check_choices, device_name, git_commit, peak_extra_mib
 
 CSV_COLUMNS = ["date", "device", "op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
                "pct_ceiling", "peak_extra_mib", "max_abs_err", "torch", "triton", "commit"]
@@ -225,14 +225,8 @@ def bench_logprobs(ctx: Ctx) -> None:
     g_lp = torch.randn(B, T, device=dev)
     g_ent = torch.randn(B, T, device=dev)
     nbytes = logits.numel() * logits.element_size()
-    impls = {"fastrlhf": ours_logprobs, "eager": BL.lp_ent_logsoftmax_gather, "eager-lse": BL.lp_ent_logsumexp,
-             "eager-rowloop": BL.lp_ent_rowloop}
-    if ctx.wants("compile"):
-        impls["compile"] = BL.compiled(BL.lp_ent_logsoftmax_gather)
-    peers = BL.peer_providers(dev)
-    for p in ("trl", "liger"):
-        if f"logprobs/{p}" in peers:
-            impls[p] = peers[f"logprobs/{p}"]
+    impls = _providers(ctx, "logprobs", ours_logprobs, BL.lp_ent_logsoftmax_gather,
+                       {"eager-lse": BL.lp_ent_logsumexp, "eager-rowloop": BL.lp_ent_rowloop})
     for prov, f in impls.items():
         if not ctx.wants(prov):
             continue
@@ -260,6 +254,19 @@ def bench_logprobs(ctx: Ctx) -> None:
     del logits, x
 
 
+def _providers(ctx: Ctx, op: str, ours, eager, more_eager: dict | None = None) -> dict:
+    """provider -> fn for one op: ours, the eager baseline (+ other eager forms), torch.compile of the eager one when
+    wanted, and TRL's / Liger's kernels for ``op`` when importable (``BL.peer_providers``)."""
+    impls = {"fastrlhf": ours, "eager": eager, **(more_eager or {})}
+    if ctx.wants("compile"):
+        impls["compile"] = BL.compiled(eager)
+    peers = BL.peer_providers(ctx.device)
+    for p in ("trl", "liger"):
+        if f"{op}/{p}" in peers:
+            impls[p] = peers[f"{op}/{p}"]
+    return impls
+
+
 def _linear_inputs(N, H, V, dev, dtype):
     hidden = (torch.randn(N, H, device=dev) / H**0.5).to(dtype).requires_grad_(True)
     weight = torch.randn(V, H, device=dev).to(dtype).requires_grad_(True)
@@ -281,13 +288,7 @@ def bench_linear(ctx: Ctx) -> None:
     dev = ctx.device
     shape = f"N={N} H={H} V={V} {_dname(ctx.dtype)}"
     hidden, weight, labels, g = _linear_inputs(N, H, V, dev, ctx.dtype)
-    impls = {"fastrlhf": ours_linear, "eager": BL.linear_lp_eager}
-    if ctx.wants("compile"):
-        impls["compile"] = BL.compiled(BL.linear_lp_eager)
-    peers = BL.peer_providers(dev)
-    for p in ("trl", "liger"):
-        if f"linear/{p}" in peers:
-            impls[p] = peers[f"linear/{p}"]
+    impls = _providers(ctx, "linear", ours_linear, BL.linear_lp_eager)
     for prov, f in impls.items():
         if not ctx.wants(prov):
             continue
@@ -465,16 +466,11 @@ def run(ops=OPS, shape: str | None = None, device: str | None = None, dtype: tor
     """Run the benchmarks; returns the context (``.rows``, ``.skipped``, ``.extra``). Prints nothing."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("h100" if device == "cuda" else "tiny")
-    if shape not in SHAPES:
-        raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
-    bad = [o for o in ops if o not in BENCHES]
-    if bad:
-        raise ValueError(f"--ops {bad}: expected some of {list(BENCHES)}")
+    check_choice("shape", shape, SHAPES)
+    check_choices("ops", ops, BENCHES)
     if providers is None:
         providers = tuple(p for p in PROVIDERS if device == "cuda" or p not in ("compile", "trl", "liger"))
-    bad = [p for p in providers if p not in PROVIDERS]
-    if bad:
-        raise ValueError(f"--providers {bad}: expected some of {list(PROVIDERS)}")
+    check_choices("providers", providers, PROVIDERS)
     if dtype is None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ctx = Ctx(device=device, shape=shape, dtype=dtype, providers=tuple(providers),

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from .generate import CSV_COLUMNS, format_table, write_csv
-from .timing import _quantile, device_name, git_commit
+from .timing import _quantile, check_choice, check_choices, device_name, git_commit
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 ARMS = ("fastrlhf", "trl")
@@ -472,15 +472,12 @@ def run(shape: str | None = None, device: str | None = None, iters: int = 4, thr
     that a drifting machine load hits both alike, and pools their timed iterations. Returns (rows, info, results)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
-    if shape not in SHAPES:
-        raise ValueError(f"--shape {shape!r}: expected one of {sorted(SHAPES)}")
+    check_choice("shape", shape, SHAPES)
     if iters < 1:
         raise ValueError(f"--iters {iters}: at least 1 timed iteration (after the warm-up)")
     if rounds < 1:
         raise ValueError(f"--rounds {rounds}: at least 1")
-    bad = [a for a in arms if a not in ARMS]
-    if bad:
-        raise ValueError(f"--arms {bad}: expected some of {list(ARMS)}")
+    check_choices("arms", arms, ARMS)
     S = SHAPES[shape]
     flops = model_flops(shape)
     per_round: dict[str, list[dict]] = {a: [] for a in arms}

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import CSV_COLUMNS, format_table, write_csv  # noqa: F401  (CSV_COLUMNS: the shared schema)
+from .generate import format_table, write_csv
 from .ppo import SHAPES, build_checkpoints
 from .timing import device_name, git_commit
 

@@ -171,3 +171,16 @@ def git_commit() -> str:
         return h.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def check_choice(flag: str, value, allowed) -> None:
+    """A runner argument that must be one of ``allowed`` (e.g. --shape)."""
+    if value not in allowed:
+        raise ValueError(f"--{flag} {value!r}: expected one of {sorted(allowed)}")
+
+
+def check_choices(flag: str, values, allowed) -> None:
+    """A runner argument whose every entry must be in ``allowed`` (e.g. --providers)."""
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"--{flag} {bad}: expected some of {list(allowed)}")
