@@ -1,4 +1,4 @@
-"""Build script: the pure-Python package plus the pybind11 CPU extension ``fastrlhf._C``.
+"""Build script: the pure-Python package plus the pybind11 CPU extension ``fastrlhf.kernels._C`` (built with the kernels, so they lift out together).
 
 ``kernels/`` (top level in the source tree) is installed as ``fastrlhf.kernels``.
 The extension is required: if no C++ compiler is found the install stops with a clear message
@@ -28,13 +28,13 @@ class BuildExt(build_ext):
         if shutil.which(exe) is None and shutil.which("c++") is None and shutil.which("g++") is None:
             sys.exit(
                 f"fastrlhf: no C++ compiler found (looked for {exe!r}, 'c++', 'g++'). The CPU ops in csrc/ "
-                "(fastrlhf._C) must be compiled: install one (Debian/Ubuntu: apt-get install g++) and retry."
+                "(fastrlhf.kernels._C) must be compiled: install one (Debian/Ubuntu: apt-get install g++) and retry."
             )
         super().build_extensions()
 
 
 ext = Pybind11Extension(
-    "fastrlhf._C",
+    "fastrlhf.kernels._C",
     sorted(glob("csrc/*.cpp")),
     cxx_std=17,
     extra_compile_args=["-O3"],

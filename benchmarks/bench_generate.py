@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrlhf.engine import HybridEngine
+from fastrlhf.engine.hybrid import HybridEngine
 
 from .generate import SHAPES, build_models
 

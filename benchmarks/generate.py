@@ -64,7 +64,7 @@ SHAPES = {
 def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
     """(hf_model, fastrlhf_model): one random Qwen2 checkpoint, loaded by both (same weights)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from fastrlhf.model import load_model
+    from fastrlhf.models.hf_io import load_model
     m = SHAPES[shape]["model"]
     V = m["vocab_size"]
     cfg = Qwen2Config(**m, max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=V - 2,
@@ -98,7 +98,7 @@ def _peak_mib(fn, device: str) -> float:
 
 def run(shape: str | None = None, device: str | None = None, runs: int = 5, providers=PROVIDERS, seed: int = 0):
     """Measure every provider; returns (rows [dict(provider, metric, median, unit)], info dict). Prints nothing."""
-    from fastrlhf.engine import HybridEngine
+    from fastrlhf.engine.hybrid import HybridEngine
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
     check_choice("shape", shape, SHAPES)

@@ -9,7 +9,7 @@ advantages, then ``epochs`` passes of clipped policy + clipped value loss over `
 Four models: policy and value (trained), reference and reward (frozen). Random Qwen2-style weights, saved once as HF
 folders and loaded by both systems (same weights, same prompts).
 
-fastrlhf arm — exactly the pieces ``fastrlhf/ppo.py``'s train loop uses: ``fastrlhf.model.load_model`` (head "lm" /
+fastrlhf arm — exactly the pieces ``fastrlhf/stages/ppo.py``'s train loop uses: ``fastrlhf.models.hf_io.load_model`` (head "lm" /
 "score"), ``engine.HybridEngine.generate`` (step 2, ``eos_token_id=None`` so every row runs G tokens),
 ``ppo_core.make_experience`` (steps 3-7), ``ppo_core.ppo_update`` (step 8) with ``optim.make_adamw`` optimizers.
 Like ppo.py: fp32 on CPU; on CUDA fp32 master weights for policy/value, bf16 reference/reward, bf16 autocast.
@@ -221,10 +221,11 @@ def merge_rounds(results: list[dict], B: int, G: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bool = True, seed: int = 0) -> dict:
     """Warm-up + ``iters`` timed iterations of fastrlhf's PPO core (+ one profiled iteration). Returns the metrics."""
-    from fastrlhf.engine import HybridEngine
-    from fastrlhf.model import autocast_context, load_model
-    from fastrlhf.optim import make_adamw
-    from fastrlhf.ppo_core import make_experience, ppo_update
+    from fastrlhf.engine.hybrid import HybridEngine
+    from fastrlhf.models.decoder import autocast_context
+    from fastrlhf.models.hf_io import load_model
+    from fastrlhf.runtime.optim import make_adamw
+    from fastrlhf.stages.ppo_core import make_experience, ppo_update
 
     S = SHAPES[shape]
     B, G, V = S["B"], S["G"], S["model"]["vocab_size"]

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def prepare(shape: str, root: Path, n_prompts: int) -> dict:
     """Checkpoints (+ the task tokenizer in the policy folder) and a prompts jsonl under ``root``."""
-    from fastrlhf import task
+    from fastrlhf.tools import task
     ckpt = build_checkpoints(shape, root)
     task.build_tokenizer().save_pretrained(ckpt["policy"])
     ckpt["prompts"] = task.write_prompts(str(root / "prompts.jsonl"), n_prompts, seed=0)

@@ -1,6 +1,6 @@
 """``python -m fastrlhf ...`` = the ``fastrlhf`` command."""
 import sys
 
-from fastrlhf.cli import main
+from fastrlhf.tools.cli import main
 
 sys.exit(main())

@@ -13,7 +13,7 @@ tiles. Two such scans per tile:
      V_next(t) = f(t+1) directly: (a, b) = (1 − m_{t+1}, m_{t+1}·V_{t+1});
   2. G(t) = A at the first valid position ≥ t: G(t) = m_t·(δ_t + γλ·G(t+1)) + (1 − m_t)·G(t+1):
      (a, b) = (m_t·γλ + 1 − m_t, m_t·δ_t); then A_t = m_t·G(t).
-CPU: the C++ op ``fastrlhf._C.gae`` (plain loops in double over numpy buffers).
+CPU: the C++ op ``_C.gae`` (csrc/gae.cpp) (plain loops in double over numpy buffers).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
+from ._native import native
 from ._utils import check_float, next_power_of_2
 
 MIN_BLOCK_T, MAX_BLOCK_T = 16, 1024  # BLOCK_T = clamp(next_pow2(T), 16, 1024); num_warps from pick_num_warps
@@ -152,12 +153,13 @@ def gae_triton(rewards, values, mask, gamma: float, lam: float, *, block_t: int 
 
 
 def _gae_cpp(rewards, values, mask, gamma: float, lam: float):
-    from fastrlhf import _C  # the compiled CPU op
-
+    C = native()
+    if C is None:  # kernels lifted out without their C++ build: the PyTorch reference
+        return gae_ref(rewards.float(), values.float(), mask, gamma=gamma, lam=lam)
     r = rewards.detach().to(torch.float32).contiguous().numpy()
     v = values.detach().to(torch.float32).contiguous().numpy()
     m = (torch.ones(rewards.shape, dtype=torch.bool) if mask is None else mask != 0).contiguous().numpy()
-    adv, ret = _C.gae(r, v, m, float(gamma), float(lam))
+    adv, ret = C.gae(r, v, m, float(gamma), float(lam))
     return torch.from_numpy(adv), torch.from_numpy(ret)
 
 

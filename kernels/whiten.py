@@ -11,7 +11,7 @@ element of the first tile (exact for constant input), then Σ (x − mean)² in 
 formula M2 = Σ M2_i + Σ n_i (mean_i − μ)².
 CUDA: one program over everything when N ≤ SMALL_N (three sweeps: mean, M2, write); otherwise two launches: per-chunk
 (n, mean, M2) partials, then every program merges the ≤ MAX_PARTIALS partials and writes its chunk.
-CPU: the C++ op ``fastrlhf._C.whiten`` (two passes in double).
+CPU: the C++ op ``_C.whiten`` (csrc/whiten.cpp) (two passes in double).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
+from ._native import native
 from ._utils import check_float
 
 SMALL_N = 65536  # at most this many elements: one program
@@ -182,11 +183,13 @@ def whiten_triton(x, mask, shift_mean: bool, eps: float, *, small_n: int = SMALL
 
 
 def _whiten_cpp(x, mask, shift_mean: bool, eps: float):
-    from fastrlhf import _C  # the compiled CPU op
+    C = native()
+    if C is None:  # kernels lifted out without their C++ build: the PyTorch reference
+        return whiten_ref(x.float(), mask, shift_mean=shift_mean, eps=eps)
 
     xn = x.detach().to(torch.float32).contiguous().numpy()
     mn = (torch.ones(x.shape, dtype=torch.bool) if mask is None else mask != 0).contiguous().numpy()
-    return torch.from_numpy(_C.whiten(xn, mn, bool(shift_mean), float(eps)))
+    return torch.from_numpy(C.whiten(xn, mn, bool(shift_mean), float(eps)))
 
 
 @torch.no_grad()

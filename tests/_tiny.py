@@ -1,8 +1,10 @@
 """A tiny random Llama checkpoint with the embedded tokenizer, for stage tests (built offline)."""
 import torch
 
-from fastrlhf.model import CausalLM, ModelConfig, ScoreModel, save_model
-from fastrlhf.task import build_tokenizer
+from fastrlhf.models.decoder import CausalLM, ModelConfig, ScoreModel
+
+from fastrlhf.models.hf_io import save_model
+from fastrlhf.tools.task import build_tokenizer
 
 
 def tiny_checkpoint(path, *, hidden=32, layers=1, seed=0, nan=False, vocab=None, head="lm"):

@@ -1,4 +1,4 @@
-"""fastrlhf.checkpoint: atomic saves, keep-N, resume round trip (weights, optimizer, data position, RNG), Ctrl-C."""
+"""fastrlhf.runtime.checkpoint: atomic saves, keep-N, resume round trip (weights, optimizer, data position, RNG), Ctrl-C."""
 import os
 import random
 import signal
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastrlhf import checkpoint as ck
-from fastrlhf import data
-from fastrlhf.model import CausalLM, ModelConfig, load_model
+from fastrlhf.runtime import checkpoint as ck
+from fastrlhf.runtime import data
+from fastrlhf.models.decoder import CausalLM, ModelConfig
+from fastrlhf.models.hf_io import load_model
 
 
 def tiny():

@@ -1,4 +1,4 @@
-"""fastrlhf.cli: commands, --help of every field, one-line errors naming the field/file, bench dispatch, selfcheck."""
+"""fastrlhf.tools.cli: commands, --help of every field, one-line errors naming the field/file, bench dispatch, selfcheck."""
 import json
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from fastrlhf import cli, task
+from fastrlhf.tools import cli, task
 from tests._tiny import tiny_checkpoint
 
 

@@ -1,10 +1,10 @@
-"""fastrlhf.config: defaults <- YAML/TOML file <- --field flags; unknown fields and bad values name the field and file."""
+"""fastrlhf.runtime.config: defaults <- YAML/TOML file <- --field flags; unknown fields and bad values name the field and file."""
 from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 
-from fastrlhf.config import ConfigError, build_parser, param, parse_config, save_config, section
+from fastrlhf.runtime.config import ConfigError, build_parser, param, parse_config, save_config, section
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The C++ ops in fastrlhf._C called directly on numpy buffers: GAE, masked whitening, sequence packing.
+"""The C++ ops in fastrlhf.kernels._C called directly on numpy buffers: GAE, masked whitening, sequence packing.
 
 Tolerance: the C++ loops accumulate in double and round once to fp32 at the store, so they are held to a few fp32 ulps of
 the float64 reference (rtol = 4·eps32, plus atol = 4·eps32 × the output's scale for values near 0).
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastrlhf import _C
+from fastrlhf.kernels import _C
 from fastrlhf.kernels import gae_ref, whiten_ref
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -1,13 +1,13 @@
-"""fastrlhf.data: jsonl validation (errors name file:line:field), tokenization masks, packing, resumable order."""
+"""fastrlhf.runtime.data: jsonl validation (errors name file:line:field), tokenization masks, packing, resumable order."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from fastrlhf import data
-from fastrlhf.data import DataError
-from fastrlhf.task import build_tokenizer
+from fastrlhf.runtime import data
+from fastrlhf.runtime.data import DataError
+from fastrlhf.tools.task import build_tokenizer
 
 
 @pytest.fixture(scope="module")

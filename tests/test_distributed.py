@@ -17,8 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastrlhf import checkpoint as ck
-from fastrlhf import sft, task
+from fastrlhf.runtime import checkpoint as ck
+from fastrlhf.stages import sft
+from fastrlhf.tools import task
 from tests._tiny import tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
@@ -185,7 +186,7 @@ def ppo_setup(tmp_path_factory):
     base = dict(policy=policy, reward_model=rm, prompts=prompts, iterations=3, ppo_epochs=2,
                 max_new_tokens=6, top_k=1, lr=3e-4, value_lr=3e-4, seed=3, plots=False, device="cpu",
                 adaptive_kl=True, kl_target=0.5, kl_horizon=100, save_every=2, keep_checkpoints=3)
-    from fastrlhf.ppo import PPOConfig, train
+    from fastrlhf.stages.ppo import PPOConfig, train
     train(PPOConfig(**base, batch_size=8, minibatch_size=8, output_dir=str(d / "one")))
     ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, output_dir=str(d / "two")))]))
     return {"dir": d, "base": base}
@@ -221,7 +222,7 @@ def test_ppo_per_block_generation_matches(ppo_setup, tmp_path):
 
 def test_ppo_two_process_checkpoint_resumes_in_one(ppo_setup, tmp_path):
     """The 2-process iteration-2 checkpoint (policy + value optimizers sharded by DCP) resumes in one process."""
-    from fastrlhf.ppo import PPOConfig, train
+    from fastrlhf.stages.ppo import PPOConfig, train
     d, base = ppo_setup["dir"], ppo_setup["base"]
     out = train(PPOConfig(**dict(base, batch_size=8, minibatch_size=8, output_dir=str(tmp_path / "r1"),
                                  resume=str(d / "two" / "checkpoint-0000002"))))
@@ -236,7 +237,7 @@ def test_ppo_lora_two_processes_match_one_and_resume(ppo_setup, tmp_path):
     """LoRA policy under FSDP2 (frozen base, sharded adapters; the reference = adapters off): 2 ranks match 1 process,
     the export merges the gathered adapters into an HF folder, and the adapter checkpoint resumes on 2 ranks."""
     pytest.importorskip("peft", reason="LoRA is an optional extra (pip install peft)")
-    from fastrlhf.ppo import LORA_FILE, PPOConfig, train
+    from fastrlhf.stages.ppo import LORA_FILE, PPOConfig, train
     base = dict(ppo_setup["base"], iterations=2, save_every=1, lora_rank=4, lora_alpha=8.0, lr=3e-3)
     train(PPOConfig(**dict(base, batch_size=8, minibatch_size=8, output_dir=str(tmp_path / "one"))))
     two = dict(base, batch_size=4, minibatch_size=4)
@@ -268,7 +269,7 @@ def test_reward_model_two_processes_match_one(tmp_path):
     """9 training comparisons in global batches of 4: the third batch has 1 comparison, so rank 1 has none and runs a
     weight-0 forward (FSDP needs the same forwards on every rank); 5 held-out ones in batches of 2 per rank leave
     rank 1 one padded evaluation batch. The sums still match one process."""
-    from fastrlhf import reward
+    from fastrlhf.stages import reward
     model = tiny_checkpoint(tmp_path / "m", layers=2)
     prompts = task.instructions(14, seed=4)
     train_data = _write_pairs(tmp_path / "train.jsonl", prompts[:9], seed=0)
@@ -319,7 +320,7 @@ def test_ppo_ptx_runs_under_torchrun(ppo_setup, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL data parallel needs 2 or more GPUs")
 def test_ppo_two_gpus_nccl_match_one_gpu(ppo_setup, tmp_path):
     """The PPO comparison on CUDA over NCCL (fp32 policy/value compute; the frozen models are bf16 in both runs)."""
-    from fastrlhf.ppo import PPOConfig, train
+    from fastrlhf.stages.ppo import PPOConfig, train
     base = dict(ppo_setup["base"], device="cuda", mixed_precision="no", save_every=0)
     train(PPOConfig(**dict(base, batch_size=8, minibatch_size=8, output_dir=str(tmp_path / "one"))))
     ok(torchrun(2, ["ppo", *as_args(dict(base, batch_size=4, minibatch_size=4, output_dir=str(tmp_path / "two")))]))

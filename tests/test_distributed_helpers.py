@@ -1,12 +1,12 @@
-"""fastrlhf.distributed in one process (the helpers are the identity there) and the checkpoint format's edges.
+"""fastrlhf.runtime.distributed in one process (the helpers are the identity there) and the checkpoint format's edges.
 The multi-process behaviour is tested with real torchrun jobs in tests/test_distributed.py."""
 import pytest
 import torch
 
-from fastrlhf import checkpoint as ck
-from fastrlhf import distributed as D
+from fastrlhf.runtime import checkpoint as ck
+from fastrlhf.runtime import distributed as D
 from fastrlhf import kernels as K
-from fastrlhf.ppo_core import whiten_across_ranks
+from fastrlhf.stages.ppo_core import whiten_across_ranks
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -48,7 +48,7 @@ def test_init_under_torchrun_rejects_a_fixed_cuda_index(monkeypatch):
 
 
 def test_generation_gather_is_local_for_an_unsharded_model():
-    from fastrlhf.model import CausalLM, ModelConfig
+    from fastrlhf.models.decoder import CausalLM, ModelConfig
     m = CausalLM(ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
     g = D.GenerationGather(m, "auto")
@@ -106,7 +106,7 @@ def test_legacy_checkpoint_optimizer_in_trainer_state_still_loads(tmp_path):
 
 
 def test_non_stage_commands_refuse_torchrun(monkeypatch, capsys):
-    from fastrlhf.cli import main
+    from fastrlhf.tools.cli import main
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

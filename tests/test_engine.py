@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastrlhf.engine import HybridEngine, Rollout
+from fastrlhf.engine.hybrid import HybridEngine, Rollout
 from fastrlhf.kernels import logprobs_from_logits_ref
-from fastrlhf.model import load_model
-from fastrlhf.sampling import SamplingParams, filter_logits, sample
+from fastrlhf.models.hf_io import load_model
+from fastrlhf.engine.sampling import SamplingParams, filter_logits, sample
 from tests.helpers_models import EOS_ID, PAD_ID, make_tiny_checkpoint
 
 ATOL_LOGP = 1e-4

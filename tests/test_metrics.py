@@ -1,4 +1,4 @@
-"""fastrlhf.metrics: jsonl rows, console line, PNG curves, explained variance, timers."""
+"""fastrlhf.runtime.metrics: jsonl rows, console line, PNG curves, explained variance, timers."""
 import json
 import math
 import time
@@ -6,7 +6,7 @@ import time
 import numpy as np
 import torch
 
-from fastrlhf import metrics
+from fastrlhf.runtime import metrics
 
 
 def test_jsonl_console_and_plot(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""fastrlhf/model.py against transformers' own Llama / Qwen2 / Mistral on tiny random checkpoints (built offline).
+"""fastrlhf/models/decoder.py against transformers' own Llama / Qwen2 / Mistral on tiny random checkpoints (built offline).
 
 Tolerance: fp32 everywhere, max abs error 2e-5 on logits of magnitude ~3. Our forward performs the same operations as
 transformers' eager path in a different order (fused SDPA, RoPE table computed once, GQA via broadcasting), so
@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 
-from fastrlhf.kv_cache import StaticKVCache
-from fastrlhf.model import (SUPPORTED, CausalLM, ModelConfig, ScoreModel, autocast_context,
-                            config_from_tokenizer_check, load_model, load_tokenizer, save_model)
+from fastrlhf.models.kv_cache import StaticKVCache
+from fastrlhf.models.decoder import SUPPORTED, CausalLM, ModelConfig, ScoreModel, autocast_context
+from fastrlhf.models.hf_io import config_from_tokenizer_check, load_model, load_tokenizer, save_model
 from fastrlhf.models.attention import HAVE_FLASH
 from fastrlhf.models.rope import rope_init
 from tests.helpers_models import PAD_ID, make_tiny_checkpoint, make_tiny_hf_model, tiny_tokenizer
@@ -491,7 +491,7 @@ def _ref_flash_kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad, softma
 def test_flash_bookkeeping_with_reference_kernels(tmp_path, monkeypatch, family, extra):
     """The flash code path (dense, unpadded varlen, packed varlen, left-padded kv-cache decode) with the flash kernels
     replaced by plain-torch references equals the SDPA path, on CPU in fp32."""
-    import fastrlhf.model as M
+    import fastrlhf.models.decoder as M
     import fastrlhf.models.attention as A
     monkeypatch.setattr(A, "flash_attn_func", _ref_flash_func)
     monkeypatch.setattr(A, "flash_attn_varlen_func", _ref_flash_varlen)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fastrlhf.pipeline import PipelineConfig, run
+from fastrlhf.tools.pipeline import PipelineConfig, run
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from fastrlhf import kernels as K
-from fastrlhf.data import DataError
-from fastrlhf.engine import HybridEngine
-from fastrlhf.model import load_model
-from fastrlhf.ppo import PPOConfig, train
-from fastrlhf.ppo_core import make_experience, ppo_update, response_logprobs
+from fastrlhf.runtime.data import DataError
+from fastrlhf.engine.hybrid import HybridEngine
+from fastrlhf.models.hf_io import load_model
+from fastrlhf.stages.ppo import PPOConfig, train
+from fastrlhf.stages.ppo_core import make_experience, ppo_update, response_logprobs
 from tests.helpers_models import make_tiny_ppo_setup
 
 
@@ -157,7 +157,7 @@ def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
     pytest.importorskip("peft", reason="LoRA is an optional extra (pip install peft)")
     from transformers import AutoModelForCausalLM
 
-    from fastrlhf.lora import adapters_disabled, add_lora, merged_copy
+    from fastrlhf.runtime.lora import adapters_disabled, add_lora, merged_copy
 
     out = train(_cfg(ckpts, tmp_path / "lora", iterations=2, lora_rank=4, lora_alpha=8.0, lr=3e-3, save_every=1),
                 log=_NullLog())

@@ -1,12 +1,16 @@
-"""fastrlhf.reward: InstructGPT's ranking loss (closed form), learning, demonstration bias, bad rankings."""
+"""fastrlhf.stages.reward: InstructGPT's ranking loss (closed form), learning, demonstration bias, bad rankings."""
 import json
 import math
 
 import pytest
 import torch
 
-from fastrlhf import data, reward, task
-from fastrlhf.model import load_model
+from fastrlhf.runtime import data
+
+from fastrlhf.stages import reward
+
+from fastrlhf.tools import task
+from fastrlhf.models.hf_io import load_model
 from tests._tiny import tiny_checkpoint
 
 

@@ -1,12 +1,16 @@
-"""fastrlhf.sft: response-only packed loss against an unpacked reference, learning, exact resume, failure handling."""
+"""fastrlhf.stages.sft: response-only packed loss against an unpacked reference, learning, exact resume, failure handling."""
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastrlhf import data, sft, task
-from fastrlhf.model import load_model
+from fastrlhf.runtime import data
+
+from fastrlhf.stages import sft
+
+from fastrlhf.tools import task
+from fastrlhf.models.hf_io import load_model
 from tests._tiny import tiny_checkpoint
 
 
@@ -81,7 +85,7 @@ def test_ctrl_c_saves_then_resume_auto_finishes(tmp_path, monkeypatch):
     import signal
     model = tiny_checkpoint(tmp_path / "m")
     d = task.write_sft_data(str(tmp_path / "sft.jsonl"), 20, seed=0)
-    from fastrlhf import optim
+    from fastrlhf.runtime import optim
     real_lr_at = optim.lr_at  # the schedule sft's optimizer step (optim.apply_step) calls
 
     def lr_at_with_ctrl_c(step, **kw):  # a real SIGINT arrives during the 2nd step

@@ -1,10 +1,12 @@
-"""fastrlhf.task: the embedded tokenizer, task generator and programmatic labeler."""
+"""fastrlhf.tools.task: the embedded tokenizer, task generator and programmatic labeler."""
 import json
 import random
 
 import pytest
 
-from fastrlhf import data, task
+from fastrlhf.runtime import data
+
+from fastrlhf.tools import task
 
 
 def test_tokenizer_round_trip_and_chat_template(tmp_path):

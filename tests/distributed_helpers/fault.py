@@ -4,8 +4,8 @@ rank raise inside its ``step``-th SFT loss call (one call per micro-batch; with 
 import os
 import sys
 
-from fastrlhf import sft
-from fastrlhf.cli import main
+from fastrlhf.stages import sft
+from fastrlhf.tools.cli import main
 
 fail_rank, fail_step = (int(x) for x in os.environ["FASTRLHF_TEST_FAULT"].split(":"))
 rank = int(os.environ.get("RANK", "0"))

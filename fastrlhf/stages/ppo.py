@@ -9,7 +9,7 @@ from the RM (InstructGPT §3.5). One iteration = the numbered steps below (the m
 
 Defaults follow InstructGPT where it states them (β = 0.02, clip 0.2, λ = 0.95, γ = 1).
 
-Under torchrun (``fastrlhf.distributed``): policy and value FSDP2-sharded and trained, reference and reward model
+Under torchrun (``fastrlhf.runtime.distributed``): policy and value FSDP2-sharded and trained, reference and reward model
 sharded for inference only. Each iteration samples ``batch_size × world`` prompts of one global order, rank r rolls out
 its slice; the policy's full weights are gathered once per rollout (``generation_gather``); advantages are whitened
 with all ranks' statistics and the losses divide by the global token count, so N ranks match one process with
@@ -26,19 +26,22 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from . import distributed as D
-from . import kernels as K
-from .checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
+from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime.build import load_sharded
+from fastrlhf import kernels as K
+from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                          load_training_state, resolve_resume, save_checkpoint, seed_everything, set_rng_state,
                          trainer_state_dict)
-from .config import param
-from .data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
-from .engine import HybridEngine
-from .lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
-from .model import autocast_context, load_tokenizer
-from .metrics import explained_variance, peak_memory_gb, progress
-from .optim import make_adamw, use_autocast
-from .ppo_core import make_experience, masked_mean, ppo_update
+from fastrlhf.runtime.config import param
+from fastrlhf.runtime.data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
+from fastrlhf.engine.hybrid import HybridEngine
+from fastrlhf.runtime.lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
+from fastrlhf.models.decoder import autocast_context
+from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
+from fastrlhf.runtime.device import use_autocast
+from fastrlhf.runtime.optim import make_adamw
+from fastrlhf.stages.ppo_core import make_experience, masked_mean, ppo_update
 
 
 LORA_FILE = "lora_adapter.safetensors"
@@ -123,8 +126,8 @@ def _freeze(model):
 
 def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
     """Endless packed LM batches of the PPO-ptx data (InstructGPT's pretraining-mix term), and the loss on one."""
-    from .data import PackedLoader, load_sft, tokenize_sft
-    from .sft import packed_lm_loss
+    from fastrlhf.runtime.data import PackedLoader, load_sft, tokenize_sft
+    from fastrlhf.stages.sft import packed_lm_loss
 
     samples, _ = tokenize_sft(load_sft(cfg.ptx_data), tokenizer, max_len)
     loader = PackedLoader(samples, cfg.ptx_batch_tokens, tokenizer.pad_token_id, seed=cfg.seed + 7)
@@ -167,7 +170,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     # Resuming, the trained weights (policy, value) come from the checkpoint's sharded training state instead.
     resume_state = resume_from is not None and has_training_state(resume_from)
     if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
-        policy = D.load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state,
+        policy = load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state,
                                 prepare=lambda m: add_lora(m, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                                            dropout=cfg.lora_dropout, targets=cfg.lora_targets))
         if resume_from is not None and not resume_state:  # an older checkpoint: the adapter file (read by rank 0)
@@ -177,13 +180,13 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             D.load_full_state(policy, adapter, strict=False)
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        policy = D.load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state)
-        ref = D.load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
+        policy = load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state)
+        ref = load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
     policy.config.gradient_checkpointing = cfg.gradient_checkpointing
-    reward = D.load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
+    reward = load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
-    value = D.load_sharded(value_init, env, head="score", bf16_compute=bf16, weights=not resume_state)
+    value = load_sharded(value_init, env, head="score", bf16_compute=bf16, weights=not resume_state)
     policy.train(), value.train()
     policy_opt = make_optimizer(policy, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
     value_opt = make_optimizer(value, kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
@@ -191,8 +194,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
               else K.FixedKLController(cfg.kl_coef))
     compute_dtype = torch.bfloat16 if use_autocast(cfg.mixed_precision, device) else None
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
-    engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
-    D.attach_gather(engine, D.GenerationGather(policy, cfg.generation_gather, compute_dtype))  # no-op unsharded
+    gather = D.GenerationGather(policy, cfg.generation_gather, compute_dtype)  # mode "local" when unsharded
+    engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype, weight_gather=gather)
 
     # Data: prompts tokenized once (validated: every prompt + max_new_tokens must fit the context).
     ctx = policy.config.max_position_embeddings
@@ -222,7 +225,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         D.print0(f"[fastrlhf ppo] resumed from {resume_from} at iteration {start}")
 
     if log is None:
-        from .metrics import MetricsLogger
+        from fastrlhf.runtime.metrics import MetricsLogger
         log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, stage="ppo", total_steps=cfg.iterations,
                             resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
@@ -320,7 +323,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
 
 def main(argv=None) -> dict:
-    from .config import parse_config
+    from fastrlhf.runtime.config import parse_config
     out = train(parse_config(PPOConfig, argv, prog="fastrlhf ppo"))
     D.shutdown()  # under torchrun: leave the process group once every rank is done
     return out

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fastrlhf import distributed as D
+from fastrlhf.runtime import distributed as D
 
 STATE_FILE = "trainer_state.pt"
 STATE_DIR = "state"  # torch.distributed.checkpoint folder: trained weights + optimizer states, sharded
@@ -132,7 +132,7 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
       base weights); it runs before the ``extra_files`` writers.
     Everything goes to a hidden temporary folder that is renamed into place once complete.
     """
-    from fastrlhf.model import save_model
+    from fastrlhf.models.hf_io import save_model
 
     final = checkpoint_path(run_dir, step)
     states = {"": full_state_dict(model)}                          # collectives first, on every rank
@@ -155,7 +155,7 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / STATE_FILE)
             if config is not None:
-                from fastrlhf.config import save_config
+                from fastrlhf.runtime.config import save_config
                 save_config(config, tmp / "run_config.yaml")
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)

@@ -9,7 +9,7 @@ hidden states, so the [N, V] logits are never materialized. Samples are packed i
     4. per step: grad_accum micro-batches -> loss -> backward      5. clip, warmup+cosine lr, AdamW step
     6. log / evaluate / checkpoint (atomic; Ctrl-C saves)            7. final checkpoint + plots
 
-Under torchrun (``fastrlhf.distributed``): FSDP2-sharded model; one step consumes ``grad_accum × world`` packed
+Under torchrun (``fastrlhf.runtime.distributed``): FSDP2-sharded model; one step consumes ``grad_accum × world`` packed
 budgets of the global order and rank r trains on its ``grad_accum`` of them; the loss divides by the global count of
 response tokens (all-reduced), so N ranks match one process with ``grad_accum × N``.
 """
@@ -21,17 +21,20 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
-from . import kernels as K
-from .checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
+from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime.build import load_sharded
+from fastrlhf import kernels as K
+from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                          load_training_state, resolve_resume, restore_trainer_state, save_checkpoint, seed_everything,
                          trainer_state_dict)
-from .config import param
-from .data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
+from fastrlhf.runtime.config import param
+from fastrlhf.runtime.data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
                    tokenize_sft)
-from .metrics import MetricsLogger, peak_memory_gb, progress
-from .model import autocast_context, load_tokenizer
-from .optim import apply_step, make_adamw, use_autocast
+from fastrlhf.runtime.metrics import MetricsLogger, peak_memory_gb, progress
+from fastrlhf.models.decoder import autocast_context
+from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.runtime.device import use_autocast
+from fastrlhf.runtime.optim import apply_step, make_adamw
 
 
 @dataclass
@@ -122,7 +125,7 @@ def train(cfg: SFTConfig) -> dict:
     # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise; resuming, the
     # weights come from the checkpoint's sharded training state instead (each rank reads its shards)
     resume_state = resume_from is not None and has_training_state(resume_from)
-    model = D.load_sharded(resume_from or cfg.model, env, head="lm", bf16_compute=autocast, weights=not resume_state)
+    model = load_sharded(resume_from or cfg.model, env, head="lm", bf16_compute=autocast, weights=not resume_state)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
@@ -218,7 +221,7 @@ def train(cfg: SFTConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    from .config import parse_config
+    from fastrlhf.runtime.config import parse_config
     out = train(parse_config(SFTConfig, argv, prog="fastrlhf sft"))
     D.shutdown()  # under torchrun: leave the process group once every rank is done
     return out

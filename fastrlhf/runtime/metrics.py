@@ -25,7 +25,7 @@ _SHORT = {"loss": "loss", "score": "score", "kl": "kl", "entropy": "ent", "clipf
 
 def is_rank0() -> bool:
     """Whether this process writes logs, plots and progress bars (rank 0, or the only process)."""
-    from .distributed import rank
+    from fastrlhf.runtime.distributed import rank
     return rank() == 0
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import param
+from fastrlhf.runtime.config import param
 
 
 @dataclass
@@ -29,10 +29,10 @@ class GenerateConfig:
 
 
 def run(cfg: GenerateConfig) -> list[dict]:
-    from .data import check_vocab, load_prompts
-    from .eval import sample_responses
-    from .model import load_model, load_tokenizer
-    from .optim import resolve_device
+    from fastrlhf.runtime.data import check_vocab, load_prompts
+    from fastrlhf.stages.eval import sample_responses
+    from fastrlhf.models.hf_io import load_model, load_tokenizer
+    from fastrlhf.runtime.device import resolve_device
 
     if not cfg.model:
         raise ValueError("generate: the field 'model' is required (see fastrlhf generate --help)")
@@ -61,5 +61,5 @@ def run(cfg: GenerateConfig) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    from .config import parse_config
+    from fastrlhf.runtime.config import parse_config
     return run(parse_config(GenerateConfig, argv, prog="fastrlhf generate"))

@@ -26,9 +26,11 @@ train/eval flag and the gradient-checkpointing setting, then keeps or frees the 
 Graphs are reused across rollouts: they read the weights through their addresses, and the optimizer updates the weights
 in place, so a new policy needs no re-capture. They are dropped when the KV cache is re-allocated (grown or freed).
 
-Multi-process: ``gather_weights`` is the hook where a sharded (FSDP2) model unshards its parameters; ``generate`` enters
-it once per rollout (around prefill + all decode steps), never per step. The default is a no-op. A sharded
-implementation must keep the unsharded parameters at stable addresses while graphs are captured (or disable graphs).
+Multi-process: ``weight_gather`` (an object with ``mode``, a context manager ``__call__()`` and ``all_done(done)``, e.g.
+``runtime.distributed.GenerationGather``) unshards a sharded (FSDP2) model; ``generate`` enters it once per rollout
+(around prefill + all decode steps), never per step. Without one, the weights are local and nothing is gathered. A
+sharded policy decodes without CUDA graphs: a graph would capture FSDP's hooks and the addresses of gathered parameters
+that resharding frees.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastrlhf.sampling import SamplingParams, sample
+from fastrlhf.engine.sampling import SamplingParams, sample
 
 MEMORY_POLICIES = ("keep", "free")
 
@@ -107,7 +109,7 @@ class _StepKey:
 class HybridEngine:
     """Switches ONE model between training and fast generation (static KV cache, CUDA-graph decode step).
 
-    model: a ``fastrlhf.model.CausalLM`` (anything with ``.config``, ``hidden_states(ids, **kv_kw)``, ``lm_head``).
+    model: a ``fastrlhf.models.decoder.CausalLM`` (anything with ``.config``, ``hidden_states(ids, **kv_kw)``, ``lm_head``).
     memory_policy: "keep" (the KV cache, buffers and graphs survive the end of ``generation()``; the next rollout starts
         at once) or "free" (released on exit so training gets the memory back; the next ``generation()`` re-allocates and
         re-captures).
@@ -120,17 +122,20 @@ class HybridEngine:
         kernels, far less per-op overhead; costs a one-off compile of tens of seconds per (batch, sampling params),
         counted in ``stats["compile_s"]``). Off by default.
     check_every: decode steps between looks at the "all rows done" flag (each look is one host sync).
+    weight_gather: how a sharded model is gathered for one rollout (see the module docstring); None or mode "local" =
+        the weights are local.
     """
 
     def __init__(self, model, *, memory_policy: str = "keep", cuda_graphs="auto", batch_buckets=None,
-                 compute_dtype: torch.dtype | None = None, compile_step: bool = False, check_every: int = 8):
+                 compute_dtype: torch.dtype | None = None, compile_step: bool = False, check_every: int = 8,
+                 weight_gather=None):
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"HybridEngine(memory_policy={memory_policy!r}): expected one of {MEMORY_POLICIES}")
         if cuda_graphs not in ("auto", True, False):
             raise ValueError(f"HybridEngine(cuda_graphs={cuda_graphs!r}): expected 'auto', True or False")
         for name in ("config", "hidden_states", "lm_head"):
             if not hasattr(model, name):
-                raise TypeError(f"HybridEngine(model): expected a fastrlhf.model.CausalLM (missing .{name}), "
+                raise TypeError(f"HybridEngine(model): expected a fastrlhf.models.decoder.CausalLM (missing .{name}), "
                                 f"got {type(model).__name__}")
         if batch_buckets is not None:
             batch_buckets = sorted(int(x) for x in batch_buckets)
@@ -149,6 +154,9 @@ class HybridEngine:
             raise ValueError(f"HybridEngine(cuda_graphs=True): the model is on {self.device}; CUDA graphs need CUDA")
         self.use_graphs = self.device.type == "cuda" and torch.cuda.is_available() and cuda_graphs is not False
         self._graphs_required = cuda_graphs is True
+        self.weight_gather = weight_gather if weight_gather is not None and weight_gather.mode != "local" else None
+        if self.weight_gather is not None:
+            self.use_graphs = False  # eager decoding is correct in every gather mode
         self.cache = None  # StaticKVCache
         self._buffers: dict[int, _Buffers] = {}
         self._graphs: dict[_StepKey, torch.cuda.CUDAGraph] = {}
@@ -161,15 +169,19 @@ class HybridEngine:
     # ------------------------------------------------------------------------------------------------ mode switching
     @contextlib.contextmanager
     def gather_weights(self):
-        """Hook for sharded models (FSDP2): make the full parameters available for one rollout, then reshard.
-
-        ``generate`` enters it once per call, around the prefill and every decode step. Default: no-op (weights are
-        local). Override (or assign) in a subclass that unshards, e.g. ``model.unshard()`` ... ``model.reshard()``."""
-        yield
+        """The full parameters for one rollout (``weight_gather``), then reshard; a no-op when the weights are local.
+        ``generate`` enters it once per call, around the prefill and every decode step."""
+        if self.weight_gather is None:
+            yield
+            return
+        with self.weight_gather():
+            yield
 
     def all_done(self, done: Tensor) -> bool:
-        """Whether decoding can stop: every row of ``done`` [B] is finished (one host sync). Sharded models whose decode
-        step is a collective override it so that all ranks agree (``fastrlhf.distributed.attach_gather``)."""
+        """Whether decoding can stop: every row of ``done`` [B] is finished (one host sync). With a ``weight_gather``
+        whose decode step is a collective, all ranks agree (its ``all_done``)."""
+        if self.weight_gather is not None:
+            return self.weight_gather.all_done(done)
         return bool(done.all())
 
     @contextlib.contextmanager

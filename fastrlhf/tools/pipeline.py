@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import param
+from fastrlhf.runtime.config import param
 
 
 @dataclass
@@ -56,13 +56,13 @@ def _banner(msg: str) -> None:
 
 
 def run(cfg: PipelineConfig) -> dict:
-    from . import task
-    from .eval import reward_scores, sample_responses, win_rate
-    from .model import load_model, load_tokenizer
-    from .optim import resolve_device
-    from .ppo import PPOConfig, train as train_ppo
-    from .reward import RewardConfig, train as train_rm
-    from .sft import SFTConfig, train as train_sft
+    from fastrlhf.tools import task
+    from fastrlhf.stages.eval import reward_scores, sample_responses, win_rate
+    from fastrlhf.models.hf_io import load_model, load_tokenizer
+    from fastrlhf.runtime.device import resolve_device
+    from fastrlhf.stages.ppo import PPOConfig, train as train_ppo
+    from fastrlhf.stages.reward import RewardConfig, train as train_rm
+    from fastrlhf.stages.sft import SFTConfig, train as train_sft
 
     root = Path(cfg.output_dir)
     data = root / "data"
@@ -186,6 +186,6 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from .config import parse_config
+    from fastrlhf.runtime.config import parse_config
 
     return run(parse_config(PipelineConfig, argv, prog="fastrlhf pipeline"))

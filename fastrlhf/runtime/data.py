@@ -26,6 +26,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from fastrlhf.kernels._native import native
+
 MAX_K = 9
 
 
@@ -323,7 +325,7 @@ def check_vocab(tokenizer, vocab_size: int, where: str = "tokenizer") -> None:
 
 def pack_sequences_ref(lengths: np.ndarray, budget: int) -> np.ndarray:
     """First-fit decreasing: lengths int64[N] -> bin index int64[N]; each bin holds at most ``budget`` tokens.
-    (The contract of fastrlhf._C.pack_sequences; used when the extension is not built.)"""
+    (The contract of fastrlhf.kernels._C.pack_sequences; used when the extension is not built.)"""
     lengths = np.asarray(lengths, dtype=np.int64)
     if (lengths > budget).any():
         i = int(np.argmax(lengths > budget))
@@ -345,11 +347,8 @@ def pack_sequences_ref(lengths: np.ndarray, budget: int) -> np.ndarray:
 
 def pack_sequences(lengths: np.ndarray, budget: int) -> np.ndarray:
     """Bin index per sequence (C++ when built, else the Python reference with the same contract)."""
-    try:
-        from fastrlhf import _C
-        fn = _C.pack_sequences
-    except (ImportError, AttributeError):
-        fn = pack_sequences_ref
+    C = native()
+    fn = C.pack_sequences if C is not None else pack_sequences_ref
     return np.asarray(fn(np.ascontiguousarray(lengths, dtype=np.int64), int(budget)), dtype=np.int64)
 
 

@@ -20,7 +20,7 @@ class StaticKVCache:
         for name, val in (("n_layers", n_layers), ("max_batch", max_batch), ("max_seq", max_seq),
                           ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
             if int(val) <= 0:
-                raise ValueError(f"fastrlhf/kv_cache.py: StaticKVCache({name}={val}) must be a positive int")
+                raise ValueError(f"fastrlhf/models/kv_cache.py: StaticKVCache({name}={val}) must be a positive int")
         self.n_layers, self.max_batch, self.max_seq = int(n_layers), int(max_batch), int(max_seq)
         self.n_kv_heads, self.head_dim, self.dtype = int(n_kv_heads), int(head_dim), dtype
         shape = (self.max_batch, self.n_kv_heads, self.max_seq, self.head_dim)  # [Bm, Hkv, S, D]
@@ -48,7 +48,7 @@ class StaticKVCache:
         [B, Hkv, S, D] of rows ``:B``. In place, no allocation: safe inside a CUDA graph."""
         B = k_new.shape[0]
         if B > self.max_batch or k_new.shape[1:] != (self.n_kv_heads, cache_pos.shape[0], self.head_dim):
-            raise ValueError(f"fastrlhf/kv_cache.py: update got k_new {tuple(k_new.shape)}, cache_pos "
+            raise ValueError(f"fastrlhf/models/kv_cache.py: update got k_new {tuple(k_new.shape)}, cache_pos "
                              f"{tuple(cache_pos.shape)}; expected [B<={self.max_batch}, {self.n_kv_heads}, t, "
                              f"{self.head_dim}] with t = len(cache_pos)")
         k_all, v_all = self.k[layer][:B], self.v[layer][:B]  # views [B, Hkv, S, D]

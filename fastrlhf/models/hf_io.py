@@ -15,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fastrlhf.models.decoder import FAMILIES, SUPPORTED, CausalLM, ModelConfig, ScoreModel
+
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # 5 GiB per shard, as HF's save_pretrained default
 
 
@@ -26,10 +28,9 @@ def _read_config(path: Path) -> dict:
 
 
 def _check_arch(d: dict, source: Path) -> str:
-    from fastrlhf.model import SUPPORTED
     archs = d.get("architectures") or []
     if len(archs) != 1 or archs[0] not in SUPPORTED:
-        raise ValueError(f"{source}: architectures={archs} is not supported by fastrlhf/model.py; supported: "
+        raise ValueError(f"{source}: architectures={archs} is not supported by fastrlhf/models/decoder.py; supported: "
                          f"{SUPPORTED}")
     return archs[0]
 
@@ -52,10 +53,9 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
     head="score" from a causal-LM checkpoint: body loaded, ``score`` freshly initialised N(0, initializer_range)
     (e.g. a value model from an SFT model); from a *ForSequenceClassification checkpoint (a reward model): loaded.
     weights=False: only the config is read; the model comes back on the meta device (no memory; for sharded init)."""
-    from fastrlhf.model import CausalLM, ModelConfig, ScoreModel
     path = Path(path)
     if head not in ("lm", "score"):
-        raise ValueError(f"fastrlhf/models/checkpoint.py: load_model(head={head!r}); expected 'lm' or 'score'")
+        raise ValueError(f"fastrlhf/models/hf_io.py: load_model(head={head!r}); expected 'lm' or 'score'")
     d = _read_config(path)
     arch = _check_arch(d, path / "config.json")
     if arch.endswith("SequenceClassification") and d.get("num_labels", len(d.get("id2label") or {0: 0})) != 1:
@@ -92,7 +92,6 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
 def materialize(model, device):
     """Give a model built on the meta device (``load_model(..., weights=False)``) real, uninitialised storage on
     ``device``, keeping tied weights tied. Its values must then be loaded (e.g. from a checkpoint's training state)."""
-    from fastrlhf.model import CausalLM
     model.to_empty(device=device)
     if isinstance(model, CausalLM) and model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty breaks the tie; restore it
@@ -105,7 +104,6 @@ def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAU
     ``max_shard_size_bytes`` (model-0000i-of-0000n.safetensors + model.safetensors.index.json).
     ``state_dict``: the full weights to write instead of ``model.state_dict()`` (e.g. gathered from an FSDP-sharded
     model on rank 0; ``model`` then only supplies the config and the architecture)."""
-    from fastrlhf.model import FAMILIES, CausalLM
     path = Path(path)
     cfg = model.config
     arch = FAMILIES[cfg.model_type] + ("ForCausalLM" if isinstance(model, CausalLM) else "ForSequenceClassification")
@@ -169,9 +167,9 @@ def config_from_tokenizer_check(model, tokenizer) -> None:
     """Raise if the tokenizer can produce ids the model has no embedding for (len(tokenizer) > vocab_size)."""
     n, v = len(tokenizer), model.config.vocab_size
     if n > v:
-        raise ValueError(f"fastrlhf/models/checkpoint.py: tokenizer has {n} tokens but the model's vocab_size is {v} "
+        raise ValueError(f"fastrlhf/models/hf_io.py: tokenizer has {n} tokens but the model's vocab_size is {v} "
                          f"(config.json vocab_size); ids >= {v} would index past the embedding table")
     for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
         tid = getattr(tokenizer, name, None)
         if tid is not None and tid >= v:
-            raise ValueError(f"fastrlhf/models/checkpoint.py: tokenizer.{name}={tid} >= model vocab_size={v}")
+            raise ValueError(f"fastrlhf/models/hf_io.py: tokenizer.{name}={tid} >= model vocab_size={v}")

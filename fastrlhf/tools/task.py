@@ -74,7 +74,9 @@ def build_tiny_model(path: str, tokenizer=None, spec: TinyModelSpec = TinyModelS
     """Randomly initialised tiny Llama + the built-in tokenizer, saved as an HF folder (safetensors) at ``path``."""
     import torch
 
-    from fastrlhf.model import CausalLM, ModelConfig, save_model
+    from fastrlhf.models.decoder import CausalLM, ModelConfig
+
+    from fastrlhf.models.hf_io import save_model
 
     tokenizer = tokenizer or build_tokenizer()
     vocab = (len(tokenizer) + 7) // 8 * 8  # rounded up like real checkpoints; ids >= len(tokenizer) are never produced

@@ -2,7 +2,7 @@
 
 Notation: B batch, T tokens, H hidden size, V vocab, Hq/Hkv query/key-value heads, D head_dim, S KV-cache slots.
 Parameter names follow the HF checkpoints (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head / score),
-so a safetensors state dict maps 1:1. Loading/saving lives in fastrlhf/models/checkpoint.py (re-exported here).
+so a safetensors state dict maps 1:1. Loading/saving lives in fastrlhf/models/hf_io.py.
 
 Precision (default for training): parameters stay fp32 (the master weights, what the optimizer updates); the forward runs
 under ``autocast_context(device, enabled=True)`` = torch.autocast(device_type, dtype=torch.bfloat16), so matmuls run in
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from fastrlhf.kv_cache import StaticKVCache
+from fastrlhf.models.kv_cache import StaticKVCache
 from fastrlhf.models.attention import ATTN_IMPLS, attend, build_meta, resolve_impl
 from fastrlhf.models.rope import apply_rope, dynamic_inv_freq, rope_cos_sin, rope_init, rope_kind
 
@@ -59,10 +59,10 @@ class ModelConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"fastrlhf/model.py: num_attention_heads={self.num_attention_heads} is not a multiple of "
+            raise ValueError(f"fastrlhf/models/decoder.py: num_attention_heads={self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"fastrlhf/model.py: attn_impl={self.attn_impl!r}; expected one of {ATTN_IMPLS}")
+            raise ValueError(f"fastrlhf/models/decoder.py: attn_impl={self.attn_impl!r}; expected one of {ATTN_IMPLS}")
         rope_kind(self.rope_scaling)  # validates the kind
         if self.model_type in ("qwen2", "mistral"):  # HF: Qwen2 always has q/k/v bias, Mistral never
             self.attention_bias = self.model_type == "qwen2"
@@ -79,7 +79,7 @@ class ModelConfig:
                              f"(architectures {SUPPORTED})")
         for key, ok in (("hidden_act", "silu"), ("mlp_bias", False)):
             if d.get(key, ok) != ok:
-                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (fastrlhf/model.py needs {ok!r})")
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (fastrlhf/models/decoder.py needs {ok!r})")
         rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         theta = float(rp.pop("rope_theta", d.get("rope_theta", 10000.0)))
         scaling = rp if rope_kind(rp) != "default" else None
@@ -106,7 +106,7 @@ class ModelConfig:
     def to_hf(self, arch: str) -> dict:
         """HF config.json dict for ``arch`` (one of SUPPORTED), readable by transformers 4.x and 5.x."""
         if arch not in SUPPORTED:
-            raise ValueError(f"fastrlhf/model.py: to_hf(arch={arch!r}); supported: {SUPPORTED}")
+            raise ValueError(f"fastrlhf/models/decoder.py: to_hf(arch={arch!r}); supported: {SUPPORTED}")
         d = dict(self.extra)
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in (
             "extra", "attn_impl", "gradient_checkpointing", "reward_bias", "sliding_window", "sliding_layers",
@@ -222,9 +222,9 @@ class Decoder(nn.Module):
           [B, T] (required); a query at slot s sees valid keys at slots <= s."""
         c, (B, T), dev = self.config, input_ids.shape, input_ids.device
         if kv_cache is not None and (cache_pos is None or position_ids is None):
-            raise ValueError("fastrlhf/model.py: Decoder.forward with kv_cache needs cache_pos [T] and position_ids [B, T]")
+            raise ValueError("fastrlhf/models/decoder.py: Decoder.forward with kv_cache needs cache_pos [T] and position_ids [B, T]")
         if cu_seqlens is not None and (B != 1 or kv_cache is not None or attention_mask is not None):
-            raise ValueError(f"fastrlhf/model.py: cu_seqlens needs input_ids [1, N] and no kv_cache/attention_mask; "
+            raise ValueError(f"fastrlhf/models/decoder.py: cu_seqlens needs input_ids [1, N] and no kv_cache/attention_mask; "
                              f"got input_ids {(B, T)}")
         if position_ids is None:
             if cu_seqlens is not None:
@@ -305,8 +305,4 @@ class ScoreModel(nn.Module):
         return values.gather(1, last[:, None]).squeeze(1)
 
 
-from fastrlhf.models.checkpoint import (config_from_tokenizer_check, load_model, load_tokenizer,  # noqa: E402
-                                        save_model)
-
-__all__ = ["SUPPORTED", "ModelConfig", "Decoder", "CausalLM", "ScoreModel", "StaticKVCache", "autocast_context",
-           "load_model", "save_model", "load_tokenizer", "config_from_tokenizer_check"]
+__all__ = ["SUPPORTED", "FAMILIES", "ModelConfig", "Decoder", "CausalLM", "ScoreModel", "autocast_context"]

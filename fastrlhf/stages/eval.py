@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import param
-from .data import load_prompts, tokenize_prompt
-from .engine import HybridEngine
-from .model import autocast_context, load_model, load_tokenizer
+from fastrlhf.runtime.config import param
+from fastrlhf.runtime.data import load_prompts, tokenize_prompt
+from fastrlhf.engine.hybrid import HybridEngine
+from fastrlhf.models.decoder import autocast_context
+from fastrlhf.models.hf_io import load_model, load_tokenizer
 
 
 @dataclass
@@ -67,7 +68,7 @@ def sample_responses(model, tokenizer, prompts: list, *, max_new_tokens: int, te
 @torch.no_grad()
 def reward_scores(reward_model, tokenizer, prompts: list, responses: list[str], *, batch_size: int = 64) -> torch.Tensor:
     """Reward-model score of each (prompt, response) at its last token -> [n] fp32."""
-    from .data import pad_right, tokenize_response
+    from fastrlhf.runtime.data import pad_right, tokenize_response
 
     dev = next(reward_model.parameters()).device
     out = []
@@ -113,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                                                        batch_size=cfg.batch_size)]
         del model
     if cfg.judge == "task":
-        from .task import Labeler
+        from fastrlhf.tools.task import Labeler
 
         judge = Labeler()
         for p in prompts:
@@ -133,7 +134,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    from .config import parse_config
+    from fastrlhf.runtime.config import parse_config
 
     cfg = parse_config(EvalConfig, argv, prog="fastrlhf eval")
     r = evaluate(cfg)

@@ -18,14 +18,14 @@ import sys
 
 # command -> (module, one-line description); modules are imported only when their command runs
 COMMANDS = {
-    "sft": ("fastrlhf.sft", "stage 1: supervised fine-tuning on demonstrations"),
-    "rm": ("fastrlhf.reward", "stage 2: reward model on ranked comparisons"),
-    "ppo": ("fastrlhf.ppo", "stage 3: PPO against the reward model with a KL penalty"),
-    "pipeline": ("fastrlhf.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores)"),
-    "generate": ("fastrlhf.generate", "sample responses from a checkpoint"),
-    "eval": ("fastrlhf.eval", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
+    "sft": ("fastrlhf.stages.sft", "stage 1: supervised fine-tuning on demonstrations"),
+    "rm": ("fastrlhf.stages.reward", "stage 2: reward model on ranked comparisons"),
+    "ppo": ("fastrlhf.stages.ppo", "stage 3: PPO against the reward model with a KL penalty"),
+    "pipeline": ("fastrlhf.tools.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores)"),
+    "generate": ("fastrlhf.tools.generate", "sample responses from a checkpoint"),
+    "eval": ("fastrlhf.stages.eval", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
     "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo [args]"),
-    "selfcheck": ("fastrlhf.selfcheck", "run every kernel against its float64 reference and print a table"),
+    "selfcheck": ("fastrlhf.tools.selfcheck", "run every kernel against its float64 reference and print a table"),
 }
 
 DISTRIBUTED_COMMANDS = ("sft", "rm", "ppo")  # the stages that run data-parallel under torchrun (FSDP2)
@@ -71,9 +71,9 @@ class _UsageError(Exception):
 
 def _user_errors() -> tuple[type, ...]:
     """Exception types that mean bad input (reported in one line) rather than a bug."""
-    from fastrlhf.config import ConfigError
+    from fastrlhf.runtime.config import ConfigError
     errors: list[type] = [ConfigError, _UsageError, FileNotFoundError]
-    for mod, name in (("fastrlhf.data", "DataError"), ("fastrlhf.checkpoint", "CheckpointError")):
+    for mod, name in (("fastrlhf.runtime.data", "DataError"), ("fastrlhf.runtime.checkpoint", "CheckpointError")):
         try:
             errors.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):

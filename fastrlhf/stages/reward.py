@@ -12,7 +12,7 @@ At the end, the bias b = mean r(x, y_demo) over the SFT demonstrations is stored
     3. per step: batch_size prompts × their K responses -> rewards -> pairwise loss -> backward (grad_accum)
     4. clip, warmup+cosine lr, AdamW           5. log / held-out accuracy / checkpoint       6. bias from SFT demos, final save
 
-Under torchrun (``fastrlhf.distributed``): FSDP2-sharded model; a micro-batch is ``batch_size × world`` prompts of one
+Under torchrun (``fastrlhf.runtime.distributed``): FSDP2-sharded model; a micro-batch is ``batch_size × world`` prompts of one
 global order, rank r takes its slice, and the loss divides by the global number of prompts, so N ranks match one
 process with ``batch_size × N``.
 """
@@ -25,16 +25,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import distributed as D
-from .checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
+from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime.build import load_sharded
+from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                          load_training_state, resolve_resume, restore_trainer_state, save_checkpoint, seed_everything,
                          trainer_state_dict)
-from .config import param
-from .data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
+from fastrlhf.runtime.config import param
+from fastrlhf.runtime.data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
                    split_holdout, tokenize_preferences, tokenize_conversation)
-from .metrics import MetricsLogger, peak_memory_gb, progress
-from .model import autocast_context, load_tokenizer
-from .optim import apply_step, make_adamw, use_autocast
+from fastrlhf.runtime.metrics import MetricsLogger, peak_memory_gb, progress
+from fastrlhf.models.decoder import autocast_context
+from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.runtime.device import use_autocast
+from fastrlhf.runtime.optim import apply_step, make_adamw
 
 
 @dataclass
@@ -157,7 +160,7 @@ def train(cfg: RewardConfig) -> dict:
     # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise; resuming, the
     # weights come from the checkpoint's sharded training state instead (each rank reads its shards)
     resume_state = resume_from is not None and has_training_state(resume_from)
-    model = D.load_sharded(resume_from or cfg.model, env, head="score", bf16_compute=autocast, weights=not resume_state)
+    model = load_sharded(resume_from or cfg.model, env, head="score", bf16_compute=autocast, weights=not resume_state)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
     model.config.gradient_checkpointing = cfg.gradient_checkpointing
     model.train()
@@ -258,7 +261,7 @@ def train(cfg: RewardConfig) -> dict:
 
 
 def main(argv=None) -> dict:
-    from .config import parse_config
+    from fastrlhf.runtime.config import parse_config
     out = train(parse_config(RewardConfig, argv, prog="fastrlhf rm"))
     D.shutdown()  # under torchrun: leave the process group once every rank is done
     return out

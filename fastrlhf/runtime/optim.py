@@ -1,26 +1,11 @@
-"""Optimizer, learning-rate schedule and device helpers shared by the SFT and reward-model stages."""
+"""Optimizer and learning-rate schedule shared by the stages: AdamW groups, warmup + cosine, one optimizer step."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from . import distributed as D
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when present, else cpu; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
-    return dev
-
-
-def use_autocast(mixed_precision: str, device: torch.device) -> bool:
-    """bf16 autocast over fp32 master weights: "auto" = on CUDA only, "bf16" = always, "no" = never."""
-    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
+from fastrlhf.runtime import distributed as D
 
 
 def make_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):

@@ -22,8 +22,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import distributed as D
-from . import kernels as K
+from fastrlhf.runtime import distributed as D
+from fastrlhf import kernels as K
 
 
 @dataclass

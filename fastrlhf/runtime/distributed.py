@@ -67,7 +67,7 @@ def init(device: str = "auto") -> DistEnv:
     device: "auto" (cuda:LOCAL_RANK when CUDA is present, else cpu), "cpu", or "cuda" (= cuda:LOCAL_RANK under torchrun).
     An explicit "cuda:N" under torchrun is an error (each rank owns the GPU of its LOCAL_RANK).
     """
-    from .optim import resolve_device
+    from fastrlhf.runtime.device import resolve_device
     if not launched_by_torchrun():
         return DistEnv(device=resolve_device(device))
     r, w, lr = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -124,38 +124,6 @@ def shard_model(model: torch.nn.Module, env: DistEnv, *, bf16_compute: bool = Fa
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     if hasattr(model, "hidden_states"):
         register_fsdp_forward_method(model, "hidden_states")
-    return model
-
-
-def load_sharded(path, env: DistEnv, *, head: str = "lm", dtype: torch.dtype = torch.float32, bf16_compute: bool = False,
-                 prepare=None, weights: bool = True) -> torch.nn.Module:
-    """``load_model`` + ``shard_model`` without a full copy of the weights on every rank.
-
-    Not launched: ``load_model(path)`` on ``env.device`` (then ``prepare``). Under torchrun: rank 0 reads the checkpoint
-    into host memory, the other ranks build the model on the meta device (no memory); every rank shards it, the meta
-    shards are allocated on the rank's device, and the weights are broadcast from rank 0 tensor by tensor, each rank
-    keeping its shard (``set_model_state_dict(..., full_state_dict=True, broadcast_from_rank0=True)``). Host memory:
-    one full copy on rank 0 only. ``prepare(model)`` (e.g. LoRA adapters, freezing) runs before sharding.
-    weights=False: only the config of ``path`` is read; the (sharded) model gets uninitialised storage, to be filled
-    from a checkpoint's training state (``checkpoint.load_training_state``: each rank reads only its shards).
-    """
-    from .model import load_model
-    from .models.checkpoint import materialize
-    if not env.launched:
-        model = load_model(path, head=head, dtype=dtype, device=env.device, weights=weights)
-        if prepare is not None:
-            model = prepare(model) or model
-        return model if weights else materialize(model, env.device)
-    read = weights and env.rank == 0
-    model = load_model(path, head=head, dtype=dtype, device="cpu", weights=read)
-    if prepare is not None:
-        model = prepare(model) or model  # e.g. LoRA adapters: rank 0's fresh ones are broadcast with the rest
-    full = dict(model.state_dict()) if read else {}  # keeps the full tensors alive until the broadcast
-    shard_model(model, env, bf16_compute=bf16_compute)
-    if not read:
-        model.to_empty(device=env.device)  # the meta shards get real (uninitialised) storage on this rank's device
-    if weights:
-        load_full_state(model, full, strict=True)
     return model
 
 
@@ -366,18 +334,6 @@ def _comm_device() -> torch.device:
     if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def attach_gather(engine, gather: GenerationGather) -> None:
-    """Make a ``HybridEngine`` gather a sharded policy once per rollout (``engine.gather_weights`` enters ``gather``)
-    and stop decoding when all ranks are done (per_block mode). A sharded policy decodes without CUDA graphs: a graph
-    would capture FSDP's forward hooks (stream waits, all-gathers per block) and the addresses of gathered parameters
-    that resharding frees; eager decoding is correct in every mode. No-op for an unsharded model."""
-    if gather.mode == "local":
-        return
-    engine.gather_weights = gather
-    engine.all_done = gather.all_done
-    engine.use_graphs = False
 
 
 def print0(*args, **kwargs) -> None:

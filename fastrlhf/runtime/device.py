@@ -1,0 +1,19 @@
+"""Which device a run uses and whether it computes under bf16 autocast."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when present, else cpu; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
+    return dev
+
+
+def use_autocast(mixed_precision: str, device: torch.device) -> bool:
+    """bf16 autocast over fp32 master weights: "auto" = on CUDA only, "bf16" = always, "no" = never."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and device.type == "cuda")
