@@ -1,17 +1,19 @@
 """Preference evaluation (InstructGPT §4: how often are a policy's outputs preferred over a baseline's?).
 
 ``fastrlhf eval --policy A --baseline B --prompts p.jsonl [--reward_model RM | --judge task]`` samples one response per
-prompt from each policy (same seeds), scores both with the reward model (or the embedded task's judge, which stands in for
-the human labelers), and reports the win rate of A over B: (wins + ½ ties) / n, with a 95% normal interval.
+prompt from each policy (same seeds), scores both with the reward model (or a programmatic judge handed in as a callable,
+e.g. the embedded task's labeler, which stands in for the human labelers), and reports the win rate of A over B: (wins + ½ ties) / n, with a 95% normal interval.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from fastrlhf.runtime.config import param
+from fastrlhf.runtime.device import resolve_device
 from fastrlhf.runtime.data import load_prompts, tokenize_prompt
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.decoder import autocast_context
@@ -34,10 +36,6 @@ class EvalConfig:
     limit: int = param(0, "evaluate on the first N prompts (0 = all)")
     seed: int = param(0, "sampling seed")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
-
-
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
 
 
 @torch.no_grad()
@@ -93,13 +91,17 @@ def win_rate(a: list[float], b: list[float]) -> dict:
             "losses": n - wins - ties, "n": n, "score_policy": sum(a) / n, "score_baseline": sum(b) / n}
 
 
-def evaluate(cfg: EvalConfig) -> dict:
+def evaluate(cfg: EvalConfig, judge: Callable[[str, str], float] | None = None) -> dict:
+    """Win rate of ``cfg.policy`` over ``cfg.baseline``. judge=task scores each (prompt, response) with ``judge``
+    (the caller's programmatic labeler); judge=rm with ``cfg.reward_model``."""
     for name in ("policy", "baseline", "prompts"):
         if not getattr(cfg, name):
             raise ValueError(f"eval: the field '{name}' is required (see fastrlhf eval --help)")
     if cfg.judge == "rm" and not cfg.reward_model:
         raise ValueError("eval: judge=rm needs reward_model (or use --judge task for the embedded task)")
-    dev = _device(cfg.device)
+    if cfg.judge == "task" and judge is None:
+        raise ValueError("eval: judge=task needs a judge callable (the fastrlhf eval command passes the embedded task's)")
+    dev = resolve_device(cfg.device)
     examples = load_prompts(cfg.prompts)
     if cfg.limit:
         examples = examples[: cfg.limit]
@@ -114,14 +116,11 @@ def evaluate(cfg: EvalConfig) -> dict:
                                                        batch_size=cfg.batch_size)]
         del model
     if cfg.judge == "task":
-        from fastrlhf.tools.task import Labeler
-
-        judge = Labeler()
         for p in prompts:
             if not isinstance(p, str):
                 raise ValueError("eval: judge=task needs plain-text prompts of the embedded task")
-        a = [judge.judge(p, r) for p, r in zip(prompts, texts["policy"])]
-        b = [judge.judge(p, r) for p, r in zip(prompts, texts["baseline"])]
+        a = [judge(p, r) for p, r in zip(prompts, texts["policy"])]
+        b = [judge(p, r) for p, r in zip(prompts, texts["baseline"])]
     else:
         tok = load_tokenizer(cfg.reward_model)
         rm = load_model(cfg.reward_model, head="score", device=dev).eval()
@@ -131,14 +130,3 @@ def evaluate(cfg: EvalConfig) -> dict:
     result["examples"] = [{"prompt": p if isinstance(p, str) else p[-1]["content"], "policy": x, "baseline": y}
                           for p, x, y in list(zip(prompts, texts["policy"], texts["baseline"]))[:5]]
     return result
-
-
-def main(argv=None) -> dict:
-    from fastrlhf.runtime.config import parse_config
-
-    cfg = parse_config(EvalConfig, argv, prog="fastrlhf eval")
-    r = evaluate(cfg)
-    print(f"win rate of {cfg.policy} over {cfg.baseline}: {r['win_rate']:.3f} ± {r['ci95']:.3f} "
-          f"(n={r['n']}: {r['wins']} wins, {r['ties']} ties, {r['losses']} losses); "
-          f"mean score {r['score_policy']:.4f} vs {r['score_baseline']:.4f}", flush=True)
-    return r

@@ -127,7 +127,7 @@ def _freeze(model):
 def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
     """Endless packed LM batches of the PPO-ptx data (InstructGPT's pretraining-mix term), and the loss on one."""
     from fastrlhf.runtime.data import PackedLoader, load_sft, tokenize_sft
-    from fastrlhf.stages.sft import packed_lm_loss
+    from fastrlhf.stages.losses import packed_lm_loss
 
     samples, _ = tokenize_sft(load_sft(cfg.ptx_data), tokenizer, max_len)
     loader = PackedLoader(samples, cfg.ptx_batch_tokens, tokenizer.pad_token_id, seed=cfg.seed + 7)

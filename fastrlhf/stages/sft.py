@@ -23,18 +23,18 @@ import torch
 
 from fastrlhf.runtime import distributed as D
 from fastrlhf.runtime.build import load_sharded
-from fastrlhf import kernels as K
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                          load_training_state, resolve_resume, restore_trainer_state, save_checkpoint, seed_everything,
                          trainer_state_dict)
 from fastrlhf.runtime.config import param
-from fastrlhf.runtime.data import (PackedBatch, PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
+from fastrlhf.runtime.data import (PackedLoader, check_vocab, load_sft, make_packed_batch, split_holdout,
                    tokenize_sft)
 from fastrlhf.runtime.metrics import MetricsLogger, peak_memory_gb, progress
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import load_tokenizer
 from fastrlhf.runtime.device import use_autocast
 from fastrlhf.runtime.optim import apply_step, make_adamw
+from fastrlhf.stages.losses import packed_lm_loss
 
 
 @dataclass
@@ -68,20 +68,6 @@ class SFTConfig:
     log_every: int = param(1, "console line every N steps")
     tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
     plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
-
-
-def packed_lm_loss(model, batch: PackedBatch, normalizer: float | None = None) -> torch.Tensor:
-    """Σ −log p(target) over loss-masked tokens of a packed batch / normalizer (default: its masked-token count).
-
-    batch.input_ids [1, T] -> hidden [1, T, H] -> linear_logprobs(hidden, W_lm, targets) [1, T] (fp32, no [T, V] logits).
-    """
-    hidden = model.hidden_states(batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
-    weight = model.lm_head_weight
-    if hidden.dtype != weight.dtype:
-        hidden = hidden.to(weight.dtype)
-    logp = K.linear_logprobs(hidden, weight, batch.targets)  # [1, T] fp32
-    n = batch.loss_mask.sum() if normalizer is None else normalizer
-    return -(logp * batch.loss_mask).sum() / max(float(n), 1.0)  # token-mean NLL of response tokens
 
 
 @torch.no_grad()

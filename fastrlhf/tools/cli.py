@@ -23,7 +23,7 @@ COMMANDS = {
     "ppo": ("fastrlhf.stages.ppo", "stage 3: PPO against the reward model with a KL penalty"),
     "pipeline": ("fastrlhf.tools.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores)"),
     "generate": ("fastrlhf.tools.generate", "sample responses from a checkpoint"),
-    "eval": ("fastrlhf.stages.eval", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
+    "eval": ("fastrlhf.tools.evaluate", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
     "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo [args]"),
     "selfcheck": ("fastrlhf.tools.selfcheck", "run every kernel against its float64 reference and print a table"),
 }
