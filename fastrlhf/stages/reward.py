@@ -18,26 +18,18 @@ process with ``batch_size × N``.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.build import load_sharded
-from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
-                         load_training_state, resolve_resume, restore_trainer_state, save_checkpoint, seed_everything,
-                         trainer_state_dict)
-from fastrlhf.runtime.config import param
-from fastrlhf.runtime.data import (EpochSampler, RMBatch, check_vocab, collate_rm, load_preferences, load_sft, pad_right,
-                   split_holdout, tokenize_preferences, tokenize_conversation)
-from fastrlhf.runtime.metrics import MetricsLogger, peak_memory_gb, progress
 from fastrlhf.models.decoder import autocast_context
-from fastrlhf.models.hf_io import load_tokenizer
-from fastrlhf.runtime.device import use_autocast
-from fastrlhf.runtime.optim import apply_step, make_adamw
+from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime.config import param
+from fastrlhf.runtime.data import (EpochSampler, RMBatch, collate_rm, load_preferences, load_sft, pad_right,
+                                  split_holdout, tokenize_conversation, tokenize_preferences)
+from fastrlhf.runtime.metrics import progress
+from fastrlhf.stages.loop import StepOut, run_steps, start_run
 
 
 @dataclass
@@ -148,24 +140,10 @@ def train(cfg: RewardConfig) -> dict:
             raise ValueError(f"rm: the field '{name}' is required (see fastrlhf rm --help)")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError(f"rm: batch_size ({cfg.batch_size}) and grad_accum ({cfg.grad_accum}) must be >= 1")
-    env = D.init(cfg.device)
-    device = env.device
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, run_dir)
-
-    # 1. SFT body + scalar head (fresh unless resuming)
-    tokenizer = load_tokenizer(cfg.model)
-    autocast = use_autocast(cfg.mixed_precision, device)
-    # FSDP2-sharded under torchrun (weights broadcast from rank 0), a plain model on `device` otherwise; resuming, the
-    # weights come from the checkpoint's sharded training state instead (each rank reads its shards)
-    resume_state = resume_from is not None and has_training_state(resume_from)
-    model = load_sharded(resume_from or cfg.model, env, head="score", bf16_compute=autocast, weights=not resume_state)
-    check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
-    model.config.gradient_checkpointing = cfg.gradient_checkpointing
-    model.train()
-    ctx = model.config.max_position_embeddings
-    max_len = min(cfg.max_seq_len or ctx, ctx)
+    # 1. SFT body + scalar head (fresh unless resuming; FSDP2-sharded under torchrun)
+    run = start_run(cfg, stage="rm", head="score")
+    model, device, env, tokenizer = run.model, run.device, run.env, run.tokenizer
+    max_len = min(cfg.max_seq_len or run.max_len, run.max_len)
 
     # 2. comparisons: validated (permutations, 2 <= K <= 9, ties dropped), tokenized, held-out split by prompt
     items, n_cut = tokenize_preferences(load_preferences(cfg.data), tokenizer, max_len)
@@ -177,87 +155,41 @@ def train(cfg: RewardConfig) -> dict:
         D.print0(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampler = EpochSampler(len(items), cfg.batch_size * env.world_size, seed=cfg.seed)  # global batches
-    steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = int(cfg.warmup_ratio * total)
-    opt = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-
-    start = 0
-    if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        start = restore_trainer_state(state, data=sampler)
-        load_training_state(resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
-        D.print0(f"[fastrlhf rm] resumed from {resume_from} at step {start}")
-    last_ckpt = latest_checkpoint(run_dir)
-    log = MetricsLogger(run_dir, stage="rm", total_steps=total, tensorboard=cfg.tensorboard,
-                        resume_step=start if resume_from is not None else None, plots=cfg.plots)
-    history: list[dict] = []
-    ev = {"eval_accuracy": float("nan"), "eval_loss": float("nan")}
-
-    def save(step: int) -> Path:
-        st = trainer_state_dict(step=step, data_state=sampler.state_dict())
-        return save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, trained={"model": (model, opt)})
-
+    total = cfg.max_steps or cfg.epochs * max(1, sampler.batches_per_epoch() // cfg.grad_accum)
     batches = iter(sampler)
-    stop_now = False
-    bar = progress(total=total, initial=start, desc="rm")
-    with graceful_interrupt() as stop:
-        for step in range(start, total):
-            t0 = time.perf_counter()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            # 3. grad_accum micro-batches of prompts, each prompt's K responses scored once
-            loss_sum, acc_sum, n_tok = 0.0, 0.0, 0
-            for k in range(cfg.grad_accum):
-                glob = next(batches)                         # the global micro-batch (all ranks)
-                mine = D.local_slice(glob, env)
-                weight = 1.0 if mine else 0.0                # a short last batch may leave a rank nothing: it runs a
-                b = collate_rm([items[i] for i in (mine or glob[:1])], pad_id).to(device)  # weight-0 forward (FSDP)
-                D.set_gradient_sync(model, k == cfg.grad_accum - 1)
-                with autocast_context(device, enabled=autocast):
-                    r = rewards_of(model, b)
-                loss, acc = ranking_loss(r, b, normalizer=len(glob) / env.world_size)
-                (weight * loss / cfg.grad_accum).backward()
-                loss_sum += weight * float(loss.detach()) / cfg.grad_accum
-                acc_sum += weight * float(acc) / cfg.grad_accum
-                n_tok += int(b.attention_mask.sum())
-            # 4. global loss, clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
-            loss_sum, lr, gnorm = apply_step(
-                model, opt, loss_sum, step=step, total=total, warmup=warmup, peak_lr=cfg.lr,
-                min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm,
-                where=f"rm (stopped without saving; last good checkpoint: {last_ckpt})")
-            # 5. metrics, held-out accuracy, checkpoints
-            dt = time.perf_counter() - t0
-            m = {"loss": loss_sum, "accuracy": acc_sum, "lr": lr, "grad_norm": gnorm,
-                 "tokens_per_s": n_tok / max(dt, 1e-9), "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
-            m = D.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
-            stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
-            done = step + 1 == total
-            if done or (cfg.eval_every and (step + 1) % cfg.eval_every == 0):
-                ev = evaluate(model, held, pad_id, cfg.batch_size, device, autocast)
-                m.update(ev)
-            history.append({"step": step + 1, **m})
-            log.log(step + 1, m, echo=done or (step + 1) % max(cfg.log_every, 1) == 0 or "eval_accuracy" in m)
-            bar.update(1)
-            if stop_now and not done:
-                last_ckpt = save(step + 1)
-                D.print0(f"[fastrlhf rm] interrupted at step {step + 1}; saved {last_ckpt}")
-                break
-            if not done and cfg.save_every and (step + 1) % cfg.save_every == 0:
-                last_ckpt = save(step + 1)
-    bar.close()
-    bias = float(model.config.reward_bias)
-    if not stop_now:
-        # 6. the bias that gives the SFT demonstrations mean reward 0, stored with the model; final checkpoint
+
+    def step(i: int) -> StepOut:
+        # 3. grad_accum micro-batches of prompts, each prompt's K responses scored once
+        loss_sum, acc_sum, n_tok = 0.0, 0.0, 0
+        for k in range(cfg.grad_accum):
+            glob = next(batches)                         # the global micro-batch (all ranks)
+            mine = D.local_slice(glob, env)
+            weight = 1.0 if mine else 0.0                # a short last batch may leave a rank nothing: it runs a
+            b = collate_rm([items[j] for j in (mine or glob[:1])], pad_id).to(device)  # weight-0 forward (FSDP)
+            D.set_gradient_sync(model, k == cfg.grad_accum - 1)
+            with autocast_context(device, enabled=run.autocast):
+                r = rewards_of(model, b)
+            loss, acc = ranking_loss(r, b, normalizer=len(glob) / env.world_size)
+            (weight * loss / cfg.grad_accum).backward()
+            loss_sum += weight * float(loss.detach()) / cfg.grad_accum
+            acc_sum += weight * float(acc) / cfg.grad_accum
+            n_tok += int(b.attention_mask.sum())
+        return StepOut(loss_sum, {"accuracy": acc_sum}, n_tok)
+
+    def finish() -> None:
+        # 6. the bias that gives the SFT demonstrations mean reward 0, stored with the model (then the final save)
         if cfg.sft_data:
-            bias = bias + demonstration_bias(model, tokenizer, cfg.sft_data, device, autocast, max_len)
+            bias = float(model.config.reward_bias)
+            bias += demonstration_bias(model, tokenizer, cfg.sft_data, device, run.autocast, max_len)
             model.config.reward_bias = bias
             D.print0(f"[fastrlhf rm] reward bias {bias:+.4f} (SFT demonstrations now have mean reward 0)")
-        last_ckpt = save(max(total, start))
-    log.close(plot_dir=last_ckpt)
-    return {"checkpoint": str(last_ckpt), "steps": history[-1]["step"] if history else start,
-            "eval_accuracy": ev["eval_accuracy"], "bias": bias, "history": history}
+
+    # 4.-5. AdamW steps, held-out accuracy, checkpoints (Ctrl-C saves); 6. bias and final checkpoint
+    out = run_steps(run, cfg, total=total, data=sampler, step=step, finish=finish,
+                    evaluate=lambda: evaluate(model, held, pad_id, cfg.batch_size, device, run.autocast))
+    return {"checkpoint": out["checkpoint"], "steps": out["steps"],
+            "eval_accuracy": out["eval"].get("eval_accuracy", float("nan")), "bias": float(model.config.reward_bias),
+            "history": out["history"]}
 
 
 def main(argv=None) -> dict:
