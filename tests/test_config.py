@@ -96,3 +96,63 @@ def test_help_lists_every_field_with_default_and_meaning():
                                    ("--inner.beta", "KL coefficient", "0.1"), ("--betas", "Adam betas", "0.9,0.95"),
                                    ("--out", "output folder", "runs/x")]:
         assert flag in text and meaning in text and f"default: {default}" in text
+
+
+# ------------------------------------------------------------------------------------------ the stages' sectioned configs
+
+def _stage_configs():
+    from fastrlhf.stages.ppo import PPOConfig
+    from fastrlhf.stages.reward import RewardConfig
+    from fastrlhf.stages.sft import SFTConfig
+    return SFTConfig, RewardConfig, PPOConfig
+
+
+def test_stage_configs_share_one_run_section_and_stay_small():
+    import dataclasses
+    import typing
+
+    from fastrlhf.stages.sections import RunSection
+    for cls in _stage_configs():
+        hints = typing.get_type_hints(cls)
+        assert hints["run"] is RunSection, cls
+        assert len(dataclasses.fields(cls)) <= 40
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                assert len(dataclasses.fields(hints[f.name])) <= 40, (cls, f.name)
+
+
+def test_flat_and_sectioned_spellings_are_the_same_config(tmp_path):
+    from fastrlhf.stages.ppo import PPOConfig
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("policy: p\nlr: 0.001\nlora_rank: 4\nptx_coef: 0.5\nkl_coef: 0.3\noutput_dir: out\n")
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("policy: p\noptim: {lr: 0.001}\nlora: {rank: 4}\nptx: {coef: 0.5}\nkl: {kl_coef: 0.3}\n"
+                      "run: {output_dir: out}\n")
+    a = parse_config(PPOConfig, ["--config", str(flat)])
+    b = parse_config(PPOConfig, ["--config", str(nested)])
+    c = parse_config(PPOConfig, ["--policy", "p", "--lr", "0.001", "--lora_rank", "4", "--ptx.coef", "0.5",
+                                 "--kl.kl_coef", "0.3", "--run.output_dir", "out"])
+    d = PPOConfig(policy="p", lr=0.001, lora_rank=4, ptx_coef=0.5, kl_coef=0.3, output_dir="out")
+    assert a == b == c == d
+    assert (d.optim.lr, d.lora.rank, d.ptx.coef, d.kl.kl_coef, d.run.output_dir) == (0.001, 4, 0.5, 0.3, "out")
+    assert d.run.seed == 0 and PPOConfig().run.output_dir == "runs/ppo"  # the stage's own default for a shared field
+
+
+def test_flat_spelling_errors_name_what_the_user_wrote(tmp_path):
+    from fastrlhf.stages.ppo import PPOConfig
+    with pytest.raises(ConfigError, match="command line: --lora_rank: expected an integer"):
+        parse_config(PPOConfig, ["--lora_rank", "x"])
+    with pytest.raises(ConfigError, match="command line: --lora.rank: expected an integer"):
+        parse_config(PPOConfig, ["--lora.rank", "x"])
+    f = tmp_path / "bad.yaml"
+    f.write_text("ptx_coef: lots\n")
+    with pytest.raises(ConfigError, match="bad.yaml: field 'ptx_coef'"):
+        parse_config(PPOConfig, ["--config", str(f)])
+
+
+def test_saved_run_config_reads_back(tmp_path):
+    for cls in _stage_configs():
+        c = parse_config(cls, ["--seed", "7", "--run.device", "cpu"])
+        save_config(c, tmp_path / "c.yaml")
+        assert parse_config(cls, ["--config", str(tmp_path / "c.yaml")]) == c
+        assert "run:" in (tmp_path / "c.yaml").read_text()  # written in sections

@@ -2,8 +2,10 @@
 
 One dataclass per stage; every field has a default and a one-line meaning (``param(default, "help")``). A run is configured
 in three layers, later ones win: the dataclass defaults, a YAML/TOML file given with ``--config FILE``, then ``--field value``
-on the command line. A field that is itself a dataclass is a section: ``sft: {lr: 1e-4}`` in a file, ``--sft.lr 1e-4`` on the
-command line. Unknown fields, in the file or on the command line, are errors that name the field and where it came from.
+on the command line. A field that is itself a dataclass is a section: ``optim: {lr: 1e-4}`` in a file, ``--optim.lr 1e-4``
+on the command line. A field of a section may also be given by its flat name (``lr: 1e-4``, ``--lr 1e-4``, or
+``SFTConfig(lr=1e-4)`` for a config made with ``@flat_kwargs``): the spelling of the configs before they had sections.
+Unknown fields, in the file or on the command line, are errors that name the field and where it came from.
 
     @dataclass
     class SFTConfig:
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 import types
@@ -26,11 +29,16 @@ class ConfigError(ValueError):
 
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
-          default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its meaning (shown by ``--help``) and optional allowed ``choices``."""
+          default_factory: Any = dataclasses.MISSING, flat: str | None = None) -> Any:
+    """A dataclass field with its meaning (shown by ``--help``) and optional allowed ``choices``.
+
+    flat: inside a section, the field's name at the top level of the config (default: its own name), e.g. the field
+    ``rank`` of the section ``lora`` is also ``lora_rank``."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if flat is not None:
+        meta["flat"] = flat
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     if isinstance(default, (list, dict, set)):
@@ -40,9 +48,46 @@ def param(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple 
     return dataclasses.field(default=default, metadata=meta)
 
 
-def section(cls: type, help: str = "") -> Any:
-    """A nested dataclass field (a section of the config), default-constructed."""
-    return dataclasses.field(default_factory=cls, metadata={"help": help})
+def section(cls: type, help: str = "", **defaults: Any) -> Any:
+    """A nested dataclass field (a section of the config): ``cls(**defaults)`` unless configured."""
+    return dataclasses.field(default_factory=functools.partial(cls, **defaults), metadata={"help": help})
+
+
+def flat_aliases(cls: type) -> dict[str, tuple[str, str]]:
+    """{flat name: (section, field)} for the fields of ``cls``'s sections (one level), e.g. {"lr": ("optim", "lr")}.
+    A flat name that is also a top-level field, or that two sections share, is not an alias."""
+    hints = _hints(cls)
+    top = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, tuple[str, str]] = {}
+    seen: dict[str, int] = {}
+    for f in dataclasses.fields(cls):
+        if not dataclasses.is_dataclass(hints[f.name]):
+            continue
+        for g in dataclasses.fields(hints[f.name]):
+            name = g.metadata.get("flat", g.name)
+            seen[name] = seen.get(name, 0) + 1
+            out[name] = (f.name, g.name)
+    return {k: v for k, v in out.items() if k not in top and seen[k] == 1}
+
+
+def flat_kwargs(cls: type) -> type:
+    """Let a sectioned config dataclass also take the flat names of its section fields as keyword arguments:
+    ``PPOConfig(lr=1e-5)`` sets ``cfg.optim.lr``. Apply after ``@dataclass``."""
+    init = cls.__init__
+    aliases = flat_aliases(cls)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        routed: dict[str, dict] = {}
+        for name in [k for k in kwargs if k in aliases]:
+            sec, field = aliases[name]
+            routed.setdefault(sec, {})[field] = kwargs.pop(name)
+        init(self, *args, **kwargs)
+        for sec, upd in routed.items():
+            setattr(self, sec, dataclasses.replace(getattr(self, sec), **upd))
+
+    cls.__init__ = __init__
+    return cls
 
 
 # ---------------------------------------------------------------------------------------------------------------- types
@@ -163,10 +208,12 @@ def _check_choices(f: dataclasses.Field, value: Any, where: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ dict <-> config
 
-def from_dict(cls: type, data: dict, source: str = "<dict>", _prefix: str = "", base: Any = None) -> Any:
+def from_dict(cls: type, data: dict, source: str = "<dict>", _prefix: str = "", base: Any = None,
+              _labels: dict | None = None) -> Any:
     """Build ``cls`` from a (nested) mapping; ``base`` (an instance) supplies the values not given.
 
-    Unknown keys raise ConfigError naming the key and ``source``.
+    At the top level, the flat name of a section field (``lr`` for ``optim.lr``) is accepted; a nested value given
+    both ways takes the flat one. Unknown keys raise ConfigError naming the key and ``source``.
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: section '{_prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
@@ -174,19 +221,30 @@ def from_dict(cls: type, data: dict, source: str = "<dict>", _prefix: str = "", 
     fields = {f.name: f for f in dataclasses.fields(cls)}
     obj = base if base is not None else cls()
     updates = {}
+    aliases = flat_aliases(cls) if not _prefix else {}
+    flat: dict[str, dict] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name not in fields and name in aliases:
+            sec, field = aliases[name]
+            flat.setdefault(sec, {})[field] = (value, name)
+            continue
         if name not in fields:
             raise ConfigError(f"{source}: unknown field '{_prefix}{key}' for {cls.__name__} "  # noqa: E501
                               f"(known: {', '.join(sorted(fields))})")
         f, tp = fields[name], hints[name]
-        where = (f"{source}: --{_prefix}{name}" if source == "command line" else f"{source}: field '{_prefix}{name}'")
+        label = (_labels or {}).get(name, f"{_prefix}{name}")
+        where = f"{source}: --{label}" if source == "command line" else f"{source}: field '{label}'"
         if dataclasses.is_dataclass(tp):
             updates[name] = from_dict(tp, value, source, f"{_prefix}{name}.", getattr(obj, name))
         else:
             v = convert(value, tp, where)
             _check_choices(f, v, where)
             updates[name] = v
+    for sec, given in flat.items():  # the flat spellings, each checked and named as the user wrote it
+        current = updates.get(sec, getattr(obj, sec))
+        updates[sec] = from_dict(hints[sec], {k: v for k, (v, _) in given.items()}, source, f"{sec}.", current,
+                                 _labels={k: n for k, (_, n) in given.items()})
     return dataclasses.replace(obj, **updates)
 
 
@@ -280,6 +338,14 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, _prefix: str 
         else:
             kw.update(metavar=_type_name(tp).upper().replace(" ", ""))
         group.add_argument(*names, **kw)
+    if not _prefix:  # the flat spellings of section fields, accepted but not listed
+        for flat, (sec, name) in flat_aliases(cls).items():
+            tp = _hints(_hints(cls)[sec])[name]
+            names = [f"--{flat}"] + ([f"--{flat.replace('_', '-')}"] if "_" in flat else [])
+            kw = dict(dest=flat, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            if tp is bool:
+                kw.update(nargs="?", const="true")
+            parser.add_argument(*names, **kw)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -288,7 +354,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description=description or (cls.__doc__ or "").strip(),
+    epilog = ("A field of a section is also accepted by its flat name (--lr for --optim.lr), as before sections."
+              if flat_aliases(cls) else None)
+    p = _Parser(prog=prog, description=description or (cls.__doc__ or "").strip(), epilog=epilog,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="YAML or TOML file of field: value (command-line flags override it)")

@@ -61,16 +61,16 @@ def start_run(cfg, *, stage: str, head: str) -> Run:
 
     Under torchrun the model is FSDP2-sharded with the weights broadcast from rank 0; resuming, the weights come from the
     checkpoint's sharded training state instead (each rank reads its shards)."""
-    env = D.init(cfg.device)
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, run_dir)
+    env = D.init(cfg.run.device)
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir)
+    resume_from = resolve_resume(cfg.run.resume, run_dir)
     tokenizer = load_tokenizer(cfg.model)
-    autocast = use_autocast(cfg.mixed_precision, env.device)
+    autocast = use_autocast(cfg.run.mixed_precision, env.device)
     resume_state = resume_from is not None and has_training_state(resume_from)
     model = load_sharded(resume_from or cfg.model, env, head=head, bf16_compute=autocast, weights=not resume_state)
     check_vocab(tokenizer, model.config.vocab_size, where=f"{cfg.model}: tokenizer")
-    model.config.gradient_checkpointing = cfg.gradient_checkpointing
+    model.config.gradient_checkpointing = cfg.run.gradient_checkpointing
     model.train()
     return Run(stage, env, run_dir, resume_from, tokenizer, model, autocast)
 
@@ -95,8 +95,8 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
     Returns {"checkpoint", "steps", "history", "eval"} (eval = the last held-out metrics, {} if none ran).
     """
     model, device = run.model, run.device
-    opt = make_adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-    warmup = int(cfg.warmup_ratio * total)
+    opt = make_adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    warmup = int(cfg.optim.warmup_ratio * total)
     start = 0
     if run.resume_from is not None:
         state = load_trainer_state(run.resume_from)
@@ -104,15 +104,15 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
         load_training_state(run.resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
         D.print0(f"[fastrlhf {run.stage}] resumed from {run.resume_from} at step {start}")
     last_ckpt = latest_checkpoint(run.run_dir)
-    log = MetricsLogger(run.run_dir, stage=run.stage, total_steps=total, tensorboard=cfg.tensorboard,
-                        resume_step=start if run.resume_from is not None else None, plots=cfg.plots)
+    log = MetricsLogger(run.run_dir, stage=run.stage, total_steps=total, tensorboard=cfg.run.tensorboard,
+                        resume_step=start if run.resume_from is not None else None, plots=cfg.run.plots)
     history: list[dict] = []
     ev: dict = {}
 
     def save(at: int) -> Path:
         st = trainer_state_dict(step=at, data_state=data.state_dict())
         return save_checkpoint(run.run_dir, at, model=model, tokenizer=run.tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, trained={"model": (model, opt)})
+                               keep=cfg.run.keep_checkpoints, trained={"model": (model, opt)})
 
     stopped = False
     bar = progress(total=total, initial=start, desc=run.stage)
@@ -124,8 +124,8 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
             out = step(i)
             # global loss, clip, schedule, AdamW; a non-finite loss or gradient stops before the weights change
             loss, lr, gnorm = apply_step(
-                model, opt, out.loss, step=i, total=total, warmup=warmup, peak_lr=cfg.lr,
-                min_lr_ratio=cfg.min_lr_ratio, max_grad_norm=cfg.max_grad_norm,
+                model, opt, out.loss, step=i, total=total, warmup=warmup, peak_lr=cfg.optim.lr,
+                min_lr_ratio=cfg.optim.min_lr_ratio, max_grad_norm=cfg.optim.max_grad_norm,
                 where=f"{run.stage} (stopped without saving; last good checkpoint: {last_ckpt})")
             dt = time.perf_counter() - t0
             m = {"loss": loss, **out.metrics, "lr": lr, "grad_norm": gnorm, "tokens_per_s": out.tokens / max(dt, 1e-9),
@@ -138,14 +138,14 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
                 ev = evaluate()
                 m.update(ev)
             history.append({"step": i + 1, **m})
-            log.log(i + 1, m, echo=done or (i + 1) % max(cfg.log_every, 1) == 0 or evaluated)
+            log.log(i + 1, m, echo=done or (i + 1) % max(cfg.run.log_every, 1) == 0 or evaluated)
             bar.update(1)
             if stop_now and not done:
                 last_ckpt = save(i + 1)
                 D.print0(f"[fastrlhf {run.stage}] interrupted at step {i + 1}; saved {last_ckpt}")
                 stopped = True
                 break
-            if not done and cfg.save_every and (i + 1) % cfg.save_every == 0:
+            if not done and cfg.run.save_every and (i + 1) % cfg.run.save_every == 0:
                 last_ckpt = save(i + 1)
     bar.close()
     if not stopped:

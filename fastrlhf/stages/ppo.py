@@ -32,7 +32,7 @@ from fastrlhf import kernels as K
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                          load_training_state, resolve_resume, save_checkpoint, seed_everything, set_rng_state,
                          trainer_state_dict)
-from fastrlhf.runtime.config import param
+from fastrlhf.runtime.config import flat_kwargs, param, section
 from fastrlhf.runtime.data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.runtime.lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
@@ -42,11 +42,80 @@ from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progres
 from fastrlhf.runtime.device import use_autocast
 from fastrlhf.runtime.optim import make_adamw
 from fastrlhf.stages.ppo_core import make_experience, masked_mean, ppo_update
+from fastrlhf.stages.sections import RunSection
 
 
 LORA_FILE = "lora_adapter.safetensors"
 
 
+@dataclass
+class SamplingSection:
+    """How rollouts are sampled."""
+
+    max_new_tokens: int = param(32, "response length cap G (tokens)")
+    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
+    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)")
+    top_k: int = param(0, "top-k sampling (0 = off)")
+    top_p: float = param(1.0, "nucleus sampling (1 = off)")
+    generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
+                                   "and decode step (per_block: less memory), or auto (full when it fits)",
+                                   choices=("auto", "full", "per_block"))
+
+
+@dataclass
+class PPOOptimSection:
+    """The policy's and the value model's optimizers."""
+
+    lr: float = param(1e-5, "policy learning rate (AdamW)")
+    value_lr: float = param(1e-5, "value-model learning rate (AdamW)")
+    weight_decay: float = param(0.0, "AdamW weight decay")
+    optimizer: str = param("adamw", "adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
+    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
+
+
+@dataclass
+class KLSection:
+    """The per-token KL penalty to the reference (SFT) policy in the reward."""
+
+    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
+    adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller")
+    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller")
+
+
+@dataclass
+class LoRASection:
+    """LoRA adapters on the policy (peft); the reference is the policy with its adapters disabled."""
+
+    rank: int = param(0, "LoRA rank of the policy; 0 = train all weights", flat="lora_rank")
+    alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)", flat="lora_alpha")
+    dropout: float = param(0.0, "dropout on the LoRA input", flat="lora_dropout")
+    targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                               "linear layers that get adapters", flat="lora_targets")
+
+
+@dataclass
+class LossSection:
+    """PPO's clipped objectives and advantage estimation."""
+
+    clip_eps: float = param(0.2, "PPO ratio clip ε")
+    vf_clip_eps: float = param(0.2, "value clip ε")
+    gamma: float = param(1.0, "GAE discount γ")
+    lam: float = param(0.95, "GAE λ")
+    whiten_advantages: bool = param(True, "normalise advantages to mean 0, std 1 over valid tokens")
+    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)")
+
+
+@dataclass
+class PtxSection:
+    """PPO-ptx (InstructGPT): the LM loss on pretraining-like text mixed into the policy update."""
+
+    coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on the ptx data (0 = off)", flat="ptx_coef")
+    data: str = param("", "jsonl of SFT rows ({\"prompt\",\"response\"} or {\"messages\"})", flat="ptx_data")
+    batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)", flat="ptx_batch_tokens")
+
+
+@flat_kwargs
 @dataclass
 class PPOConfig:
     """PPO (stage 3): fine-tune the SFT policy against the reward model with a KL penalty to the SFT policy."""
@@ -55,53 +124,18 @@ class PPOConfig:
     reward_model: str = param("", "reward-model checkpoint folder (HF *ForSequenceClassification format)")
     value_model: str = param("", "value-model init checkpoint (default: the reward model, as in InstructGPT)")
     prompts: str = param("", "jsonl of {\"prompt\"} or {\"messages\"} rows")
-    output_dir: str = param("runs/ppo", "where checkpoints, metrics.jsonl and plots go")
-    seed: int = param(0, "seed of prompt order, sampling and initialisation")
-    device: str = param("auto", "auto | cpu | cuda | cuda:N")
     iterations: int = param(20, "PPO iterations (rollout + update)")
     batch_size: int = param(16, "prompts per iteration and rank (rollouts B; world × B in all)")
     minibatch_size: int = param(16, "rollouts per optimizer step and rank")
     ppo_epochs: int = param(4, "passes over each batch of rollouts")
-    max_new_tokens: int = param(32, "response length cap G (tokens)")
-    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
-    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)")
-    top_k: int = param(0, "top-k sampling (0 = off)")
-    top_p: float = param(1.0, "nucleus sampling (1 = off)")
-    lr: float = param(1e-5, "policy learning rate (AdamW)")
-    value_lr: float = param(1e-5, "value-model learning rate (AdamW)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
-    optimizer: str = param("adamw", "adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
-    lora_rank: int = param(0, "LoRA rank of the policy (peft); 0 = train all weights. The reference = adapter disabled")
-    lora_alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)")
-    lora_dropout: float = param(0.0, "dropout on the LoRA input")
-    lora_targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                    "linear layers that get adapters")
-    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
-    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
-    adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller")
-    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller")
-    clip_eps: float = param(0.2, "PPO ratio clip ε")
-    vf_clip_eps: float = param(0.2, "value clip ε")
-    gamma: float = param(1.0, "GAE discount γ")
-    lam: float = param(0.95, "GAE λ")
-    whiten_advantages: bool = param(True, "normalise advantages to mean 0, std 1 over valid tokens")
-    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)")
-    ptx_coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on ptx_data (0 = off)")
-    ptx_data: str = param("", "jsonl of SFT rows for PPO-ptx ({\"prompt\",\"response\"} or {\"messages\"})")
-    ptx_batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)")
     forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values")
-    generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
-                                   "and decode step (per_block: less memory), or auto (full when it fits)",
-                                   choices=("auto", "full", "per_block"))
-    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
-    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
-    save_every: int = param(0, "save a checkpoint every N iterations (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
-    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N iterations")
-    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
-    plots: bool = param(True, "PNG plots of the curves at the end (if matplotlib is installed)")
+    sampling: SamplingSection = section(SamplingSection, "rollout sampling")
+    kl: KLSection = section(KLSection, "KL penalty to the reference policy")
+    loss: LossSection = section(LossSection, "clipped objectives, GAE, advantage whitening")
+    optim: PPOOptimSection = section(PPOOptimSection, "policy and value optimizers")
+    lora: LoRASection = section(LoRASection, "LoRA adapters on the policy")
+    ptx: PtxSection = section(PtxSection, "PPO-ptx pretraining mix")
+    run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/ppo")
 
 
 def make_optimizer(model, *, kind: str, lr: float, weight_decay: float):
@@ -129,8 +163,8 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
     from fastrlhf.runtime.data import PackedLoader, load_sft, tokenize_sft
     from fastrlhf.stages.losses import packed_lm_loss
 
-    samples, _ = tokenize_sft(load_sft(cfg.ptx_data), tokenizer, max_len)
-    loader = PackedLoader(samples, cfg.ptx_batch_tokens, tokenizer.pad_token_id, seed=cfg.seed + 7)
+    samples, _ = tokenize_sft(load_sft(cfg.ptx.data), tokenizer, max_len)
+    loader = PackedLoader(samples, cfg.ptx.batch_tokens, tokenizer.pad_token_id, seed=cfg.run.seed + 7)
     rank, world = D.rank(), D.world_size()
 
     def batches():  # one budget per rank per minibatch: rank r takes the r-th of each group of `world`
@@ -152,27 +186,27 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             raise ValueError(f"ppo: the field '{name}' is required (see fastrlhf ppo --help)")
     if cfg.minibatch_size <= 0 or cfg.batch_size <= 0 or cfg.minibatch_size > cfg.batch_size:
         raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
-    env = D.init(cfg.device)
+    env = D.init(cfg.run.device)
     device = env.device
-    if env.launched and cfg.optimizer != "adamw":
+    if env.launched and cfg.optim.optimizer != "adamw":
         raise ValueError("ppo under torchrun: optimizer adamw8bit is a single-process feature for now (bitsandbytes "
                          "states are not sharded); use optimizer adamw with FSDP")
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, run_dir)
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir)
+    resume_from = resolve_resume(cfg.run.resume, run_dir)
 
     # Models: policy (trained) and value (trained); reference and reward (frozen).
     tokenizer = load_tokenizer(cfg.policy)
     frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bf16 = use_autocast(cfg.mixed_precision, device)
+    bf16 = use_autocast(cfg.run.mixed_precision, device)
     ref_context = None
     # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only), else plain.
     # Resuming, the trained weights (policy, value) come from the checkpoint's sharded training state instead.
     resume_state = resume_from is not None and has_training_state(resume_from)
-    if cfg.lora_rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
+    if cfg.lora.rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
         policy = load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state,
-                                prepare=lambda m: add_lora(m, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
-                                                           dropout=cfg.lora_dropout, targets=cfg.lora_targets))
+                                prepare=lambda m: add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                                           dropout=cfg.lora.dropout, targets=cfg.lora.targets))
         if resume_from is not None and not resume_state:  # an older checkpoint: the adapter file (read by rank 0)
             adapter = load_safetensors(str(resume_from / LORA_FILE)) if env.is_main else {}
             if env.is_main:
@@ -183,33 +217,33 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         policy = load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state)
         ref = load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
-    policy.config.gradient_checkpointing = cfg.gradient_checkpointing
+    policy.config.gradient_checkpointing = cfg.run.gradient_checkpointing
     reward = load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
     value = load_sharded(value_init, env, head="score", bf16_compute=bf16, weights=not resume_state)
     policy.train(), value.train()
-    policy_opt = make_optimizer(policy, kind=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    value_opt = make_optimizer(value, kind=cfg.optimizer, lr=cfg.value_lr, weight_decay=cfg.weight_decay)
-    kl_ctl = (K.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
-              else K.FixedKLController(cfg.kl_coef))
-    compute_dtype = torch.bfloat16 if use_autocast(cfg.mixed_precision, device) else None
+    policy_opt = make_optimizer(policy, kind=cfg.optim.optimizer, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    value_opt = make_optimizer(value, kind=cfg.optim.optimizer, lr=cfg.optim.value_lr, weight_decay=cfg.optim.weight_decay)
+    kl_ctl = (K.AdaptiveKLController(cfg.kl.kl_coef, cfg.kl.kl_target, cfg.kl.kl_horizon) if cfg.kl.adaptive_kl
+              else K.FixedKLController(cfg.kl.kl_coef))
+    compute_dtype = torch.bfloat16 if use_autocast(cfg.run.mixed_precision, device) else None
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
-    gather = D.GenerationGather(policy, cfg.generation_gather, compute_dtype)  # mode "local" when unsharded
+    gather = D.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)  # mode "local" when unsharded
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype, weight_gather=gather)
 
     # Data: prompts tokenized once (validated: every prompt + max_new_tokens must fit the context).
     ctx = policy.config.max_position_embeddings
-    max_prompt = cfg.max_prompt_len or (ctx - cfg.max_new_tokens)
+    max_prompt = cfg.sampling.max_prompt_len or (ctx - cfg.sampling.max_new_tokens)
     prompts = []
     for ex in load_prompts(cfg.prompts):
         ids = tokenize_prompt(tokenizer, ex.prompt, ex.source)
         check_prompt_length(len(ids), max_prompt, ex.source)
         prompts.append(ids)
     # fixed rollout shapes; one global batch of batch_size × world prompts per iteration, rank r takes its slice
-    sampler = EpochSampler(len(prompts), cfg.batch_size * env.world_size, seed=cfg.seed, drop_last=True)
+    sampler = EpochSampler(len(prompts), cfg.batch_size * env.world_size, seed=cfg.run.seed, drop_last=True)
     ptx_batches, ptx_loss_fn = (None, None)
-    if cfg.ptx_coef > 0:
-        if not cfg.ptx_data:
+    if cfg.ptx.coef > 0:
+        if not cfg.ptx.data:
             raise ValueError("ppo: ptx_coef > 0 needs ptx_data (a jsonl of SFT rows)")
         ptx_batches, ptx_loss_fn = _ptx_iterator(cfg, tokenizer, ctx, device)
 
@@ -226,7 +260,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
     if log is None:
         from fastrlhf.runtime.metrics import MetricsLogger
-        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, stage="ppo", total_steps=cfg.iterations,
+        log = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, stage="ppo", total_steps=cfg.iterations,
                             resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
@@ -240,11 +274,11 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         def merge_lora(state):  # rank 0, on the full weights gathered from the shards
             kept["adapter"] = lora_state_dict(policy, state)
             return merged_state_dict(policy, state)
-        if cfg.lora_rank > 0:  # the HF export holds merged weights; the adapter alone is kept to resume
+        if cfg.lora.rank > 0:  # the HF export holds merged weights; the adapter alone is kept to resume
             export = merge_lora
             extra[LORA_FILE] = lambda p: save_safetensors(kept["adapter"], str(p))
         return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, extra_files=extra, extra_models={"value_model": value},
+                               keep=cfg.run.keep_checkpoints, extra_files=extra, extra_models={"value_model": value},
                                trained={"policy": (policy, policy_opt), "value": (value, value_opt)},
                                export=export)
 
@@ -257,29 +291,29 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             # 1. sample prompts
             batch = [prompts[i] for i in D.local_slice(next(batches), env)]
             # 2. generate with the hybrid engine (the optimizer's in-place updates are what it sees)
-            with engine.generation(max_batch_size=cfg.batch_size, max_seq_len=max(map(len, batch)) + cfg.max_new_tokens):
-                rollout = engine.generate(batch, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tokenizer.eos_token_id,
+            with engine.generation(max_batch_size=cfg.batch_size, max_seq_len=max(map(len, batch)) + cfg.sampling.max_new_tokens):
+                rollout = engine.generate(batch, max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                                          top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, eos_token_id=tokenizer.eos_token_id,
                                           pad_token_id=tokenizer.pad_token_id,
-                                          seed=cfg.seed * 100003 + step + env.rank * 1_000_003)  # distinct per rank
+                                          seed=cfg.run.seed * 100003 + step + env.rank * 1_000_003)  # distinct per rank
             t1 = time.perf_counter()
             # 3.-7. score, old/ref log-probs and values, shaped rewards, GAE, whitened advantages
             policy.eval(), value.eval()  # deterministic forwards for the "old" quantities (no dropout anyway)
             exp = make_experience(rollout, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
-                                  kl_coef=kl_ctl.value, gamma=cfg.gamma, lam=cfg.lam, temperature=cfg.temperature,
+                                  kl_coef=kl_ctl.value, gamma=cfg.loss.gamma, lam=cfg.loss.lam, temperature=cfg.sampling.temperature,
                                   eos_token_id=tokenizer.eos_token_id,
-                                  missing_eos_penalty=cfg.missing_eos_penalty or None,
+                                  missing_eos_penalty=cfg.loss.missing_eos_penalty or None,
                                   forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                                  ref_context=ref_context, whiten_advantages=cfg.whiten_advantages)
+                                  ref_context=ref_context, whiten_advantages=cfg.loss.whiten_advantages)
             policy.train(), value.train()
             t2 = time.perf_counter()
             # 8. PPO epochs over minibatches
-            gen.manual_seed(cfg.seed * 7919 + step)
+            gen.manual_seed(cfg.run.seed * 7919 + step)
             stats = ppo_update(exp, policy=policy, value_model=value, policy_opt=policy_opt, value_opt=value_opt,
-                               epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.clip_eps,
-                               vf_clip_eps=cfg.vf_clip_eps, temperature=cfg.temperature,
-                               max_grad_norm=cfg.max_grad_norm or None, autocast=autocast, generator=gen,
-                               ptx_batches=ptx_batches, ptx_coef=cfg.ptx_coef, ptx_loss_fn=ptx_loss_fn)
+                               epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.loss.clip_eps,
+                               vf_clip_eps=cfg.loss.vf_clip_eps, temperature=cfg.sampling.temperature,
+                               max_grad_norm=cfg.optim.max_grad_norm or None, autocast=autocast, generator=gen,
+                               ptx_batches=ptx_batches, ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn)
             t3 = time.perf_counter()
             # KL per sequence (nats), mean over all ranks' rollouts: the quantity the adaptive controller targets
             seq_kl = D.reduce_metrics({"kl": float((exp.kl * exp.mask).sum(-1).mean())})["kl"]
@@ -306,9 +340,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                          f"{last_ckpt}")
             history.append(metrics)
             bar.update(1)
-            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.log_every, 1) == 0)
+            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.run.log_every, 1) == 0)
             done = step + 1 == cfg.iterations
-            if done or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if done or stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 last_ckpt = save(step + 1)
             if stop_now:
                 D.print0(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
@@ -316,7 +350,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     bar.close()
     if start >= cfg.iterations and last_ckpt is None:
         last_ckpt = save(start)
-    log.close(plots=cfg.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
+    log.close(plots=cfg.run.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
     engine.free()
     return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
             "final": history[-1] if history else {}}

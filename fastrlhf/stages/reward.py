@@ -25,13 +25,15 @@ import torch.nn.functional as F
 
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.config import param
+from fastrlhf.runtime.config import flat_kwargs, param, section
 from fastrlhf.runtime.data import (EpochSampler, RMBatch, collate_rm, load_preferences, load_sft, pad_right,
                                   split_holdout, tokenize_conversation, tokenize_preferences)
 from fastrlhf.runtime.metrics import progress
 from fastrlhf.stages.loop import StepOut, run_steps, start_run
+from fastrlhf.stages.sections import OptimSection, RunSection
 
 
+@flat_kwargs
 @dataclass
 class RewardConfig:
     """Reward model (stage 2): a scalar head trained on ranked comparisons (InstructGPT's pairwise loss)."""
@@ -41,29 +43,14 @@ class RewardConfig:
     eval_data: str = param("", "held-out comparisons jsonl (default: eval_fraction of data)")
     eval_fraction: float = param(0.1, "fraction of prompts held out when eval_data is not given")
     sft_data: str = param("", "SFT demonstrations jsonl: the stored bias gives them mean reward 0 ('' = no bias)")
-    output_dir: str = param("runs/rm", "where checkpoints, metrics.jsonl and plots go")
-    seed: int = param(0, "seed of data order, held-out split and the head's initialisation")
-    device: str = param("auto", "auto | cpu | cuda | cuda:N")
     max_seq_len: int = param(0, "longest prompt+response in tokens (0 = the model's context); longer responses are cut")
     batch_size: int = param(8, "prompts per micro-batch and rank (each with all its K responses)")
     grad_accum: int = param(1, "micro-batches per optimizer step")
     epochs: int = param(1, "passes over the data (InstructGPT: 1, the RM overfits after one epoch)")
     max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
-    lr: float = param(9e-6, "peak learning rate")
-    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr")
-    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup")
-    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)")
-    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas")
-    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)")
-    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
-    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
     eval_every: int = param(0, "held-out accuracy every N steps (0 = only at the end)")
-    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
-    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N steps")
-    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
-    plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
+    optim: OptimSection = section(OptimSection, "AdamW, warmup + cosine schedule, clipping", lr=9e-6)
+    run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/rm")
 
 
 def ranking_loss(rewards: torch.Tensor, batch: RMBatch, normalizer: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,11 +137,11 @@ def train(cfg: RewardConfig) -> dict:
     if cfg.eval_data:
         held, _ = tokenize_preferences(load_preferences(cfg.eval_data), tokenizer, max_len)
     else:
-        items, held = split_holdout(items, cfg.eval_fraction, cfg.seed)
+        items, held = split_holdout(items, cfg.eval_fraction, cfg.run.seed)
     if n_cut:
         D.print0(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    sampler = EpochSampler(len(items), cfg.batch_size * env.world_size, seed=cfg.seed)  # global batches
+    sampler = EpochSampler(len(items), cfg.batch_size * env.world_size, seed=cfg.run.seed)  # global batches
     total = cfg.max_steps or cfg.epochs * max(1, sampler.batches_per_epoch() // cfg.grad_accum)
     batches = iter(sampler)
 

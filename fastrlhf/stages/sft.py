@@ -21,13 +21,15 @@ import torch
 
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.config import param
+from fastrlhf.runtime.config import flat_kwargs, param, section
 from fastrlhf.runtime.data import PackedLoader, load_sft, make_packed_batch, split_holdout, tokenize_sft
 from fastrlhf.runtime.metrics import progress
 from fastrlhf.stages.loop import StepOut, run_steps, start_run
 from fastrlhf.stages.losses import packed_lm_loss
+from fastrlhf.stages.sections import OptimSection, RunSection
 
 
+@flat_kwargs
 @dataclass
 class SFTConfig:
     """SFT (stage 1): fine-tune a causal LM on demonstrations, loss on response tokens only."""
@@ -36,29 +38,14 @@ class SFTConfig:
     data: str = param("", "jsonl of {\"prompt\",\"response\"} or {\"messages\"} rows")
     eval_data: str = param("", "held-out jsonl (default: eval_fraction of data)")
     eval_fraction: float = param(0.05, "fraction of data held out when eval_data is not given")
-    output_dir: str = param("runs/sft", "where checkpoints, metrics.jsonl and plots go")
-    seed: int = param(0, "seed of data order, held-out split and initialisation")
-    device: str = param("auto", "auto | cpu | cuda | cuda:N")
     max_seq_len: int = param(0, "longest sample in tokens (0 = the model's context); longer responses are cut")
     batch_tokens: int = param(4096, "tokens per micro-batch (the packing budget; >= max_seq_len)")
     grad_accum: int = param(1, "micro-batches per optimizer step and rank (a step = grad_accum × world budgets)")
     epochs: int = param(1, "passes over the data (ignored when max_steps > 0)")
     max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
-    lr: float = param(2e-5, "peak learning rate")
-    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr")
-    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup")
-    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)")
-    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas")
-    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)")
-    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
-    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
     eval_every: int = param(0, "held-out loss every N steps (0 = only at the end)")
-    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
-    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N steps")
-    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
-    plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
+    optim: OptimSection = section(OptimSection, "AdamW, warmup + cosine schedule, clipping", lr=2e-5)
+    run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/sft")
 
 
 @torch.no_grad()
@@ -100,14 +87,14 @@ def train(cfg: SFTConfig) -> dict:
     if cfg.eval_data:
         held, _ = tokenize_sft(load_sft(cfg.eval_data), tokenizer, max_len)
     else:
-        samples, held = split_holdout(samples, cfg.eval_fraction, cfg.seed)
+        samples, held = split_holdout(samples, cfg.eval_fraction, cfg.run.seed)
     if n_cut:
         D.print0(f"[fastrlhf sft] {n_cut} responses cut to {max_len} tokens")
 
     # 3. packing into fixed token budgets, seeded order resumable at (epoch, index)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = PackedLoader(samples, cfg.batch_tokens, pad_id, seed=cfg.seed)
-    eval_loader = PackedLoader(held, cfg.batch_tokens, pad_id, seed=cfg.seed) if held else None
+    loader = PackedLoader(samples, cfg.batch_tokens, pad_id, seed=cfg.run.seed)
+    eval_loader = PackedLoader(held, cfg.batch_tokens, pad_id, seed=cfg.run.seed) if held else None
     per_step = cfg.grad_accum * env.world_size  # packed budgets consumed per optimizer step, all ranks together
     total = cfg.max_steps or cfg.epochs * max(1, loader.batches_per_epoch() // per_step)
     batches = iter(loader)

@@ -1,0 +1,39 @@
+"""Config sections the stages share: where and how a run runs (``run``), and the SFT / reward-model optimizer (``optim``).
+
+In a YAML file they are nested (``run: {output_dir: runs/x}``), on the command line dotted (``--run.output_dir runs/x``);
+the flat names (``output_dir``, ``--output_dir``, ``SFTConfig(output_dir=...)``) keep working.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastrlhf.runtime.config import param
+
+
+@dataclass
+class RunSection:
+    """Where a run writes, what it runs on, how it checkpoints, logs and resumes."""
+
+    output_dir: str = param("runs/run", "where checkpoints, metrics.jsonl and plots go")
+    seed: int = param(0, "seed of data order, held-out split, sampling and initialisation")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
+    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
+    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = param(2, "how many checkpoints to keep")
+    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
+    log_every: int = param(1, "console line every N steps")
+    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
+    plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
+
+
+@dataclass
+class OptimSection:
+    """AdamW with linear warmup and cosine decay (SFT and reward model)."""
+
+    lr: float = param(2e-5, "peak learning rate")
+    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr")
+    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup")
+    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)")
+    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas")
+    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)")
