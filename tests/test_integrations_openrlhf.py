@@ -141,7 +141,10 @@ def test_log_probs_and_entropy_equal_OpenRLHF(patch, monkeypatch, tau, dtype):
 def _policy_inputs(B, T, dtype):
     old = -torch.rand(B, T) * 4
     lp = old + torch.randn(B, T)                  # ratios outside [0.8, 1.28], ~13% beyond 3
-    return old, lp.to(dtype), torch.randn(B, T) * 2, _mask(B, T)
+    adv = torch.randn(B, T) * 2
+    lp[:, 1] = old[:, 1] + 2.0                   # ρ = e² > 3 with A < 0 on a valid column: the dual clip acts
+    adv[:, 1] = -adv[:, 1].abs() - 0.5
+    return old, lp.to(dtype), adv, _mask(B, T)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -174,6 +174,8 @@ def _policy_inputs(B, T, dtype):
     old = -torch.rand(B, T) * 4
     lp = old + torch.randn(B, T)                 # ratios well outside [0.8, 1.28], ~13% beyond 3 (the dual clip)
     adv = torch.randn(B, T) * 2
+    lp[:, 5] = old[:, 5] + 2.0                   # ρ = e² > 3 with A < 0 on a valid column: the dual clip acts
+    adv[:, 5] = -adv[:, 5].abs() - 0.5
     return old.to(dtype), lp.to(dtype), adv, _mask(B, T)
 
 
