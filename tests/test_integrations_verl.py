@@ -260,3 +260,14 @@ def test_kl_controllers_equal_veRL(patch):
     fixed = CA.get_kl_controller(OmegaConf.create({"type": "fixed", "kl_coef": 0.2}))
     fixed.update(current_kl=1.0, n_steps=8)
     assert isinstance(fixed, fast_verl.FixedKLController) and fixed.value == 0.2
+
+
+def test_allow_untested_patches_another_version_when_signatures_match(monkeypatch):
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.0")
+    with pytest.warns(RuntimeWarning, match="allow_untested=True"):
+        p = fast_verl.apply(allow_untested=True)
+    try:
+        assert p.applied and CA.kl_penalty is not ORIG["kl_penalty"]
+    finally:
+        p.undo()
+    assert CA.kl_penalty is ORIG["kl_penalty"]
