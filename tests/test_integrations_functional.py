@@ -1,5 +1,6 @@
 """fastrlhf.integrations.functional against float64 references written from veRL's and OpenRLHF's documented formulas
-(their packages are not installed here, and their code is not copied: the references below are the equations).
+(the references below are the equations; the peers' own code is compared in test_integrations_verl.py /
+test_integrations_openrlhf.py).
 
 Tolerances: inputs are exact fp32/bf16 values, references run in float64 on those same values, and our kernels accumulate
 in fp32, so the error is fp32 rounding of O(1)–O(10) quantities summed over V ≤ 1001 or T ≤ 13 terms: 1e-5 absolute
@@ -162,25 +163,27 @@ def test_verl_kl_penalty_matches_float64(name):
 
 def test_verl_kl_penalty_rejects_unknown_names():
     lp, rf = torch.zeros(2, 3), torch.zeros(2, 3)
-    with pytest.raises(NotImplementedError, match="full"):
+    with pytest.raises(NotImplementedError, match="full"):  # veRL's own error type for names it does not compute
         verl.kl_penalty(lp, rf, "full")
-    with pytest.raises(ValueError, match="low_var_kl"):
+    with pytest.raises(NotImplementedError, match="low_var_kl"):
         verl.kl_penalty(lp, rf, "k4")
 
 
 @pytest.mark.parametrize("est", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_openrlhf_compute_approx_kl_matches_float64(est, with_mask):
+@pytest.mark.parametrize("unbiased,with_old", [(False, False), (True, False), (True, True)])
+def test_openrlhf_compute_approx_kl_matches_float64(est, unbiased, with_old):
     logp, base = _logps((5, 8))
-    mask = _masks(5, 8) if with_mask else None
+    old = logp + torch.randn(5, 8) * 1.5 if with_old else None
     logp.requires_grad_(True)
-    out = openrlhf.compute_approx_kl(logp, base, kl_estimator=est, action_mask=mask)
+    out = openrlhf.compute_approx_kl(logp, base, old, kl_estimator=est, unbiased_gradient=unbiased)
     lp64 = logp.detach().double().requires_grad_(True)
     r = lp64 - base.double()                              # r = log π − log π_base
     want = {"k1": r, "k2": r**2 / 2.0, "k3": torch.exp(-r) - 1 + r}[est]
     want = want.clamp(min=-10, max=10)                    # every estimator clamped to [−10, 10]
-    if mask is not None:
-        want = want * mask.double()
+    if unbiased:                                          # value kept, gradient of w · r²/2, w detached
+        w = 1.0 if old is None else torch.exp(lp64.detach() - old.double()).clamp(max=10.0)
+        surrogate = w * r**2 / 2.0
+        want = want.detach() + surrogate - surrogate.detach()
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     g = torch.randn(5, 8)
     (out * g).sum().backward()
@@ -190,10 +193,15 @@ def test_openrlhf_compute_approx_kl_matches_float64(est, with_mask):
 
 def test_openrlhf_compute_approx_kl_rejects_bad_input():
     lp = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="low_var_kl|k3"):
+    with pytest.raises(ValueError, match="Unknown kl_estimator"):
         openrlhf.compute_approx_kl(lp, lp, kl_estimator="low_var_kl")
-    with pytest.raises(ValueError, match="action_mask"):
-        openrlhf.compute_approx_kl(lp, lp, kl_estimator="k1", action_mask=torch.ones(3, 2))
+
+
+def test_openrlhf_compute_approx_kl_takes_openrlhf_0_11_arguments():
+    """The third positional argument is log_probs_old (OpenRLHF 0.11), not the estimator name or a mask."""
+    lp, base = _logps((2, 4))
+    out = openrlhf.compute_approx_kl(lp, base, lp + 0.1, "k2", True)
+    torch.testing.assert_close(out, ((lp - base) ** 2 / 2).clamp(-10, 10), atol=1e-6, rtol=1e-6)
 
 
 # --- TRL's GRPO loss ------------------------------------------------------------------------------------------------

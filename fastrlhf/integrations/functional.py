@@ -7,8 +7,10 @@ All results are fp32. Use the namespaces as drop-ins::
     verl.kl_penalty(logprob, ref_logprob, "low_var_kl")
     openrlhf.compute_approx_kl(log_probs, log_probs_base, kl_estimator="k3")
 
-The formulas below are the ones those projects document (facts, not their code); each is checked in
-tests/test_integrations_functional.py against a float64 reference written from them.
+The functions are those of ``fastrlhf.integrations.verl`` / ``.openrlhf`` (the same signatures as the peers' own, which
+``apply()`` patches in); these namespaces keep them importable without the peers installed. Each is checked in
+tests/test_integrations_functional.py against a float64 reference written from the formulas below, and against the
+peers' own code in tests/test_integrations_verl.py / test_integrations_openrlhf.py.
 
 veRL (``verl.trainer.ppo.core_algos``, ``verl.utils.torch_functional``)
 - ``logprobs_from_logits(logits [..., V], labels [...])``: log softmax(logits)[label]. veRL divides the logits by the
@@ -25,9 +27,10 @@ veRL (``verl.trainer.ppo.core_algos``, ``verl.utils.torch_functional``)
 - ``masked_whiten(values, mask, shift_mean=True)``: (x − μ)/sqrt(σ² + 1e-8) over the valid tokens, unbiased σ².
 
 OpenRLHF (``openrlhf.models.utils``)
-- ``compute_approx_kl(log_probs, log_probs_base, kl_estimator="k1", action_mask=None)``: with r = log_probs − log_probs_base,
-  k1 = r, k2 = r²/2, k3 = exp(−r) − 1 + r, then clamp(−10, 10) for every estimator; older releases took ``action_mask``
-  and multiplied it in (kept as an optional argument).
+- ``compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False)``
+  (OpenRLHF 0.11's signature): with r = log_probs − log_probs_base, k1 = r, k2 = r²/2, k3 = exp(−r) − 1 + r, then
+  clamp(−10, 10) for every estimator; ``unbiased_gradient`` keeps the value and takes the gradient of w·r²/2,
+  w = min(exp(log_probs − log_probs_old), 10) detached.
 - ``log_probs_from_logits(logits [..., V], labels [...], temperature=1.0)``: log softmax(logits / τ)[label].
 
 TRL's GRPO loss (documented in TRL's GRPO trainer docs; TRL computes it inline in ``GRPOTrainer._compute_loss``, so it
@@ -44,105 +47,31 @@ import types
 
 import torch
 
-from fastrlhf.kernels import gae, logprobs_from_logits, ppo_policy_loss, whiten
-from fastrlhf.kernels import kl_penalty as _kl
+from fastrlhf.kernels import ppo_policy_loss
 
-# --- veRL -------------------------------------------------------------------------------------------------------------
-
-_VERL_KL = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
-
-
-def verl_logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
-    """veRL's ``logprobs_from_logits``: logits [..., V] (already divided by the temperature), labels [...] -> fp32 [...].
-
-    ``inplace_backward`` is veRL's memory switch for its flash-attn kernel; ours never keeps a [..., V] gradient buffer.
-    """
-    del inplace_backward
-    return logprobs_from_logits(logits, labels)
-
-
-def verl_entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """veRL's ``entropy_from_logits``: logits [..., V] -> fp32 H [...] = LSE(z) − Σ softmax(z)·z."""
-    dummy = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)  # any valid label; logp unused
-    return logprobs_from_logits(logits, dummy, return_entropy=True)[1]
-
-
-def verl_masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """veRL's ``masked_whiten``: [B, T] -> fp32 [B, T], (x − μ)·rsqrt(σ² + 1e-8) (+ μ if not shift_mean), 0 where mask = 0."""
-    return whiten(values, mask, shift_mean=shift_mean)
-
-
-def verl_compute_gae_advantage_return(token_level_rewards: torch.Tensor, values: torch.Tensor,
-                                      response_mask: torch.Tensor, gamma: float, lam: float):
-    """veRL's GAE estimator: rewards, values, response_mask [B, T] -> (whitened advantages [B, T], returns [B, T]) fp32.
-
-    δ_t = r_t + γ V_next(t) − V_t,  A_t = δ_t + γλ A_next(t) over valid tokens,  R_t = A_t + V_t,  A ← whiten(A).
-    Computed without gradient (as veRL does). Masked positions are 0 in both outputs.
-    """
-    with torch.no_grad():
-        adv, ret = gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
-        adv = whiten(adv, response_mask, shift_mean=True)
-    return adv, ret
-
-
-def verl_kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str) -> torch.Tensor:
-    """veRL's ``kl_penalty(logprob, ref_logprob, kl_penalty)``: [B, T] -> fp32 [B, T] (names in the module docstring)."""
-    name = kl_penalty
-    straight_through = name.endswith("+")  # for "k2+" this changes nothing: value and gradient are both k2's
-    base = name[:-1] if straight_through else name
-    if base == "full":
-        raise NotImplementedError("verl_kl_penalty: 'full' needs the whole distribution (logits), not token log-probs")
-    if base not in _VERL_KL:
-        raise ValueError(f"verl_kl_penalty: kl_penalty={kl_penalty!r}; expected one of "
-                         f"{sorted(_VERL_KL)} (optionally with a trailing '+')")
-    est = _VERL_KL[base]
-    value = _kl(logprob, ref_logprob, estimator=est, clamp=(-10.0, 10.0) if est == "k3" else None)
-    if not straight_through:
-        return value
-    k2 = _kl(logprob, ref_logprob, estimator="k2")  # ½ (logp − ref)²: the gradient veRL's "+" variants use
-    return k2 - k2.detach() + value.detach()
-
+from . import openrlhf as _openrlhf
+from . import verl as _verl
 
 verl = types.SimpleNamespace(
-    logprobs_from_logits=verl_logprobs_from_logits,
-    entropy_from_logits=verl_entropy_from_logits,
-    masked_whiten=verl_masked_whiten,
-    compute_gae_advantage_return=verl_compute_gae_advantage_return,
-    kl_penalty=verl_kl_penalty,
+    logprobs_from_logits=_verl.logprobs_from_logits,
+    entropy_from_logits=_verl.entropy_from_logits,
+    masked_whiten=_verl.masked_whiten,
+    compute_gae_advantage_return=_verl.compute_gae_advantage_return,
+    kl_penalty=_verl.kl_penalty,
+    compute_policy_loss=_verl.compute_policy_loss,
+    compute_value_loss=_verl.compute_value_loss,
+    AdaptiveKLController=_verl.AdaptiveKLController,
+    FixedKLController=_verl.FixedKLController,
 )
 
-# --- OpenRLHF ---------------------------------------------------------------------------------------------------------
-
-_OPENRLHF_KL = ("k1", "k2", "k3")
-
-
-def openrlhf_compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor, kl_estimator: str = "k1",
-                               action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """OpenRLHF's ``compute_approx_kl``: [B, T] -> fp32 [B, T], estimator of KL(π ‖ π_base) clamped to [−10, 10].
-
-    With r = log_probs − log_probs_base (= −d in shared/KERNELS.md): k1 = r, k2 = r²/2, k3 = exp(−r) − 1 + r, which are
-    exactly our k1, k2, k3. (Our k3 also clamps d to [−20, 20] before exp; beyond that range OpenRLHF's value exceeds 10
-    and is clamped to 10 anyway, so the results agree.)
-    """
-    if kl_estimator not in _OPENRLHF_KL:
-        raise ValueError(f"openrlhf_compute_approx_kl: kl_estimator={kl_estimator!r}; expected one of {_OPENRLHF_KL}")
-    kl = _kl(log_probs, log_probs_base, estimator=kl_estimator, clamp=(-10.0, 10.0))
-    if action_mask is not None:
-        if action_mask.shape != kl.shape:
-            raise ValueError(f"openrlhf_compute_approx_kl: action_mask {list(action_mask.shape)} != "
-                             f"log_probs {list(kl.shape)}")
-        kl = kl * action_mask.to(kl.dtype)
-    return kl
-
-
-def openrlhf_log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """OpenRLHF's ``log_probs_from_logits``: logits [..., V], labels [...] -> fp32 log softmax(logits / τ)[label]."""
-    return logprobs_from_logits(logits, labels, temperature=temperature)
-
-
 openrlhf = types.SimpleNamespace(
-    compute_approx_kl=openrlhf_compute_approx_kl,
-    log_probs_from_logits=openrlhf_log_probs_from_logits,
+    compute_approx_kl=_openrlhf.compute_approx_kl,
+    log_probs_from_logits=_openrlhf.log_probs_from_logits,
+    compute_entropy=_openrlhf.compute_entropy,
+    get_advantages_and_returns=lambda values, rewards, action_mask, gamma, lambd:
+        _openrlhf.get_advantages_and_returns(None, values, rewards, action_mask, gamma, lambd),
+    AdaptiveKLController=_openrlhf.AdaptiveKLController,
+    FixedKLController=_openrlhf.FixedKLController,
 )
 
 
