@@ -9,6 +9,8 @@ slow stage cannot take the whole budget; a stage is skipped when less than its m
 - ``tests``     pytest on CUDA: the kernel tests at real shapes (``tests/kernels``, the AOT compiles excluded), the
                 engine / model tests (CUDA graphs, flash-attn when importable) and everything marked ``cuda``.
 - ``kernels``   ``benchmarks.kernels`` at the ``h100`` shape, bf16: fastrlhf beside eager, TRL's and Liger's kernels.
+- ``linear_configs``  ``benchmarks.linear_configs``: candidate tile configs of the bf16 LM-head log-prob kernels
+                against the shipped one (which to ship is decided from this).
 - ``generate``  ``benchmarks.generate`` at ``qwen2-0.5b``: the hybrid engine beside transformers' static-cache generate.
 - ``ppo``       ``benchmarks.ppo`` at ``qwen2-0.5b``: fastrlhf's PPO iteration beside TRL 0.29's PPOTrainer
                 (``--trl-path`` from ``FASTRLHF_TRL_PATH``, which gpu_check.sh sets when the wheels are there); one
@@ -61,13 +63,15 @@ def stages(out: Path) -> list[Stage]:
                         "--ignore-glob=tests/kernels/test_aot_*.py"), 90, 30),  # the AOT compiles run on CPU CI
         Stage("kernels", ("benchmarks.kernels", "--shape", "h100", "--dtype", "bf16", "--ops", "logprobs", "linear",
                           "gae", "ppo", "--providers", "fastrlhf", "eager", "eager-lse", "trl", "liger",
-                          "--warmup-ms", "25", "--rep-ms", "100", "--csv", csv_k), 100, 45,
+                          "--warmup-ms", "25", "--rep-ms", "100", "--csv", csv_k), 90, 45,
               runner="benchmarks.kernels", shapes={"shape": "SHAPES"}),
+        Stage("linear_configs", ("benchmarks.linear_configs", "--shape", "h100", "--device", "cuda", "--csv", csv_g),
+              40, 25, runner="benchmarks.linear_configs", shapes={"shape": "SHAPES"}),
         Stage("generate", ("benchmarks.generate", "--shape", "qwen2-0.5b", "--device", "cuda", "--providers",
                            "fastrlhf", "hf-static", "--runs", "3", "--csv", csv_g), 90, 45,
               runner="benchmarks.generate", shapes={"shape": "SHAPES"}),
         Stage("ppo", ("benchmarks.ppo", "--shape", "qwen2-0.5b", "--device", "cuda", "--iters", "1", "--arms",
-                      "fastrlhf", "trl", "--timeout", "100", "--csv", csv_g), 150, 60,
+                      "fastrlhf", "trl", "--timeout", "100", "--csv", csv_g), 140, 60,
               runner="benchmarks.ppo", shapes={"shape": "SHAPES"}),
         Stage("trl", ("benchmarks.trl", "--shape", "qwen2-0.5b", "--device", "cuda", "--steps", "2", "--warmup", "1",
                       "--csv", csv_g), 80, 40, runner="benchmarks.trl", shapes={"shape": "SHAPES"}),

@@ -6,6 +6,7 @@ collects the test selection; the stage machinery (time limits, the merged CSV, t
 import csv
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,19 @@ def test_stage_limits_fit_one_device_call():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
 def test_refuses_to_run_without_cuda(tmp_path):
     assert gc.main(["--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_linear_configs_runner_smoke(tmp_path):
+    """The candidate configs run (interpreted Triton on CPU) and give the shipped config's log-probs."""
+    out = tmp_path / "lc.csv"
+    env = dict(_env(), TRITON_INTERPRET="1", FASTRLHF_KERNEL_BACKEND="triton")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.linear_configs", "--shape", "smoke", "--device", "cpu",
+                        "--rep-ms", "1", "--csv", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = list(csv.DictReader(open(out)))
+    from fastrlhf.benchmarks.linear_configs import CANDIDATES
+    assert {r["provider"] for r in rows} == set(CANDIDATES) and len(rows) == 3 * len(CANDIDATES)
+    assert all(float(r["median"]) <= 1e-5 for r in rows if r["metric"] == "max_dlogp")
+    assert all(float(r["median"]) > 0 for r in rows if r["metric"].endswith("_ms"))

@@ -38,6 +38,18 @@ def _mod(name):
     return importlib.import_module(f"fastrlhf.kernels.{name}")
 
 
+def _linear_sigs(x: str, const: dict) -> dict:
+    """{"fwd" | "dz": signature} of the linear kernels with 16-/32-bit operands of type ``x`` ("*bf16", ...)."""
+    strides = {"stride_xn": "i32", "stride_xk": "i32", "stride_wv": "i32", "stride_wk": "i32"}
+    cx = {k: "constexpr" for k in const}
+    return {"fwd": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
+                    "t_ptr": "*fp32", "zy_ptr": "*fp32", "N": "i32", "V": "i32", "S": "i32", **strides,
+                    "inv_tau": "fp32", **cx},
+            "dz": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+                   "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dz_ptr": x, "NC": "i32", "VC": "i32",
+                   "v_start": "i32", **strides, "stride_dzn": "i32", "inv_tau": "fp32", **cx}}
+
+
 def configs():
     """[AOTCase] for every launcher config; the linear kernels also ``-launched`` (specialized as a real launch)."""
     import torch
@@ -63,17 +75,10 @@ def configs():
     for dt, n in cases:
         bn, bv, bk, nw, ns = ll.launch_config(n, getattr(torch, dt))
         x = "*" + TY[dt]
-        strides = {"stride_xn": "i32", "stride_xk": "i32", "stride_wv": "i32", "stride_wk": "i32"}
         for has_bias in (False, True) if n > 64 else (False,):  # bias: one epilogue add; once per tile shape
             const = {"H": 896, "HAS_BIAS": has_bias, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk,
                      "DOT_PREC": ll.dot_precision(getattr(torch, dt))}
-            cx = {k: "constexpr" for k in const}
-            sigs = {"fwd": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                            "t_ptr": "*fp32", "zy_ptr": "*fp32", "N": "i32", "V": "i32", "S": "i32", **strides,
-                            "inv_tau": "fp32", **cx},
-                    "dz": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
-                           "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dz_ptr": x, "NC": "i32", "VC": "i32",
-                           "v_start": "i32", **strides, "stride_dzn": "i32", "inv_tau": "fp32", **cx}}
+            sigs = _linear_sigs(x, const)
             for kind, sig in sigs.items():
                 cid, kernel = f"linear_{kind}-{dt}-N{n}-bias{int(has_bias)}", f"_linear_{kind}_kernel"
                 out.append(AOTCase(cid, "linear_logprobs", kernel, sig, const, nw, ns, spills_ok=GENERIC_SPILLS))
@@ -84,6 +89,17 @@ def configs():
                                    ones=("stride_xk", "stride_wk"), pipelined=True,
                                    div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=dt != "float32",
                                    max_regs=MAX_REGS[kind]))
+    # the tile configs benchmarks/linear_configs.py times on the GPU against the shipped one: as launched, no spills
+    from fastrlhf.benchmarks.linear_configs import CANDIDATES
+    for name, cfg in CANDIDATES.items():
+        if cfg is None:
+            continue
+        bn, bv, bk, nw, ns = cfg
+        const = {"H": 896, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "DOT_PREC": "tf32"}
+        for kind, sig in _linear_sigs("*bf16", const).items():
+            out.append(AOTCase(f"linear_{kind}-candidate-{name}-launched", "linear_logprobs", f"_linear_{kind}_kernel",
+                               sig, const, nw, ns, as_launched=True, ones=("stride_xk", "stride_wk"), pipelined=True,
+                               div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=True, max_regs=MAX_REGS[kind]))
     return out
 
 
