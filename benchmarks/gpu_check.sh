@@ -2,7 +2,7 @@
 # The whole GPU check in one call (one H100 / H200): set-up, CUDA tests, kernels / generate / ppo / trl runners beside
 # their baselines, one summary table + raw logs in $OUT (see benchmarks/gpu_check.py for the stages and their limits).
 #
-#   bash benchmarks/gpu_check.sh [--dry-run] [--out DIR] [--budget-s 480] [--only STAGE ...]
+#   bash benchmarks/gpu_check.sh [--dry-run] [--out DIR] [--budget-s 440] [--only STAGE ...]
 #
 # Set-up (about 30 s; skipped by --dry-run, which only checks it):
 #  1. fastrlhf/kernels and fastrlhf/benchmarks point at the top-level kernels/ and benchmarks/ (links made if missing);
@@ -11,6 +11,9 @@
 #     PPOTrainer the ppo runner compares against) into /tmp/trl029, passed as FASTRLHF_TRL_PATH;
 #  3. the C++ extension built in place (python3 setup.py build_ext --inplace);
 #  4. versions of the driver, torch, triton and ptxas written to $OUT/setup.log.
+# Triton assembles with the ptxas it bundles (3.9: CUDA 13.4), which can be newer than the driver. If its cubins do not
+# load (CUDA_ERROR_UNSUPPORTED_PTX_VERSION / "no kernel image" in tests.log), rerun with FASTRLHF_SYSTEM_PTXAS=1: Triton
+# then assembles with the machine's own ptxas (TRITON_PTXAS_PATH / TRITON_PTXAS_BLACKWELL_PATH = `command -v ptxas`).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -68,12 +71,21 @@ if [ $DRY = 0 ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET
+SYS_PTXAS=$(command -v ptxas || ls /usr/local/cuda/bin/ptxas 2>/dev/null || true)
+if [ "${FASTRLHF_SYSTEM_PTXAS:-0}" = 1 ]; then
+  if [ -n "$SYS_PTXAS" ]; then
+    export TRITON_PTXAS_PATH=$SYS_PTXAS TRITON_PTXAS_BLACKWELL_PATH=$SYS_PTXAS; say "Triton uses $SYS_PTXAS"
+  else
+    say "FASTRLHF_SYSTEM_PTXAS=1 but no ptxas on this machine"
+  fi
+fi
 {
   echo "--- environment"
   (command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm \
      --format=csv) || echo "nvidia-smi: not found"
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, 'CUDA', torch.version.cuda, '| triton', triton.__version__, '| cuda available', torch.cuda.is_available())"
-  "$PY" -c "from triton import knobs; import subprocess; print('triton ptxas (sm_90):', subprocess.run([knobs.nvidia.ptxas_blackwell.path, '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1])" 2>&1
+  "$PY" -c "from triton import knobs; import subprocess; [print('triton', t, subprocess.run([getattr(knobs.nvidia, t).path, '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1]) for t in ('ptxas', 'ptxas_blackwell') if hasattr(knobs.nvidia, t)]" 2>&1
+  [ -n "$SYS_PTXAS" ] && echo "system ptxas $SYS_PTXAS: $("$SYS_PTXAS" --version | tail -1)"
   "$PY" -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>&1 | tail -1
   for m in trl liger_kernel datasets bitsandbytes; do "$PY" -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>&1 | tail -1; done
 } >> "$LOG" 2>&1

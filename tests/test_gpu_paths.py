@@ -176,3 +176,25 @@ def test_adamw8bit_gets_the_no_decay_groups(monkeypatch, ckpt):
     assert all(p.dim() == 1 for p in got[1]["params"]) and got[1]["params"]  # norm gains (and biases) undecayed
     assert made["kw"]["betas"] == ref.defaults["betas"] and made["kw"]["eps"] == ref.defaults["eps"]
     assert adamw_groups(model, 0.1)[0]["params"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: graphs over the weight copies")
+def test_cuda_graphs_over_weight_copies_match_autocast(ckpt):
+    """On the GPU: graph-captured decoding reading the bf16 copies gives autocast's tokens, before and after the fp32
+    masters change in place (the copies are refreshed without re-capture), and both graphs share one pool."""
+    model = load_model(ckpt, device=devmod.resolve_device("cuda:0"))
+    prompts = [[5, 6, 7, 8], [9, 10], [11]]
+    eng = HybridEngine(model, compute_dtype=torch.bfloat16, cuda_graphs=True)
+    plain = HybridEngine(model, compute_dtype=torch.bfloat16, cuda_graphs=True)
+    plain._lowp = None
+    for step in range(2):
+        a, ref = _greedy(eng, prompts, 8), _greedy(plain, prompts, 8)
+        assert torch.equal(a.response_ids, ref.response_ids)
+        torch.testing.assert_close(a.logprobs, ref.logprobs, rtol=0, atol=1e-5)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    with eng.generation():
+        eng.generate(prompts, max_new_tokens=4, temperature=1.0, seed=1)  # a second graph (sampling)
+    assert eng.stats["captures"] == 2 and eng._pool is not None
