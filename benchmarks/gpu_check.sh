@@ -9,7 +9,7 @@
 #  2. optional wheels (fetched on a machine with a registry by benchmarks/gpu_wheels.sh): .whl/*.whl (trl 1.16, Liger,
 #     datasets and its missing needs) installed into /tmp/site on PYTHONPATH; .whl/trl029/*.whl (trl 0.29.1, whose
 #     PPOTrainer the ppo runner compares against) into /tmp/trl029, passed as FASTRLHF_TRL_PATH;
-#  3. the C++ extension built in place (python3 setup.py build_ext --inplace);
+#  3. the C++ extension built in place (python3 setup.py build_ext --inplace; on failure the check goes on without it);
 #  4. versions of the driver, torch, triton and ptxas written to $OUT/setup.log.
 # Triton assembles with the ptxas it bundles (3.9: CUDA 13.4), which can be newer than the driver. If its cubins do not
 # load (CUDA_ERROR_UNSUPPORTED_PTX_VERSION / "no kernel image" in tests.log), rerun with FASTRLHF_SYSTEM_PTXAS=1: Triton
@@ -66,8 +66,11 @@ if [ $DRY = 0 ]; then
     say "no .whl/trl029/*.whl: the ppo stage runs without its TRL arm"
   fi
   t0=$(date +%s)
-  "$PY" setup.py -q build_ext --inplace >> "$LOG" 2>&1 || { say "ERROR: building the C++ extension failed"; exit 1; }
-  say "C++ extension built in $(( $(date +%s) - t0 )) s"
+  if "$PY" setup.py -q build_ext --inplace >> "$LOG" 2>&1; then
+    say "C++ extension built in $(( $(date +%s) - t0 )) s"
+  else  # the CPU ops are optional (the kernels fall back to their references); the GPU paths do not use them
+    say "WARNING: building the C++ extension failed (see above); going on without it"
+  fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 unset TRITON_INTERPRET

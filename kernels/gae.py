@@ -5,9 +5,12 @@ next(t) the next valid position after t (V and A beyond the last valid position 
     δ_t = r_t + γ·V_next(t) − V_t,   A_t = δ_t + γλ·A_next(t),   R_t = A_t + V_t,   A_t = R_t = 0 where m_t = 0.
 Outputs are fp32 and detached (GAE targets carry no gradient; there is no autograd).
 
-CUDA: one Triton launch, one program per row walking its row right to left in BLOCK_T tiles aligned to multiples of BLOCK_T
-(loads and stores in increasing address order, so they vectorise). The right-to-left recurrences x_t = a_t·x_{t+1} + b_t
-run as reverse ``tl.associative_scan``s (the combine takes the part right of t first) plus a carry between tiles:
+CUDA: one Triton launch, one program per row walking its row right to left in BLOCK_T tiles aligned to multiples of BLOCK_T.
+Each tile is loaded in increasing address order (so the loads vectorise) and reversed in registers (``tl.flip``): scan
+index i = 0 is the tile's rightmost position, so a forward ``tl.associative_scan`` runs the right-to-left recurrences
+x_t = a_t·x_{t+1} + b_t, plus a carry between tiles; the results are flipped back before the (vectorised) stores. (Not
+``associative_scan(reverse=True)``: Triton has had open reports of wrong reverse scans with non-commutative combines.)
+Two scans per tile, each combining (apply 1, then 2):
   1. next valid value: with I(t) = V at the first valid position ≥ t, I(t) = (1 − m_t)·I(t+1) + m_t·V_t, and
      V_next(t) = I(t+1). The scan carries the map (S, I) ↦ (I, a·I + b) on the pair (S(t), I(t)) = (I(t+1), I(t)), so
      V_next comes out of the same scan without a load shifted by one: a map of the form (S, I) ↦ (x·I + p, y·I + q) is
@@ -97,34 +100,36 @@ def _gae_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_T)
-    first_i = i == 0
+    last_i = i == BLOCK_T - 1  # in the flipped tile: its leftmost position
     v_carry = tl.full((), 0.0, tl.float32)  # I right of the tile: V at the first valid position ≥ t_lo + BLOCK_T
     g_carry = tl.full((), 0.0, tl.float32)  # G right of the tile: A at the first valid position ≥ t_lo + BLOCK_T
     t_lo = ((T - 1) // BLOCK_T) * BLOCK_T  # the last tile; tiles start at multiples of BLOCK_T
     # (a while loop: Triton's interpreter cannot take a runtime range() bound under numpy >= 2.4)
     while t_lo >= 0:
-        p = t_lo + i  # positions of this tile, left to right
+        p = t_lo + i  # positions of this tile, left to right (loads and stores in address order)
         in_p = p < T
-        m = tl.load(m_ptr + row * stride_m + p, mask=in_p, other=0) != 0
-        r = tl.load(r_ptr + row * stride_r + p, mask=in_p, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row * stride_v + p, mask=in_p, other=0.0).to(tl.float32)
+        m_in = tl.where(tl.load(m_ptr + row * stride_m + p, mask=in_p, other=0) != 0, 1.0, 0.0)
+        r_in = tl.load(r_ptr + row * stride_r + p, mask=in_p, other=0.0).to(tl.float32)
+        v_in = tl.load(v_ptr + row * stride_v + p, mask=in_p, other=0.0).to(tl.float32)
+        m = tl.flip(m_in, 0) != 0  # right to left: index 0 is position t_lo + BLOCK_T − 1
+        r = tl.flip(r_in, 0)
+        v = tl.flip(v_in, 0)
         # 1. (S(t), I(t)) = (I(t+1), (1 − m_t)·I(t+1) + m_t·V_t) from the right: V_next(t) = S(t)
         one = tl.full((BLOCK_T,), 1.0, tl.float32)
         sx, sy, sp, sq = tl.associative_scan((one, tl.where(m, 0.0, 1.0), tl.zeros_like(v), tl.where(m, v, 0.0)), 0,
-                                             _shift_combine, reverse=True)
+                                             _shift_combine)
         v_next = sx * v_carry + sp
         delta = r + gamma * v_next - v  # δ_t = r_t + γ·V_next(t) − V_t
         # 2. G(t) = m_t·(δ_t + γλ·G(t+1)) + (1 − m_t)·G(t+1)
-        ga, gb = tl.associative_scan((tl.where(m, gamma_lam, 1.0), tl.where(m, delta, 0.0)), 0, _linear_combine,
-                                     reverse=True)
+        ga, gb = tl.associative_scan((tl.where(m, gamma_lam, 1.0), tl.where(m, delta, 0.0)), 0, _linear_combine)
         g = ga * g_carry + gb
         adv = tl.where(m, g, 0.0)  # A_t = m_t·G(t)
         ret = tl.where(m, g + v, 0.0)  # R_t = A_t + V_t
-        tl.store(adv_ptr + row * T + p, adv, mask=in_p)
-        tl.store(ret_ptr + row * T + p, ret, mask=in_p)
-        # carries for the tile to the left: I and G at this tile's leftmost position t_lo (i = 0)
-        v_carry = tl.sum(tl.where(first_i, sy * v_carry + sq, 0.0), axis=0)
-        g_carry = tl.sum(tl.where(first_i, g, 0.0), axis=0)
+        tl.store(adv_ptr + row * T + p, tl.flip(adv, 0), mask=in_p)
+        tl.store(ret_ptr + row * T + p, tl.flip(ret, 0), mask=in_p)
+        # carries for the tile to the left: I and G at this tile's leftmost position t_lo
+        v_carry = tl.sum(tl.where(last_i, sy * v_carry + sq, 0.0), axis=0)
+        g_carry = tl.sum(tl.where(last_i, g, 0.0), axis=0)
         t_lo -= BLOCK_T
 
 
