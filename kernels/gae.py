@@ -5,14 +5,19 @@ next(t) the next valid position after t (V and A beyond the last valid position 
     δ_t = r_t + γ·V_next(t) − V_t,   A_t = δ_t + γλ·A_next(t),   R_t = A_t + V_t,   A_t = R_t = 0 where m_t = 0.
 Outputs are fp32 and detached (GAE targets carry no gradient; there is no autograd).
 
-CUDA: one Triton launch, one program per row walking its row right to left in BLOCK_T tiles. Each tile is loaded in reverse
-order (scan index i = 0 is the rightmost position), so a forward ``tl.associative_scan`` runs the right-to-left recurrences
-x_t = a_t·x_{t+1} + b_t with the combine (a1, b1)∘(a2, b2) = (a1·a2, a2·b1 + b2) (apply 1, then 2), plus a carry between
-tiles. Two such scans per tile:
-  1. the next valid value f(t) = m_t·V_t + (1 − m_t)·f(t+1), scanned over the inputs shifted by one, so it yields
-     V_next(t) = f(t+1) directly: (a, b) = (1 − m_{t+1}, m_{t+1}·V_{t+1});
-  2. G(t) = A at the first valid position ≥ t: G(t) = m_t·(δ_t + γλ·G(t+1)) + (1 − m_t)·G(t+1):
-     (a, b) = (m_t·γλ + 1 − m_t, m_t·δ_t); then A_t = m_t·G(t).
+CUDA: one Triton launch, one program per row walking its row right to left in BLOCK_T tiles aligned to multiples of BLOCK_T.
+Each tile is loaded in increasing address order (so the loads vectorise) and reversed in registers (``tl.flip``): scan
+index i = 0 is the tile's rightmost position, so a forward ``tl.associative_scan`` runs the right-to-left recurrences
+x_t = a_t·x_{t+1} + b_t, plus a carry between tiles; the results are flipped back before the (vectorised) stores. (Not
+``associative_scan(reverse=True)``: Triton has had open reports of wrong reverse scans with non-commutative combines.)
+Two scans per tile, each combining (apply 1, then 2):
+  1. next valid value: with I(t) = V at the first valid position ≥ t, I(t) = (1 − m_t)·I(t+1) + m_t·V_t, and
+     V_next(t) = I(t+1). The scan carries the map (S, I) ↦ (I, a·I + b) on the pair (S(t), I(t)) = (I(t+1), I(t)), so
+     V_next comes out of the same scan without a load shifted by one: a map of the form (S, I) ↦ (x·I + p, y·I + q) is
+     (x, y, p, q); the element t is (1, 1 − m_t, 0, m_t·V_t); applying (x1, y1, p1, q1) then (x2, y2, p2, q2) gives
+     (x2·y1, y2·y1, x2·q1 + p2, y2·q1 + q2).
+  2. G(t) = A at the first valid position ≥ t: G(t) = m_t·(δ_t + γλ·G(t+1)) + (1 − m_t)·G(t+1), i.e.
+     (a, b) = (m_t·γλ + 1 − m_t, m_t·δ_t), combined as (a1, b1) then (a2, b2) = (a1·a2, a2·b1 + b2); A_t = m_t·G(t).
 CPU: the C++ op ``_C.gae`` (csrc/gae.cpp) (plain loops in double over numpy buffers).
 """
 from __future__ import annotations
@@ -76,6 +81,12 @@ def _linear_combine(a1, b1, a2, b2):
 
 
 @triton.jit
+def _shift_combine(x1, y1, p1, q1, x2, y2, p2, q2):
+    # (S, I) ↦ (x1·I + p1, y1·I + q1), then (S, I) ↦ (x2·I + p2, y2·I + q2)
+    return x2 * y1, y2 * y1, x2 * q1 + p2, y2 * q1 + q2
+
+
+@triton.jit
 def _gae_kernel(
     # data ptrs
     r_ptr, v_ptr, m_ptr, adv_ptr, ret_ptr,
@@ -89,36 +100,37 @@ def _gae_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_T)
-    last_i = i == BLOCK_T - 1
-    v_carry = tl.full((), 0.0, tl.float32)  # f(t_hi + 2): next valid value right of the tile's shifted window
-    g_carry = tl.full((), 0.0, tl.float32)  # G(t_hi + 1): A at the first valid position right of the tile
-    t_hi = T - 1
+    last_i = i == BLOCK_T - 1  # in the flipped tile: its leftmost position
+    v_carry = tl.full((), 0.0, tl.float32)  # I right of the tile: V at the first valid position ≥ t_lo + BLOCK_T
+    g_carry = tl.full((), 0.0, tl.float32)  # G right of the tile: A at the first valid position ≥ t_lo + BLOCK_T
+    t_lo = ((T - 1) // BLOCK_T) * BLOCK_T  # the last tile; tiles start at multiples of BLOCK_T
     # (a while loop: Triton's interpreter cannot take a runtime range() bound under numpy >= 2.4)
-    while t_hi >= 0:
-        p = t_hi - i  # positions of this tile, right to left
-        in_p = p >= 0
-        q = p + 1  # shifted positions for V_next
-        in_q = (q >= 0) & (q < T)
-        m = tl.load(m_ptr + row * stride_m + p, mask=in_p, other=0) != 0
-        r = tl.load(r_ptr + row * stride_r + p, mask=in_p, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row * stride_v + p, mask=in_p, other=0.0).to(tl.float32)
-        m_q = tl.load(m_ptr + row * stride_m + q, mask=in_q, other=0) != 0
-        v_q = tl.load(v_ptr + row * stride_v + q, mask=in_q, other=0.0).to(tl.float32)
-        # 1. f(q) = m_q·V_q + (1 − m_q)·f(q+1); scanned from the right it gives V_next(p) = f(p+1)
-        fa, fb = tl.associative_scan((tl.where(m_q, 0.0, 1.0), tl.where(m_q, v_q, 0.0)), 0, _linear_combine)
-        v_next = fa * v_carry + fb
+    while t_lo >= 0:
+        p = t_lo + i  # positions of this tile, left to right (loads and stores in address order)
+        in_p = p < T
+        m_in = tl.where(tl.load(m_ptr + row * stride_m + p, mask=in_p, other=0) != 0, 1.0, 0.0)
+        r_in = tl.load(r_ptr + row * stride_r + p, mask=in_p, other=0.0).to(tl.float32)
+        v_in = tl.load(v_ptr + row * stride_v + p, mask=in_p, other=0.0).to(tl.float32)
+        m = tl.flip(m_in, 0) != 0  # right to left: index 0 is position t_lo + BLOCK_T − 1
+        r = tl.flip(r_in, 0)
+        v = tl.flip(v_in, 0)
+        # 1. (S(t), I(t)) = (I(t+1), (1 − m_t)·I(t+1) + m_t·V_t) from the right: V_next(t) = S(t)
+        one = tl.full((BLOCK_T,), 1.0, tl.float32)
+        sx, sy, sp, sq = tl.associative_scan((one, tl.where(m, 0.0, 1.0), tl.zeros_like(v), tl.where(m, v, 0.0)), 0,
+                                             _shift_combine)
+        v_next = sx * v_carry + sp
         delta = r + gamma * v_next - v  # δ_t = r_t + γ·V_next(t) − V_t
         # 2. G(t) = m_t·(δ_t + γλ·G(t+1)) + (1 − m_t)·G(t+1)
         ga, gb = tl.associative_scan((tl.where(m, gamma_lam, 1.0), tl.where(m, delta, 0.0)), 0, _linear_combine)
         g = ga * g_carry + gb
         adv = tl.where(m, g, 0.0)  # A_t = m_t·G(t)
         ret = tl.where(m, g + v, 0.0)  # R_t = A_t + V_t
-        tl.store(adv_ptr + row * T + p, adv, mask=in_p)
-        tl.store(ret_ptr + row * T + p, ret, mask=in_p)
-        # carries for the tile to the left come from this tile's leftmost entry (i = BLOCK_T − 1, position t_hi − BLOCK_T + 1)
-        v_carry = tl.sum(tl.where(last_i, v_next, 0.0), axis=0)
+        tl.store(adv_ptr + row * T + p, tl.flip(adv, 0), mask=in_p)
+        tl.store(ret_ptr + row * T + p, tl.flip(ret, 0), mask=in_p)
+        # carries for the tile to the left: I and G at this tile's leftmost position t_lo
+        v_carry = tl.sum(tl.where(last_i, sy * v_carry + sq, 0.0), axis=0)
         g_carry = tl.sum(tl.where(last_i, g, 0.0), axis=0)
-        t_hi -= BLOCK_T
+        t_lo -= BLOCK_T
 
 
 def pick_block_t(T: int) -> int:

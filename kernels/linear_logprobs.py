@@ -3,7 +3,7 @@
 Notation: N tokens (leading shape [...] flattened), H hidden size, V vocabulary. Math (shared/KERNELS.md):
     z = (x·Wᵀ + b)/τ;  logp = z[y] − LSE(z);  H = LSE(z) − Σ_v softmax(z)_v·z_v
     G = ∂L/∂(x·Wᵀ + b) = (g_logp·(onehot(y) − p) − g_H·p ⊙ (log p + H)) / τ      (per token: g_logp, g_H are [N])
-    dX = G·W,  dW = Gᵀ·X,  db = Σ_n G                                              (fp32 accumulation)
+    dX = G·W,  dW = Gᵀ·X,  db = Σ_n G         (G rounded to the input dtype; every product and sum accumulated in fp32)
 
 Design (H100; shapes of the anchor: N=16384, H=896, V=151936, bf16; FLOPs 2·N·H·V = 4.46 TFLOP per matmul)
 - Forward = one Triton kernel ``_linear_fwd_kernel``. A program owns BLOCK_N tokens and one of S vocab splits; it streams
@@ -51,7 +51,7 @@ MIN_V_CHUNK = 2048  # narrowest vocab chunk before token chunking kicks in
 CONFIGS = {
     "16bit": (128, 128, 64, 8, 3),
     "16bit_small_n": (64, 128, 64, 4, 3),
-    "fp32": (64, 64, 32, 4, 3),
+    "fp32": (64, 64, 16, 4, 3),  # FMA path (no tensor cores); BLOCK_K 32 spilled in the forward (sm_90 compile)
 }
 
 
@@ -278,6 +278,21 @@ def merge_stats(m1, s1, t1, m2, s2, t2):
 
 # ---------------------------------------------------------------- backward
 
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) exists (CUDA kernels)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b as fp32 [n, m] with fp32 accumulation, for a chunk's product that is summed into an fp32 buffer.
+
+    16-bit CUDA operands stay 16-bit (tensor cores) and only the output is fp32 (``torch.mm(out_dtype=)``, torch ≥ 2.8);
+    elsewhere (CPU, older torch) the operands are upcast. A plain ``a @ b`` would round each chunk's product to bf16."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def _dz_triton(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
     nc, H = xc.shape
     vc = wv.shape[0]
@@ -331,12 +346,12 @@ def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
             g = dz_fn(xc, wv, None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
                       g_lp[n0:n1], g_h[n0:n1], v0, inv_tau)  # G [n_c, v_c], input dtype
             if need_dx:
-                dx32[n0:n1] += g @ wv  # dX += G·W_chunk
+                dx32[n0:n1] += _mm_fp32(g, wv)  # dX += G·W_chunk (fp32 product)
             if need_dw:
                 if one_token_chunk:
                     torch.mm(g.t(), xc, out=dw[v0:v1])  # dW_chunk = Gᵀ·X (fp32 accumulation inside the GEMM over all N)
                 else:
-                    dw[v0:v1] += g.t() @ xc  # dW_chunk += Gᵀ·X_chunk (fp32 buffer)
+                    dw[v0:v1] += _mm_fp32(g.t(), xc)  # dW_chunk += Gᵀ·X_chunk (fp32 product, fp32 buffer)
             if need_db:
                 db32[v0:v1] += g.sum(0, dtype=torch.float32)  # db = Σ_n G
             del g

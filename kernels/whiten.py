@@ -25,7 +25,9 @@ from ._backend import use_triton
 from ._native import native
 from ._utils import check_float
 
-SMALL_N = 65536  # at most this many elements: one program
+# At most this many elements: one program (one SM; ~3 sweeps of 2·SMALL_N·4 B). Above it the two launches spread the
+# chunks over the SMs: a PPO batch of 64 × 1024 advantages runs as 64 chunks, not on one SM.
+SMALL_N = 16384
 SMALL_BLOCK, SMALL_WARPS = 4096, 8  # tile and warps of the one-program kernel
 BLOCK, WARPS = 1024, 4  # tile and warps of the two-phase kernels
 MAX_PARTIALS = 1024  # two-phase: at most this many chunks (the apply kernel loads them all in one tile)

@@ -24,7 +24,18 @@ train/eval flag and the gradient-checkpointing setting, then keeps or frees the 
  4. returns a ``Rollout`` with fresh tensors, trimmed to the longest response.
 
 Graphs are reused across rollouts: they read the weights through their addresses, and the optimizer updates the weights
-in place, so a new policy needs no re-capture. They are dropped when the KV cache is re-allocated (grown or freed).
+in place, so a new policy needs no re-capture. They are dropped when the KV cache is re-allocated (grown or freed). All
+graphs of an engine allocate from one shared CUDA memory pool, which is safe in any replay order because a step leaves
+nothing alive in the pool (its results go to the static buffers) and steps never run at the same time; they are captured
+on a stream of the model's device.
+
+Low-precision weight copies: with ``compute_dtype`` below the parameters' dtype (bf16 autocast over fp32 masters),
+autocast would re-cast every matrix of every ``nn.Linear`` on every decode step (read fp32, write and re-read bf16).
+Instead the engine keeps one ``compute_dtype`` copy of each ``nn.Linear`` weight, refreshed in place (``copy_``, same
+addresses, so captured graphs stay valid) once at the start of each ``generate`` call, and the Linear modules read it
+for that call. Autocast stays on, so every op sees the same dtypes as before and the results are the same: casting a
+bf16 weight to bf16 is a no-op, and the copy rounds exactly as autocast's cast would. Embedding lookups keep the fp32
+table (also when the LM head is tied to it: only the head's matmul reads the copy).
 
 Multi-process: ``weight_gather`` (an object with ``mode``, a context manager ``__call__()`` and ``all_done(done)``, e.g.
 ``runtime.distributed.GenerationGather``) unshards a sharded (FSDP2) model; ``generate`` enters it once per rollout
@@ -165,6 +176,10 @@ class HybridEngine:
         self._compiled = None  # torch.compile(self._step), made on first use
         self._compiled_keys: set = set()
         self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0, "compile_s": 0.0}
+        self._pool = None  # the CUDA graphs' shared memory pool (torch.cuda.graph_pool_handle), made at first capture
+        # compute_dtype copies of the nn.Linear weights: {module: copy} (see the module docstring); None = not used
+        self._lowp: dict | None = {} if (self.weight_gather is None and compute_dtype is not None
+                                          and compute_dtype != next(model.parameters()).dtype) else None
 
     # ------------------------------------------------------------------------------------------------ mode switching
     @contextlib.contextmanager
@@ -218,10 +233,13 @@ class HybridEngine:
             self._active = False
 
     def free(self) -> None:
-        """Release the KV cache, the decode buffers and the captured graphs."""
+        """Release the KV cache, the decode buffers, the captured graphs (and their memory pool) and the weight copies."""
         self._graphs.clear()
         self._buffers.clear()
         self.cache = None
+        self._pool = None
+        if self._lowp:
+            self._lowp.clear()
 
     def _ckpt_configs(self):
         cfgs = []
@@ -248,6 +266,7 @@ class HybridEngine:
         self.cache = None
         dtype = self.compute_dtype or next(self.model.parameters()).dtype
         self.cache = self.model.new_kv_cache(b, S, dtype=dtype, device=self.device)
+        self.cache.left_padded = True  # prompts left-padded, then every step's slot valid in every row: no holes
         self.stats["cache_allocs"] += 1
 
     def _get_buffers(self, b: int) -> _Buffers:
@@ -255,6 +274,33 @@ class HybridEngine:
         if buf is None:
             buf = self._buffers[b] = _Buffers(b, self.cache.max_seq, self.device)
         return buf
+
+    def _device_ctx(self):
+        """Make the model's GPU the current device for the block (Triton launches and graph capture use the current one)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _lowp_weights(self):
+        """Inside: every ``nn.Linear`` reads its ``compute_dtype`` copy, refreshed now from the parameter in place."""
+        if self._lowp is None:
+            yield
+            return
+        linears = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)]
+        swapped = []
+        try:
+            for m in linears:
+                w = m._parameters["weight"]
+                copy = self._lowp.get(m)
+                if copy is None or copy.shape != w.shape or copy.device != w.device:
+                    copy = self._lowp[m] = torch.nn.Parameter(torch.empty(w.shape, dtype=self.compute_dtype,
+                                                                          device=w.device), requires_grad=False)
+                copy.data.copy_(w.detach())  # in place: the addresses a captured graph reads stay the same
+                m._parameters["weight"] = copy
+                swapped.append((m, w))
+            yield
+        finally:
+            for m, w in swapped:
+                m._parameters["weight"] = w
 
     def _autocast(self):
         p = next(self.model.parameters())
@@ -302,7 +348,7 @@ class HybridEngine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         eos_t = torch.tensor(eos or [-1], device=self.device)
-        with torch.no_grad(), self.gather_weights(), self._autocast():
+        with torch.no_grad(), self._device_ctx(), self.gather_weights(), self._autocast(), self._lowp_weights():
             step = self._decode_fn(key) if G > 1 else None
             # 1. reset the decode state: prompt at slots 0..P−1, idle bucket rows done from the start
             buf.tokens.fill_(pad)
@@ -449,27 +495,30 @@ class HybridEngine:
         warm-up changes are restored afterwards. The graph keeps its own eos tensor alive."""
         t0 = time.perf_counter()
         buf = self._buffers[key.bucket]
-        eos_t = torch.tensor(key.eos or [-1], device=self.device)
+        eos_t = torch.tensor(key.eos or [-1], device=buf.tokens.device)
         saved = [t.clone() for t in buf.mutable()]
         try:
             buf.cache_pos.zero_()
             buf.pos.zero_()
             buf.done.fill_(False)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
+            dev = self.device
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
                 for _ in range(2):
                     self._step(key, eos_t)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             buf.cache_pos.zero_()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._pool):
                 self._step(key, eos_t)
             graph._fastrlhf_eos = eos_t  # keep the constant alive as long as the graph
         finally:
             for t, v in zip(buf.mutable(), saved):
                 t.copy_(v)
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(self.device)
         self.stats["capture_s"] += time.perf_counter() - t0
         self.stats["captures"] += 1
         return graph

@@ -7,6 +7,7 @@ shared by every layer; it carries the mask for SDPA/eager and the varlen bookkee
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,25 +19,44 @@ try:  # optional dependency; everything works without it
     HAVE_FLASH = True
     # decoding from a left-padded cache needs ``cache_leftpad`` (flash-attn >= 2.6)
     HAVE_FLASH_LEFTPAD = "cache_leftpad" in inspect.signature(flash_attn_with_kvcache).parameters
-except Exception:  # ImportError, or a broken CUDA build
+    FLASH_IMPORT_ERROR = None
+except Exception as e:  # ImportError, or a build that does not match the installed torch / CUDA
     flash_attn_func = flash_attn_varlen_func = flash_attn_with_kvcache = None
     HAVE_FLASH = HAVE_FLASH_LEFTPAD = False
+    FLASH_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+_log = logging.getLogger(__name__)
+_told_no_flash = False
+
+
+def _say_no_flash_once() -> None:
+    """One log line per process when a CUDA run falls back to SDPA because flash_attn did not import."""
+    global _told_no_flash
+    if not _told_no_flash:
+        _told_no_flash = True
+        _log.warning("flash_attn is not usable (%s): attention uses torch SDPA", FLASH_IMPORT_ERROR)
 
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, kv_cache: bool = False) -> str:
-    """"auto": flash when importable on CUDA in fp16/bf16, else SDPA; with a KV cache "auto" means SDPA.
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, kv_cache: bool = False,
+                 left_padded_cache: bool = False) -> str:
+    """"auto": flash when importable on CUDA in fp16/bf16, else SDPA (said once in the log when flash_attn failed to
+    import on a CUDA run).
     The KV-cache mask over slots is arbitrary in general; flash-attn's kv-cache kernel only expresses "valid slots of
-    row b are [leftpad_b, cache_pos[-1]]" (left padding, no holes). That path is taken only when attn_impl="flash"
-    is asked for explicitly, and then the caller guarantees that layout."""
+    row b are [leftpad_b, cache_pos[-1]]" (left padding, no holes). With a KV cache, "auto" takes that path only when the
+    cache's owner guarantees that layout (``left_padded_cache``: ``StaticKVCache.left_padded``, set by the hybrid
+    engine), and attn_impl="flash" takes it whenever asked (the caller then guarantees the layout)."""
     if impl not in ATTN_IMPLS:
         raise ValueError(f"fastrlhf/models/attention.py: attn_impl={impl!r}; expected one of {ATTN_IMPLS}")
     if impl == "flash" and not HAVE_FLASH:
         raise ImportError("fastrlhf/models/attention.py: attn_impl='flash' but flash_attn is not importable")
-    flash_ok = HAVE_FLASH and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if impl == "auto" and half and not HAVE_FLASH:
+        _say_no_flash_once()
+    flash_ok = HAVE_FLASH and half
     if kv_cache:
-        flash_ok = flash_ok and HAVE_FLASH_LEFTPAD and impl == "flash"
+        flash_ok = flash_ok and HAVE_FLASH_LEFTPAD and (impl == "flash" or left_padded_cache)
     if impl == "auto":
         return "flash" if flash_ok else "sdpa"
     if impl == "flash" and not flash_ok:

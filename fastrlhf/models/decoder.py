@@ -237,7 +237,8 @@ class Decoder(nn.Module):
                 position_ids = torch.arange(T, device=dev)[None].expand(B, T)
         h = self.embed_tokens(input_ids)  # [B, T, H]
         impl = resolve_impl(c.attn_impl, h.device, torch.get_autocast_dtype(dev.type)
-                            if torch.is_autocast_enabled(dev.type) else h.dtype, kv_cache is not None)
+                            if torch.is_autocast_enabled(dev.type) else h.dtype, kv_cache is not None,
+                            left_padded_cache=kv_cache is not None and kv_cache.left_padded)
         need_w = any(c.uses_window(i) for i in range(c.num_hidden_layers))
         meta = build_meta(impl, T, dev, attention_mask=attention_mask, cache_pos=cache_pos,
                           S=kv_cache.max_seq if kv_cache is not None else None, cu_seqlens=cu_seqlens,

@@ -5,6 +5,8 @@ Notation: L layers, Bm = max_batch, S = max_seq (cache slots), Hkv = key/value h
 The buffers are allocated once; ``update`` writes in place with ``index_copy_`` at the slots ``cache_pos`` and returns views,
 so a decode step allocates nothing and can be captured in a CUDA graph (the slot index is a tensor, not a Python int).
 Which slots are valid keys for each row is the caller's business: it passes ``attention_mask [B, S]`` to the model.
+A caller whose rows are always one run of valid slots [first valid, last written] (left padding, no holes) sets
+``left_padded = True``; then "auto" attention may use flash-attn's KV-cache kernel (``models.attention.resolve_impl``).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class StaticKVCache:
         shape = (self.max_batch, self.n_kv_heads, self.max_seq, self.head_dim)  # [Bm, Hkv, S, D]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n_layers)]
+        self.left_padded = False  # set by a caller that guarantees the left-padded, hole-free layout (see above)
 
     @property
     def device(self) -> torch.device:

@@ -5,12 +5,20 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when present, else cpu; otherwise the named device."""
+    """"auto" -> cuda when present, else cpu; otherwise the named device.
+
+    "cuda:N" also becomes the process's current CUDA device (``torch.cuda.set_device``): Triton launches its kernels, and
+    CUDA graphs and streams are made, on the current device, so without it work for tensors on GPU N would go to GPU 0.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device '{name}' requested but CUDA is not available (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None:
+        if dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) visible")
+        torch.cuda.set_device(dev.index)
     return dev
 
 

@@ -8,14 +8,22 @@ import torch
 from fastrlhf.runtime import distributed as D
 
 
-def make_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW with weight decay on matrices only (norm gains, biases and 1-D params are not decayed)."""
+ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
+
+
+def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters in two groups: matrices decayed, 1-D params (norm gains, biases) not."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(decay) and decay[0].is_cuda
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=ADAM_BETAS, eps: float = ADAM_EPS):
+    """AdamW with weight decay on matrices only (``adamw_groups``)."""
+    groups = adamw_groups(model, weight_decay)
+    fused = bool(groups[0]["params"]) and groups[0]["params"][0].is_cuda
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 

@@ -40,7 +40,7 @@ from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import load_tokenizer
 from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
 from fastrlhf.runtime.device import use_autocast
-from fastrlhf.runtime.optim import make_adamw
+from fastrlhf.runtime.optim import ADAM_BETAS, ADAM_EPS, adamw_groups, make_adamw
 from fastrlhf.stages.ppo_core import make_experience, masked_mean, ppo_update
 from fastrlhf.stages.sections import RunSection
 
@@ -139,15 +139,15 @@ class PPOConfig:
 
 
 def make_optimizer(model, *, kind: str, lr: float, weight_decay: float):
-    """AdamW (optim.make_adamw) or bitsandbytes' 8-bit AdamW when ``kind == "adamw8bit"``."""
+    """AdamW (optim.make_adamw) or bitsandbytes' 8-bit AdamW when ``kind == "adamw8bit"`` (same parameter groups, betas
+    and eps: norm gains and biases are not decayed)."""
     if kind == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as e:
             raise RuntimeError("ppo: optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
                                "use --optimizer adamw") from e
-        return bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                   weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(adamw_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     return make_adamw(model, lr=lr, weight_decay=weight_decay)
 
 

@@ -11,7 +11,8 @@ Compilation runs in one child Python without TRITON_INTERPRET (``compile_cases_i
 not compile from interpreter objects). Each linear kernel is also compiled as a real launch specializes it
 (``AOTCase.as_launched``: unit inner strides, 16-divisible pointers/sizes), where the K loop must be software-pipelined
 (cp.async) and uses num_stages × (BLOCK_N + BLOCK_V) × BLOCK_K × bytes of shared memory (96 KiB for the bf16
-128×128×64×3 config): that is the figure ``compile_for_h100`` checks against 227 KiB.
+128×128×64×3 config): that is the figure ``compile_for_h100`` checks against 227 KiB. There the bf16 / fp16 kernels must
+use wgmma (HGMMA in the SASS) and no kernel may spill (``aot.check_case``).
 """
 import importlib
 
@@ -24,10 +25,29 @@ pytestmark = pytest.mark.slow  # ~70 compiles in a child process (~1 min on 2 co
 TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LOGPROB_VOCABS = (37, 1000, 151936)  # one vocabulary per logprobs config
 LAUNCH_DIV16 = ("N", "V", "NC", "VC", "stride_xn", "stride_wv", "stride_dzn")  # int args a real launch has % 16 == 0
+# Compiled with generic strides (nothing known about alignment: a view whose strides are not multiples of 16) the
+# K loop is not pipelined through shared memory and the bf16 forward spills (255 registers, 168 B stack on sm_90):
+# a slow fallback for such views, tolerated; the launches the trainers make are the "-launched" twins, checked for it.
+GENERIC_SPILLS = "generic-stride fallback; its -launched twin must not spill"
+# Registers per thread as launched (sm_90, ptxas 13.4): the dZ kernel ≤ 193 (bf16, 8 warps: 1 CTA per SM; a rise is a
+# regression toward spills). The bf16 forward sits at 254 of 255 (1 CTA per SM at 8 warps): its spill check is the bound.
+MAX_REGS = {"fwd": None, "dz": 200}
 
 
 def _mod(name):
     return importlib.import_module(f"fastrlhf.kernels.{name}")
+
+
+def _linear_sigs(x: str, const: dict) -> dict:
+    """{"fwd" | "dz": signature} of the linear kernels with 16-/32-bit operands of type ``x`` ("*bf16", ...)."""
+    strides = {"stride_xn": "i32", "stride_xk": "i32", "stride_wv": "i32", "stride_wk": "i32"}
+    cx = {k: "constexpr" for k in const}
+    return {"fwd": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
+                    "t_ptr": "*fp32", "zy_ptr": "*fp32", "N": "i32", "V": "i32", "S": "i32", **strides,
+                    "inv_tau": "fp32", **cx},
+            "dz": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
+                   "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dz_ptr": x, "NC": "i32", "VC": "i32",
+                   "v_start": "i32", **strides, "stride_dzn": "i32", "inv_tau": "fp32", **cx}}
 
 
 def configs():
@@ -55,25 +75,31 @@ def configs():
     for dt, n in cases:
         bn, bv, bk, nw, ns = ll.launch_config(n, getattr(torch, dt))
         x = "*" + TY[dt]
-        strides = {"stride_xn": "i32", "stride_xk": "i32", "stride_wv": "i32", "stride_wk": "i32"}
         for has_bias in (False, True) if n > 64 else (False,):  # bias: one epilogue add; once per tile shape
             const = {"H": 896, "HAS_BIAS": has_bias, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk,
                      "DOT_PREC": ll.dot_precision(getattr(torch, dt))}
-            cx = {k: "constexpr" for k in const}
-            sigs = {"fwd": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "m_ptr": "*fp32", "s_ptr": "*fp32",
-                            "t_ptr": "*fp32", "zy_ptr": "*fp32", "N": "i32", "V": "i32", "S": "i32", **strides,
-                            "inv_tau": "fp32", **cx},
-                    "dz": {"x_ptr": x, "w_ptr": x, "b_ptr": x, "y_ptr": "*i64", "lse_ptr": "*fp32", "ent_ptr": "*fp32",
-                           "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dz_ptr": x, "NC": "i32", "VC": "i32",
-                           "v_start": "i32", **strides, "stride_dzn": "i32", "inv_tau": "fp32", **cx}}
+            sigs = _linear_sigs(x, const)
             for kind, sig in sigs.items():
                 cid, kernel = f"linear_{kind}-{dt}-N{n}-bias{int(has_bias)}", f"_linear_{kind}_kernel"
-                out.append(AOTCase(cid, "linear_logprobs", kernel, sig, const, nw, ns))
+                out.append(AOTCase(cid, "linear_logprobs", kernel, sig, const, nw, ns, spills_ok=GENERIC_SPILLS))
                 # as a real launch: contiguous inner strides == 1; pointers and the sizes / row strides used here
                 # (H=896, V=151936, N=16384, ...) 16-divisible. The tl.dot K loop must then be pipelined (cp.async).
+                # No spills there, and bf16 / fp16 tl.dot on wgmma (HGMMA); registers ≤ MAX_REGS (occupancy).
                 out.append(AOTCase(f"{cid}-launched", "linear_logprobs", kernel, sig, const, nw, ns, as_launched=True,
                                    ones=("stride_xk", "stride_wk"), pipelined=True,
-                                   div16=tuple(k for k in LAUNCH_DIV16 if k in sig)))
+                                   div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=dt != "float32",
+                                   max_regs=MAX_REGS[kind]))
+    # the tile configs benchmarks/linear_configs.py times on the GPU against the shipped one: as launched, no spills
+    from fastrlhf.benchmarks.linear_configs import CANDIDATES
+    for name, cfg in CANDIDATES.items():
+        if cfg is None:
+            continue
+        bn, bv, bk, nw, ns = cfg
+        const = {"H": 896, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "DOT_PREC": "tf32"}
+        for kind, sig in _linear_sigs("*bf16", const).items():
+            out.append(AOTCase(f"linear_{kind}-candidate-{name}-launched", "linear_logprobs", f"_linear_{kind}_kernel",
+                               sig, const, nw, ns, as_launched=True, ones=("stride_xk", "stride_wk"), pipelined=True,
+                               div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=True, max_regs=MAX_REGS[kind]))
     return out
 
 

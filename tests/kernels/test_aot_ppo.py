@@ -8,7 +8,8 @@ The interpreter never compiles, so every configuration the launchers can pick is
 - ``_value_fwd_kernel``: STORE_GRAD × BLOCK_T (fp32, bool mask) + bf16 / fp16 / fp64 inputs and an int64 mask.
 - ``_finalize_kernel``: AGG ∈ 3 modes × NORM_MODE ∈ {none, float, tensor} (BLOCK_B 1024, BLOCK_K 8).
 - ``_scale_grad_kernel``: BLOCK_T ∈ {256, 1024} × gradient dtype (= the input's: fp32, bf16, fp16, fp64 on 1024).
-All launchers pass num_warps=4. Compiling takes ~0.6 s per configuration on this machine's 2 cores.
+All launchers pass num_warps=4. Compiling takes ~0.6 s per configuration on this machine's 2 cores. None may spill
+registers (``aot.check_case``), except where a case says why.
 
 Compilation runs in one child Python without TRITON_INTERPRET (``compile_cases_in_child``: while-loop carried values
 of an unwrapped interpreter function reach the code generator as raw IR values); each case is a test here.
@@ -59,8 +60,11 @@ def configs():
     value_cases = [(grad, bt, "fp32", "u1") for grad in (False, True) for bt in BLOCK_TS]
     value_cases += [(True, 1024, dt, mt) for dt, mt in (("bf16", "u1"), ("fp16", "u1"), ("fp64", "i64"))]
     for grad, bt, dt, mt in value_cases:
+        # generic strides, fp16: ptxas keeps two loop-carried sums in 8 B of stack; the same kernel as launched
+        # (aligned, unit strides) does not spill (test_aot_launched.py: value_fwd-fp16)
+        ok = "generic-stride fp16 compile; launched twin checked" if (dt, grad, bt) == ("fp16", True, 1024) else ""
         out.append(AOTCase(f"value_fwd-grad{int(grad)}-{bt}-{dt}-{mt}", "value_loss", "_value_fwd_kernel",
-                           _value_sig(dt, mt), {"STORE_GRAD": grad, "BLOCK_T": bt}, NUM_WARPS))
+                           _value_sig(dt, mt), {"STORE_GRAD": grad, "BLOCK_T": bt}, NUM_WARPS, spills_ok=ok))
     for a in sorted(agg.AGG_CODE.values()):
         for nm in (agg.NORM_NONE, agg.NORM_SCALAR, agg.NORM_TENSOR):
             const = {"AGG": a, "NORM_MODE": nm, "BLOCK_B": agg.FINALIZE_BLOCK_B, "BLOCK_K": agg.FINALIZE_BLOCK_K}

@@ -246,3 +246,33 @@ def test_unchecked_out_of_range_labels_act_as_ignored(triton_path, device):
     lp.sum().backward()
     assert (lp[1:] == 0).all() and lp[0] < 0
     assert (x.grad[1:] == 0).all() and (x.grad[0] != 0).all()
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_chunk_products_accumulate_in_fp32(be, device, monkeypatch):
+    """dX = Σ_chunks G_chunk·W_chunk over many vocab chunks: each chunk's product must reach the fp32 sum unrounded.
+
+    The G chunks the backward writes (bf16) are recorded; the float64 sum of their products with W, rounded once to bf16
+    (dX's dtype), is then what an fp32 accumulation gives for all but the rare elements within ~1e-6 of a rounding
+    boundary; rounding each chunk's product to bf16 before the sum moves most elements."""
+    N, H, V = pick((24, 16, 1024), (512, 256, 32768))
+    monkeypatch.setattr(LL, "MIN_V_CHUNK", 64)
+    monkeypatch.setattr(LL, "CHUNK_BYTES", N * 64 * 4)  # all N tokens × 128 (16-bit G) or 64 (CPU fp32) columns
+    monkeypatch.setattr(LL, "CPU_CHUNK_BYTES", N * 64 * 4)
+    chunks = []
+    for name in ("_dz_triton", "_dz_torch"):
+        def rec(*a, _f=getattr(LL, name)):
+            g = _f(*a)
+            chunks.append((a[1], g))  # (W chunk, G chunk)
+            return g
+        monkeypatch.setattr(LL, name, rec)
+    hidden, weight, _, labels = _inputs((N,), H, V, torch.bfloat16, device, bias=False, ignore_frac=0.0)
+    x = hidden.detach().clone().requires_grad_()
+    g_lp, g_h = torch.randn(N, device=device), torch.randn(N, device=device)
+    with backend(be):
+        lp, ent = linear_logprobs(x, weight, labels, return_entropy=True)
+        (lp * g_lp + ent * g_h).sum().backward()
+    assert len(chunks) >= V // 128 and all(g.dtype == torch.bfloat16 for _, g in chunks)
+    ref = sum(g.double() @ w.double() for w, g in chunks)
+    moved = (x.grad != ref.to(torch.bfloat16)).double().mean().item()
+    assert moved <= 0.01, f"{moved:.1%} of dX differ from the once-rounded exact sum: chunk products rounded first?"
