@@ -7,6 +7,7 @@ and puts everything back on ``undo()`` (also on leaving a ``with`` block).
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import inspect
 import sys
@@ -121,3 +122,19 @@ def version_key(version: str) -> tuple[int, int] | None:
     if v.is_prerelease or v.is_devrelease:
         return None
     return tuple(v.release[:2])
+
+
+def served(patch: PeerPatch, name: str, ours: Any, original: Any, serve: Any) -> Any:
+    """A replacement for the peer's ``original`` that calls ``ours`` when ``serve(*args, **kw)`` says our kernels take
+    the call (counted in ``patch.calls[name]``) and the original otherwise (``patch.fallbacks[name]``).
+    ``inspect.signature`` of the replacement shows ``ours``, whose parameters are the peer's own."""
+    @functools.wraps(ours)
+    def replacement(*args, **kwargs):
+        if serve(*args, **kwargs):
+            patch.calls[name] += 1
+            return ours(*args, **kwargs)
+        patch.fallbacks[name] += 1
+        return original(*args, **kwargs)
+
+    replacement.__wrapped__ = ours
+    return replacement

@@ -46,7 +46,6 @@ by the biased masked variance, rsqrt(max(Σ(A − μ)²m / Σm, 1e-8)); ``masked
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import sys
 import warnings
@@ -55,7 +54,7 @@ import torch
 
 from fastrlhf import kernels as K
 
-from ._patch import PeerPatch, import_optional, signature_of, version_key
+from ._patch import PeerPatch, import_optional, served, signature_of, version_key
 
 SUPPORTED = ("0.11.x",)
 KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's default bound on w (its own module constant is read when loaded)
@@ -168,19 +167,6 @@ class FixedKLController(K.FixedKLController):
 _active: PeerPatch | None = None
 
 
-def _wrap(patch, name, ours, original, serve):
-    @functools.wraps(ours)
-    def replacement(*args, **kwargs):
-        if serve(*args, **kwargs):
-            patch.calls[name] += 1
-            return ours(*args, **kwargs)
-        patch.fallbacks[name] += 1
-        return original(*args, **kwargs)
-
-    replacement.__wrapped__ = ours
-    return replacement
-
-
 def _serve_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False):
     return kl_estimator in _ESTIMATORS
 
@@ -280,9 +266,9 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
         if serve is None:
             patch.set_everywhere("openrlhf", owner, name, _counting_class(patch, label, ours))
         elif is_method:
-            patch.set_attr(owner, name, _wrap(patch, label, ours, original, serve))
+            patch.set_attr(owner, name, served(patch, label, ours, original, serve))
         else:
-            patch.set_everywhere("openrlhf", owner, name, _wrap(patch, label, ours, original, serve))
+            patch.set_everywhere("openrlhf", owner, name, served(patch, label, ours, original, serve))
     patch.applied = True
     patch.on_undo = _forget
     _active = patch

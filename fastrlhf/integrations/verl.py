@@ -56,7 +56,7 @@ import torch
 
 from fastrlhf import kernels as K
 
-from ._patch import PeerPatch, import_optional, signature_of, version_key
+from ._patch import PeerPatch, import_optional, served, signature_of, version_key
 
 SUPPORTED = ("0.9.x",)
 _TF = "verl.utils.torch_functional"
@@ -236,22 +236,6 @@ class FixedKLController(K.FixedKLController):
 _active: PeerPatch | None = None
 
 
-def _served(patch, name, ours, original, serve):
-    """A replacement with the original's signature: ``serve(*args, **kw)`` says whether our kernels take the call."""
-    import functools
-
-    @functools.wraps(ours)
-    def replacement(*args, **kwargs):
-        if serve(*args, **kwargs):
-            patch.calls[name] += 1
-            return ours(*args, **kwargs)
-        patch.fallbacks[name] += 1
-        return original(*args, **kwargs)
-
-    replacement.__wrapped__ = ours  # inspect.signature shows veRL's parameters
-    return replacement
-
-
 def _always(*args, **kwargs):
     return True
 
@@ -343,7 +327,7 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
         if serve is None:
             replacement = _counting_class(patch, name, ours)
         else:
-            replacement = _served(patch, name, ours, original, serve)
+            replacement = served(patch, name, ours, original, serve)
         patch.set_everywhere("verl", module, name, replacement)
     for table, key, name in ((ca.ADV_ESTIMATOR_REGISTRY, "gae", "compute_gae_advantage_return"),
                              (ca.POLICY_LOSS_REGISTRY, "vanilla", "compute_policy_loss_vanilla")):
