@@ -306,10 +306,22 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
 
 def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
     """x [N, H], w [V, H], b [V]|None, y/lse/ent/g_lp/g_h [N] → (dx [N, H], dw [V, H], db [V]) (None where not needed)."""
+    dz_fn = _dz_triton if triton_path else _dz_torch
+
+    def dz_chunk(n0, n1, v0, v1):
+        return dz_fn(x[n0:n1], w[v0:v1], None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
+                     g_lp[n0:n1], g_h[n0:n1], v0, inv_tau)
+
+    return head_backward(x, w, b, dz_chunk, triton_path, need)
+
+
+def head_backward(x, w, b, dz_chunk, triton_path, need):
+    """The chunked head backward shared by the fused head kernels: for each token × vocab chunk, G = ``dz_chunk(n0, n1,
+    v0, v1)`` ([n1−n0, v1−v0], x's dtype, = ∂L/∂(x·Wᵀ + b)), then dX += G·W_chunk, dW_chunk = Gᵀ·X, db += Σ_n G (fp32
+    accumulation). x [N, H], w [V, H], b [V]|None; need = (dx, dw, db) flags → (dx, dw, db) (None where not needed)."""
     N, V = x.shape[0], w.shape[0]
     n_c, v_c = (_chunks(N, V, x.element_size()) if triton_path
                 else _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES)))
-    dz_fn = _dz_triton if triton_path else _dz_torch
     need_dx, need_dw, need_db = need
     dx32 = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
     one_token_chunk = n_c >= N
@@ -328,8 +340,7 @@ def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
         for v0 in range(0, V, v_c):
             v1 = min(V, v0 + v_c)
             wv = w[v0:v1]
-            g = dz_fn(xc, wv, None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
-                      g_lp[n0:n1], g_h[n0:n1], v0, inv_tau)  # G [n_c, v_c], input dtype
+            g = dz_chunk(n0, n1, v0, v1)  # G [n_c, v_c], input dtype
             if need_dx:
                 dx32[n0:n1] += g @ wv  # dX += G·W_chunk
             if need_dw:
