@@ -20,7 +20,9 @@ from .whiten import whiten, whiten_ref
 __all__ = [
     "backend", "get_backend", "set_backend",
     "logprobs_from_logits", "linear_logprobs", "linear_kl", "kl_penalty", "shape_rewards", "gae", "whiten",
-    "ppo_policy_loss", "ppo_value_loss", "default_denominator", "aggregate_ref", "AdaptiveKLController", "FixedKLController", "adaptive_kl_coef",
-    "logprobs_from_logits_ref", "linear_logprobs_ref", "linear_kl_ref", "kl_penalty_ref", "shape_rewards_ref", "gae_ref", "whiten_ref",
+    "ppo_policy_loss", "ppo_value_loss", "default_denominator", "aggregate_ref",
+    "AdaptiveKLController", "FixedKLController", "adaptive_kl_coef",
+    "logprobs_from_logits_ref", "linear_logprobs_ref", "linear_kl_ref", "kl_penalty_ref", "shape_rewards_ref", "gae_ref",
+    "whiten_ref",
     "ppo_policy_loss_ref", "ppo_value_loss_ref",
 ]
