@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.engine.sampling import SamplingParams, sample
-from fastrlhf.models.head import head_logits, head_logprobs
+from fastrlhf.models.head import compute_dtype, head_logits, head_logprobs
 
 MEMORY_POLICIES = ("keep", "free")
 
@@ -390,8 +390,10 @@ class HybridEngine:
         (``fastrlhf.models.head``): the sampler reads fp32 logits of the compute-dtype operands (never bf16-rounded
         logits), and when it samples from the model's own distribution (τ > 0, no top-k / top-p) the token's log-prob
         is ``head_logprobs`` — the fused kernel PPO's old / new log-probs use — so a rollout's log-probs are the ones a
-        teacher-forced forward recomputes (up to the KV-cache path of the hidden states)."""
+        teacher-forced forward recomputes (up to the KV-cache path of the hidden states). Cost: one more pass over the
+        head per decode step (2·b·H·V FLOPs, one read of W) for that log-prob."""
         w = self.model.lm_head.weight
+        w = w.to(compute_dtype(w))  # cast once per step (fp32 masters -> bf16 under autocast); a no-op below
         tok, lp = sample(head_logits(h, w), params, u)
         if not params.greedy and not params.filtered:
             lp = head_logprobs(h, w, tok, temperature=params.temperature)
