@@ -150,6 +150,7 @@ def test_mismatch_metric_and_rollout_mode(ckpts, tmp_path):
     rol = train(_cfg(ckpts, tmp_path / "rol", iterations=2, old_logprobs="rollout"), log=_Log())["history"]
     for h in rec + rol:
         assert 0.0 <= h["logprob_mismatch_mean"] <= h["logprob_mismatch_max"] <= 1e-5, h
+    assert rec[0]["kl"] == 0.0 and rec[0]["approx_kl"] == 0.0  # iteration 1, fp32, no LoRA: exactly on-policy
     assert all(h["approx_kl"] <= 1e-10 for h in rol)
     # identical first rollout (same seed, same weights): same score, same reward KL (old = rollout log-probs ≈ recompute)
     assert rol[0]["score"] == pytest.approx(rec[0]["score"], abs=1e-6)
