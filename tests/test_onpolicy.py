@@ -1,5 +1,6 @@
 """On-policy by construction: the four defects of issue 15 (each test fails on the code before the fix), the
 rollout-vs-update log-prob mismatch metric, ``old_logprobs: rollout`` and ``kl_estimator: full`` in the PPO stage."""
+import importlib
 import math
 
 import pytest
@@ -14,6 +15,8 @@ from fastrlhf.stages import ppo as ppo_stage
 from fastrlhf.stages.ppo import PPOConfig, train
 from fastrlhf.stages.ppo_core import positions_from_mask, response_logprobs
 from tests.helpers_models import make_tiny_ppo_setup
+
+LL = importlib.import_module("fastrlhf.kernels.linear_logprobs")  # the module (the package attribute is the function)
 
 
 class _Log:
@@ -112,13 +115,14 @@ def test_head_gets_the_compute_dtype_in_sampling_and_training(ckpts, monkeypatch
     """Under bf16 autocast (fp32 masters) both the engine's rollout log-probs and PPO's training log-probs call
     linear_logprobs with bf16 hidden and weight (tensor cores, fp32 accumulation), never fp32 operands."""
     seen = []
-    real = K.linear_logprobs
+    fn = LL._LinearLogProbs
+    real = fn.apply
 
-    def spy(hidden, weight, labels, **kw):
-        seen.append((hidden.dtype, weight.dtype))
-        return real(hidden, weight, labels, **kw)
+    def spy(x, w, *args):
+        seen.append((x.dtype, w.dtype))
+        return real(x, w, *args)
 
-    monkeypatch.setattr(K, "linear_logprobs", spy)
+    monkeypatch.setattr(fn, "apply", spy)
     policy, ro = _tiny_rollout(ckpts, compute_dtype=torch.bfloat16)
     assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, seen  # the rollout's log-probs
     seen.clear()

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.engine.sampling import SamplingParams, sample
-from fastrlhf.models.head import compute_dtype, head_logits, head_logprobs
+from fastrlhf.kernels.head import compute_dtype, head_logits, head_logprobs
 
 MEMORY_POLICIES = ("keep", "free")
 
@@ -56,7 +56,7 @@ class Rollout:
     response_ids  [B, G] int64, padded after EOS with the pad id (the EOS itself is kept and is a valid token)
     response_mask [B, G] int64, 1 = generated token up to and including EOS
     logprobs      [B, G] fp32 log-probs of the sampled tokens under the sampling distribution (0 where masked); without
-                  top-k / top-p computed by the training head's kernel (``fastrlhf.models.head.head_logprobs``)
+                  top-k / top-p computed by the training head's kernel (``fastrlhf.kernels.head.head_logprobs``)
     lengths       [B] int64, number of valid response tokens
     """
 
@@ -387,7 +387,7 @@ class HybridEngine:
     # ------------------------------------------------------------------------------------------------ decode step
     def _sample_head(self, h: Tensor, params: SamplingParams, u: Tensor | None):
         """(tokens [b], log-probs [b] fp32) from the last hidden states h [b, H], with the training head's numerics
-        (``fastrlhf.models.head``): the sampler reads fp32 logits of the compute-dtype operands (never bf16-rounded
+        (``fastrlhf.kernels.head``): the sampler reads fp32 logits of the compute-dtype operands (never bf16-rounded
         logits), and when it samples from the model's own distribution (τ > 0, no top-k / top-p) the token's log-prob
         is ``head_logprobs`` — the fused kernel PPO's old / new log-probs use — so a rollout's log-probs are the ones a
         teacher-forced forward recomputes (up to the KV-cache path of the hidden states). Cost: one more pass over the

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from fastrlhf import kernels as K
-from fastrlhf.models.head import head_kl, head_logprobs
+from fastrlhf.kernels.head import head_kl, head_logprobs
 from fastrlhf.runtime import distributed as D
 
 OLD_LOGPROBS = ("recompute", "rollout")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastrlhf import kernels as K
+from .linear_kl import linear_kl
+from .linear_logprobs import linear_logprobs
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
@@ -28,7 +29,7 @@ def head_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, *, temperature
     hidden: [..., H], weight: [V, H], labels: [...] -> logp [...] (, entropy [...]). Differentiable (through the casts
     to the fp32 masters)."""
     dt = compute_dtype(weight)
-    return K.linear_logprobs(hidden.to(dt), weight.to(dt), labels, temperature=temperature,
+    return linear_logprobs(hidden.to(dt), weight.to(dt), labels, temperature=temperature,
                              return_entropy=return_entropy)
 
 
@@ -50,9 +51,9 @@ def head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
 
 def head_kl(hidden: Tensor, weight: Tensor, ref_hidden: Tensor, ref_weight: Tensor, *, mask: Tensor | None = None,
             temperature: float = 1.0) -> Tensor:
-    """Exact per-token KL(π ‖ π_ref) over the whole vocabulary (``kernels.linear_kl``) with the same operand
+    """Exact per-token KL(π ‖ π_ref) over the whole vocabulary (``linear_kl``) with the same operand
     precision as ``head_logprobs``. hidden [..., H], weight [V, H], ref_hidden [..., HR], ref_weight [V, HR],
     mask [...] or None -> [...] fp32; gradient to the policy's hidden and weight only."""
     dt = compute_dtype(weight)
-    return K.linear_kl(hidden.to(dt), weight.to(dt), ref_hidden.detach().to(dt), ref_weight.detach().to(dt),
+    return linear_kl(hidden.to(dt), weight.to(dt), ref_hidden.detach().to(dt), ref_weight.detach().to(dt),
                        mask=mask, temperature=temperature)
