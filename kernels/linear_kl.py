@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._backend import use_triton
 from ._lse import M_INIT
-from ._utils import check_float
+from ._utils import check_float, no_autocast
 from .linear_logprobs import (CHUNK_BYTES, CPU_CHUNK_BYTES, _chunks, _logits_chunk_torch, _logits_tile, dot_precision,
                               head_backward, launch_config, num_vocab_splits)
 
@@ -199,7 +199,8 @@ class _LinearKL(torch.autograd.Function):
         if x.shape[0] == 0:
             kl = lse = mu = x.new_zeros(0, dtype=torch.float32)
         else:
-            kl, lse, mu = (_fwd_triton if triton_path else _fwd_torch)(x, w, xr, wr, inv_tau)
+            with no_autocast(x):
+                kl, lse, mu = (_fwd_triton if triton_path else _fwd_torch)(x, w, xr, wr, inv_tau)
         ctx.save_for_backward(x, w, xr, wr, lse, mu)
         ctx.inv_tau, ctx.triton_path = inv_tau, triton_path
         return kl
@@ -214,7 +215,8 @@ class _LinearKL(torch.autograd.Function):
             return dz_fn(x[n0:n1], w[v0:v1], xr[n0:n1], wr[v0:v1], lse[n0:n1], mu[n0:n1], g[n0:n1], ctx.inv_tau)
 
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], False)
-        dx, dw, _ = head_backward(x, w, None, dz_chunk, ctx.triton_path, need)
+        with no_autocast(x):
+            dx, dw, _ = head_backward(x, w, None, dz_chunk, ctx.triton_path, need)
         return dx, dw, None, None, None, None
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._backend import interpreting, use_triton
 from ._lse import M_INIT, lse_tile_update, merge_partials
-from ._utils import check_float
+from ._utils import check_float, no_autocast
 from .logprobs import check_labels, logprobs_from_logits_ref
 
 # Backward chunk budget: bytes of G (input dtype) per chunk; CPU-path fp32 temporaries use the same element count × 4 B.
@@ -364,7 +364,8 @@ class _LinearLogProbs(torch.autograd.Function):
         if x.shape[0] == 0:  # no tokens: empty outputs (and zero gradients)
             logp = lse = ent = x.new_zeros(0, dtype=torch.float32)
         else:
-            logp, lse, ent = (_fwd_triton if triton_path else _fwd_torch)(x, w, b, y, inv_tau)
+            with no_autocast(x):
+                logp, lse, ent = (_fwd_triton if triton_path else _fwd_torch)(x, w, b, y, inv_tau)
         ctx.save_for_backward(x, w, b, y, lse, ent)
         ctx.inv_tau, ctx.triton_path = inv_tau, triton_path
         return logp, ent
@@ -376,7 +377,8 @@ class _LinearLogProbs(torch.autograd.Function):
         g_logp = torch.where((y >= 0) & (y < w.shape[0]), g_logp, 0.0).contiguous()  # ignored (or, on CUDA, unchecked ≥ V)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need)
+        with no_autocast(x):
+            dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need)
         return dx, dw, db, None, None, None
 
 
