@@ -16,6 +16,12 @@ Ops (shapes: ``SHAPES``; notation B batch, T time, V vocabulary, H hidden, N tok
 - ``linear``    log-probs from hidden [N, H] and weight [V, H] without [N, V] logits; ``fwd+bwd``; FLOPs 6·N·H·V.
   Also prints (CPU and CUDA) peak extra memory at two N to show what grows with N·V.
 - ``gae``       GAE over valid tokens + masked whitening of the advantages, [B, T] fp32; bytes: r, V, m read, A, R written.
+- ``kl``        per-token KL(π ‖ π_ref) from both models' hidden [N, H] and heads [V, H], fwd+bwd (gradient to the policy):
+  ``fastrlhf`` the exact full-vocabulary KL (``linear_kl``, no [N, V] logits), ``eager`` the same KL from materialized
+  logits, ``k1-logprobs`` / ``k3-logprobs`` the sampled-token estimators from ``linear_logprobs`` of both models +
+  ``kl_penalty`` (what the reward used before; a different, noisier quantity: their error column is against their own
+  float64 value, and the printed gap is their mean |estimate − exact KL|). FLOPs counted 8·N·H·V for all (both heads
+  forward, the policy's dX and dW).
 - ``ppo``       clipped policy loss + k3 KL in the loss + clipped value loss, fwd+bwd, [B, T] fp32;
   bytes: logp, old, ref, A, m, V, V_old, R read, dlogp and dV written.
 On CPU ``fastrlhf`` is the kernels' CPU path (backend "auto" -> PyTorch / C++); on CUDA it is the Triton kernels.
@@ -40,8 +46,8 @@ from .timing import bench, bench_interleaved, check_choice, check_choices, devic
 
 CSV_COLUMNS = ["date", "device", "op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
                "pct_ceiling", "peak_extra_mib", "max_abs_err", "torch", "triton", "commit"]
-OPS = ("logprobs", "linear", "gae", "ppo")
-PROVIDERS = ("fastrlhf", "eager", "eager-lse", "eager-rowloop", "compile", "trl", "liger")
+OPS = ("logprobs", "linear", "kl", "gae", "ppo")
+PROVIDERS = ("fastrlhf", "eager", "eager-lse", "eager-rowloop", "compile", "trl", "liger", "k1-logprobs", "k3-logprobs")
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 
 # Shapes: ANCHORS.md ("h100"); a CPU-sized "tiny" (the whole runner in ≤ 2 min on 2 free cores); "smoke" for the
@@ -49,11 +55,11 @@ DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 # (tiny: N·V crosses the CPU path's 256 MiB chunk budget at both N, as the h100 shape does on the GPU).
 SHAPES = {
     "h100": dict(logits=(32, 512, 151936), linear=(16384, 896, 151936), linear_mem=(896, (4096, 16384)),
-                 gae=(64, 1024), ppo=(64, 1024)),
-    "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(64, (2048, 6144)), gae=(64, 1024),
-                 ppo=(64, 1024)),
-    "smoke": dict(logits=(2, 16, 4099), linear=(128, 64, 4099), linear_mem=(64, (64, 256)), gae=(8, 256),
-                  ppo=(8, 256)),
+                 kl=(8192, 896, 151936), gae=(64, 1024), ppo=(64, 1024)),
+    "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(64, (2048, 6144)),
+                 kl=(512, 256, 32001), gae=(64, 1024), ppo=(64, 1024)),
+    "smoke": dict(logits=(2, 16, 4099), linear=(128, 64, 4099), linear_mem=(64, (64, 256)), kl=(64, 64, 4099),
+                  gae=(8, 256), ppo=(8, 256)),
 }
 GAMMA, LAM, TAU = 1.0, 0.95, 1.0
 CLIP_EPS, KL_COEF, VF_CLIP = 0.2, 0.001, 0.2
@@ -74,6 +80,29 @@ def ours_logprobs(logits, labels, temperature=TAU):
 
 def ours_linear(hidden, weight, labels, temperature=TAU):
     return _K().linear_logprobs(hidden, weight, labels, temperature=temperature)
+
+
+def ours_full_kl(hidden, weight, ref_hidden, ref_weight, labels, temperature=TAU):
+    return _K().linear_kl(hidden, weight, ref_hidden, ref_weight, temperature=temperature)
+
+
+def estimator_kl(estimator: str):
+    """k1 / k3 of the sampled tokens from both models' fused log-probs (the reference without gradient)."""
+    def f(hidden, weight, ref_hidden, ref_weight, labels, temperature=TAU):
+        K = _K()
+        logp = K.linear_logprobs(hidden, weight, labels, temperature=temperature)
+        with torch.no_grad():
+            ref_logp = K.linear_logprobs(ref_hidden, ref_weight, labels, temperature=temperature)
+        return K.kl_penalty(logp, ref_logp, estimator=estimator)
+    return f
+
+
+def eager_full_kl(hidden, weight, ref_hidden, ref_weight, labels, temperature=TAU):
+    """Naive: both [N, V] logits in the input dtype, fp32 log-softmax, Σ p (log p − log q)."""
+    log_p = torch.log_softmax((hidden @ weight.t()).float() / temperature, dim=-1)
+    with torch.no_grad():
+        log_q = torch.log_softmax((ref_hidden @ ref_weight.t()).float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
 def ours_gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
@@ -398,7 +427,64 @@ def bench_ppo(ctx: Ctx) -> None:
     flush(ctx)
 
 
-BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "gae": bench_gae, "ppo": bench_ppo}
+def _kl64(hidden, weight, ref_hidden, ref_weight, labels, g, chunk_rows=512):
+    """float64 per provider kind: exact KL and its (dhidden, dweight); k1/k3 of the sampled tokens and theirs."""
+    out = {}
+    for kind in ("full", "k1", "k3"):
+        x = hidden.detach().double().requires_grad_(True)
+        w = weight.detach().double().requires_grad_(True)
+        vals = []
+        for s in range(0, x.shape[0], chunk_rows):
+            e = min(s + chunk_rows, x.shape[0])
+            log_p = torch.log_softmax(x[s:e] @ w.t() / TAU, -1)
+            log_q = torch.log_softmax(ref_hidden[s:e].double() @ ref_weight.double().t() / TAU, -1)
+            if kind == "full":
+                v = (log_p.exp() * (log_p - log_q)).sum(-1)
+            else:
+                d = (log_q - log_p).gather(-1, labels[s:e, None]).squeeze(-1)  # d = ref_logp − logp
+                v = -d if kind == "k1" else torch.exp(d.clamp(-20, 20)) - d.clamp(-20, 20) - 1
+            vals.append(v)
+        v = torch.cat(vals)
+        v.backward(g.double())
+        out[kind] = (v.detach(), x.grad, w.grad)
+    return out
+
+
+def bench_kl(ctx: Ctx) -> None:
+    N, H, V = SHAPES[ctx.shape]["kl"]
+    dev = ctx.device
+    shape = f"N={N} H={H} V={V} {_dname(ctx.dtype)}"
+    hidden, weight, labels, g = _linear_inputs(N, H, V, dev, ctx.dtype)
+    ref_hidden = (hidden.detach().float() + 0.1 * torch.randn(N, H, device=dev) / H**0.5).to(ctx.dtype)
+    ref_weight = (weight.detach().float() + 0.1 * torch.randn(V, H, device=dev)).to(ctx.dtype)
+    with torch.no_grad():  # sample the labels from π, as a rollout does (the estimators assume it)
+        labels = torch.cat([torch.multinomial(torch.softmax((hidden[s:s + 256] @ weight.t()).float() / TAU, -1), 1)
+                            for s in range(0, N, 256)]).squeeze(-1)
+    ref = _kl64(hidden, weight, ref_hidden, ref_weight, labels, g)
+    kinds = {"fastrlhf": "full", "eager": "full", "k1-logprobs": "k1", "k3-logprobs": "k3"}
+    impls = {"fastrlhf": ours_full_kl, "eager": eager_full_kl, "k1-logprobs": estimator_kl("k1"),
+             "k3-logprobs": estimator_kl("k3")}
+    for prov, f in impls.items():
+        if not ctx.wants(prov):
+            continue
+
+        def fb(f=f):
+            kl = f(hidden, weight, ref_hidden, ref_weight, labels, TAU)
+            kl.backward(g)
+            return kl.detach(), hidden.grad, weight.grad
+
+        def err(o, kind=kinds[prov]):
+            return max((a.double() - b).abs().max().item() for a, b in zip(o, ref[kind]))
+        measure(ctx, "kl_full_vs_estimators", "fwd+bwd", prov, shape, fb, err, flops=8 * N * H * V,
+                leaves=(hidden, weight))
+    flush(ctx)
+    exact = ref["full"][0]
+    ctx.extra["kl_estimator_gap"] = {k: (ref[k][0] - exact).abs().mean().item() for k in ("k1", "k3")}
+    ctx.extra["kl_estimator_gap"]["mean_exact_kl"] = exact.mean().item()
+    del hidden, weight, ref_hidden, ref_weight
+
+
+BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "kl": bench_kl, "gae": bench_gae, "ppo": bench_ppo}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -540,6 +626,10 @@ def main(argv=None) -> int:
     if "linear_memory" in ctx.extra:
         print()
         print(format_memory_scaling(ctx.extra["linear_memory"]))
+    if "kl_estimator_gap" in ctx.extra:
+        gap = ctx.extra["kl_estimator_gap"]
+        print(f"\nper-token KL estimators vs the exact KL (float64, same tokens): mean exact KL "
+              f"{gap['mean_exact_kl']:.4g}, mean |k1 − KL| {gap['k1']:.4g}, mean |k3 − KL| {gap['k3']:.4g}")
     for s in ctx.skipped:
         print("skipped:", s)
     if not a.no_csv:

@@ -12,7 +12,7 @@ folders and loaded by both systems (same weights, same prompts).
 fastrlhf arm — exactly the pieces ``fastrlhf/stages/ppo.py``'s train loop uses: ``fastrlhf.models.hf_io.load_model`` (head "lm" /
 "score"), ``engine.HybridEngine.generate`` (step 2, ``eos_token_id=None`` so every row runs G tokens),
 ``ppo_core.make_experience`` (steps 3-7), ``ppo_core.ppo_update`` (step 8) with ``optim.make_adamw`` optimizers.
-Like ppo.py: fp32 on CPU; on CUDA fp32 master weights for policy/value, bf16 reference/reward, bf16 autocast.
+Like ppo.py: fp32 on CPU; on CUDA fp32 weights for all four models (``runtime.device.model_precision``), bf16 autocast.
 
 TRL arm — ``trl.experimental.ppo.PPOTrainer`` (exists in trl 0.29.x; trl 1.x removed it). It runs in a subprocess whose
 ``sys.path`` starts with ``--trl-path`` when given (e.g. ``pip install --no-deps --target DIR trl==0.29.1``), so the
@@ -219,30 +219,33 @@ def merge_rounds(results: list[dict], B: int, G: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # fastrlhf arm
 # ----------------------------------------------------------------------------------------------------------------------
-def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bool = True, seed: int = 0) -> dict:
-    """Warm-up + ``iters`` timed iterations of fastrlhf's PPO core (+ one profiled iteration). Returns the metrics."""
+def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bool = True, seed: int = 0,
+                 old_logprobs: str = "recompute", lr: float = LR) -> dict:
+    """Warm-up + ``iters`` timed iterations of fastrlhf's PPO core (+ one profiled iteration). Returns the metrics
+    (``scores`` / ``kls``: per iteration, warm-up first). old_logprobs, lr: as the PPO stage's options."""
     from fastrlhf.engine.hybrid import HybridEngine
     from fastrlhf.models.decoder import autocast_context
     from fastrlhf.models.hf_io import load_model
+    from fastrlhf.runtime.device import model_precision
     from fastrlhf.runtime.optim import make_adamw
-    from fastrlhf.stages.ppo_core import make_experience, ppo_update
+    from fastrlhf.stages.ppo_core import logprob_mismatch, make_experience, ppo_update
 
     S = SHAPES[shape]
     B, G, V = S["B"], S["G"], S["model"]["vocab_size"]
     dev = torch.device(device)
-    frozen_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    compute_dtype = torch.bfloat16 if dev.type == "cuda" else None  # ppo.py's mixed_precision="auto"
-    policy = load_model(ckpt["policy"], head="lm", device=dev)
-    ref = load_model(ckpt["policy"], head="lm", device=dev, dtype=frozen_dtype)
-    reward = load_model(ckpt["reward"], head="score", device=dev, dtype=frozen_dtype)
-    value = load_model(ckpt["reward"], head="score", device=dev)
+    prec = model_precision("auto", dev)  # ppo.py's mixed_precision="auto": one rule for all four models
+    compute_dtype = prec.autocast
+    policy = load_model(ckpt["policy"], head="lm", device=dev, dtype=prec.weights)
+    ref = load_model(ckpt["policy"], head="lm", device=dev, dtype=prec.weights)
+    reward = load_model(ckpt["reward"], head="score", device=dev, dtype=prec.weights)
+    value = load_model(ckpt["reward"], head="score", device=dev, dtype=prec.weights)
     for m in (ref, reward):
         m.eval()
         for p in m.parameters():
             p.requires_grad_(False)
     policy.train(), value.train()
-    policy_opt = make_adamw(policy, lr=LR, weight_decay=0.0)
-    value_opt = make_adamw(value, lr=LR, weight_decay=0.0)
+    policy_opt = make_adamw(policy, lr=lr, weight_decay=0.0)
+    value_opt = make_adamw(value, lr=lr, weight_decay=0.0)
     autocast = lambda: autocast_context(dev, enabled=compute_dtype is not None)  # noqa: E731
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
     n_total = iters + 1 + (1 if profile else 0)
@@ -250,6 +253,7 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     gen = torch.Generator(device="cpu")
     pad = V - 2
     last = {}
+    curves = {"scores": [], "kls": [], "mismatch_max": []}
 
     def iteration(step: int) -> tuple[float, float, float]:
         batch = prompts[step]
@@ -266,7 +270,7 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
             exp = make_experience(rollout, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
                                   kl_coef=KL_COEF, gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=None,
                                   missing_eos_penalty=None, forward_batch_size=64, autocast=autocast,
-                                  whiten_advantages=True)
+                                  whiten_advantages=True, old_logprobs=old_logprobs)
             policy.train(), value.train()
             _sync(device)
         t2 = time.perf_counter()
@@ -279,6 +283,10 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
         t3 = time.perf_counter()
         last.update(stats=stats, resp_len=float(rollout.lengths.float().mean()), G=int(rollout.response_ids.shape[1]),
                     score=float(exp.scores.mean()), kl=float((exp.kl * exp.mask).sum(-1).mean()))
+        curves["scores"].append(last["score"])
+        curves["kls"].append(last["kl"])
+        curves["mismatch_max"].append(logprob_mismatch(exp.rollout_logprobs, exp.old_logprobs, exp.mask)[1]
+                                      if old_logprobs == "recompute" else stats["first_forward_mismatch_max"])
         return t1 - t0, t2 - t1, t3 - t2
 
     mem = _PeakMemory(device)
@@ -286,6 +294,7 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     times = [iteration(i) for i in range(iters + 1)]
     peak = mem.stop()
     out = _summary(times, B, G)
+    out.update(curves)
     out.update(peak_mem=peak, peak_mem_how=mem.how, response_len=last["resp_len"], score=last["score"],
                kl=last["kl"], **{k: last["stats"][k] for k in ("policy_loss", "value_loss", "entropy", "grad_norm",
                                                                "approx_kl")})

@@ -4,11 +4,12 @@ Notation: B batch, T time (response tokens), V vocabulary, H hidden size, N toke
 Every op returns fp32 whatever the input dtype; the math is in ``shared/KERNELS.md`` and on the lines that compute it.
 Each op lives in its own file with its Triton kernel(s), launcher, ``autograd.Function`` and a pure-PyTorch ``*_ref``.
 """
-from ._aggregate import default_denominator
+from ._aggregate import aggregate_ref, default_denominator
 from ._backend import backend, get_backend, set_backend
 from .gae import gae, gae_ref
 from .kl import kl_penalty, kl_penalty_ref
 from .kl_controller import AdaptiveKLController, FixedKLController, adaptive_kl_coef
+from .linear_kl import linear_kl, linear_kl_ref
 from .linear_logprobs import linear_logprobs, linear_logprobs_ref
 from .logprobs import logprobs_from_logits, logprobs_from_logits_ref
 from .ppo_loss import ppo_policy_loss, ppo_policy_loss_ref
@@ -18,8 +19,10 @@ from .whiten import whiten, whiten_ref
 
 __all__ = [
     "backend", "get_backend", "set_backend",
-    "logprobs_from_logits", "linear_logprobs", "kl_penalty", "shape_rewards", "gae", "whiten",
-    "ppo_policy_loss", "ppo_value_loss", "default_denominator", "AdaptiveKLController", "FixedKLController", "adaptive_kl_coef",
-    "logprobs_from_logits_ref", "linear_logprobs_ref", "kl_penalty_ref", "shape_rewards_ref", "gae_ref", "whiten_ref",
+    "logprobs_from_logits", "linear_logprobs", "linear_kl", "kl_penalty", "shape_rewards", "gae", "whiten",
+    "ppo_policy_loss", "ppo_value_loss", "default_denominator", "aggregate_ref",
+    "AdaptiveKLController", "FixedKLController", "adaptive_kl_coef",
+    "logprobs_from_logits_ref", "linear_logprobs_ref", "linear_kl_ref", "kl_penalty_ref", "shape_rewards_ref", "gae_ref",
+    "whiten_ref",
     "ppo_policy_loss_ref", "ppo_value_loss_ref",
 ]

@@ -26,5 +26,11 @@ def as_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return (mask != 0).to(torch.float32)
 
 
+def no_autocast(t: torch.Tensor):
+    """A context that turns autocast off on ``t``'s device: the fused ops choose their own precision (fp32
+    accumulation), and their CPU paths' torch matmuls must not be recast to bf16 (rounded logits) by an outer autocast."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ._backend import interpreting, use_triton
 from ._lse import M_INIT, lse_tile_update, merge_partials
-from ._utils import check_float
+from ._utils import check_float, no_autocast
 from .logprobs import check_labels, logprobs_from_logits_ref
 
 # Backward chunk budget: bytes of G (input dtype) per chunk; CPU-path fp32 temporaries use the same element count × 4 B.
@@ -321,10 +321,22 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
 
 def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
     """x [N, H], w [V, H], b [V]|None, y/lse/ent/g_lp/g_h [N] → (dx [N, H], dw [V, H], db [V]) (None where not needed)."""
+    dz_fn = _dz_triton if triton_path else _dz_torch
+
+    def dz_chunk(n0, n1, v0, v1):
+        return dz_fn(x[n0:n1], w[v0:v1], None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
+                     g_lp[n0:n1], g_h[n0:n1], v0, inv_tau)
+
+    return head_backward(x, w, b, dz_chunk, triton_path, need)
+
+
+def head_backward(x, w, b, dz_chunk, triton_path, need):
+    """The chunked head backward shared by the fused head kernels: for each token × vocab chunk, G = ``dz_chunk(n0, n1,
+    v0, v1)`` ([n1−n0, v1−v0], x's dtype, = ∂L/∂(x·Wᵀ + b)), then dX += G·W_chunk, dW_chunk = Gᵀ·X, db += Σ_n G (fp32
+    accumulation). x [N, H], w [V, H], b [V]|None; need = (dx, dw, db) flags → (dx, dw, db) (None where not needed)."""
     N, V = x.shape[0], w.shape[0]
     n_c, v_c = (_chunks(N, V, x.element_size()) if triton_path
                 else _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES)))
-    dz_fn = _dz_triton if triton_path else _dz_torch
     need_dx, need_dw, need_db = need
     dx32 = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
     one_token_chunk = n_c >= N
@@ -343,8 +355,7 @@ def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
         for v0 in range(0, V, v_c):
             v1 = min(V, v0 + v_c)
             wv = w[v0:v1]
-            g = dz_fn(xc, wv, None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
-                      g_lp[n0:n1], g_h[n0:n1], v0, inv_tau)  # G [n_c, v_c], input dtype
+            g = dz_chunk(n0, n1, v0, v1)  # G [n_c, v_c], input dtype
             if need_dx:
                 dx32[n0:n1] += _mm_fp32(g, wv)  # dX += G·W_chunk (fp32 product)
             if need_dw:
@@ -368,7 +379,8 @@ class _LinearLogProbs(torch.autograd.Function):
         if x.shape[0] == 0:  # no tokens: empty outputs (and zero gradients)
             logp = lse = ent = x.new_zeros(0, dtype=torch.float32)
         else:
-            logp, lse, ent = (_fwd_triton if triton_path else _fwd_torch)(x, w, b, y, inv_tau)
+            with no_autocast(x):
+                logp, lse, ent = (_fwd_triton if triton_path else _fwd_torch)(x, w, b, y, inv_tau)
         ctx.save_for_backward(x, w, b, y, lse, ent)
         ctx.inv_tau, ctx.triton_path = inv_tau, triton_path
         return logp, ent
@@ -380,7 +392,8 @@ class _LinearLogProbs(torch.autograd.Function):
         g_logp = torch.where((y >= 0) & (y < w.shape[0]), g_logp, 0.0).contiguous()  # ignored (or, on CUDA, unchecked ≥ V)
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need)
+        with no_autocast(x):
+            dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need)
         return dx, dw, db, None, None, None
 
 

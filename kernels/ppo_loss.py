@@ -1,12 +1,10 @@
 """Clipped PPO policy loss (+ optional KL-in-loss term), forward and backward fused.
 
-Math: KERNELS.md "Clipped PPO policy loss".
-
 Notation: B batch (rows), T response tokens, m the [B, T] mask.
 
     ρ = exp(clamp(logp − old, −20, 20))
     ℓ = max(−A ρ, −A clip(ρ, 1 − ε_low, 1 + ε_high));   dual clip c > 1: ℓ = min(ℓ, −c A) where A < 0
-    ℓ += β_loss · KL(estimator),  d = ref − logp:  k1 −d | k2 ½d² | k3 exp(d') − d' − 1 (d' = clamp(d, ±20)) | abs |d|
+    ℓ += β_loss · KL(estimator) of d = ref − logp, as defined once in ``kl.py`` (``kl_estimate`` / ``kl_estimator_ref``)
     loss = agg(ℓ, m)   (``_aggregate.py``: token-mean / seq-mean-token-mean / seq-mean-token-sum)
 
 Fusion (CUDA, 3 launches for forward + backward, no host sync):
@@ -26,9 +24,9 @@ import triton.language as tl
 
 from . import _aggregate as agg_mod
 from ._backend import interpreting, use_triton
+from .kl import ESTIMATORS, KL_CODE, KL_NAME, kl_estimate, kl_estimator_ref, kl_value_and_grad_torch
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
-KL_CODE = {"none": 0, "k1": 1, "k2": 2, "k3": 3, "abs": 4}   # constexpr KL_EST of the kernel
+KL_ESTIMATORS = ESTIMATORS
 METRICS_WITH_KL = ("clipfrac", "approx_kl", "kl")
 
 
@@ -76,22 +74,8 @@ def _ppo_fwd_kernel(
         dl = tl.where(dual, 0.0, dl)
         if KL_EST != 0:
             ref = tl.load(ref_ptr + row * s_ref_b + t * s_ref_t, mask=ok, other=0.0).to(tl.float32)
-            d = ref - logp                                                # d = ref − logp
-            if KL_EST == 1:
-                kl = -d                                                   # k1 = −d;        ∂/∂logp = 1
-                dkl = tl.zeros([BLOCK_T], dtype=tl.float32) + 1.0
-            elif KL_EST == 2:
-                kl = 0.5 * d * d                                          # k2 = ½ d²;      ∂/∂logp = −d
-                dkl = -d
-            elif KL_EST == 3:
-                dc = tl.minimum(tl.maximum(d, -20.0), 20.0)               # d' = clamp(d, −20, 20)
-                e = tl.exp(dc)
-                kl = e - dc - 1.0                                         # k3 = e^d' − d' − 1
-                # ∂k3/∂logp = 1 − e^d' inside the clamp (|d| ≤ 20), 0 outside
-                dkl = tl.where(tl.abs(d) <= 20.0, 1.0 - e, 0.0)
-            else:
-                kl = tl.abs(d)                                            # abs = |d|;      ∂/∂logp = −sign(d)
-                dkl = tl.where(d > 0, -1.0, tl.where(d < 0, 1.0, 0.0))
+            kl, dk_dd = kl_estimate(ref - logp, KL_EST)                   # KL(d), d = ref − logp
+            dkl = -dk_dd                                                  # ∂KL/∂logp = −∂KL/∂d
             loss += kl_coef * kl                                          # ℓ += β_loss KL
             dl += kl_coef * dkl
             acc_kl += tl.where(m, kl, 0.0)
@@ -140,19 +124,6 @@ def _rows_triton(logp, old, adv, mask, ref, lo, hi, dual_c, kl_coef, kl_code, ne
 # ----------------------------------------------------------------------------------------------------------------------
 # Torch (CPU path): the same fused forward, vectorised, with the analytic derivative.
 # ----------------------------------------------------------------------------------------------------------------------
-def kl_and_grad_torch(d: torch.Tensor, kl_code: int):
-    """Per-token KL estimator of d = ref − logp and its derivative ∂KL/∂logp (fp32)."""
-    if kl_code == 1:
-        return -d, torch.ones_like(d)                                      # k1 = −d
-    if kl_code == 2:
-        return 0.5 * d * d, -d                                             # k2 = ½ d²
-    if kl_code == 3:
-        dc = d.clamp(-20.0, 20.0)
-        e = torch.exp(dc)
-        return e - dc - 1.0, torch.where(d.abs() <= 20.0, 1.0 - e, 0.0)    # k3 = e^d' − d' − 1
-    return d.abs(), -torch.sign(d)                                         # abs = |d|
-
-
 def _rows_torch(logp, old, adv, mask, ref, lo, hi, dual_c, kl_coef, kl_code, need_grad):
     """Same contract as ``_rows_triton``."""
     f32 = torch.float32
@@ -171,7 +142,8 @@ def _rows_torch(logp, old, adv, mask, ref, lo, hi, dual_c, kl_coef, kl_code, nee
         dl = torch.where(dual, 0.0, dl)
     cols = [torch.where(m, loss, 0.0), m.to(f32), (m & clipped).to(f32), torch.where(m, 0.5 * r * r, 0.0)]
     if kl_code:
-        kl, dkl = kl_and_grad_torch(ref.to(f32) - logp, kl_code)
+        kl, dk_dd = kl_value_and_grad_torch(ref.to(f32) - logp, KL_NAME[kl_code])   # KL(d), d = ref − logp
+        dkl = -dk_dd                                                       # ∂KL/∂logp
         cols[0] = torch.where(m, loss + kl_coef * kl, 0.0)                  # ℓ += β_loss KL
         dl = dl + kl_coef * dkl
         cols.append(torch.where(m, kl, 0.0))
@@ -259,20 +231,6 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, c
 # ----------------------------------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------------------------------
-def kl_estimator_ref(d: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL(π ‖ π_ref) estimator of d = ref_logp − logp (KERNELS.md "Per-token KL estimators")."""
-    if estimator == "k1":
-        return -d                                                          # k1 = −d
-    if estimator == "k2":
-        return 0.5 * d ** 2                                                # k2 = ½ d²
-    if estimator == "k3":
-        dc = d.clamp(-20.0, 20.0)
-        return torch.exp(dc) - dc - 1.0                                    # k3 = exp(d) − d − 1, d clamped to ±20
-    if estimator == "abs":
-        return d.abs()                                                     # abs = |d|
-    raise ValueError(f"kl_estimator_ref: estimator={estimator!r}; expected one of {KL_ESTIMATORS}")
-
-
 def ppo_policy_loss_ref(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None,
                         ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", agg="token-mean", normalizer=None):
     """Plain eager PyTorch formula (same arguments and returns as ``ppo_policy_loss``); autograd gives the reference

@@ -13,8 +13,9 @@ from benchmarks.ppo import (CSV_COLUMNS, SHAPES, _summary, _write_csv, build_che
 def test_model_flops_match_counted_matmuls(tmp_path):
     """torch's FlopCounterMode over real iterations (warm-up + 1) counts every mm/addmm our PPO core runs. It must equal
     model_flops without the attention term (CPU SDPA is not counted by FlopCounterMode), up to the logits that
-    linear_logprobs may recompute in backward (at most 2·N·H·V per trained response token batch) and the 1-wide score
-    heads (2·H per token, < 0.1 %)."""
+    linear_logprobs may recompute in backward (at most 2·N·H·V per trained response token batch), the engine's second
+    head pass per decode step for the sampled token's log-prob (2·B·G·H·V: the training head's kernel) and the 1-wide
+    score heads (2·H per token, < 0.1 %)."""
     from torch.utils.flop_counter import FlopCounterMode
     ck = build_checkpoints("smoke", tmp_path, seed=0)
     threads = torch.get_num_threads()
@@ -30,6 +31,7 @@ def test_model_flops_match_counted_matmuls(tmp_path):
     S = SHAPES["smoke"]
     m = S["model"]
     recompute = S["epochs"] * S["B"] * S["G"] * 2 * m["hidden_size"] * m["vocab_size"]
+    recompute += S["B"] * S["G"] * 2 * m["hidden_size"] * m["vocab_size"]  # rollout log-probs: head_logprobs
     expected = mf["total"] - mf["attention"]
     assert expected * 0.999 <= counted <= (expected + recompute) * 1.01, (counted, expected, recompute)
 

@@ -14,7 +14,7 @@ import torch
 from fastrlhf.benchmarks import kernels as runner
 from fastrlhf.benchmarks.timing import bench, bench_interleaved, peak_extra_mib
 
-OPS_IN_CSV = {"logprobs", "linear_logprobs", "gae+whiten", "ppo_loss+k3+value"}
+OPS_IN_CSV = {"logprobs", "linear_logprobs", "kl_full_vs_estimators", "gae+whiten", "ppo_loss+k3+value"}
 
 
 def _read(path):
@@ -25,7 +25,7 @@ def _read(path):
 
 
 def test_runner_end_to_end_writes_wellformed_csv(tmp_path, capsys):
-    """All four ops at the 'smoke' preset with minimal timing budgets; then a second run appends to the same CSV."""
+    """All ops at the 'smoke' preset with minimal timing budgets; then a second run appends to the same CSV."""
     path = tmp_path / "results.csv"
     assert runner.main(["--shape", "smoke", "--warmup-ms", "0", "--rep-ms", "0", "--csv", str(path)]) == 0
     printed = capsys.readouterr().out
@@ -38,6 +38,9 @@ def test_runner_end_to_end_writes_wellformed_csv(tmp_path, capsys):
         provs = {r["provider"] for r in rows if r["op"] == op}
         assert {"fastrlhf", "eager"} <= provs, (op, provs)
     assert {r["mode"] for r in rows if r["op"] == "logprobs"} == {"fwd", "fwd+bwd"}
+    assert {r["provider"] for r in rows if r["op"] == "kl_full_vs_estimators"} == {
+        "fastrlhf", "eager", "k1-logprobs", "k3-logprobs"}
+    assert "mean |k3 − KL|" in printed
     for r in rows:
         assert len(r) == len(runner.CSV_COLUMNS) and all(r[c] != "" for c in runner.CSV_COLUMNS), r
         med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.engine.sampling import SamplingParams, sample
+from fastrlhf.kernels.head import compute_dtype, head_logits, head_logprobs
 
 MEMORY_POLICIES = ("keep", "free")
 
@@ -65,7 +66,8 @@ class Rollout:
     prompt_mask   [B, P] int64, 1 = real token
     response_ids  [B, G] int64, padded after EOS with the pad id (the EOS itself is kept and is a valid token)
     response_mask [B, G] int64, 1 = generated token up to and including EOS
-    logprobs      [B, G] fp32 log-probs of the sampled tokens under the sampling distribution (0 where masked)
+    logprobs      [B, G] fp32 log-probs of the sampled tokens under the sampling distribution (0 where masked); without
+                  top-k / top-p computed by the training head's kernel (``fastrlhf.kernels.head.head_logprobs``)
     lengths       [B] int64, number of valid response tokens
     """
 
@@ -363,8 +365,7 @@ class HybridEngine:
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P] position ids under left padding
             h = self.model.hidden_states(ids, position_ids=pos, attention_mask=buf.mask[:B], kv_cache=self.cache,
                                          cache_pos=torch.arange(P, device=self.device))
-            logits = self.model.lm_head(h[:, -1])  # [B, V]
-            tok, lp = sample(logits, params, buf.uniform[:B, P - 1] if not params.greedy else None)
+            tok, lp = self._sample_head(h[:, -1], params, buf.uniform[:B, P - 1] if not params.greedy else None)
             buf.tokens[:B, P] = tok
             buf.logp[:B, P] = lp
             buf.done[:B] = (tok[:, None] == eos_t).any(-1)
@@ -430,6 +431,20 @@ class HybridEngine:
         return ids, mask
 
     # ------------------------------------------------------------------------------------------------ decode step
+    def _sample_head(self, h: Tensor, params: SamplingParams, u: Tensor | None):
+        """(tokens [b], log-probs [b] fp32) from the last hidden states h [b, H], with the training head's numerics
+        (``fastrlhf.kernels.head``): the sampler reads fp32 logits of the compute-dtype operands (never bf16-rounded
+        logits), and when it samples from the model's own distribution (τ > 0, no top-k / top-p) the token's log-prob
+        is ``head_logprobs`` — the fused kernel PPO's old / new log-probs use — so a rollout's log-probs are the ones a
+        teacher-forced forward recomputes (up to the KV-cache path of the hidden states). Cost: one more pass over the
+        head per decode step (2·b·H·V FLOPs, one read of W) for that log-prob."""
+        w = self.model.lm_head.weight
+        w = w.to(compute_dtype(w))  # cast once per step (fp32 masters -> bf16 under autocast); a no-op below
+        tok, lp = sample(head_logits(h, w), params, u)
+        if not params.greedy and not params.filtered:
+            lp = head_logprobs(h, w, tok, temperature=params.temperature)
+        return tok, lp
+
     def _step(self, key: _StepKey, eos_t: Tensor) -> None:
         """One decode step on the static buffers of bucket ``key.bucket`` (graph-capturable: no host syncs, no
         allocation that outlives the step, only tensor-indexed reads/writes)."""
@@ -439,9 +454,8 @@ class HybridEngine:
         buf.mask.index_fill_(1, cp, 1)  # its key becomes valid
         h = self.model.hidden_states(cur, position_ids=buf.pos, attention_mask=buf.mask, kv_cache=self.cache,
                                      cache_pos=cp)  # [b, 1, H]
-        logits = self.model.lm_head(h[:, -1])  # [b, V]
         u = None if key.params.greedy else buf.uniform.index_select(1, cp).squeeze(1)  # [b]
-        tok, lp = sample(logits, key.params, u)
+        tok, lp = self._sample_head(h[:, -1], key.params, u)
         tok = tok.masked_fill(buf.done, key.pad)  # finished rows emit pad with log-prob 0
         lp = lp.masked_fill(buf.done, 0.0)
         nxt = cp + 1

@@ -35,3 +35,12 @@ def load_sharded(path, env: D.DistEnv, *, head: str = "lm", dtype: torch.dtype =
     if weights:
         D.load_full_state(model, full, strict=True)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set p = 0 on every dropout module (e.g. peft's ``lora_dropout``), in place: a forward in train mode then
+    computes the same function as in eval mode (PPO's old and new log-probs must come from one function)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+    return model

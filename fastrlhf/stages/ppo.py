@@ -27,7 +27,7 @@ from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.build import load_sharded
+from fastrlhf.runtime.build import disable_dropout, load_sharded
 from fastrlhf import kernels as K
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                          load_training_state, resolve_resume, save_checkpoint, seed_everything, set_rng_state,
@@ -39,9 +39,10 @@ from fastrlhf.runtime.lora import adapters_disabled, add_lora, check_lora_state_
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import load_tokenizer
 from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
-from fastrlhf.runtime.device import use_autocast
+from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.optim import ADAM_BETAS, ADAM_EPS, adamw_groups, make_adamw
-from fastrlhf.stages.ppo_core import make_experience, masked_mean, ppo_update
+from fastrlhf.stages.ppo_core import (KL_ESTIMATORS, OLD_LOGPROBS, logprob_mismatch, make_experience, masked_mean,
+                                      ppo_update)
 from fastrlhf.stages.sections import RunSection
 
 
@@ -75,12 +76,17 @@ class PPOOptimSection:
 
 @dataclass
 class KLSection:
-    """The per-token KL penalty to the reference (SFT) policy in the reward."""
+    """The KL to the reference (SFT) policy: a per-token penalty in the reward, and optionally a term in the loss."""
 
     kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
     adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
     kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller")
     kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller")
+    kl_estimator: str = param("k1", "per-token KL in the reward: k1 | k2 | k3 | abs of the sampled tokens' log-probs, "
+                              "or full: the exact KL over the whole vocabulary (fused, from both models' hidden "
+                              "states and heads)", choices=KL_ESTIMATORS)
+    kl_loss_coef: float = param(0.0, "β_loss of a KL term in the policy loss against the reference (0 = off)")
+    kl_loss_estimator: str = param("k3", "KL of the loss term: k1 | k2 | k3 | abs | full", choices=KL_ESTIMATORS)
 
 
 @dataclass
@@ -89,7 +95,8 @@ class LoRASection:
 
     rank: int = param(0, "LoRA rank of the policy; 0 = train all weights", flat="lora_rank")
     alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)", flat="lora_alpha")
-    dropout: float = param(0.0, "dropout on the LoRA input", flat="lora_dropout")
+    dropout: float = param(0.0, "dropout on the LoRA input (PPO turns every dropout off: the old and new log-probs "
+                           "must come from one function for the ratio to be exact)", flat="lora_dropout")
     targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                "linear layers that get adapters", flat="lora_targets")
 
@@ -104,6 +111,9 @@ class LossSection:
     lam: float = param(0.95, "GAE λ")
     whiten_advantages: bool = param(True, "normalise advantages to mean 0, std 1 over valid tokens")
     missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)")
+    old_logprobs: str = param("recompute", "behaviour log-probs: recompute (a policy forward before the update) | "
+                              "rollout (the engine's, same head kernel; skips that forward; needs top_k 0, top_p 1)",
+                              choices=OLD_LOGPROBS)
 
 
 @dataclass
@@ -186,6 +196,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             raise ValueError(f"ppo: the field '{name}' is required (see fastrlhf ppo --help)")
     if cfg.minibatch_size <= 0 or cfg.batch_size <= 0 or cfg.minibatch_size > cfg.batch_size:
         raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
+    if cfg.loss.old_logprobs == "rollout" and (cfg.sampling.top_k > 0 or cfg.sampling.top_p < 1.0):
+        raise ValueError("ppo: old_logprobs rollout needs top_k 0 and top_p 1 (with filtering the engine's log-probs are "
+                         "those of the filtered distribution, not the policy's); use old_logprobs recompute")
     env = D.init(cfg.run.device)
     device = env.device
     if env.launched and cfg.optim.optimizer != "adamw":
@@ -197,16 +210,19 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 
     # Models: policy (trained) and value (trained); reference and reward (frozen).
     tokenizer = load_tokenizer(cfg.policy)
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bf16 = use_autocast(cfg.run.mixed_precision, device)
+    # One precision for all four models (fp32 weights, bf16 autocast where enabled): the reference then computes
+    # exactly like the policy (KL 0 at step 0) and the reward model scores like it did when its bias was fixed.
+    prec = model_precision(cfg.run.mixed_precision, device)
+    bf16 = prec.bf16_compute
     ref_context = None
     # FSDP2-sharded under torchrun (weights broadcast from rank 0; the frozen ones for inference only), else plain.
     # Resuming, the trained weights (policy, value) come from the checkpoint's sharded training state instead.
     resume_state = resume_from is not None and has_training_state(resume_from)
     if cfg.lora.rank > 0:  # LoRA: the base weights stay the SFT model's; the reference is the adapter switched off
-        policy = load_sharded(cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state,
-                                prepare=lambda m: add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                                                           dropout=cfg.lora.dropout, targets=cfg.lora.targets))
+        policy = load_sharded(cfg.policy, env, head="lm", dtype=prec.weights, bf16_compute=bf16,
+                              weights=not resume_state,
+                              prepare=lambda m: add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                                                         dropout=cfg.lora.dropout, targets=cfg.lora.targets))
         if resume_from is not None and not resume_state:  # an older checkpoint: the adapter file (read by rank 0)
             adapter = load_safetensors(str(resume_from / LORA_FILE)) if env.is_main else {}
             if env.is_main:
@@ -214,19 +230,22 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             D.load_full_state(policy, adapter, strict=False)
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
-        policy = load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state)
-        ref = load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze)
+        policy = load_sharded(resume_from or cfg.policy, env, head="lm", dtype=prec.weights, bf16_compute=bf16,
+                              weights=not resume_state)
+        ref = load_sharded(cfg.policy, env, head="lm", dtype=prec.weights, bf16_compute=bf16, prepare=_freeze)
+    disable_dropout(policy)  # e.g. lora_dropout: train-mode forwards must equal the eval-mode old log-probs
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
     policy.config.gradient_checkpointing = cfg.run.gradient_checkpointing
-    reward = load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
+    reward = load_sharded(cfg.reward_model, env, head="score", dtype=prec.weights, bf16_compute=bf16, prepare=_freeze)
     value_init = (resume_from / "value_model") if resume_from else (cfg.value_model or cfg.reward_model)
-    value = load_sharded(value_init, env, head="score", bf16_compute=bf16, weights=not resume_state)
+    value = load_sharded(value_init, env, head="score", dtype=prec.weights, bf16_compute=bf16, weights=not resume_state)
+    disable_dropout(value)
     policy.train(), value.train()
     policy_opt = make_optimizer(policy, kind=cfg.optim.optimizer, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     value_opt = make_optimizer(value, kind=cfg.optim.optimizer, lr=cfg.optim.value_lr, weight_decay=cfg.optim.weight_decay)
     kl_ctl = (K.AdaptiveKLController(cfg.kl.kl_coef, cfg.kl.kl_target, cfg.kl.kl_horizon) if cfg.kl.adaptive_kl
               else K.FixedKLController(cfg.kl.kl_coef))
-    compute_dtype = torch.bfloat16 if use_autocast(cfg.run.mixed_precision, device) else None
+    compute_dtype = prec.autocast
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
     gather = D.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)  # mode "local" when unsharded
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype, weight_gather=gather)
@@ -304,7 +323,10 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                   eos_token_id=tokenizer.eos_token_id,
                                   missing_eos_penalty=cfg.loss.missing_eos_penalty or None,
                                   forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                                  ref_context=ref_context, whiten_advantages=cfg.loss.whiten_advantages)
+                                  ref_context=ref_context, whiten_advantages=cfg.loss.whiten_advantages,
+                                  old_logprobs=cfg.loss.old_logprobs, kl_estimator=cfg.kl.kl_estimator,
+                                  keep_ref_hidden=cfg.kl.kl_loss_coef != 0.0 and cfg.kl.kl_loss_estimator == "full")
+            beta = kl_ctl.value  # the β that shaped these rewards (logged below; the controller updates after)
             policy.train(), value.train()
             t2 = time.perf_counter()
             # 8. PPO epochs over minibatches
@@ -313,15 +335,23 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.loss.clip_eps,
                                vf_clip_eps=cfg.loss.vf_clip_eps, temperature=cfg.sampling.temperature,
                                max_grad_norm=cfg.optim.max_grad_norm or None, autocast=autocast, generator=gen,
-                               ptx_batches=ptx_batches, ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn)
+                               ptx_batches=ptx_batches, ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn,
+                               kl_loss_coef=cfg.kl.kl_loss_coef, kl_loss_estimator=cfg.kl.kl_loss_estimator,
+                               ref_head_weight=ref.lm_head_weight)
             t3 = time.perf_counter()
             # KL per sequence (nats), mean over all ranks' rollouts: the quantity the adaptive controller targets
             seq_kl = D.reduce_metrics({"kl": float((exp.kl * exp.mask).sum(-1).mean())})["kl"]
-            kl_ctl.update(seq_kl, cfg.batch_size * env.world_size)
             n_tok = int(exp.mask.sum())
+            # rollout log-probs vs the first forward on the same weights: the recomputed old log-probs, or (rollout
+            # mode) the update's first minibatch before any optimizer step
+            if cfg.loss.old_logprobs == "recompute":
+                mm_mean, mm_max = logprob_mismatch(exp.rollout_logprobs, exp.old_logprobs, exp.mask)
+            else:
+                mm_mean, mm_max = stats["first_forward_mismatch_mean"], stats["first_forward_mismatch_max"]
             metrics = {
-                "step": step + 1, "score": float(exp.scores.mean()), "kl": seq_kl, "kl_coef": float(kl_ctl.value),
-                "non_score_reward": float((-kl_ctl.value * exp.kl * exp.mask).sum(-1).mean()),
+                "step": step + 1, "score": float(exp.scores.mean()), "kl": seq_kl, "kl_coef": float(beta),
+                "non_score_reward": float((-beta * exp.kl * exp.mask).sum(-1).mean()),
+                "logprob_mismatch_mean": mm_mean, "logprob_mismatch_max": mm_max, "kl_loss": stats["kl_loss"],
                 "entropy": stats["entropy"], "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"],
                 "policy_loss": stats["policy_loss"], "value_loss": stats["value_loss"],
                 "vf_clipfrac": stats["vf_clipfrac"], "ptx_loss": stats["ptx_loss"], "grad_norm": stats["grad_norm"],
@@ -333,7 +363,9 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                 "peak_mem_gb": peak_memory_gb(device),
             }
             metrics = D.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
-                                       max_keys=("peak_mem_gb", "time/generate", "time/experience", "time/train"))
+                                       max_keys=("peak_mem_gb", "time/generate", "time/experience", "time/train",
+                                                 "logprob_mismatch_max"))
+            kl_ctl.update(seq_kl, cfg.batch_size * env.world_size)  # β for the next iteration's rewards
             stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
             if not math.isfinite(metrics["policy_loss"]) or not math.isfinite(metrics["value_loss"]):
                 raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "

@@ -22,8 +22,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastrlhf.runtime import distributed as D
 from fastrlhf import kernels as K
+from fastrlhf.kernels.head import head_kl, head_logprobs
+from fastrlhf.runtime import distributed as D
+
+OLD_LOGPROBS = ("recompute", "rollout")
+KL_ESTIMATORS = (*K.kl.ESTIMATORS, "full")  # the per-token estimators of log-probs, or the exact full-vocabulary KL
 
 
 @dataclass
@@ -35,15 +39,17 @@ class Experience:
     position_ids: torch.Tensor  # [B, P+G]
     response_ids: torch.Tensor  # [B, G]
     mask: torch.Tensor  # [B, G] fp32, 1 = valid response token
-    old_logprobs: torch.Tensor  # [B, G] policy log-probs before the update
+    old_logprobs: torch.Tensor  # [B, G] policy log-probs before the update (the behaviour policy's)
     ref_logprobs: torch.Tensor  # [B, G]
     old_values: torch.Tensor  # [B, G]
     rewards: torch.Tensor  # [B, G] shaped per-token rewards
     advantages: torch.Tensor  # [B, G] whitened
     returns: torch.Tensor  # [B, G]
     scores: torch.Tensor  # [B] reward-model scores (after the missing-EOS penalty)
-    kl: torch.Tensor  # [B, G] per-token KL estimate (k1) used in the reward
+    kl: torch.Tensor  # [B, G] per-token KL (the configured estimator) used in the reward
     prompt_len: int  # P
+    rollout_logprobs: torch.Tensor | None = None  # [B, G] the engine's log-probs of the sampled tokens
+    ref_hidden: torch.Tensor | None = None  # [B, G, H] the reference's response hidden states (full-KL loss term)
 
     def minibatch(self, idx: torch.Tensor) -> "Experience":
         fields = {}
@@ -58,17 +64,29 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp_min(0)
 
 
+def response_hidden(model, input_ids, attention_mask, position_ids, prompt_len: int) -> torch.Tensor:
+    """Hidden states that predict each response token: h[:, P-1:-1].  -> [B, G, H]"""
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # [B, P+G, H]
+    return hidden[:, prompt_len - 1 : -1]
+
+
 def response_logprobs(model, input_ids, attention_mask, position_ids, response_ids, prompt_len: int, *,
-                      temperature: float = 1.0, return_entropy: bool = False):
+                      temperature: float = 1.0, return_entropy: bool = False, hidden: torch.Tensor | None = None):
     """Log-probs of ``response_ids`` under ``model`` (a CausalLM), without materializing [B, G, V] logits.
 
-    Hidden state at position P-1+t predicts response token t:  h[:, P-1:-1] -> linear_logprobs against the LM head.
-    Returns logp [B, G] fp32 (and entropy [B, G]).
+    Hidden state at position P-1+t predicts response token t:  h[:, P-1:-1] -> ``head_logprobs`` (the fused
+    linear_logprobs kernel in the compute precision, the same head numerics as the engine's sampling).
+    hidden: the [B, G, H] response hidden states when already computed. Returns logp [B, G] fp32 (and entropy [B, G]).
     """
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # [B, P+G, H]
-    h = hidden[:, prompt_len - 1 : -1]  # [B, G, H]
-    return K.linear_logprobs(h, model.lm_head_weight, response_ids, temperature=temperature,
-                             return_entropy=return_entropy)
+    h = hidden if hidden is not None else response_hidden(model, input_ids, attention_mask, position_ids, prompt_len)
+    return head_logprobs(h, model.lm_head_weight, response_ids, temperature=temperature, return_entropy=return_entropy)
+
+
+def logprob_mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, max) of |a − b| over valid tokens (one process: this rank's tokens; 0 when there are none)."""
+    d = (a.float() - b.float()).abs() * mask
+    n = mask.sum()
+    return (float(d.sum() / n) if n > 0 else 0.0), float(d.max()) if d.numel() else 0.0
 
 
 def response_values(value_model, input_ids, attention_mask, position_ids, prompt_len: int) -> torch.Tensor:
@@ -94,26 +112,50 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
                     lam: float, temperature: float, eos_token_id: int | None, missing_eos_penalty: float | None,
                     forward_batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
                     ref_context: Callable[[], contextlib.AbstractContextManager] | None = None,
-                    whiten_advantages: bool = True) -> Experience:
+                    whiten_advantages: bool = True, old_logprobs: str = "recompute", kl_estimator: str = "k1",
+                    keep_ref_hidden: bool = False) -> Experience:
     """Steps 3-7 for one rollout. ``ref_context`` (e.g. LoRA's adapter-disabled context) wraps the reference forward
-    when ``ref_policy`` is the policy itself."""
+    when ``ref_policy`` is the policy itself.
+
+    old_logprobs: "recompute" (a policy forward gives the old log-probs) or "rollout" (the engine's log-probs are the
+    behaviour policy's; the forward is skipped unless the full KL needs the policy's hidden states).
+    kl_estimator: the reward's per-token KL: "k1" | "k2" | "k3" | "abs" of (old, ref) log-probs, or "full", the exact
+    KL over the vocabulary from both models' hidden states and heads (``kernels.linear_kl``).
+    keep_ref_hidden: keep the reference's response hidden states in the experience (the full-KL loss term).
+    """
+    if old_logprobs not in OLD_LOGPROBS:
+        raise ValueError(f"make_experience: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"make_experience: kl_estimator={kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+    need_hidden = kl_estimator == "full" or keep_ref_hidden
     input_ids, attention_mask = rollout.sequences()  # [B, P+G]
     position_ids = positions_from_mask(attention_mask)
     P = rollout.prompt_ids.shape[1]
     mask = rollout.response_mask.float()  # [B, G]
     B = input_ids.shape[0]
-    old_lp, ref_lp, vals, scores = [], [], [], []
+    old_lp, ref_lp, vals, scores, kl_full, ref_h = [], [], [], [], [], []
     for sl in _chunks(B, forward_batch_size):
         args = (input_ids[sl], attention_mask[sl], position_ids[sl])
+        resp = rollout.response_ids[sl]
         with autocast():
             # 3. score: reward model at the last valid token of prompt+response
             scores.append(sequence_scores(reward_model, *args))
-            # 4. old log-probs (a fresh forward, same numerics as the update), reference log-probs, values
-            old_lp.append(response_logprobs(policy, *args, rollout.response_ids[sl], P, temperature=temperature))
+            # 4. old log-probs (a fresh forward, same numerics as the update, unless the rollout's are used),
+            #    reference log-probs, values
+            h_pol = response_hidden(policy, *args, P) if (old_logprobs == "recompute" or need_hidden) else None
+            if old_logprobs == "recompute":
+                old_lp.append(response_logprobs(policy, *args, resp, P, temperature=temperature, hidden=h_pol))
             with (ref_context() if ref_context is not None else contextlib.nullcontext()):
-                ref_lp.append(response_logprobs(ref_policy, *args, rollout.response_ids[sl], P, temperature=temperature))
+                h_ref = response_hidden(ref_policy, *args, P)
+                ref_lp.append(response_logprobs(ref_policy, *args, resp, P, temperature=temperature, hidden=h_ref))
+            if kl_estimator == "full":  # KL(π ‖ π_ref) = Σ_v p_v (log p_v − log q_v) per response token
+                kl_full.append(head_kl(h_pol, policy.lm_head_weight, h_ref, ref_policy.lm_head_weight,
+                                       mask=rollout.response_mask[sl], temperature=temperature))
+            if keep_ref_hidden:
+                ref_h.append(h_ref.detach())
             vals.append(response_values(value_model, *args, P))
-    old_logprobs = torch.cat(old_lp) * mask
+    rollout_lp = rollout.logprobs.float() * mask
+    old_logprobs_t = torch.cat(old_lp) * mask if old_logprobs == "recompute" else rollout_lp
     ref_logprobs = torch.cat(ref_lp) * mask
     old_values = torch.cat(vals) * mask
     score = torch.cat(scores)
@@ -122,7 +164,10 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
         has_eos = ((rollout.response_ids == eos_token_id) & rollout.response_mask.bool()).any(-1)
         score = torch.where(has_eos, score, score - missing_eos_penalty)
     # 5. per-token rewards: r_t = -beta * KL_t * m_t, score added at the last valid token
-    kl = K.kl_penalty(old_logprobs, ref_logprobs, estimator="k1") * mask
+    if kl_estimator == "full":
+        kl = torch.cat(kl_full) * mask
+    else:
+        kl = K.kl_penalty(old_logprobs_t, ref_logprobs, estimator=kl_estimator) * mask
     rewards = K.shape_rewards(score, kl, mask, kl_coef=kl_coef)
     # 6. GAE over valid tokens
     advantages, returns = K.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
@@ -130,9 +175,10 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
     if whiten_advantages:
         advantages = whiten_across_ranks(advantages, mask)
     return Experience(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      response_ids=rollout.response_ids, mask=mask, old_logprobs=old_logprobs,
+                      response_ids=rollout.response_ids, mask=mask, old_logprobs=old_logprobs_t,
                       ref_logprobs=ref_logprobs, old_values=old_values, rewards=rewards, advantages=advantages,
-                      returns=returns, scores=score, kl=kl, prompt_len=P)
+                      returns=returns, scores=score, kl=kl, prompt_len=P, rollout_logprobs=rollout_lp,
+                      ref_hidden=torch.cat(ref_h) if keep_ref_hidden else None)
 
 
 def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -161,19 +207,28 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                clip_eps: float, vf_clip_eps: float, temperature: float, max_grad_norm: float | None,
                autocast: Callable[[], contextlib.AbstractContextManager], generator: torch.Generator | None = None,
                ptx_batches: Iterator | None = None, ptx_coef: float = 0.0, ptx_loss_fn=None,
-               agg: str = "token-mean", on_minibatch: Callable[[], None] | None = None) -> dict[str, float]:
+               agg: str = "token-mean", on_minibatch: Callable[[], None] | None = None, kl_loss_coef: float = 0.0,
+               kl_loss_estimator: str = "k3", ref_head_weight: torch.Tensor | None = None) -> dict[str, float]:
     """Step 8: ``epochs`` passes over the experience in shuffled minibatches of ``minibatch_size`` rollouts.
 
     Policy loss: clipped surrogate; value loss: clipped squared error (both fused kernels). The policy and value
     models have separate optimizers (InstructGPT trains separate policy and value networks).
     PPO-ptx: ``ptx_coef * ptx_loss_fn(policy, batch)`` added to the policy loss for each minibatch.
+    KL loss term (GRPO style, ``kl_loss_coef`` > 0): β_loss · agg(KL_t) against the reference, KL_t one of the per-token
+    estimators of (logp, ref_logp) inside the fused policy loss, or "full": the exact KL over the vocabulary from the
+    policy's hidden states and the reference's kept ones (``exp.ref_hidden``, head ``ref_head_weight``).
+    Returned with the means: ``first_forward_mismatch_mean`` / ``_max``, |logp − rollout log-prob| over the first
+    minibatch's valid tokens in the first forward (before any optimizer step), when the experience has rollout log-probs.
     Data parallel (FSDP-sharded models): the token-mean denominator is the minibatch's token count over all ranks
     (``normalizer`` = global count / world, since FSDP averages gradients), and a non-finite loss on any rank stops all.
     """
     B = exp.input_ids.shape[0]
     # detached scalar tensors, averaged and copied to the host once at the end (no sync per statistic per minibatch)
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl",
-                                                              "vf_clipfrac", "entropy", "ptx_loss", "grad_norm")}
+                                                              "vf_clipfrac", "entropy", "ptx_loss", "grad_norm",
+                                                              "kl_loss")}
+    first: dict[str, float] = {}
+    est_in_loss = kl_loss_estimator if (kl_loss_coef != 0.0 and kl_loss_estimator != "full") else "k3"
     for _epoch in range(epochs):
         perm = torch.randperm(B, generator=generator, device="cpu").to(exp.input_ids.device)
         for sl in _chunks(B, minibatch_size):
@@ -182,10 +237,24 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             # the denominator of `agg` over all ranks' rollouts of this minibatch / world (one process: the local one)
             norm = D.all_reduce_sum(K.default_denominator(mb.mask, agg)) / D.world_size()
             with autocast():
+                h = response_hidden(policy, *args, mb.prompt_len)
                 logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
-                                              return_entropy=True)
+                                              return_entropy=True, hidden=h)
+                if not first and mb.rollout_logprobs is not None:  # the update's first forward vs the rollout's
+                    first["mean"], first["max"] = logprob_mismatch(logp.detach(), mb.rollout_logprobs, mb.mask)
+                in_loss = kl_loss_coef != 0.0 and kl_loss_estimator != "full"
                 pg_loss, pg_metrics = K.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
-                                                        clip_eps=clip_eps, agg=agg, normalizer=norm)
+                                                        clip_eps=clip_eps, agg=agg, normalizer=norm,
+                                                        ref_logprobs=mb.ref_logprobs if in_loss else None,
+                                                        kl_coef=kl_loss_coef if in_loss else 0.0,
+                                                        kl_estimator=est_in_loss)
+                if in_loss:
+                    stats["kl_loss"].append(pg_metrics["kl"])
+                if kl_loss_coef != 0.0 and kl_loss_estimator == "full":  # ℓ += β_loss · agg(KL_full)
+                    kl_tok = head_kl(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight, mask=mb.mask,
+                                     temperature=temperature)
+                    pg_loss = pg_loss + kl_loss_coef * K.aggregate_ref(kl_tok, mb.mask, agg, norm)
+                    stats["kl_loss"].append(K.aggregate_ref(kl_tok.detach(), mb.mask, "token-mean"))
                 values = response_values(value_model, *args, mb.prompt_len)
                 vf_loss, vf_metrics = K.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
                                                        clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
@@ -214,4 +283,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             stats["approx_kl"].append(pg_metrics["approx_kl"])
             stats["vf_clipfrac"].append(vf_metrics["vf_clipfrac"])
             stats["entropy"].append((ent.detach().float() * mb.mask).sum() / mb.mask.sum().clamp_min(1))
-    return {k: (float(torch.stack([t.float() for t in v]).mean()) if v else math.nan) for k, v in stats.items()}
+    out = {k: (float(torch.stack([t.float() for t in v]).mean()) if v else math.nan) for k, v in stats.items()}
+    out["first_forward_mismatch_mean"] = first.get("mean", math.nan)
+    out["first_forward_mismatch_max"] = first.get("max", math.nan)
+    return out

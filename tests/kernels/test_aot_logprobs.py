@@ -7,6 +7,8 @@ The interpreter does not compile, so this is what catches a kernel that would fa
   dtype fp32 / bf16 / fp16 (V is a constexpr: 37, 1000, 151936 pick the three configs).
 - ``_linear_fwd_kernel`` / ``_linear_dz_kernel``: each (BLOCK_N, BLOCK_V, BLOCK_K, warps, stages) in
   ``linear_logprobs.CONFIGS`` with the dtypes that pick it (fp32; bf16 and fp16 at N=16 and N=16384) × HAS_BIAS, H=896.
+- ``_linear_kl_fwd_kernel`` / ``_linear_kl_dz_kernel`` (linear_kl.py): the same tile configs and dtypes (two tl.dot K loops
+  per vocab tile, policy and reference), also as launched.
 Compilation runs in one child Python without TRITON_INTERPRET (``compile_cases_in_child``: loops calling jit helpers do
 not compile from interpreter objects). Each linear kernel is also compiled as a real launch specializes it
 (``AOTCase.as_launched``: unit inner strides, 16-divisible pointers/sizes), where the K loop must be software-pipelined
@@ -24,7 +26,8 @@ pytestmark = pytest.mark.slow  # ~70 compiles in a child process (~1 min on 2 co
 
 TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 LOGPROB_VOCABS = (37, 1000, 151936)  # one vocabulary per logprobs config
-LAUNCH_DIV16 = ("N", "V", "NC", "VC", "stride_xn", "stride_wv", "stride_dzn")  # int args a real launch has % 16 == 0
+# int args a real launch has % 16 == 0
+LAUNCH_DIV16 = ("N", "V", "NC", "VC", "stride_xn", "stride_wv", "stride_dzn", "stride_rn", "stride_rv")
 # Compiled with generic strides (nothing known about alignment: a view whose strides are not multiples of 16) the
 # K loop is not pipelined through shared memory and the bf16 forward spills (255 registers, 168 B stack on sm_90):
 # a slow fallback for such views, tolerated; the launches the trainers make are the "-launched" twins, checked for it.
@@ -100,6 +103,35 @@ def configs():
             out.append(AOTCase(f"linear_{kind}-candidate-{name}-launched", "linear_logprobs", f"_linear_{kind}_kernel",
                                sig, const, nw, ns, as_launched=True, ones=("stride_xk", "stride_wk"), pipelined=True,
                                div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=True, max_regs=MAX_REGS[kind]))
+    out += _linear_kl_cases(cases)
+    return out
+
+
+def _linear_kl_cases(cases):
+    """``linear_kl``'s forward / dz kernels with the same tile configs (H = HR = 896), plain and as launched."""
+    import torch
+
+    ll = _mod("linear_logprobs")
+    out = []
+    for dt, n in cases:
+        bn, bv, bk, nw, ns = ll.launch_config(n, getattr(torch, dt))
+        x = "*" + TY[dt]
+        strides = {"stride_xn": "i32", "stride_xk": "i32", "stride_wv": "i32", "stride_wk": "i32",
+                   "stride_rn": "i32", "stride_rk": "i32", "stride_rv": "i32", "stride_rwk": "i32"}
+        const = {"H": 896, "HR": 896, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk,
+                 "DOT_PREC": ll.dot_precision(getattr(torch, dt))}
+        cx = {k: "constexpr" for k in const}
+        sigs = {"fwd": {"x_ptr": x, "w_ptr": x, "xr_ptr": x, "wr_ptr": x, "part_ptr": "*fp32", "N": "i32", "V": "i32",
+                        "S": "i32", **strides, "inv_tau": "fp32", **cx},
+                "dz": {"x_ptr": x, "w_ptr": x, "xr_ptr": x, "wr_ptr": x, "lse_ptr": "*fp32", "mu_ptr": "*fp32",
+                       "g_ptr": "*fp32", "dz_ptr": x, "NC": "i32", "VC": "i32", **strides, "stride_dzn": "i32",
+                       "inv_tau": "fp32", **cx}}
+        for kind, sig in sigs.items():
+            cid, kernel = f"linear_kl_{kind}-{dt}-N{n}", f"_linear_kl_{kind}_kernel"
+            out.append(AOTCase(cid, "linear_kl", kernel, sig, const, nw, ns))
+            out.append(AOTCase(f"{cid}-launched", "linear_kl", kernel, sig, const, nw, ns, as_launched=True,
+                               ones=("stride_xk", "stride_wk", "stride_rk", "stride_rwk"), pipelined=True,
+                               div16=tuple(k for k in LAUNCH_DIV16 if k in sig)))
     return out
 
 

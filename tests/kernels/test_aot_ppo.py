@@ -50,7 +50,7 @@ def configs():
     """[AOTCase] for every configuration a launcher can pick (all with num_warps=NUM_WARPS)."""
     ppo, agg = _mod("ppo_loss"), _mod("_aggregate")
     out = []
-    ppo_cases = [(est, grad, bt, "fp32", "u1") for est in sorted(ppo.KL_CODE.values())
+    ppo_cases = [(est, grad, bt, "fp32", "u1") for est in [0, *sorted(ppo.KL_CODE.values())]
                  for grad in (False, True) for bt in BLOCK_TS]
     ppo_cases += [(3, True, 1024, dt, mt) for dt, mt in (("bf16", "u1"), ("fp16", "u1"), ("fp64", "u1"),
                                                          ("fp32", "fp32"), ("bf16", "i64"))]

@@ -39,7 +39,7 @@ def configs():
     out = []
     assert {est for _, est, _ in KL_CASES} == set(kl.ESTIMATORS)
     for dt, est, clamp in KL_CASES:
-        const = {"EST": kl._EST_ID[est], "HAS_CLAMP": clamp, "BLOCK": kl.BLOCK}
+        const = {"EST": kl.KL_CODE[est], "HAS_CLAMP": clamp, "BLOCK": kl.BLOCK}
         cx = {k: "constexpr" for k in const}
         out.append(AOTCase(f"kl_fwd-{dt}-{est}-clamp{int(clamp)}", "kl", "_kl_fwd_kernel",
                            {"logp_ptr": f"*{dt}", "ref_ptr": f"*{dt}", "out_ptr": "*fp32", "n": "i32", "lo": "fp32",

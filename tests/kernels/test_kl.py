@@ -89,20 +89,55 @@ def test_identical_distributions_give_zero(backend, est, device):
     assert torch.equal(x.grad, torch.full_like(x, 1.0 if est == "k1" else 0.0))
 
 
+# d = ref − logp beyond ±20 (and inside, at the clamp's edges): the closed forms in float64, written out here.
+BIG_D = [-1000.0, -30.0, -20.5, -20.0, -19.5, -1.0, 0.0, 0.75, 19.5, 20.0, 20.5, 30.0, 1000.0]
+
+
+def _closed_form(est, d):
+    """(k, ∂k/∂logp) in float64 for d = ref − logp; k3 is evaluated at d' = clamp(d, −20, 20), gradient 0 beyond."""
+    d = torch.tensor(d, dtype=torch.float64)
+    inside = d.abs() <= 20
+    dc = d.clamp(-20, 20)
+    if est == "k1":
+        return -d, torch.ones_like(d)
+    if est == "k2":
+        return 0.5 * d * d, -d
+    if est == "k3":
+        return torch.exp(dc) - dc - 1, torch.where(inside, 1 - torch.exp(dc), 0.0)
+    return d.abs(), -torch.sign(d)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_k3_huge_d_is_finite(backend, device):
-    logp = torch.tensor([[-1000.0, 0.0, -30.0, -1e4, 0.0]], device=device)
-    ref = torch.tensor([[0.0, -1000.0, 0.0, -1e4 + 25.0, -21.0]], device=device)
+@pytest.mark.parametrize("est", EST)
+def test_one_definition_beyond_20(backend, est, device):
+    """kl_penalty and the fused PPO loss's KL term give the same values and gradients as the float64 closed form at
+    |log-ratio| > 20 (the two used to disagree there for k3), on both backends."""
+    want, want_g = _closed_form(est, BIG_D)
+    logp = torch.full((1, len(BIG_D)), -7.0, device=device)
+    ref = logp + torch.tensor(BIG_D, device=device)
+    assert torch.equal((ref - logp).double().cpu()[0], torch.tensor(BIG_D, dtype=torch.float64))  # d exact in fp32
     x = logp.clone().requires_grad_()
     with K.backend(backend):
-        out = kl_penalty(x, ref, estimator="k3")
-    want = kl_penalty_ref(logp.double(), ref.double(), estimator="k3")  # exp(clamp(d, ±20)) − d − 1
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), want, rtol=4 * EPS32, atol=0)
-    out.backward(torch.ones_like(out))
-    assert torch.isfinite(x.grad).all()
-    # outside |d| ≤ 20 the clamp stops exp's gradient: ∂k3/∂logp = −(0 − 1) = 1
-    assert x.grad[0, 0] == 1.0 and x.grad[0, 1] == 1.0 and x.grad[0, 4] == 1.0
+        out = kl_penalty(x, ref, estimator=est)
+        out.sum().backward()
+    tol = dict(rtol=4 * EPS32, atol=4 * EPS32 * float(torch.exp(torch.tensor(20.0))) if est == "k3" else 0)
+    torch.testing.assert_close(out.double().cpu()[0], want, **tol)
+    torch.testing.assert_close(x.grad.double().cpu()[0], want_g, **tol)
+    # the PPO loss with A = 0 and β_loss = 1, summed over one row: loss = Σ_t KL_t and ∂loss/∂logp_t = ∂KL_t/∂logp_t
+    y = logp.clone().requires_grad_()
+    with K.backend(backend):
+        loss, metrics = K.ppo_policy_loss(y, logp, torch.zeros_like(logp), torch.ones_like(logp, dtype=torch.bool),
+                                          ref_logprobs=ref, kl_coef=1.0, kl_estimator=est, agg="seq-mean-token-sum")
+        loss.backward()
+    torch.testing.assert_close(y.grad.double().cpu()[0], want_g, **tol)
+    torch.testing.assert_close(loss.double().cpu(), want.sum(), rtol=8 * EPS32, atol=tol["atol"] * len(BIG_D))
+    torch.testing.assert_close(metrics["kl"].double().cpu(), want.mean(), rtol=8 * EPS32, atol=tol["atol"])
+    # and the PyTorch reference (float64) that both backends' tests compare against agrees with the closed form
+    lp64 = logp.double().requires_grad_()
+    ref64 = kl_penalty_ref(lp64, ref.double(), estimator=est)
+    ref64.sum().backward()
+    torch.testing.assert_close(ref64.detach().cpu()[0], want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(lp64.grad.cpu()[0], want_g, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
