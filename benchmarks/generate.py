@@ -3,7 +3,7 @@
     python -m benchmarks.generate [--shape tiny|qwen2-0.5b|smoke] [--runs 5] [--threads 2] [--csv benchmarks/results.csv]
     fastrlhf bench generate ...            (the CLI calls ``main(argv)``)
 
-Shapes (shared/ANCHORS.md): ``tiny`` (CPU default) = Qwen2-style hidden 256, 4 layers, 4 heads / 2 KV, MLP 768, vocab 4096,
+Shapes (docs/benchmarks.md): ``tiny`` (CPU default) = Qwen2-style hidden 256, 4 layers, 4 heads / 2 KV, MLP 768, vocab 4096,
 tied; batch 16, prompt 32, 64 new tokens, fp32. ``qwen2-0.5b`` (CUDA default) = hidden 896, 24 layers, 14 heads / 2 KV,
 MLP 4864, vocab 151936, tied; batch 64, prompt 128, 256 new tokens, bf16. ``smoke``: seconds, for the runner's own test.
 All providers sample at temperature 1 (top-k/top-p off) and generate exactly G tokens (no EOS stop; transformers gets
@@ -15,7 +15,7 @@ Providers:
                    its compile time is in ``setup_s``). On CUDA the graphs already remove the per-op overhead.
 - ``hf-dynamic``   transformers ``generate`` with its default dynamic cache
 - ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
-                   forward with torch.compile automatically: that is the "+ compile" baseline of ANCHORS.md)
+                   forward with torch.compile automatically: that is the "+ compile" baseline of docs/benchmarks.md)
 
 Metrics (median of ``--runs`` timed runs after a warm-up, interleaved across providers so that load drift on a shared
 machine hits all alike; B batch, P prompt, G new tokens):
@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; >= 3)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (ANCHORS.md: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the reference CPU runs: 2)")
     ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
     a = ap.parse_args(argv)

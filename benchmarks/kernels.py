@@ -50,7 +50,7 @@ OPS = ("logprobs", "linear", "kl", "gae", "ppo")
 PROVIDERS = ("fastrlhf", "eager", "eager-lse", "eager-rowloop", "compile", "trl", "liger", "k1-logprobs", "k3-logprobs")
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 
-# Shapes: ANCHORS.md ("h100"); a CPU-sized "tiny" (the whole runner in ≤ 2 min on 2 free cores); "smoke" for the
+# Shapes: docs/benchmarks.md ("h100"); a CPU-sized "tiny" (the whole runner in ≤ 2 min on 2 free cores); "smoke" for the
 # runner's own test (seconds). linear_mem = (H, (N1, N2)): the memory-scaling check's hidden size and two token counts
 # (tiny: N·V crosses the CPU path's 256 MiB chunk budget at both N, as the h100 shape does on the GPU).
 SHAPES = {

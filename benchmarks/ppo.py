@@ -62,7 +62,7 @@ from .timing import _quantile, check_choice, check_choices, device_name, git_com
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 ARMS = ("fastrlhf", "trl")
 # model: Qwen2 config fields. B prompts of P tokens, G response tokens, epochs, minibatch (rollouts per optimizer step),
-# trl_micro: TRL's per-device micro-batch (TRL: batch = micro × gradient_accumulation_steps; ANCHORS.md used 8 on the H100).
+# trl_micro: TRL's per-device micro-batch (TRL: batch = micro × gradient_accumulation_steps; the H100 reference run used 8).
 SHAPES = {
     "tiny": dict(model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=4096), B=16, P=32, G=64, epochs=4, minibatch=16,
@@ -355,7 +355,7 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -
     ref = Qwen2ForCausalLM.from_pretrained(ckpt["policy"], dtype=torch.float32)
     rm = Qwen2ForSequenceClassification.from_pretrained(ckpt["reward"], dtype=torch.float32)
     vm = Qwen2ForSequenceClassification.from_pretrained(ckpt["reward"], dtype=torch.float32)
-    del dt  # TRL's own mixed precision (bf16=True on CUDA) handles the dtypes, as in ANCHORS.md's script
+    del dt  # TRL's own mixed precision (bf16=True on CUDA) handles the dtypes, as in the H100 reference run
     prompts = [row for it in make_prompts(shape, iters + 1, seed=seed + 1) for row in it]
     ds = Dataset.from_list([{"input_ids": r} for r in prompts])
     micro = S["trl_micro"]
@@ -557,7 +557,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=4, help="timed iterations after one warm-up (median)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the arms this many times (fresh processes; "
                     "pooled timed iterations)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per arm (ANCHORS.md: 2)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads per arm (the reference CPU runs: 2)")
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--trl-path", default=os.environ.get("FASTRLHF_TRL_PATH"),
                     help="folder with a trl that has trl.experimental.ppo (e.g. trl==0.29.1 installed with "

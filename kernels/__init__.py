@@ -1,7 +1,7 @@
 """fastrlhf.kernels: fused RLHF ops (Triton on CUDA; PyTorch / C++ on CPU). Depends on torch + triton only.
 
 Notation: B batch, T time (response tokens), V vocabulary, H hidden size, N tokens (leading dims flattened).
-Every op returns fp32 whatever the input dtype; the math is in ``shared/KERNELS.md`` and on the lines that compute it.
+Every op returns fp32 whatever the input dtype; the math is in ``docs/kernels.md`` and on the lines that compute it.
 Each op lives in its own file with its Triton kernel(s), launcher, ``autograd.Function`` and a pure-PyTorch ``*_ref``.
 """
 from ._aggregate import aggregate_ref, default_denominator

@@ -1,7 +1,7 @@
 """Aggregation of per-token losses over valid tokens, shared by ``ppo_loss.py`` and ``value_loss.py``.
 
 Notation: B batch (rows), T time, m the [B, T] 0/1 mask, ℓ the per-token loss.
-Modes (KERNELS.md "Clipped PPO policy loss"):
+Modes (docs/kernels.md, "Clipped policy loss"):
 - ``token-mean``:          L = Σ_bt ℓ m / D,                      D = normalizer or Σ_bt m  (global count under DP)
 - ``seq-mean-token-mean``: L = Σ_b [n_b > 0] (Σ_t ℓ m / n_b) / D,  D = normalizer or #{b : n_b > 0}, n_b = Σ_t m_bt
 - ``seq-mean-token-sum``:  L = Σ_b Σ_t ℓ m / D,                   D = normalizer or B

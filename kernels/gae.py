@@ -1,4 +1,4 @@
-"""Generalized advantage estimation over the valid tokens of each row (math: shared/KERNELS.md "GAE over valid tokens").
+"""Generalized advantage estimation over the valid tokens of each row (math: docs/kernels.md, "GAE over valid tokens").
 
 Notation: B rows, T response tokens; m[b, t] ≠ 0 marks a valid token (padding on either side, or holes). Per row, with
 next(t) the next valid position after t (V and A beyond the last valid position are 0):

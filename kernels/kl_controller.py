@@ -1,4 +1,4 @@
-"""KL coefficient controllers for the KL penalty in the reward (KERNELS.md "Adaptive KL controller").
+"""KL coefficient controllers for the KL penalty in the reward (docs/kernels.md, "Adaptive KL controller").
 
 Adaptive (Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", §2.2):
     e = clip(KL_observed / KL_target − 1, −0.2, 0.2);   β ← β · (1 + e · n_steps / horizon)

@@ -1,29 +1,24 @@
 """Fused LM-head log-probs: logp / entropy of z = (hidden · Wᵀ + b) / τ without ever holding [N, V] logits.
 
-Notation: N tokens (leading shape [...] flattened), H hidden size, V vocabulary. Math (shared/KERNELS.md):
+Notation: N tokens (leading shape [...] flattened), H hidden size, V vocabulary. Math (docs/kernels.md):
     z = (x·Wᵀ + b)/τ;  logp = z[y] − LSE(z);  H = LSE(z) − Σ_v softmax(z)_v·z_v
     G = ∂L/∂(x·Wᵀ + b) = (g_logp·(onehot(y) − p) − g_H·p ⊙ (log p + H)) / τ      (per token: g_logp, g_H are [N])
     dX = G·W,  dW = Gᵀ·X,  db = Σ_n G         (G rounded to the input dtype; every product and sum accumulated in fp32)
 
-Design (H100; shapes of the anchor: N=16384, H=896, V=151936, bf16; FLOPs 2·N·H·V = 4.46 TFLOP per matmul)
+Design (sizes quoted for N=16384, H=896, V=151936, bf16: 2·N·H·V = 4.46 TFLOP per matmul)
 - Forward = one Triton kernel ``_linear_fwd_kernel``. A program owns BLOCK_N tokens and one of S vocab splits; it streams
   [BLOCK_V, H] tiles of W through tl.dot (bf16 tensor cores, fp32 accumulators; fp32 inputs use "ieee" precision like
   PyTorch's default fp32 matmul), adds b, scales by 1/τ and folds the tile into the online (max, Σexp, Σ(z−m)exp) of
   ``_lse.lse_tile_update`` and picks z[y]. Nothing [N, V] is ever written: the partial stats are [S, N] fp32 and merged in
   PyTorch (``_lse.merge_partials``). S (vocab splits) is chosen so that ≥ 2 programs per SM run even for small N
   (N=16384 → 128 token blocks, S=3); W (272 MB) is re-read from L2 by concurrent token blocks, and HBM sees it ~once per wave.
-  Cost ≈ 2·N·H·V on tensor cores ≈ 6.1 ms at 730 TFLOP/s (Triton reaches perhaps 75-85% of that → ~7.5 ms).
 - Backward = loop over vocab chunks (and token chunks only if N alone is bigger than the budget) of at most ``CHUNK_BYTES``
   (256 MiB) of G in the input dtype: ``_linear_dz_kernel`` recomputes the chunk's logits with tl.dot and writes G directly
   (the recompute matmul and the dZ epilogue are fused: no logits round-trip through HBM, and p uses the same fp32 z the forward
   used), then cuBLAS: dX += G·W_chunk (fp32 buffer [N, H], 58 MB), dW_chunk = Gᵀ·X (complete over all N at once, fp32
   accumulation inside the matmul, written once in the weight dtype — no [V, H] fp32 buffer in the common case), db += Σ G.
-  Cost ≈ 3 × 2·N·H·V (recompute + dX + dW) ≈ 18.3 ms at 730 TFLOP/s + G written/read once (5 GB write, 2 × 5 GB read by
-  the two GEMMs, mostly hidden behind compute) + the fp32 dX accumulation (19 chunks × 145 MB ≈ 0.9 ms).
-  Estimated total ≈ 7.5 + 21 ≈ 28 ms against the 25 ms target (floor 18.4 ms) — not measured (no GPU here); the gap to the
-  target is the recompute matmul, which the contract (per-token upstream gradients unknown in the forward) requires.
   Extra memory: G chunk 256 MiB + dX fp32 N·H·4 (58 MB) + the [N, H] product G·W_chunk before it is added (29 MB); dW is
-  written in place by the GEMM (out=); ≈ 0.35 GiB at the anchor shape, and no term grows with N·V. If
+  written in place by the GEMM (out=); ≈ 0.35 GiB at that shape, and no term grows with N·V. If
   N·min(V, 2048)·bytes > budget, tokens are chunked too and dW goes through a [V, H] fp32 buffer.
 - CPU auto/"torch": the same chunked algorithm with PyTorch ops in place of the two Triton kernels (fp32 math per chunk).
 - Labels < 0 give logp = 0 and no gradient through logp; labels ≥ V raise ValueError on CPU (not checked on CUDA: they

@@ -1,6 +1,6 @@
 """Per-token log-probs (and entropy) of the labels under softmax(logits / τ), read in one pass.
 
-Notation: N tokens (any leading shape [...] flattened), V vocabulary.  Math (shared/KERNELS.md):
+Notation: N tokens (any leading shape [...] flattened), V vocabulary.  Math (docs/kernels.md):
     z = logits / τ;   logp = z[y] − LSE(z);   H = LSE(z) − Σ_v softmax(z)_v · z_v
     ∂logp/∂z = onehot(y) − p;   ∂H/∂z = −p ⊙ (log p + H);   ∂/∂logits = ∂/∂z · 1/τ
 

@@ -1,4 +1,4 @@
-"""Reward shaping with the KL penalty in the reward (InstructGPT; math: shared/KERNELS.md "Reward shaping").
+"""Reward shaping with the KL penalty in the reward (InstructGPT; math: docs/kernels.md, "Reward shaping").
 
 Notation: B rows, T response tokens. r[b, t] = −β · kl[b, t] · m[b, t], plus scores[b] added at the LAST valid token of row b
 (the largest t with m[b, t] ≠ 0, wherever padding sits; rows with no valid token get no score). Output fp32 [B, T].

@@ -1,4 +1,4 @@
-"""Clipped value loss, forward and backward fused. Math: KERNELS.md "Clipped value loss".
+"""Clipped value loss, forward and backward fused. Math: docs/kernels.md, "Clipped value loss".
 
 Notation: B batch (rows), T response tokens, m the [B, T] mask.
 

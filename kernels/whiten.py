@@ -1,4 +1,4 @@
-"""Masked whitening of advantages / rewards (math: shared/KERNELS.md "Whitening (masked)").
+"""Masked whitening of advantages / rewards (math: docs/kernels.md, "Masked whitening").
 
 Notation: x and m of any shape (e.g. [B, T]), N = their number of elements; statistics over the valid elements:
     μ = Σ x m / Σ m,   σ² = Σ (x − μ)² m / (Σ m − 1)  (0 when Σ m < 2),   out = (x − μ) · rsqrt(σ² + eps) · m.

@@ -22,7 +22,7 @@ KNOWN = KEY is not None
 
 
 def _ref_logp_ent(z64: torch.Tensor, y: torch.Tensor):
-    """float64 reference: logp = z[y] − LSE(z), H = LSE(z) − Σ softmax(z)·z (shared/KERNELS.md)."""
+    """float64 reference: logp = z[y] − LSE(z), H = LSE(z) − Σ softmax(z)·z (docs/kernels.md)."""
     lse = torch.logsumexp(z64, dim=-1)
     logp = z64.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse
     ent = lse - (torch.softmax(z64, dim=-1) * z64).sum(-1)

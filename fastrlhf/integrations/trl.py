@@ -25,7 +25,7 @@ TRL 1.16.x: GRPO and RLOO never see logits. ``add_fused_lm_head`` wraps the mode
   exactly (logit softcapping, the extra outputs, logit_scale <= 0) go to TRL's own function and are counted in ``fallbacks``.
 
 Log-probs and entropies come back fp32 in both cases (TRL 0.29 returns the logits' dtype, i.e. bf16 log-probs under a bf16
-model; fp32 is the more accurate value of the same quantity, see shared/KERNELS.md).
+model; fp32 is the more accurate value of the same quantity, see docs/kernels.md).
 
 Losses: TRL computes the clipped GRPO/PPO loss and its k3 KL inline inside ``GRPOTrainer._compute_loss`` (and the PPO
 trainer's ``train``), not in a helper it looks up, so they cannot be swapped without rewriting TRL's methods; use
