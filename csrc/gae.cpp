@@ -1,4 +1,4 @@
-// GAE over the valid tokens of each row (masked reverse scan), on numpy buffers. Math: shared/KERNELS.md "GAE over valid tokens".
+// GAE over the valid tokens of each row (masked reverse scan), on numpy buffers. Math: docs/kernels.md "GAE over valid tokens".
 #include <cmath>
 #include <utility>
 

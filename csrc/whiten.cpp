@@ -1,4 +1,4 @@
-// Masked whitening on numpy buffers (two-pass mean / variance in double). Math: shared/KERNELS.md "Whitening (masked)".
+// Masked whitening on numpy buffers (two-pass mean / variance in double). Math: docs/kernels.md "Whitening (masked)".
 #include <cmath>
 
 #include "common.h"

@@ -143,3 +143,20 @@ def test_kernels_lift_out_without_the_cpp_build(tmp_path):
     if "No module named 'fastrlhf'" in p.stderr:
         pytest.fail("the lifted kernels import fastrlhf:\n" + p.stderr)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_docs_stay_inside_the_repository():
+    """No docstring, comment or doc points at files outside this repository (the docs live in docs/)."""
+    outside = ("KERNELS.md", "ANCHORS.md", "ARCHITECTURE.md", "STYLE.md", "../shared", "shared/")
+    bad = []
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT)
+        if not path.is_file() or rel.parts[0] in (".git", "build") or "__pycache__" in rel.parts or ".egg-info" in str(rel):
+            continue
+        if path.suffix not in (".py", ".md", ".sh", ".toml", ".cpp", ".h", ".txt", ".yaml", ".yml"):
+            continue
+        if rel == Path("tests/test_layout.py"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        bad += [f"{rel}: {word}" for word in outside if word in text]
+    assert not bad, "references to files outside the repository:\n" + "\n".join(bad)
