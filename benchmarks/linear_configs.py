@@ -38,7 +38,7 @@ CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median
 def run(shape: str, device: str, rep_ms: float = 100.0) -> list[dict]:
     """[{provider, metric, median, unit}] for every candidate. Restores the shipped config afterwards."""
     check_choice("shape", shape, SHAPES)
-    LL = importlib.import_module("fastrlhf.kernels.linear_logprobs")
+    LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
     N, H, V = SHAPES[shape]
     g = torch.Generator(device="cpu").manual_seed(0)
     hidden = (torch.randn(N, H, generator=g) / H**0.5).to(device, torch.bfloat16)

@@ -6,16 +6,16 @@ Each op lives in its own file with its Triton kernel(s), launcher, ``autograd.Fu
 """
 from ._aggregate import aggregate_ref, default_denominator
 from ._backend import backend, get_backend, set_backend
-from .gae import gae, gae_ref
+from .gae_scan import gae, gae_ref
 from .kl import kl_penalty, kl_penalty_ref
 from .kl_controller import AdaptiveKLController, FixedKLController, adaptive_kl_coef
-from .linear_kl import linear_kl, linear_kl_ref
-from .linear_logprobs import linear_logprobs, linear_logprobs_ref
+from .fused_linear_kl import linear_kl, linear_kl_ref
+from .fused_linear_logprobs import linear_logprobs, linear_logprobs_ref
 from .logprobs import logprobs_from_logits, logprobs_from_logits_ref
 from .ppo_loss import ppo_policy_loss, ppo_policy_loss_ref
 from .rewards import shape_rewards, shape_rewards_ref
 from .value_loss import ppo_value_loss, ppo_value_loss_ref
-from .whiten import whiten, whiten_ref
+from .whitening import whiten, whiten_ref
 
 __all__ = [
     "backend", "get_backend", "set_backend",

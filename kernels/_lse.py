@@ -1,4 +1,4 @@
-"""Shared Triton helper: the online log-sum-exp / entropy update used by ``logprobs.py`` and ``linear_logprobs.py``.
+"""Shared Triton helper: the online log-sum-exp / entropy update used by ``logprobs.py`` and ``fused_linear_logprobs.py``.
 
 For a row of z streamed in tiles we keep three fp32 numbers (per row):
     m = max_v z_v,   s = Σ_v exp(z_v − m),   t = Σ_v (z_v − m)·exp(z_v − m)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linear_kl import linear_kl
-from .linear_logprobs import linear_logprobs
+from .fused_linear_kl import linear_kl
+from .fused_linear_logprobs import linear_logprobs
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:

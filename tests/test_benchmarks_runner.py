@@ -121,7 +121,7 @@ def test_bench_interleaved_times_each_fn_on_its_own_budget():
 def test_linear_memory_scaling_eager_grows_ours_bounded(monkeypatch):
     """Eager holds [N, V] fp32 logits (≥ 8 bytes per N·V element counting its log-softmax); ours, with its chunk budget
     shrunk so that the smoke shape is chunked, grows only with N·H (the hidden gradient): < 1 byte per N·V element."""
-    ll = importlib.import_module("fastrlhf.kernels.linear_logprobs")
+    ll = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
     monkeypatch.setattr(ll, "CHUNK_BYTES", 2**20)  # 1 MiB: the N=256 smoke case is chunked
     ctx = runner.Ctx(device="cpu", shape="smoke", dtype=torch.float32, providers=("fastrlhf", "eager"),
                      warmup_ms=0, rep_ms=0)

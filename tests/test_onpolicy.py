@@ -16,7 +16,7 @@ from fastrlhf.stages.ppo import PPOConfig, train
 from fastrlhf.stages.ppo_core import positions_from_mask, response_logprobs
 from tests.helpers_models import make_tiny_ppo_setup
 
-LL = importlib.import_module("fastrlhf.kernels.linear_logprobs")  # the module (the package attribute is the function)
+LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
 
 
 class _Log:

@@ -32,7 +32,7 @@ def _launched(cid, module, kernel, sig, const, num_warps, *, ones=(), div16=(), 
 
 def configs():
     """[AOTCase]: each benchmarked row kernel as launched at its benchmark shape."""
-    lp, gm, rw, wm, ppo, agg = (_mod(n) for n in ("logprobs", "gae", "rewards", "whiten", "ppo_loss", "_aggregate"))
+    lp, gm, rw, wm, ppo, agg = (_mod(n) for n in ("logprobs", "gae_scan", "rewards", "whitening", "ppo_loss", "_aggregate"))
     out = []
     V = LOGITS[2]
     br, bv, nw = lp.launch_config(V)
@@ -50,7 +50,7 @@ def configs():
                               "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "dx_ptr": x, **tail}, const, nw,
                              div16=div))
     bt = gm.pick_block_t(T)
-    out.append(_launched("gae", "gae", "_gae_kernel",
+    out.append(_launched("gae", "gae_scan", "_gae_kernel",
                          {"r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*fp32", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
                           "T": "i32", "stride_r": "i32", "stride_v": "i32", "stride_m": "i32", "gamma": "fp32",
                           "gamma_lam": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt}, gm.pick_num_warps(bt),
@@ -62,15 +62,15 @@ def configs():
                          div16=("T", "stride_kl_b", "stride_mask_b")))
     wsig = {"x_ptr": "*fp32", "m_ptr": "*fp32"}
     if B * T <= wm.SMALL_N:  # one program
-        out.append(_launched("whiten_small", "whiten", "_whiten_small_kernel",
+        out.append(_launched("whiten_small", "whitening", "_whiten_small_kernel",
                              {**wsig, "out_ptr": "*fp32", "N": "i32", "eps": "fp32", "add_mean": "fp32",
                               "BLOCK": "constexpr"}, {"BLOCK": wm.SMALL_BLOCK}, wm.SMALL_WARPS, div16=("N",)))
     else:
         parts = {"part_n_ptr": "*fp32", "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32"}
-        out.append(_launched("whiten_partials", "whiten", "_whiten_partials_kernel",
+        out.append(_launched("whiten_partials", "whitening", "_whiten_partials_kernel",
                              {**wsig, **parts, "N": "i32", "CHUNK": "i32", "BLOCK": "constexpr"},
                              {"BLOCK": wm.BLOCK}, wm.WARPS, div16=("N", "CHUNK")))
-        out.append(_launched("whiten_apply", "whiten", "_whiten_apply_kernel",
+        out.append(_launched("whiten_apply", "whitening", "_whiten_apply_kernel",
                              {**wsig, "out_ptr": "*fp32", **parts, "N": "i32", "CHUNK": "i32", "P": "i32",
                               "eps": "fp32", "add_mean": "fp32", "BLOCK": "constexpr", "P_BLOCK": "constexpr"},
                              {"BLOCK": wm.BLOCK, "P_BLOCK": wm.MAX_PARTIALS}, wm.WARPS, div16=("N", "CHUNK")))

@@ -57,7 +57,7 @@ def configs():
     """[AOTCase] for every launcher config; the linear kernels also ``-launched`` (specialized as a real launch)."""
     import torch
 
-    lp, ll = _mod("logprobs"), _mod("linear_logprobs")
+    lp, ll = _mod("logprobs"), _mod("fused_linear_logprobs")
     out = []
     assert {lp.launch_config(v) for v in LOGPROB_VOCABS} == set(lp.CONFIGS)
     for V in LOGPROB_VOCABS:
@@ -84,11 +84,11 @@ def configs():
             sigs = _linear_sigs(x, const)
             for kind, sig in sigs.items():
                 cid, kernel = f"linear_{kind}-{dt}-N{n}-bias{int(has_bias)}", f"_linear_{kind}_kernel"
-                out.append(AOTCase(cid, "linear_logprobs", kernel, sig, const, nw, ns, spills_ok=GENERIC_SPILLS))
+                out.append(AOTCase(cid, "fused_linear_logprobs", kernel, sig, const, nw, ns, spills_ok=GENERIC_SPILLS))
                 # as a real launch: contiguous inner strides == 1; pointers and the sizes / row strides used here
                 # (H=896, V=151936, N=16384, ...) 16-divisible. The tl.dot K loop must then be pipelined (cp.async).
                 # No spills there, and bf16 / fp16 tl.dot on wgmma (HGMMA); registers ≤ MAX_REGS (occupancy).
-                out.append(AOTCase(f"{cid}-launched", "linear_logprobs", kernel, sig, const, nw, ns, as_launched=True,
+                out.append(AOTCase(f"{cid}-launched", "fused_linear_logprobs", kernel, sig, const, nw, ns, as_launched=True,
                                    ones=("stride_xk", "stride_wk"), pipelined=True,
                                    div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=dt != "float32",
                                    max_regs=MAX_REGS[kind]))
@@ -100,7 +100,7 @@ def configs():
         bn, bv, bk, nw, ns = cfg
         const = {"H": 896, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk, "DOT_PREC": "tf32"}
         for kind, sig in _linear_sigs("*bf16", const).items():
-            out.append(AOTCase(f"linear_{kind}-candidate-{name}-launched", "linear_logprobs", f"_linear_{kind}_kernel",
+            out.append(AOTCase(f"linear_{kind}-candidate-{name}-launched", "fused_linear_logprobs", f"_linear_{kind}_kernel",
                                sig, const, nw, ns, as_launched=True, ones=("stride_xk", "stride_wk"), pipelined=True,
                                div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=True, max_regs=MAX_REGS[kind]))
     out += _linear_kl_cases(cases)
@@ -111,10 +111,10 @@ def _linear_kl_cases(cases):
     """``linear_kl``'s forward / dz kernels with the same tile configs (H = HR = 896), plain and as launched."""
     import torch
 
-    ll = _mod("linear_logprobs")
+    ll, lk = _mod("fused_linear_logprobs"), _mod("fused_linear_kl")
     out = []
     for dt, n in cases:
-        bn, bv, bk, nw, ns = ll.launch_config(n, getattr(torch, dt))
+        bn, bv, bk, nw, ns = lk.kl_launch_config(n, getattr(torch, dt))
         x = "*" + TY[dt]
         strides = {"stride_xn": "i32", "stride_xk": "i32", "stride_wv": "i32", "stride_wk": "i32",
                    "stride_rn": "i32", "stride_rk": "i32", "stride_rv": "i32", "stride_rwk": "i32"}
@@ -128,10 +128,10 @@ def _linear_kl_cases(cases):
                        "inv_tau": "fp32", **cx}}
         for kind, sig in sigs.items():
             cid, kernel = f"linear_kl_{kind}-{dt}-N{n}", f"_linear_kl_{kind}_kernel"
-            out.append(AOTCase(cid, "linear_kl", kernel, sig, const, nw, ns))
-            out.append(AOTCase(f"{cid}-launched", "linear_kl", kernel, sig, const, nw, ns, as_launched=True,
+            out.append(AOTCase(cid, "fused_linear_kl", kernel, sig, const, nw, ns, spills_ok=GENERIC_SPILLS))
+            out.append(AOTCase(f"{cid}-launched", "fused_linear_kl", kernel, sig, const, nw, ns, as_launched=True,
                                ones=("stride_xk", "stride_wk", "stride_rk", "stride_rwk"), pipelined=True,
-                               div16=tuple(k for k in LAUNCH_DIV16 if k in sig)))
+                               div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=dt != "float32"))
     return out
 
 
@@ -144,7 +144,7 @@ def test_interpreter_only_dot_branch_not_used_when_compiling(monkeypatch):
     """The "upcast" tl.dot branch is chosen only under the interpreter; compiled bf16 kernels use tensor cores."""
     import torch
 
-    ll = _mod("linear_logprobs")
+    ll = _mod("fused_linear_logprobs")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert ll.dot_precision(torch.bfloat16) == "tf32" and ll.dot_precision(torch.float32) == "ieee"
 

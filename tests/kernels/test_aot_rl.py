@@ -29,13 +29,13 @@ ROW_CASES = [(bt, "u8", "fp32") for bt in BLOCK_TS] + [(BLOCK_TS[-1], mt, dt) fo
 
 
 def _mod(name):
-    # the package re-exports functions under the module names (fastrlhf.kernels.gae is the function): import the modules
+    # import the modules by name (their files are named apart from the functions the package exports)
     return importlib.import_module(f"fastrlhf.kernels.{name}")
 
 
 def configs():
     """[AOTCase] for every configuration a launcher can pick."""
-    kl, gm, wm = _mod("kl"), _mod("gae"), _mod("whiten")
+    kl, gm, wm = _mod("kl"), _mod("gae_scan"), _mod("whitening")
     out = []
     assert {est for _, est, _ in KL_CASES} == set(kl.ESTIMATORS)
     for dt, est, clamp in KL_CASES:
@@ -53,20 +53,20 @@ def configs():
                            {"scores_ptr": "*fp32", "kl_ptr": f"*{dt}", "mask_ptr": f"*{mt}", "out_ptr": "*fp32",
                             "last_ptr": "*i32", "T": "i32", "stride_kl_b": "i32", "stride_mask_b": "i32",
                             "kl_coef": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt}, 4))
-        out.append(AOTCase(f"gae-{bt}-{mt}-{dt}", "gae", "_gae_kernel",
+        out.append(AOTCase(f"gae-{bt}-{mt}-{dt}", "gae_scan", "_gae_kernel",
                            {"r_ptr": f"*{dt}", "v_ptr": f"*{dt}", "m_ptr": f"*{mt}", "adv_ptr": "*fp32",
                             "ret_ptr": "*fp32", "T": "i32", "stride_r": "i32", "stride_v": "i32", "stride_m": "i32",
                             "gamma": "fp32", "gamma_lam": "fp32", "BLOCK_T": "constexpr"}, {"BLOCK_T": bt},
                            gm.pick_num_warps(bt)))
     for mt, dt in ROW_MASKS[:2]:
-        out.append(AOTCase(f"whiten_small-{mt}-{dt}", "whiten", "_whiten_small_kernel",
+        out.append(AOTCase(f"whiten_small-{mt}-{dt}", "whitening", "_whiten_small_kernel",
                            {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "out_ptr": "*fp32", "N": "i32", "eps": "fp32",
                             "add_mean": "fp32", "BLOCK": "constexpr"}, {"BLOCK": wm.SMALL_BLOCK}, wm.SMALL_WARPS))
-        out.append(AOTCase(f"whiten_partials-{mt}-{dt}", "whiten", "_whiten_partials_kernel",
+        out.append(AOTCase(f"whiten_partials-{mt}-{dt}", "whitening", "_whiten_partials_kernel",
                            {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "part_n_ptr": "*fp32", "part_mean_ptr": "*fp32",
                             "part_m2_ptr": "*fp32", "N": "i32", "CHUNK": "i32", "BLOCK": "constexpr"},
                            {"BLOCK": wm.BLOCK}, wm.WARPS))
-        out.append(AOTCase(f"whiten_apply-{mt}-{dt}", "whiten", "_whiten_apply_kernel",
+        out.append(AOTCase(f"whiten_apply-{mt}-{dt}", "whitening", "_whiten_apply_kernel",
                            {"x_ptr": f"*{dt}", "m_ptr": f"*{mt}", "out_ptr": "*fp32", "part_n_ptr": "*fp32",
                             "part_mean_ptr": "*fp32", "part_m2_ptr": "*fp32", "N": "i32", "CHUNK": "i32", "P": "i32",
                             "eps": "fp32", "add_mean": "fp32", "BLOCK": "constexpr", "P_BLOCK": "constexpr"},
@@ -80,7 +80,7 @@ def compiled(tmp_path_factory):
 
 
 def test_block_t_choices_are_covered():
-    picked = {_mod("gae").pick_block_t(t) for t in range(1, 5000, 7)}
+    picked = {_mod("gae_scan").pick_block_t(t) for t in range(1, 5000, 7)}
     picked |= {_mod("rewards").pick_block_t(t) for t in range(1, 5000, 7)}
     assert picked == set(BLOCK_TS)
 

@@ -17,7 +17,7 @@ from fastrlhf.kernels import gae, gae_ref
 from tests.conftest import pick
 from tests.kernels.masks import make_mask
 
-gae_mod = importlib.import_module("fastrlhf.kernels.gae")  # the module (the package re-exports the functions)
+gae_mod = importlib.import_module("fastrlhf.kernels.gae_scan")
 EPS32 = torch.finfo(torch.float32).eps
 BACKENDS = ("triton", "torch")
 

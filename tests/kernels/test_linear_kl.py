@@ -15,8 +15,8 @@ import torch
 from fastrlhf.kernels import backend
 from tests.conftest import ON_CUDA, pick
 
-LK = importlib.import_module("fastrlhf.kernels.linear_kl")
-LL = importlib.import_module("fastrlhf.kernels.linear_logprobs")
+LK = importlib.import_module("fastrlhf.kernels.fused_linear_kl")
+LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
 linear_kl, linear_kl_ref = LK.linear_kl, LK.linear_kl_ref
 BACKENDS = ("triton", "torch")
 VAL_ATOL = 2e-5

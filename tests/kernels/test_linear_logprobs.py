@@ -16,7 +16,7 @@ import torch
 from fastrlhf.kernels import backend, linear_logprobs, linear_logprobs_ref
 from tests.conftest import ON_CUDA, pick
 
-LL = importlib.import_module("fastrlhf.kernels.linear_logprobs")  # the module (the package attribute is the function)
+LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
 BACKENDS = ("triton", "torch")
 VAL_ATOL = 2e-5
 GRAD_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

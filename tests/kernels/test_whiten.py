@@ -15,7 +15,7 @@ from fastrlhf.kernels import whiten, whiten_ref
 from tests.conftest import pick
 from tests.kernels.masks import make_mask
 
-whiten_mod = importlib.import_module("fastrlhf.kernels.whiten")  # the module (the package re-exports the functions)
+whiten_mod = importlib.import_module("fastrlhf.kernels.whitening")
 EPS32 = torch.finfo(torch.float32).eps
 BACKENDS = ("triton", "torch")
 TWO_PHASE = dict(small_n=16, block=16, chunk=48)  # interpreter-sized two-phase launch: several chunks of 3 tiles each
