@@ -30,14 +30,15 @@ from fastrlhf.runtime import distributed as D
 from fastrlhf.runtime.build import load_sharded
 from fastrlhf import kernels as K
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
-                         load_training_state, resolve_resume, save_checkpoint, seed_everything, set_rng_state,
-                         trainer_state_dict)
-from fastrlhf.runtime.config import param
+                                         load_training_state, prepare_run_dir, resolve_resume, save_checkpoint,
+                                         seed_everything, set_rng_state, trainer_state_dict)
+from fastrlhf.runtime.config import check_ranges, param
 from fastrlhf.runtime.data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.runtime.lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.models.hf_io import ModelFolderError, check_model_folder, has_score_head
 from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
 from fastrlhf.runtime.device import use_autocast
 from fastrlhf.runtime.optim import make_adamw
@@ -53,53 +54,58 @@ class PPOConfig:
 
     policy: str = param("", "SFT checkpoint folder (HF format): the policy and the frozen reference start here")
     reward_model: str = param("", "reward-model checkpoint folder (HF *ForSequenceClassification format)")
+    random_reward_head: bool = param(False, "accept a reward_model without a trained score head (a causal LM): its "
+                                            "head starts random, so PPO optimises noise (tests and benchmarks only)")
     value_model: str = param("", "value-model init checkpoint (default: the reward model, as in InstructGPT)")
     prompts: str = param("", "jsonl of {\"prompt\"} or {\"messages\"} rows")
     output_dir: str = param("runs/ppo", "where checkpoints, metrics.jsonl and plots go")
     seed: int = param(0, "seed of prompt order, sampling and initialisation")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
-    iterations: int = param(20, "PPO iterations (rollout + update)")
-    batch_size: int = param(16, "prompts per iteration and rank (rollouts B; world × B in all)")
-    minibatch_size: int = param(16, "rollouts per optimizer step and rank")
-    ppo_epochs: int = param(4, "passes over each batch of rollouts")
-    max_new_tokens: int = param(32, "response length cap G (tokens)")
-    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
-    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)")
-    top_k: int = param(0, "top-k sampling (0 = off)")
-    top_p: float = param(1.0, "nucleus sampling (1 = off)")
-    lr: float = param(1e-5, "policy learning rate (AdamW)")
-    value_lr: float = param(1e-5, "value-model learning rate (AdamW)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
+    iterations: int = param(20, "PPO iterations (rollout + update)", ge=1)
+    batch_size: int = param(16, "prompts per iteration and rank (rollouts B; world × B in all)", ge=1)
+    minibatch_size: int = param(16, "rollouts per optimizer step and rank", ge=1)
+    ppo_epochs: int = param(4, "passes over each batch of rollouts", ge=1)
+    max_new_tokens: int = param(32, "response length cap G (tokens)", ge=1)
+    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens",
+                                ge=0)
+    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)", gt=0)
+    top_k: int = param(0, "top-k sampling (0 = off)", ge=0)
+    top_p: float = param(1.0, "nucleus sampling (1 = off)", gt=0, le=1)
+    lr: float = param(1e-5, "policy learning rate (AdamW)", gt=0)
+    value_lr: float = param(1e-5, "value-model learning rate (AdamW)", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
     optimizer: str = param("adamw", "adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
-    lora_rank: int = param(0, "LoRA rank of the policy (peft); 0 = train all weights. The reference = adapter disabled")
-    lora_alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)")
-    lora_dropout: float = param(0.0, "dropout on the LoRA input")
+    lora_rank: int = param(0, "LoRA rank of the policy (peft); 0 = train all weights. The reference = adapter disabled",
+                           ge=0)
+    lora_alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)", gt=0)
+    lora_dropout: float = param(0.0, "dropout on the LoRA input", ge=0, lt=1)
     lora_targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                     "linear layers that get adapters")
-    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
-    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
+    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)", ge=0)
+    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward", ge=0)
     adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller")
-    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller")
-    clip_eps: float = param(0.2, "PPO ratio clip ε")
-    vf_clip_eps: float = param(0.2, "value clip ε")
-    gamma: float = param(1.0, "GAE discount γ")
-    lam: float = param(0.95, "GAE λ")
+    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller", gt=0)
+    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller", ge=1)
+    clip_eps: float = param(0.2, "PPO ratio clip ε", gt=0)
+    vf_clip_eps: float = param(0.2, "value clip ε", gt=0)
+    gamma: float = param(1.0, "GAE discount γ", ge=0, le=1)
+    lam: float = param(0.95, "GAE λ", ge=0, le=1)
     whiten_advantages: bool = param(True, "normalise advantages to mean 0, std 1 over valid tokens")
-    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)")
-    ptx_coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on ptx_data (0 = off)")
+    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)", ge=0)
+    ptx_coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on ptx_data (0 = off)", ge=0)
     ptx_data: str = param("", "jsonl of SFT rows for PPO-ptx ({\"prompt\",\"response\"} or {\"messages\"})")
-    ptx_batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)")
-    forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values")
+    ptx_batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)", ge=1)
+    forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values", ge=1)
     generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
                                    "and decode step (per_block: less memory), or auto (full when it fits)",
                                    choices=("auto", "full", "per_block"))
     mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
     gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
-    save_every: int = param(0, "save a checkpoint every N iterations (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
+    save_every: int = param(0, "save a checkpoint every N iterations (0 = only at the end)", ge=0)
+    keep_checkpoints: int = param(2, "how many checkpoints to keep", ge=0)
     resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N iterations")
+    overwrite: bool = param(False, "start over in a used output_dir: its checkpoints, metrics and plots are deleted first")
+    log_every: int = param(1, "console line every N iterations", ge=0)
     tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
     plots: bool = param(True, "PNG plots of the curves at the end (if matplotlib is installed)")
 
@@ -147,11 +153,14 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
 
 def train(cfg: PPOConfig, *, log=None) -> dict:
     """Run PPO; returns a summary dict (final metrics, checkpoint path). ``log``: an optional MetricsLogger."""
+    check_ranges(cfg)
     for name in ("policy", "reward_model", "prompts"):
         if not getattr(cfg, name):
             raise ValueError(f"ppo: the field '{name}' is required (see fastrlhf ppo --help)")
-    if cfg.minibatch_size <= 0 or cfg.batch_size <= 0 or cfg.minibatch_size > cfg.batch_size:
-        raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
+    if cfg.minibatch_size > cfg.batch_size:
+        raise ValueError(f"ppo: need minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
+    if cfg.ptx_coef > 0 and not cfg.ptx_data:
+        raise ValueError("ppo: ptx_coef > 0 needs ptx_data (a jsonl of SFT rows)")
     env = D.init(cfg.device)
     device = env.device
     if env.launched and cfg.optimizer != "adamw":
@@ -159,6 +168,14 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                          "states are not sharded); use optimizer adamw with FSDP")
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
+    prepare_run_dir(run_dir, resume=cfg.resume, overwrite=cfg.overwrite)  # before any expensive work
+    for flag in ("policy", "reward_model", "value_model"):
+        if getattr(cfg, flag):
+            check_model_folder(getattr(cfg, flag), f"--{flag}")
+    if not cfg.random_reward_head and not has_score_head(cfg.reward_model):
+        raise ModelFolderError(f"{cfg.reward_model}: --reward_model is a causal LM without a trained score head (PPO would "
+                         f"optimise a random reward); give a reward model trained with fastrlhf rm, or "
+                         f"--random_reward_head true to accept a random head")
     resume_from = resolve_resume(cfg.resume, run_dir)
 
     # Models: policy (trained) and value (trained); reference and reward (frozen).
@@ -230,6 +247,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                             resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
+    stop_now = False
     last_ckpt = latest_checkpoint(run_dir)
     history = []
 
@@ -319,7 +337,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     log.close(plots=cfg.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
     engine.free()
     return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
-            "final": history[-1] if history else {}}
+            "final": history[-1] if history else {}, "interrupted": stop_now}
 
 
 def main(argv=None) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.config import param
+from fastrlhf.runtime.config import check_ranges, param
 from fastrlhf.runtime.data import PackedLoader, load_sft, make_packed_batch, split_holdout, tokenize_sft
 from fastrlhf.runtime.metrics import progress
 from fastrlhf.stages.loop import StepOut, run_steps, start_run
@@ -35,28 +35,29 @@ class SFTConfig:
     model: str = param("", "base model: a local HF checkpoint folder (model + tokenizer)")
     data: str = param("", "jsonl of {\"prompt\",\"response\"} or {\"messages\"} rows")
     eval_data: str = param("", "held-out jsonl (default: eval_fraction of data)")
-    eval_fraction: float = param(0.05, "fraction of data held out when eval_data is not given")
+    eval_fraction: float = param(0.05, "fraction of data held out when eval_data is not given", ge=0, lt=1)
     output_dir: str = param("runs/sft", "where checkpoints, metrics.jsonl and plots go")
     seed: int = param(0, "seed of data order, held-out split and initialisation")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
-    max_seq_len: int = param(0, "longest sample in tokens (0 = the model's context); longer responses are cut")
-    batch_tokens: int = param(4096, "tokens per micro-batch (the packing budget; >= max_seq_len)")
-    grad_accum: int = param(1, "micro-batches per optimizer step and rank (a step = grad_accum × world budgets)")
-    epochs: int = param(1, "passes over the data (ignored when max_steps > 0)")
-    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
-    lr: float = param(2e-5, "peak learning rate")
-    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr")
-    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup")
-    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)")
-    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas")
-    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)")
+    max_seq_len: int = param(0, "longest sample in tokens (0 = the model's context); longer responses are cut", ge=0)
+    batch_tokens: int = param(4096, "tokens per micro-batch (the packing budget; >= max_seq_len)", ge=1)
+    grad_accum: int = param(1, "micro-batches per optimizer step and rank (a step = grad_accum × world budgets)", ge=1)
+    epochs: int = param(1, "passes over the data (ignored when max_steps > 0)", ge=1)
+    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)", ge=0)
+    lr: float = param(2e-5, "peak learning rate", gt=0)
+    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr", ge=0, le=1)
+    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup", ge=0, le=1)
+    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)", ge=0)
+    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas", ge=0, lt=1)
+    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)", ge=0)
     mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
     gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
-    eval_every: int = param(0, "held-out loss every N steps (0 = only at the end)")
-    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
+    eval_every: int = param(0, "held-out loss every N steps (0 = only at the end)", ge=0)
+    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    keep_checkpoints: int = param(2, "how many checkpoints to keep", ge=0)
     resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N steps")
+    overwrite: bool = param(False, "start over in a used output_dir: its checkpoints, metrics and plots are deleted first")
+    log_every: int = param(1, "console line every N steps", ge=0)
     tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
     plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
 
@@ -85,11 +86,10 @@ def evaluate(model, loader: PackedLoader | None, device, autocast: bool) -> floa
 
 def train(cfg: SFTConfig) -> dict:
     """Run SFT; returns {"checkpoint", "steps", "eval_loss", "history"}."""
+    check_ranges(cfg)
     for name in ("model", "data"):
         if not getattr(cfg, name):
             raise ValueError(f"sft: the field '{name}' is required (see fastrlhf sft --help)")
-    if cfg.grad_accum < 1 or cfg.batch_tokens < 1:
-        raise ValueError(f"sft: grad_accum ({cfg.grad_accum}) and batch_tokens ({cfg.batch_tokens}) must be >= 1")
     # 1. model + tokenizer (weights from safetensors only; FSDP2-sharded under torchrun)
     run = start_run(cfg, stage="sft", head="lm")
     model, device, env, tokenizer = run.model, run.device, run.env, run.tokenizer
@@ -130,7 +130,8 @@ def train(cfg: SFTConfig) -> dict:
     out = run_steps(run, cfg, total=total, data=loader, step=step,
                     evaluate=lambda: {"eval_loss": evaluate(model, eval_loader, device, run.autocast)})
     return {"checkpoint": out["checkpoint"], "steps": out["steps"],
-            "eval_loss": out["eval"].get("eval_loss", float("nan")), "history": out["history"]}
+            "eval_loss": out["eval"].get("eval_loss", float("nan")), "history": out["history"],
+            "interrupted": out["stopped"]}
 
 
 def main(argv=None) -> dict:
