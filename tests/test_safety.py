@@ -230,14 +230,15 @@ def test_resume_from_an_older_checkpoint_never_deletes_what_it_writes(base, tmp_
 
 def test_stale_temporary_folders_of_killed_saves_are_removed(base, tmp_path):
     run = copy_run(base, tmp_path)
-    for name in (".checkpoint-0000003.tmp-0123abcd", ".checkpoint-0000002.old-89abcdef"):
+    for name in (".checkpoint-0000003.tmp-0123abcd", ".checkpoint-0000002.old-89abcdef",
+                 "..checkpoint-0000003.tmp-0123abcd.tmp-4567cdef"):  # the last: the HF folder's own temporary one
         (run / name / "state").mkdir(parents=True)
         (run / name / "model.safetensors").write_bytes(b"x" * 1000)
     keep = run / ".my-notes.tmp-keepme"  # not a checkpoint's temporary folder: left alone
     keep.mkdir()
     r = sft(base, run, "--resume", "auto", "--max_steps", 3)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert not list(run.glob(".checkpoint-*")) and keep.is_dir()
+    assert not list(run.glob(".checkpoint-*")) and not list(run.glob("..checkpoint-*")) and keep.is_dir()
     assert (run / "checkpoint-0000003").is_dir()
 
 
@@ -382,6 +383,11 @@ def test_directory_given_as_data(base, tmp_path):
     d.mkdir()
     line = error_line(sft(base, tmp_path / "o", data=d), "sft")
     assert line == f"{d}: is a folder, not a jsonl file", line
+
+
+def test_directory_given_as_config(tmp_path):
+    line = error_line(fastrlhf("sft", "--config", tmp_path), "sft")
+    assert line == f"{tmp_path}: --config is a folder, not a YAML/TOML file", line
 
 
 def test_malformed_json_names_the_right_column(base, tmp_path):

@@ -246,6 +246,8 @@ def to_dict(cfg: Any) -> dict:
 def load_file(path: str | os.PathLike) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict; errors name the file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: --config is a folder, not a YAML/TOML file")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
     ext = os.path.splitext(path)[1].lower()

@@ -236,8 +236,7 @@ class MetricsLogger:
             ax.axis("off")
         fig.suptitle(f"{self.stage} metrics" if self.stage else "metrics", fontsize=10)
         fig.tight_layout()
-        # beside the checkpoint if it is still there (a rotated-away checkpoint folder is never re-created)
-        out = Path(out_dir) if out_dir is not None and Path(out_dir).is_dir() else self.run_dir
+        out = Path(out_dir) if out_dir is not None else self.run_dir
         out.mkdir(parents=True, exist_ok=True)
         path = out / (f"{self.stage}_{name}" if self.stage else name)
         fig.savefig(path, dpi=100)

@@ -123,6 +123,15 @@ def make_optimizer(model, *, kind: str, lr: float, weight_decay: float):
     return make_adamw(model, lr=lr, weight_decay=weight_decay)
 
 
+def _read_adapter(path: Path) -> dict:
+    """The LoRA adapter of an older checkpoint (safetensors only); an unreadable file is named in one line."""
+    try:
+        return load_safetensors(str(path))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelFolderError(f"{path}: not a readable safetensors file ({first})") from None
+
+
 def _freeze(model):
     model.eval()
     for p in model.parameters():
@@ -191,7 +200,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                 prepare=lambda m: add_lora(m, rank=cfg.lora_rank, alpha=cfg.lora_alpha,
                                                            dropout=cfg.lora_dropout, targets=cfg.lora_targets))
         if resume_from is not None and not resume_state:  # an older checkpoint: the adapter file (read by rank 0)
-            adapter = load_safetensors(str(resume_from / LORA_FILE)) if env.is_main else {}
+            adapter = _read_adapter(resume_from / LORA_FILE) if env.is_main else {}
             if env.is_main:
                 check_lora_state_dict(policy, adapter)
             D.load_full_state(policy, adapter, strict=False)
