@@ -249,6 +249,10 @@ def test_pipeline_refuses_a_used_output_folder_before_any_work(tmp_path):
     line = error_line(fastrlhf("pipeline", "--output_dir", root, "--device", "cpu"), "pipeline")
     assert line.startswith(f"{root}: ") and "--overwrite" in line, line
     assert sorted(p.name for p in root.iterdir()) == ["sft", "summary.json"]
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    line = error_line(fastrlhf("pipeline", "--output_dir", f, "--device", "cpu"), "pipeline")
+    assert line == f"{f}: --output_dir is a file, not a folder" and f.read_text() == "mine", line
 
 
 # ------------------------------------------------------------------------------------------ 3-13. one clear line
@@ -268,6 +272,14 @@ def test_truncated_config_json(base, tmp_path):
     (m / "config.json").write_text((m / "config.json").read_text()[:50])
     line = error_line(sft(base, tmp_path / "o", model=m), "sft")
     assert line.startswith(f"{m / 'config.json'}: not valid JSON"), line
+
+
+def test_truncated_tokenizer_json(base, tmp_path):
+    m = tmp_path / "m"
+    shutil.copytree(base["model"], m)
+    (m / "tokenizer.json").write_text((m / "tokenizer.json").read_text()[:200])
+    line = error_line(sft(base, tmp_path / "o", model=m), "sft")
+    assert line.startswith(f"{m}: cannot load the tokenizer ("), line
 
 
 def test_truncated_safetensors_names_the_file(base, tmp_path):

@@ -210,7 +210,7 @@ def load_tokenizer(path):
         raise ModelFolderError(f"{p}: no such checkpoint folder")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise FileNotFoundError(f"{p}: no tokenizer.json / tokenizer.model / vocab.json in the checkpoint folder")
-    for name in ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (p / name).is_file():  # transformers reads these; a broken one is named here, not in its traceback
             _read_json(p / name)
     try:

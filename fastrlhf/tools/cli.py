@@ -125,7 +125,7 @@ def _main(argv: list[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except KeyboardInterrupt:
         _end_progress_line()
-        print(f"fastrlhf {cmd_name}: interrupted", file=sys.stderr)
+        print(f"\nfastrlhf {cmd_name}: interrupted", file=sys.stderr)
         return 130
     except user_errors as e:
         if debug:
