@@ -122,7 +122,8 @@ def test_trainer_state_refuses_pickled_code(tmp_path):
     e = Evil()
     e.marker = str(tmp_path / "pwned")
     torch.save({"step": 1, "evil": e}, tmp_path / ck.STATE_FILE)
-    with pytest.raises(ck.CheckpointError, match="weights_only"):
+    with pytest.raises(ck.CheckpointError, match=r"trainer_state.pt: cannot load the trainer state: it refers to "
+                                                 r"os.makedirs, .*refused"):
         ck.load_trainer_state(tmp_path)
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(ck.CheckpointError, match="no trainer state"):

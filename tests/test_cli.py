@@ -102,5 +102,5 @@ def test_generate(tmp_path, capsys):
                      "1.0", "--max_new_tokens", "3", "--output", str(out), "--device", "cpu"]) == 0
     rows = [json.loads(line) for line in open(out)]
     assert len(rows) == 2 and all(len(r["responses"]) == 2 for r in rows)
-    assert cli.main(["generate", "--model", model, "--prompt", "x", "--prompts", str(prompts)]) == 1
+    assert cli.main(["generate", "--model", model, "--prompt", "x", "--prompts", str(prompts)]) == 2  # bad input
     assert "exactly one of 'prompt'" in capsys.readouterr().err

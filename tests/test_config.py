@@ -156,3 +156,39 @@ def test_saved_run_config_reads_back(tmp_path):
         save_config(c, tmp_path / "c.yaml")
         assert parse_config(cls, ["--config", str(tmp_path / "c.yaml")]) == c
         assert "run:" in (tmp_path / "c.yaml").read_text()  # written in sections
+
+
+@dataclass
+class Ranged:
+    """Fields with declared ranges."""
+    frac: float = param(0.1, "a fraction", ge=0, lt=1)
+    n: int = param(1, "a count", ge=1)
+    betas: tuple[float, ...] = param((0.9, 0.95), "betas", ge=0, lt=1)
+    free: float = param(-3.0, "no range")
+    inner: Inner = section(Inner, "inner section")
+
+
+@pytest.mark.parametrize("flag,value,rule", [("--frac", "1", ">= 0 and < 1"), ("--frac", "-0.5", ">= 0 and < 1"),
+                                             ("--n", "0", ">= 1"), ("--betas", "0.9,1.0", ">= 0 and < 1")])
+def test_ranges_are_checked_where_the_value_comes_from(tmp_path, flag, value, rule):
+    with pytest.raises(ConfigError, match=rf"^command line: {flag}: .* is out of range; must be {rule}$"):
+        parse_config(Ranged, [flag, value])
+    f = tmp_path / "r.yaml"
+    f.write_text(f"{flag[2:]}: [{value}]\n" if flag == "--betas" else f"{flag[2:]}: {value}\n")
+    with pytest.raises(ConfigError, match=rf"^{f}: field '{flag[2:]}': .* is out of range; must be {rule}$"):
+        parse_config(Ranged, ["--config", str(f)])
+
+
+def test_ranges_edges_and_configs_built_in_code():
+    from fastrlhf.runtime.config import check_ranges
+    cfg = parse_config(Ranged, ["--frac", "0", "--n", "1", "--free", "-100"])  # the bounds themselves are allowed
+    assert (cfg.frac, cfg.n, cfg.free) == (0.0, 1, -100.0)
+    check_ranges(Ranged())
+    with pytest.raises(ConfigError, match=r"^Ranged: field 'n': 0 is out of range; must be >= 1$"):
+        check_ranges(Ranged(n=0))
+
+
+def test_help_shows_the_range(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Ranged, ["--help"])
+    assert "must be >= 0 and < 1" in capsys.readouterr().out

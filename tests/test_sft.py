@@ -10,7 +10,7 @@ from fastrlhf.runtime import data
 from fastrlhf.stages import sft
 
 from fastrlhf.tools import task
-from fastrlhf.models.hf_io import load_model
+from fastrlhf.models.hf_io import ModelFolderError, load_model
 from tests._tiny import tiny_checkpoint
 
 
@@ -76,7 +76,7 @@ def test_bad_data_and_missing_fields(tmp_path):
         sft.train(_cfg(tmp_path, model, str(bad), tmp_path / "o"))
     with pytest.raises(ValueError, match="'data'"):
         sft.train(_cfg(tmp_path, model, "", tmp_path / "o"))
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(ModelFolderError, match="nowhere: --model: no such folder"):
         sft.train(_cfg(tmp_path, str(tmp_path / "nowhere"), str(bad), tmp_path / "o"))
 
 

@@ -20,11 +20,45 @@ from fastrlhf.models.decoder import FAMILIES, SUPPORTED, CausalLM, ModelConfig, 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # 5 GiB per shard, as HF's save_pretrained default
 
 
+class ModelFolderError(ValueError):
+    """A missing, unreadable or inconsistent checkpoint folder; the message names the folder or file."""
+
+
+def check_model_folder(path, flag: str) -> None:
+    """Fail early, naming the flag, when ``path`` (given with ``flag``, e.g. "--model") is not a folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelFolderError(f"{p}: {flag}: no such folder")
+    if not p.is_dir():
+        raise ModelFolderError(f"{p}: {flag}: not a folder (expected an HF checkpoint folder)")
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_bytes())
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except UnicodeDecodeError as e:
+        raise ModelFolderError(f"{f}: not valid JSON (not UTF-8 at byte {e.start})") from None
+    if not isinstance(d, dict):
+        raise ModelFolderError(f"{f}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
 def _read_config(path: Path) -> dict:
     f = path / "config.json"
+    if not path.is_dir():
+        raise ModelFolderError(f"{path}: no such checkpoint folder")
     if not f.is_file():
         raise FileNotFoundError(f"{f}: no config.json (expected an HF checkpoint folder)")
-    return json.loads(f.read_text())
+    return _read_json(f)
+
+
+def has_score_head(path) -> bool:
+    """Whether the checkpoint folder holds a trained scalar head (a *ForSequenceClassification model, e.g. a reward
+    model) rather than a causal LM (whose ``score`` head ``load_model(head="score")`` would initialise at random)."""
+    p = Path(path)
+    return _check_arch(_read_config(p), p / "config.json").endswith("ForSequenceClassification")
 
 
 def _check_arch(d: dict, source: Path) -> str:
@@ -38,7 +72,11 @@ def _check_arch(d: dict, source: Path) -> str:
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+                                                       for v in weight_map.values()):
+            raise ModelFolderError(f"{index}: 'weight_map' must map weight names to shard files of the folder")
+        return [path / f for f in sorted(set(weight_map.values()))]
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
@@ -71,10 +109,23 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
         want.pop("lm_head.weight")
     state = {}
     for f in _weight_files(path):
-        with safe_open(str(f), framework="pt", device="cpu") as fh:
-            for k in fh.keys():
-                if k in want:
-                    state[k] = fh.get_tensor(k).to(dtype)
+        if not f.is_file():
+            raise ModelFolderError(f"{f}: weight shard not found (named by model.safetensors.index.json)")
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as fh:
+                for k in fh.keys():
+                    if k in want:
+                        shape = list(fh.get_slice(k).get_shape())
+                        if shape != list(want[k].shape):
+                            raise ModelFolderError(
+                                f"{path}: config.json does not match the weights: '{k}' is {shape} in {f.name}, "
+                                f"config.json implies {list(want[k].shape)}")
+                        state[k] = fh.get_tensor(k).to(dtype)
+        except ModelFolderError:
+            raise
+        except Exception as e:  # safetensors' SafetensorError (truncated / not safetensors), OSError
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ModelFolderError(f"{f}: not a readable safetensors file ({first})") from None
     missing = [k for k in want if k not in state]
     fresh_score = head == "score" and missing == ["score.weight"]
     if missing and not fresh_score:
@@ -155,9 +206,18 @@ def load_tokenizer(path):
     i.e. a PreTrainedTokenizerFast). A tokenizer without a pad token (e.g. Llama 3) gets pad = eos."""
     from transformers import AutoTokenizer
     p = Path(path)
+    if not p.is_dir():
+        raise ModelFolderError(f"{p}: no such checkpoint folder")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise FileNotFoundError(f"{p}: no tokenizer.json / tokenizer.model / vocab.json in the checkpoint folder")
-    tok = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (p / name).is_file():  # transformers reads these; a broken one is named here, not in its traceback
+            _read_json(p / name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), use_fast=True, local_files_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ModelFolderError(f"{p}: cannot load the tokenizer ({type(e).__name__}: {first})") from None
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

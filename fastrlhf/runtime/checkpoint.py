@@ -11,8 +11,13 @@ Layout of a run directory:
                                   <name>/          (more HF folders, e.g. PPO's value_model)
 A checkpoint is written into a hidden temporary folder in the same parent, fsynced, then renamed into place (os.replace is
 atomic within one filesystem), so a crash mid-save leaves the previous checkpoints untouched. Older checkpoints are removed
-only after the new one is complete (``keep`` newest are kept). Weights load from safetensors only; the trainer state loads
-with ``torch.load(weights_only=True)``, so no pickled code runs from a checkpoint.
+only after the new one is complete: of the checkpoints older than the one just written, the ``keep - 1`` newest stay (a
+later checkpoint left by an earlier, longer run is never touched). Weights load from safetensors only; the trainer state
+loads with ``torch.load(weights_only=True)``; ``state/`` is read through ``safe_state`` (its pickled index and items admit
+only the checkpoint's own types), so no pickled code runs from a checkpoint.
+
+An output folder holds one run: ``prepare_run_dir`` refuses a used one unless the run resumes it or ``overwrite`` starts
+it over, and removes the hidden temporary folders a killed save left behind.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ from fastrlhf.runtime import distributed as D
 STATE_FILE = "trainer_state.pt"
 STATE_DIR = "state"  # torch.distributed.checkpoint folder: trained weights + optimizer states, sharded
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# the hidden temporary folders of save_checkpoint (and of save_model inside it, one dot more)
+_STALE = re.compile(r"^\.\.?checkpoint-\d+\.(tmp|old)-[0-9a-f]{8}(\.(tmp|old)-[0-9a-f]{8})?$")
+_RUN_FILES = re.compile(r"^(metrics\.jsonl(\.tmp)?|(\w+_)?curves\.png|tensorboard)$")  # a run's files besides checkpoints
 
 
 class CheckpointError(RuntimeError):
@@ -173,7 +181,8 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if D.rank() == 0 and keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+        older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]  # never this one or later ones
+        for old in older[:len(older) - (keep - 1)]:
             shutil.rmtree(old, ignore_errors=True)
     D.barrier()                                                   # every rank sees the finished checkpoint
     return final
@@ -219,13 +228,23 @@ def load_training_state(checkpoint, trained: dict[str, tuple], legacy: dict[str,
                 opt.load_state_dict(legacy[name])
             return
         raise CheckpointError(f"{path}: no training state (.metadata missing): not a complete fastrlhf checkpoint")
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastrlhf.runtime.safe_state import SafeLoadPlanner, SafeStateReader, StateRefused, read_metadata, refusal
+    try:
+        read_metadata(path)  # checked here first, so that a refusal is reported as it is (DCP wraps its errors)
+    except (StateRefused, OSError) as e:
+        raise CheckpointError(str(e) if isinstance(e, StateRefused) else f"{path}: cannot read .metadata ({e})") from None
     state = {name: {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
              for name, (m, opt) in trained.items()}
     try:
         with _single_process_quiet():
-            dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot load the training state ({type(e).__name__}: {e})") from None
+            dcp.load(state, storage_reader=SafeStateReader(str(path)), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+        causes = [exc for exc, _ in e.failures.values()] if isinstance(e, CheckpointException) else [e]
+        cause = causes[0] if causes else e
+        why = str(cause) if isinstance(cause, StateRefused) else refusal(cause)
+        raise CheckpointError(f"{path}: cannot load the training state: {why}") from None
     for name, (m, opt) in trained.items():
         set_model_state_dict(m, state[name]["model"])
         set_optimizer_state_dict(m, opt, state[name]["optim"])
@@ -239,6 +258,48 @@ def list_checkpoints(run_dir) -> list[Path]:
     found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _NAME.match(p.name))
              and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path) -> int:
+    """The step of a ``checkpoint-<step>`` folder."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path}: not a checkpoint-<step> folder")
+    return int(m.group(1))
+
+
+def prepare_run_dir(run_dir, *, resume: str = "", overwrite: bool = False) -> None:
+    """Check and tidy the output folder before any work (called by every rank; rank 0 changes the folder).
+
+    - a file at ``run_dir``: error;
+    - a non-empty folder is refused unless the run resumes (``resume``) or starts over (``overwrite``: the previous
+      run's checkpoint-* folders, metrics.jsonl, plots and TensorBoard logs are deleted first; other files stay);
+    - hidden temporary folders of saves that were killed (``.checkpoint-*.tmp-*`` / ``.old-*``) are removed.
+    """
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir():
+        raise CheckpointError(f"{d}: --output_dir is a file, not a folder")
+    if resume and overwrite:
+        raise CheckpointError(f"{d}: give --resume (continue the run) or --overwrite (start it over), not both")
+    entries = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    used = [n for n in entries if not _STALE.match(n)]
+    if used and not resume and not overwrite:
+        shown = ", ".join(used[:4]) + (", ..." if len(used) > 4 else "")
+        raise CheckpointError(f"{d}: --output_dir already holds a run ({shown}); continue it with --resume auto, "
+                              f"start it over with --overwrite (deletes its checkpoints and metrics), or choose "
+                              f"another --output_dir")
+    D.barrier()  # every rank has looked before rank 0 changes anything
+    if D.rank() == 0:
+        for n in entries:
+            p = d / n
+            if _STALE.match(n) and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif overwrite and ((_NAME.match(n) and p.is_dir()) or _RUN_FILES.match(n)):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+        stale = [n for n in entries if _STALE.match(n)]
+        if stale:
+            print(f"[fastrlhf] {d}: removed {len(stale)} unfinished checkpoint folder(s) of a killed save", flush=True)
+    D.barrier()
 
 
 def latest_checkpoint(run_dir) -> Path | None:
@@ -255,7 +316,8 @@ def load_trainer_state(path) -> dict:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{f}: cannot load the trainer state safely (weights_only=True): {e}") from None
+        from fastrlhf.runtime.safe_state import refusal
+        raise CheckpointError(f"{f}: cannot load the trainer state: {refusal(e)}") from None
 
 
 def resolve_resume(resume: str, run_dir) -> Path | None:

@@ -29,14 +29,20 @@ class ConfigError(ValueError):
 
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, choices: tuple | None = None,
+          ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
           default_factory: Any = dataclasses.MISSING, flat: str | None = None) -> Any:
-    """A dataclass field with its meaning (shown by ``--help``) and optional allowed ``choices``.
+    """A dataclass field with its meaning (shown by ``--help``), optional allowed ``choices`` and an optional range
+    (``ge``/``gt`` lower, ``le``/``lt`` upper bound; for a list, of each element), checked whenever a config is read
+    (``parse_config``, ``from_dict``) and by ``check_ranges``.
 
     flat: inside a section, the field's name at the top level of the config (default: its own name), e.g. the field
     ``rank`` of the section ``lora`` is also ``lora_rank``."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["range"] = bounds
     if flat is not None:
         meta["flat"] = flat
     if default_factory is not dataclasses.MISSING:
@@ -204,6 +210,40 @@ def _check_choices(f: dataclasses.Field, value: Any, where: str) -> None:
     choices = f.metadata.get("choices")
     if choices is not None and value is not None and value not in choices:
         raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+    _check_range(f, value, where)
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b),
+        "lt": ("<", lambda v, b: v < b)}
+
+
+def range_rule(f: dataclasses.Field) -> str:
+    """The allowed range of a field as text, e.g. ">= 0 and < 1" ('' when the field has none)."""
+    bounds = f.metadata.get("range") or {}
+    return " and ".join(f"{_OPS[k][0]} {int(b) if float(b).is_integer() else b}" for k, b in bounds.items())
+
+
+def _check_range(f: dataclasses.Field, value: Any, where: str) -> None:
+    bounds = f.metadata.get("range")
+    if not bounds or value is None:
+        return
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not all(
+                _OPS[k][1](v, b) for k, b in bounds.items()):
+            raise ConfigError(f"{where}: {v!r} is out of range; must be {range_rule(f)}")
+
+
+def check_ranges(cfg: Any, source: str = "") -> None:
+    """Check every field of ``cfg`` (nested sections included) against its declared range and choices; raises
+    ConfigError naming the field. For configs built in code (``SFTConfig(lr=-1)``); ``parse_config`` checks as it
+    reads."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            check_ranges(value, f"{source}{f.name}.")
+        else:
+            _check_choices(f, value, f"{type(cfg).__name__}: field '{source}{f.name}'")
 
 
 # ------------------------------------------------------------------------------------------------------ dict <-> config
@@ -264,6 +304,8 @@ def to_dict(cfg: Any) -> dict:
 def load_file(path: str | os.PathLike) -> dict:
     """Read a YAML (.yaml/.yml) or TOML (.toml) config file into a dict; errors name the file."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: --config is a folder, not a YAML/TOML file")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
     ext = os.path.splitext(path)[1].lower()
@@ -327,6 +369,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, _prefix: str 
         help_text = f.metadata.get("help", "")
         choices = f.metadata.get("choices")
         extra = f" choices: {list(choices)}." if choices else ""
+        if range_rule(f):
+            extra += f" must be {range_rule(f)}."
         names = [f"--{_prefix}{f.name}"]
         if "_" in f.name:
             names.append(f"--{_prefix}{f.name.replace('_', '-')}")

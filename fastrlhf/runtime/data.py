@@ -60,6 +60,8 @@ class PromptExample:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     """Yield ("file:line", object) for each non-blank line; malformed JSON or a non-object raises DataError."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a folder, not a jsonl file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     with open(path, "rb") as fh:
@@ -72,7 +74,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # an error at the end of the line names its column
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):

@@ -12,12 +12,12 @@ from typing import Callable
 
 import torch
 
-from fastrlhf.runtime.config import param
+from fastrlhf.runtime.config import check_ranges, param
 from fastrlhf.runtime.device import resolve_device
 from fastrlhf.runtime.data import load_prompts, tokenize_prompt
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.decoder import autocast_context
-from fastrlhf.models.hf_io import load_model, load_tokenizer
+from fastrlhf.models.hf_io import ModelFolderError, check_model_folder, has_score_head, load_model, load_tokenizer
 
 
 @dataclass
@@ -29,11 +29,11 @@ class EvalConfig:
     prompts: str = param("", "jsonl of {\"prompt\"} or {\"messages\"} rows")
     judge: str = param("rm", "rm (the reward model) | task (the embedded task's programmatic judge)", choices=("rm", "task"))
     reward_model: str = param("", "reward-model checkpoint (judge=rm)")
-    max_new_tokens: int = param(32, "response length cap (tokens)")
-    temperature: float = param(0.0, "sampling temperature (0 = greedy)")
-    top_p: float = param(1.0, "nucleus sampling (1 = off)")
-    batch_size: int = param(64, "prompts per generation batch")
-    limit: int = param(0, "evaluate on the first N prompts (0 = all)")
+    max_new_tokens: int = param(32, "response length cap (tokens)", ge=1)
+    temperature: float = param(0.0, "sampling temperature (0 = greedy)", ge=0)
+    top_p: float = param(1.0, "nucleus sampling (1 = off)", gt=0, le=1)
+    batch_size: int = param(64, "prompts per generation batch", ge=1)
+    limit: int = param(0, "evaluate on the first N prompts (0 = all)", ge=0)
     seed: int = param(0, "sampling seed")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
 
@@ -94,11 +94,17 @@ def win_rate(a: list[float], b: list[float]) -> dict:
 def evaluate(cfg: EvalConfig, judge: Callable[[str, str], float] | None = None) -> dict:
     """Win rate of ``cfg.policy`` over ``cfg.baseline``. judge=task scores each (prompt, response) with ``judge``
     (the caller's programmatic labeler); judge=rm with ``cfg.reward_model``."""
+    check_ranges(cfg)
     for name in ("policy", "baseline", "prompts"):
         if not getattr(cfg, name):
             raise ValueError(f"eval: the field '{name}' is required (see fastrlhf eval --help)")
     if cfg.judge == "rm" and not cfg.reward_model:
         raise ValueError("eval: judge=rm needs reward_model (or use --judge task for the embedded task)")
+    for name in ("policy", "baseline") + (("reward_model",) if cfg.judge == "rm" else ()):
+        check_model_folder(getattr(cfg, name), f"--{name}")
+    if cfg.judge == "rm" and not has_score_head(cfg.reward_model):
+        raise ModelFolderError(f"{cfg.reward_model}: --reward_model is a causal LM without a trained score head; "
+                               f"give a reward model trained with fastrlhf rm (or --judge task)")
     if cfg.judge == "task" and judge is None:
         raise ValueError("eval: judge=task needs a judge callable (the fastrlhf eval command passes the embedded task's)")
     dev = resolve_device(cfg.device)

@@ -11,7 +11,7 @@ together, then stop) and the final checkpoint.
 
 A stage config has these fields: model, output_dir, seed, device, mixed_precision, gradient_checkpointing, lr,
 min_lr_ratio, warmup_ratio, weight_decay, betas, max_grad_norm, eval_every, save_every, keep_checkpoints, resume,
-log_every, tensorboard, plots.
+overwrite, log_every, tensorboard, plots.
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from typing import Any, Callable
 
 import torch
 
-from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.models.hf_io import check_model_folder, load_tokenizer
 from fastrlhf.runtime import distributed as D
 from fastrlhf.runtime.build import load_sharded
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
-                                         load_training_state, resolve_resume, restore_trainer_state, save_checkpoint,
-                                         seed_everything, trainer_state_dict)
+                                         load_training_state, prepare_run_dir, resolve_resume, restore_trainer_state,
+                                         save_checkpoint, seed_everything, trainer_state_dict)
 from fastrlhf.runtime.data import check_vocab
 from fastrlhf.runtime.device import use_autocast
 from fastrlhf.runtime.metrics import MetricsLogger, peak_memory_gb, progress
@@ -64,6 +64,8 @@ def start_run(cfg, *, stage: str, head: str) -> Run:
     env = D.init(cfg.run.device)
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
+    prepare_run_dir(run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)  # before any expensive work
+    check_model_folder(cfg.model, "--model")
     resume_from = resolve_resume(cfg.run.resume, run_dir)
     tokenizer = load_tokenizer(cfg.model)
     autocast = use_autocast(cfg.run.mixed_precision, env.device)

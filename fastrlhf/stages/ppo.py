@@ -30,14 +30,14 @@ from fastrlhf.runtime import distributed as D
 from fastrlhf.runtime.build import disable_dropout, load_sharded
 from fastrlhf import kernels as K
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
-                         load_training_state, resolve_resume, save_checkpoint, seed_everything, set_rng_state,
-                         trainer_state_dict)
-from fastrlhf.runtime.config import flat_kwargs, param, section
+                                         load_training_state, prepare_run_dir, resolve_resume, save_checkpoint,
+                                         seed_everything, set_rng_state, trainer_state_dict)
+from fastrlhf.runtime.config import check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.runtime.lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
 from fastrlhf.models.decoder import autocast_context
-from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.models.hf_io import ModelFolderError, check_model_folder, has_score_head, load_tokenizer
 from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
 from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.optim import ADAM_BETAS, ADAM_EPS, adamw_groups, make_adamw
@@ -53,11 +53,11 @@ LORA_FILE = "lora_adapter.safetensors"
 class SamplingSection:
     """How rollouts are sampled."""
 
-    max_new_tokens: int = param(32, "response length cap G (tokens)")
-    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
-    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)")
-    top_k: int = param(0, "top-k sampling (0 = off)")
-    top_p: float = param(1.0, "nucleus sampling (1 = off)")
+    max_new_tokens: int = param(32, "response length cap G (tokens)", ge=1)
+    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens", ge=0)
+    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)", gt=0)
+    top_k: int = param(0, "top-k sampling (0 = off)", ge=0)
+    top_p: float = param(1.0, "nucleus sampling (1 = off)", gt=0, le=1)
     generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
                                    "and decode step (per_block: less memory), or auto (full when it fits)",
                                    choices=("auto", "full", "per_block"))
@@ -67,25 +67,25 @@ class SamplingSection:
 class PPOOptimSection:
     """The policy's and the value model's optimizers."""
 
-    lr: float = param(1e-5, "policy learning rate (AdamW)")
-    value_lr: float = param(1e-5, "value-model learning rate (AdamW)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
+    lr: float = param(1e-5, "policy learning rate (AdamW)", gt=0)
+    value_lr: float = param(1e-5, "value-model learning rate (AdamW)", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
     optimizer: str = param("adamw", "adamw | adamw8bit (bitsandbytes)", choices=("adamw", "adamw8bit"))
-    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
+    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)", ge=0)
 
 
 @dataclass
 class KLSection:
     """The KL to the reference (SFT) policy: a per-token penalty in the reward, and optionally a term in the loss."""
 
-    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward")
+    kl_coef: float = param(0.02, "β: per-token KL penalty coefficient in the reward", ge=0)
     adaptive_kl: bool = param(False, "adapt β toward kl_target (Ziegler et al. 2019)")
-    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller")
-    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller")
+    kl_target: float = param(6.0, "target KL (nats per sequence) for the adaptive controller", gt=0)
+    kl_horizon: int = param(10000, "horizon (rollouts) of the adaptive KL controller", ge=1)
     kl_estimator: str = param("k1", "per-token KL in the reward: k1 | k2 | k3 | abs of the sampled tokens' log-probs, "
                               "or full: the exact KL over the whole vocabulary (fused, from both models' hidden "
                               "states and heads)", choices=KL_ESTIMATORS)
-    kl_loss_coef: float = param(0.0, "β_loss of a KL term in the policy loss against the reference (0 = off)")
+    kl_loss_coef: float = param(0.0, "β_loss of a KL term in the policy loss against the reference (0 = off)", ge=0)
     kl_loss_estimator: str = param("k3", "KL of the loss term: k1 | k2 | k3 | abs | full", choices=KL_ESTIMATORS)
 
 
@@ -93,10 +93,10 @@ class KLSection:
 class LoRASection:
     """LoRA adapters on the policy (peft); the reference is the policy with its adapters disabled."""
 
-    rank: int = param(0, "LoRA rank of the policy; 0 = train all weights", flat="lora_rank")
-    alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)", flat="lora_alpha")
+    rank: int = param(0, "LoRA rank of the policy; 0 = train all weights", flat="lora_rank", ge=0)
+    alpha: float = param(32.0, "LoRA alpha (the update is scaled by alpha / rank)", flat="lora_alpha", gt=0)
     dropout: float = param(0.0, "dropout on the LoRA input (PPO turns every dropout off: the old and new log-probs "
-                           "must come from one function for the ratio to be exact)", flat="lora_dropout")
+                           "must come from one function for the ratio to be exact)", flat="lora_dropout", ge=0, lt=1)
     targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                                "linear layers that get adapters", flat="lora_targets")
 
@@ -105,12 +105,12 @@ class LoRASection:
 class LossSection:
     """PPO's clipped objectives and advantage estimation."""
 
-    clip_eps: float = param(0.2, "PPO ratio clip ε")
-    vf_clip_eps: float = param(0.2, "value clip ε")
-    gamma: float = param(1.0, "GAE discount γ")
-    lam: float = param(0.95, "GAE λ")
+    clip_eps: float = param(0.2, "PPO ratio clip ε", gt=0)
+    vf_clip_eps: float = param(0.2, "value clip ε", gt=0)
+    gamma: float = param(1.0, "GAE discount γ", ge=0, le=1)
+    lam: float = param(0.95, "GAE λ", ge=0, le=1)
     whiten_advantages: bool = param(True, "normalise advantages to mean 0, std 1 over valid tokens")
-    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)")
+    missing_eos_penalty: float = param(0.0, "subtracted from the score of responses without EOS (0 = off)", ge=0)
     old_logprobs: str = param("recompute", "behaviour log-probs: recompute (a policy forward before the update) | "
                               "rollout (the engine's, same head kernel; skips that forward; needs top_k 0, top_p 1)",
                               choices=OLD_LOGPROBS)
@@ -120,9 +120,9 @@ class LossSection:
 class PtxSection:
     """PPO-ptx (InstructGPT): the LM loss on pretraining-like text mixed into the policy update."""
 
-    coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on the ptx data (0 = off)", flat="ptx_coef")
+    coef: float = param(0.0, "γ of PPO-ptx: weight of the LM loss on the ptx data (0 = off)", flat="ptx_coef", ge=0)
     data: str = param("", "jsonl of SFT rows ({\"prompt\",\"response\"} or {\"messages\"})", flat="ptx_data")
-    batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)", flat="ptx_batch_tokens")
+    batch_tokens: int = param(512, "tokens per PPO-ptx batch (packed)", flat="ptx_batch_tokens", ge=1)
 
 
 @flat_kwargs
@@ -134,11 +134,13 @@ class PPOConfig:
     reward_model: str = param("", "reward-model checkpoint folder (HF *ForSequenceClassification format)")
     value_model: str = param("", "value-model init checkpoint (default: the reward model, as in InstructGPT)")
     prompts: str = param("", "jsonl of {\"prompt\"} or {\"messages\"} rows")
-    iterations: int = param(20, "PPO iterations (rollout + update)")
-    batch_size: int = param(16, "prompts per iteration and rank (rollouts B; world × B in all)")
-    minibatch_size: int = param(16, "rollouts per optimizer step and rank")
-    ppo_epochs: int = param(4, "passes over each batch of rollouts")
-    forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values")
+    random_reward_head: bool = param(False, "accept a reward_model without a trained score head (a causal LM): its "
+                                            "head starts random, so PPO optimises noise (tests and benchmarks only)")
+    iterations: int = param(20, "PPO iterations (rollout + update)", ge=1)
+    batch_size: int = param(16, "prompts per iteration and rank (rollouts B; world × B in all)", ge=1)
+    minibatch_size: int = param(16, "rollouts per optimizer step and rank", ge=1)
+    ppo_epochs: int = param(4, "passes over each batch of rollouts", ge=1)
+    forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values", ge=1)
     sampling: SamplingSection = section(SamplingSection, "rollout sampling")
     kl: KLSection = section(KLSection, "KL penalty to the reference policy")
     loss: LossSection = section(LossSection, "clipped objectives, GAE, advantage whitening")
@@ -159,6 +161,15 @@ def make_optimizer(model, *, kind: str, lr: float, weight_decay: float):
                                "use --optimizer adamw") from e
         return bnb.optim.AdamW8bit(adamw_groups(model, weight_decay), lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     return make_adamw(model, lr=lr, weight_decay=weight_decay)
+
+
+def _read_adapter(path: Path) -> dict:
+    """The LoRA adapter of an older checkpoint (safetensors only); an unreadable file is named in one line."""
+    try:
+        return load_safetensors(str(path))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelFolderError(f"{path}: not a readable safetensors file ({first})") from None
 
 
 def _freeze(model):
@@ -191,11 +202,14 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
 
 def train(cfg: PPOConfig, *, log=None) -> dict:
     """Run PPO; returns a summary dict (final metrics, checkpoint path). ``log``: an optional MetricsLogger."""
+    check_ranges(cfg)
     for name in ("policy", "reward_model", "prompts"):
         if not getattr(cfg, name):
             raise ValueError(f"ppo: the field '{name}' is required (see fastrlhf ppo --help)")
-    if cfg.minibatch_size <= 0 or cfg.batch_size <= 0 or cfg.minibatch_size > cfg.batch_size:
-        raise ValueError(f"ppo: need 0 < minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
+    if cfg.minibatch_size > cfg.batch_size:
+        raise ValueError(f"ppo: need minibatch_size ({cfg.minibatch_size}) <= batch_size ({cfg.batch_size})")
+    if cfg.ptx.coef > 0 and not cfg.ptx.data:
+        raise ValueError("ppo: ptx_coef > 0 needs ptx_data (a jsonl of SFT rows)")
     if cfg.loss.old_logprobs == "rollout" and (cfg.sampling.top_k > 0 or cfg.sampling.top_p < 1.0):
         raise ValueError("ppo: old_logprobs rollout needs top_k 0 and top_p 1 (with filtering the engine's log-probs are "
                          "those of the filtered distribution, not the policy's); use old_logprobs recompute")
@@ -206,6 +220,14 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                          "states are not sharded); use optimizer adamw with FSDP")
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
+    prepare_run_dir(run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)  # before any expensive work
+    for flag in ("policy", "reward_model", "value_model"):
+        if getattr(cfg, flag):
+            check_model_folder(getattr(cfg, flag), f"--{flag}")
+    if not cfg.random_reward_head and not has_score_head(cfg.reward_model):
+        raise ModelFolderError(f"{cfg.reward_model}: --reward_model is a causal LM without a trained score head (PPO "
+                               f"would optimise a random reward); give a reward model trained with fastrlhf rm, or "
+                               f"--random_reward_head true to accept a random head")
     resume_from = resolve_resume(cfg.run.resume, run_dir)
 
     # Models: policy (trained) and value (trained); reference and reward (frozen).
@@ -224,7 +246,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                               prepare=lambda m: add_lora(m, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                                                          dropout=cfg.lora.dropout, targets=cfg.lora.targets))
         if resume_from is not None and not resume_state:  # an older checkpoint: the adapter file (read by rank 0)
-            adapter = load_safetensors(str(resume_from / LORA_FILE)) if env.is_main else {}
+            adapter = _read_adapter(resume_from / LORA_FILE) if env.is_main else {}
             if env.is_main:
                 check_lora_state_dict(policy, adapter)
             D.load_full_state(policy, adapter, strict=False)
@@ -302,6 +324,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                export=export)
 
     bar = progress(total=cfg.iterations, initial=start, desc="ppo")
+    stop_now = False
     with graceful_interrupt() as stop:
         for step in range(start, cfg.iterations):
             t0 = time.perf_counter()
@@ -385,7 +408,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     log.close(plots=cfg.run.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
     engine.free()
     return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
-            "final": history[-1] if history else {}}
+            "final": history[-1] if history else {}, "interrupted": stop_now}
 
 
 def main(argv=None) -> dict:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.config import flat_kwargs, param, section
+from fastrlhf.runtime.config import check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import (EpochSampler, RMBatch, collate_rm, load_preferences, load_sft, pad_right,
                                   split_holdout, tokenize_conversation, tokenize_preferences)
 from fastrlhf.runtime.metrics import progress
@@ -41,14 +41,14 @@ class RewardConfig:
     model: str = param("", "SFT checkpoint folder (HF format): body of the reward model; the scalar head starts fresh")
     data: str = param("", "jsonl of {\"prompt\",\"responses\",\"ranking\"} (K=2..9) or {\"prompt\",\"chosen\",\"rejected\"}")
     eval_data: str = param("", "held-out comparisons jsonl (default: eval_fraction of data)")
-    eval_fraction: float = param(0.1, "fraction of prompts held out when eval_data is not given")
+    eval_fraction: float = param(0.1, "fraction of prompts held out when eval_data is not given", ge=0, lt=1)
     sft_data: str = param("", "SFT demonstrations jsonl: the stored bias gives them mean reward 0 ('' = no bias)")
-    max_seq_len: int = param(0, "longest prompt+response in tokens (0 = the model's context); longer responses are cut")
-    batch_size: int = param(8, "prompts per micro-batch and rank (each with all its K responses)")
-    grad_accum: int = param(1, "micro-batches per optimizer step")
-    epochs: int = param(1, "passes over the data (InstructGPT: 1, the RM overfits after one epoch)")
-    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
-    eval_every: int = param(0, "held-out accuracy every N steps (0 = only at the end)")
+    max_seq_len: int = param(0, "longest prompt+response in tokens (0 = the model's context); longer responses are cut", ge=0)
+    batch_size: int = param(8, "prompts per micro-batch and rank (each with all its K responses)", ge=1)
+    grad_accum: int = param(1, "micro-batches per optimizer step", ge=1)
+    epochs: int = param(1, "passes over the data (InstructGPT: 1, the RM overfits after one epoch)", ge=1)
+    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)", ge=0)
+    eval_every: int = param(0, "held-out accuracy every N steps (0 = only at the end)", ge=0)
     optim: OptimSection = section(OptimSection, "AdamW, warmup + cosine schedule, clipping", lr=9e-6)
     run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/rm")
 
@@ -122,11 +122,10 @@ def demonstration_bias(model, tokenizer, sft_path: str, device, autocast: bool, 
 
 def train(cfg: RewardConfig) -> dict:
     """Train the reward model; returns {"checkpoint", "steps", "eval_accuracy", "bias", "history"}."""
+    check_ranges(cfg)
     for name in ("model", "data"):
         if not getattr(cfg, name):
             raise ValueError(f"rm: the field '{name}' is required (see fastrlhf rm --help)")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ValueError(f"rm: batch_size ({cfg.batch_size}) and grad_accum ({cfg.grad_accum}) must be >= 1")
     # 1. SFT body + scalar head (fresh unless resuming; FSDP2-sharded under torchrun)
     run = start_run(cfg, stage="rm", head="score")
     model, device, env, tokenizer = run.model, run.device, run.env, run.tokenizer
@@ -176,7 +175,7 @@ def train(cfg: RewardConfig) -> dict:
                     evaluate=lambda: evaluate(model, held, pad_id, cfg.batch_size, device, run.autocast))
     return {"checkpoint": out["checkpoint"], "steps": out["steps"],
             "eval_accuracy": out["eval"].get("eval_accuracy", float("nan")), "bias": float(model.config.reward_bias),
-            "history": out["history"]}
+            "history": out["history"], "interrupted": out["stopped"]}
 
 
 def main(argv=None) -> dict:

@@ -19,10 +19,11 @@ class RunSection:
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
     gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
-    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
+    save_every: int = param(0, "checkpoint every N steps (0 = only at the end)", ge=0)
+    keep_checkpoints: int = param(2, "how many checkpoints to keep", ge=0)
     resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N steps")
+    overwrite: bool = param(False, "start over in a used output_dir: its checkpoints, metrics and plots are deleted first")
+    log_every: int = param(1, "console line every N steps", ge=0)
     tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
     plots: bool = param(True, "PNG plots of the curves beside the final checkpoint (if matplotlib is installed)")
 
@@ -31,9 +32,9 @@ class RunSection:
 class OptimSection:
     """AdamW with linear warmup and cosine decay (SFT and reward model)."""
 
-    lr: float = param(2e-5, "peak learning rate")
-    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr")
-    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup")
-    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)")
-    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas")
-    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)")
+    lr: float = param(2e-5, "peak learning rate", gt=0)
+    min_lr_ratio: float = param(0.1, "final lr of the cosine schedule, as a fraction of lr", ge=0, le=1)
+    warmup_ratio: float = param(0.03, "fraction of the steps with linear warmup", ge=0, le=1)
+    weight_decay: float = param(0.0, "AdamW weight decay (matrices only)", ge=0)
+    betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas", ge=0, lt=1)
+    max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)", ge=0)

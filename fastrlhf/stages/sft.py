@@ -21,7 +21,7 @@ import torch
 
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.config import flat_kwargs, param, section
+from fastrlhf.runtime.config import check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import PackedLoader, load_sft, make_packed_batch, split_holdout, tokenize_sft
 from fastrlhf.runtime.metrics import progress
 from fastrlhf.stages.loop import StepOut, run_steps, start_run
@@ -37,13 +37,13 @@ class SFTConfig:
     model: str = param("", "base model: a local HF checkpoint folder (model + tokenizer)")
     data: str = param("", "jsonl of {\"prompt\",\"response\"} or {\"messages\"} rows")
     eval_data: str = param("", "held-out jsonl (default: eval_fraction of data)")
-    eval_fraction: float = param(0.05, "fraction of data held out when eval_data is not given")
-    max_seq_len: int = param(0, "longest sample in tokens (0 = the model's context); longer responses are cut")
-    batch_tokens: int = param(4096, "tokens per micro-batch (the packing budget; >= max_seq_len)")
-    grad_accum: int = param(1, "micro-batches per optimizer step and rank (a step = grad_accum × world budgets)")
-    epochs: int = param(1, "passes over the data (ignored when max_steps > 0)")
-    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)")
-    eval_every: int = param(0, "held-out loss every N steps (0 = only at the end)")
+    eval_fraction: float = param(0.05, "fraction of data held out when eval_data is not given", ge=0, lt=1)
+    max_seq_len: int = param(0, "longest sample in tokens (0 = the model's context); longer responses are cut", ge=0)
+    batch_tokens: int = param(4096, "tokens per micro-batch (the packing budget; >= max_seq_len)", ge=1)
+    grad_accum: int = param(1, "micro-batches per optimizer step and rank (a step = grad_accum × world budgets)", ge=1)
+    epochs: int = param(1, "passes over the data (ignored when max_steps > 0)", ge=1)
+    max_steps: int = param(0, "optimizer steps (0 = epochs × steps per epoch)", ge=0)
+    eval_every: int = param(0, "held-out loss every N steps (0 = only at the end)", ge=0)
     optim: OptimSection = section(OptimSection, "AdamW, warmup + cosine schedule, clipping", lr=2e-5)
     run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/sft")
 
@@ -72,11 +72,10 @@ def evaluate(model, loader: PackedLoader | None, device, autocast: bool) -> floa
 
 def train(cfg: SFTConfig) -> dict:
     """Run SFT; returns {"checkpoint", "steps", "eval_loss", "history"}."""
+    check_ranges(cfg)
     for name in ("model", "data"):
         if not getattr(cfg, name):
             raise ValueError(f"sft: the field '{name}' is required (see fastrlhf sft --help)")
-    if cfg.grad_accum < 1 or cfg.batch_tokens < 1:
-        raise ValueError(f"sft: grad_accum ({cfg.grad_accum}) and batch_tokens ({cfg.batch_tokens}) must be >= 1")
     # 1. model + tokenizer (weights from safetensors only; FSDP2-sharded under torchrun)
     run = start_run(cfg, stage="sft", head="lm")
     model, device, env, tokenizer = run.model, run.device, run.env, run.tokenizer
@@ -117,7 +116,8 @@ def train(cfg: SFTConfig) -> dict:
     out = run_steps(run, cfg, total=total, data=loader, step=step,
                     evaluate=lambda: {"eval_loss": evaluate(model, eval_loader, device, run.autocast)})
     return {"checkpoint": out["checkpoint"], "steps": out["steps"],
-            "eval_loss": out["eval"].get("eval_loss", float("nan")), "history": out["history"]}
+            "eval_loss": out["eval"].get("eval_loss", float("nan")), "history": out["history"],
+            "interrupted": out["stopped"]}
 
 
 def main(argv=None) -> dict:

@@ -6,8 +6,9 @@
     fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)  (kernels, generate, trl, ppo)
     fastrlhf selfcheck            every kernel against its float64 reference, as a table
 
-Errors in user input (config, data, checkpoints) print one line naming the file/line/field and exit with status 2;
-set FASTRLHF_DEBUG=1 for the traceback. Ctrl-C inside a training loop saves a checkpoint first (status 130).
+Errors in user input (config, data, checkpoints, bad values) print one line naming the file/line/field and exit with
+status 2; set FASTRLHF_DEBUG=1 for the traceback. A non-finite loss exits with status 1. Ctrl-C inside a training loop
+saves a checkpoint first, then exits with status 130.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def _user_errors() -> tuple[type, ...]:
     """Exception types that mean bad input (reported in one line) rather than a bug."""
     from fastrlhf.runtime.config import ConfigError
     errors: list[type] = [ConfigError, _UsageError, FileNotFoundError]
-    for mod, name in (("fastrlhf.runtime.data", "DataError"), ("fastrlhf.runtime.checkpoint", "CheckpointError")):
+    for mod, name in (("fastrlhf.runtime.data", "DataError"), ("fastrlhf.runtime.checkpoint", "CheckpointError"),
+                      ("fastrlhf.models.hf_io", "ModelFolderError")):
         try:
             errors.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -122,19 +124,44 @@ def _main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help of a command
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except KeyboardInterrupt:
+        _end_progress_line()
         print(f"\nfastrlhf {cmd_name}: interrupted", file=sys.stderr)
         return 130
     except user_errors as e:
         if debug:
             raise
-        print(f"fastrlhf {cmd_name}: error: {e}", file=sys.stderr)
+        _end_progress_line()
+        print(f"fastrlhf {cmd_name}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (ValueError, FloatingPointError) as e:  # bad field combinations, non-finite loss: one clear line
+    except (ValueError, FloatingPointError) as e:  # bad values / combinations (2), a non-finite loss (1): one line
         if debug:
             raise
-        print(f"fastrlhf {cmd_name}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        _end_progress_line()
+        print(f"fastrlhf {cmd_name}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1 if isinstance(e, FloatingPointError) else 2
+    if isinstance(result, dict) and result.get("interrupted"):  # Ctrl-C / SIGTERM: the stage saved, then stopped
+        print(f"fastrlhf {cmd_name}: interrupted (saved {result.get('checkpoint')})", file=sys.stderr)
+        return 130
     return result if isinstance(result, int) else 0
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (a multi-line message from a library is joined)."""
+    return " ".join(part.strip() for part in str(e).splitlines() if part.strip())
+
+
+def _end_progress_line() -> None:
+    """Close any progress bar still drawn on stderr, so that the error line starts on a fresh line."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        bar.close()
+    if bars:
+        sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

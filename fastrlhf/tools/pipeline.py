@@ -27,28 +27,29 @@ class PipelineConfig:
     seed: int = param(0, "seed of the task, the labeler, the model init and every stage")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     base_model: str = param("", "start from this HF folder instead of the built-in tiny Llama (needs the task's words)")
-    hidden_size: int = param(128, "built-in model: hidden size")
-    num_layers: int = param(2, "built-in model: decoder blocks")
-    n_sft: int = param(2000, "labeler demonstrations for SFT")
-    demo_noise: float = param(0.3, "fraction of imperfect demonstrations (as human ones are)")
-    sft_steps: int = param(300, "SFT optimizer steps")
-    sft_batch_tokens: int = param(256, "SFT tokens per step (packed)")
-    sft_lr: float = param(3e-3, "SFT peak learning rate")
-    n_rm_prompts: int = param(1500, "prompts whose K SFT samples the labeler ranks")
-    k: int = param(8, "responses ranked per prompt (K, 2..9; InstructGPT: 4..9)")
-    rm_epochs: int = param(2, "reward-model epochs")
-    rm_lr: float = param(1e-3, "reward-model learning rate")
-    n_ppo_prompts: int = param(1024, "PPO prompts")
-    ppo_iterations: int = param(40, "PPO iterations")
-    ppo_batch: int = param(64, "PPO rollouts per iteration")
-    ppo_minibatch: int = param(32, "PPO rollouts per optimizer step")
-    ppo_lr: float = param(1e-4, "PPO policy learning rate")
-    value_lr: float = param(1e-3, "PPO value learning rate")
-    kl_coef: float = param(0.1, "β, the per-token KL penalty")
-    missing_eos_penalty: float = param(2.0, "score penalty for responses that hit max_new_tokens without EOS")
-    max_new_tokens: int = param(8, "response length cap (tokens)")
-    n_eval: int = param(1024, "held-out prompts for the final evaluation")
-    temperature: float = param(1.0, "sampling temperature for RM data, PPO and the evaluation")
+    hidden_size: int = param(128, "built-in model: hidden size", ge=32)
+    num_layers: int = param(2, "built-in model: decoder blocks", ge=1)
+    n_sft: int = param(2000, "labeler demonstrations for SFT", ge=2)
+    demo_noise: float = param(0.3, "fraction of imperfect demonstrations (as human ones are)", ge=0, le=1)
+    sft_steps: int = param(300, "SFT optimizer steps", ge=1)
+    sft_batch_tokens: int = param(256, "SFT tokens per step (packed)", ge=1)
+    sft_lr: float = param(3e-3, "SFT peak learning rate", gt=0)
+    n_rm_prompts: int = param(1500, "prompts whose K SFT samples the labeler ranks", ge=2)
+    k: int = param(8, "responses ranked per prompt (K, 2..9; InstructGPT: 4..9)", ge=2, le=9)
+    rm_epochs: int = param(2, "reward-model epochs", ge=1)
+    rm_lr: float = param(1e-3, "reward-model learning rate", gt=0)
+    n_ppo_prompts: int = param(1024, "PPO prompts", ge=1)
+    ppo_iterations: int = param(40, "PPO iterations", ge=1)
+    ppo_batch: int = param(64, "PPO rollouts per iteration", ge=1)
+    ppo_minibatch: int = param(32, "PPO rollouts per optimizer step", ge=1)
+    ppo_lr: float = param(1e-4, "PPO policy learning rate", gt=0)
+    value_lr: float = param(1e-3, "PPO value learning rate", gt=0)
+    kl_coef: float = param(0.1, "β, the per-token KL penalty", ge=0)
+    missing_eos_penalty: float = param(2.0, "score penalty for responses that hit max_new_tokens without EOS", ge=0)
+    max_new_tokens: int = param(8, "response length cap (tokens)", ge=1)
+    n_eval: int = param(1024, "held-out prompts for the final evaluation", ge=1)
+    overwrite: bool = param(False, "start over in a used output_dir (each stage's checkpoints and metrics are deleted)")
+    temperature: float = param(1.0, "sampling temperature for RM data, PPO and the evaluation", gt=0)
 
 
 def _banner(msg: str) -> None:
@@ -63,8 +64,16 @@ def run(cfg: PipelineConfig) -> dict:
     from fastrlhf.stages.ppo import PPOConfig, train as train_ppo
     from fastrlhf.stages.reward import RewardConfig, train as train_rm
     from fastrlhf.stages.sft import SFTConfig, train as train_sft
+    from fastrlhf.runtime.checkpoint import CheckpointError
+    from fastrlhf.runtime.config import check_ranges
 
+    check_ranges(cfg)
     root = Path(cfg.output_dir)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root}: --output_dir is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()) and not cfg.overwrite:
+        raise CheckpointError(f"{root}: --output_dir already holds a pipeline run; start it over with --overwrite, "
+                              f"or choose another --output_dir")
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -92,7 +101,10 @@ def run(cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     sft = train_sft(SFTConfig(model=base, data=str(data / "sft.jsonl"), output_dir=str(root / "sft"), seed=cfg.seed,
                               device=cfg.device, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
-                              batch_tokens=cfg.sft_batch_tokens, warmup_ratio=0.05, log_every=50))
+                              batch_tokens=cfg.sft_batch_tokens, warmup_ratio=0.05, log_every=50,
+                              overwrite=cfg.overwrite))
+    if sft["interrupted"]:
+        return sft
     sft_path = sft["checkpoint"]
     times["sft"] = time.perf_counter() - t0
 
@@ -108,7 +120,9 @@ def run(cfg: PipelineConfig) -> dict:
     del policy
     rm = train_rm(RewardConfig(model=sft_path, data=str(data / "rm.jsonl"), sft_data=str(data / "sft.jsonl"),
                            output_dir=str(root / "rm"), seed=cfg.seed, device=cfg.device, epochs=cfg.rm_epochs,
-                           lr=cfg.rm_lr, log_every=20))
+                           lr=cfg.rm_lr, log_every=20, overwrite=cfg.overwrite))
+    if rm["interrupted"]:
+        return rm
     rm_path = rm["checkpoint"]
     times["rm"] = time.perf_counter() - t0
 
@@ -120,7 +134,10 @@ def run(cfg: PipelineConfig) -> dict:
                               iterations=cfg.ppo_iterations, batch_size=cfg.ppo_batch,
                               minibatch_size=cfg.ppo_minibatch, max_new_tokens=cfg.max_new_tokens,
                               temperature=cfg.temperature, lr=cfg.ppo_lr, value_lr=cfg.value_lr,
-                              kl_coef=cfg.kl_coef, missing_eos_penalty=cfg.missing_eos_penalty, log_every=4))
+                              kl_coef=cfg.kl_coef, missing_eos_penalty=cfg.missing_eos_penalty, log_every=4,
+                              overwrite=cfg.overwrite))
+    if ppo["interrupted"]:
+        return ppo
     ppo_path = ppo["checkpoint"]
     times["ppo"] = time.perf_counter() - t0
 
