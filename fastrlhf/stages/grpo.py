@@ -31,7 +31,7 @@ from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state,
                                          load_training_state, resolve_resume, save_checkpoint, seed_everything,
                                          set_rng_state, trainer_state_dict)
 from fastrlhf.runtime.config import ConfigError, param
-from fastrlhf.runtime.data import EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
+from fastrlhf.runtime.data import DataError, EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from fastrlhf.runtime.device import use_autocast
 from fastrlhf.runtime.metrics import peak_memory_gb, progress
 from fastrlhf.runtime.optim import make_adamw
@@ -160,6 +160,8 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
     prompt_ids = []
     for ex in examples:
         ids = tokenize_prompt(tokenizer, ex.prompt, ex.source)
+        if not ids:
+            raise DataError(f"{ex.source}: field 'prompt' tokenizes to no tokens")
         check_prompt_length(len(ids), max_prompt, ex.source)
         prompt_ids.append(ids)
     sampler = EpochSampler(len(examples), cfg.batch_size * env.world_size, seed=cfg.seed, drop_last=True)
