@@ -103,7 +103,7 @@ def run_fastrlhf(shape: str, ck: dict, warmup: int, iters: int, device: str) -> 
     spec = f"{__spec__.name if __spec__ else __name__}:reward_chars"
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_grpo_") as out:
         train(GRPOConfig(policy=ck["policy"], prompts=ck["prompts"], reward_funcs=[spec], output_dir=out,
-                         iterations=warmup + iters, batch_size=S["Q"], n=S["n"], max_new_tokens=S["G"], lr=LR,
+                         iterations=warmup + iters, batch_size=S["Q"], num_generations=S["n"], max_new_tokens=S["G"], lr=LR,
                          clip_eps_low=CLIP, clip_eps_high=CLIP, kl_coef=0.0, mu=1, loss_agg="token-mean",
                          device=device, plots=False, keep_checkpoints=1), log=_Log())
     step_s = [r["time/generate"] + r["time/score"] + r["time/train"] for r in rows]

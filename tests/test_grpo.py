@@ -57,7 +57,7 @@ def ckpts(tmp_path_factory):
 
 def _cfg(ckpts, out, **kw):
     base = dict(policy=ckpts["policy"], prompts=ckpts["prompts"], output_dir=str(out),
-                reward_funcs=[f"{ckpts['rewards']}:chars"], iterations=2, batch_size=3, n=4, max_new_tokens=6,
+                reward_funcs=[f"{ckpts['rewards']}:chars"], iterations=2, batch_size=3, num_generations=4, max_new_tokens=6,
                 lr=3e-3, seed=3, plots=False, device="cpu")
     base.update(kw)
     return GRPOConfig(**base)
@@ -207,7 +207,7 @@ def test_datasets_folder_without_datasets_installed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,needle", [
     (["--reward_funcs", "not_a_spec"], "--reward_funcs"),
     (["--reward_funcs", "nosuch_module_xyz:f"], "cannot import 'nosuch_module_xyz'"),
-    (["--reward_funcs", "fastrlhf.tools.task:reward", "--n", "1"], "--n 1"),
+    (["--reward_funcs", "fastrlhf.tools.task:reward", "--num_generations", "1"], "--num_generations 1"),
     (["--reward_funcs", "fastrlhf.tools.task:reward", "--advantage", "ppo"], "advantage"),
     ([], "no reward"),
 ])

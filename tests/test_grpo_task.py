@@ -42,7 +42,7 @@ def test_grpo_raises_the_task_score_across_seeds(sft_policy):
         out = train_grpo(GRPOConfig(policy=sft_policy["sft"], prompts=sft_policy["prompts"],
                                     reward_funcs=["fastrlhf.tools.task:reward"],
                                     output_dir=str(sft_policy["dir"] / f"grpo{seed}"), seed=seed, device="cpu",
-                                    iterations=16, batch_size=8, n=8, max_new_tokens=8, lr=2e-4, log_every=1000,
+                                    iterations=16, batch_size=8, num_generations=8, max_new_tokens=8, lr=2e-4, log_every=1000,
                                     plots=False))
         gains.append(_judge(out["checkpoint"], held_out, tok) - base)
         h = out["history"]

@@ -57,7 +57,7 @@ class GRPOConfig:
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
     iterations: int = param(20, "iterations (generation batch + μ passes of updates)")
     batch_size: int = param(8, "prompts per iteration and rank (Q); Q·n completions")
-    n: int = param(8, "completions per prompt (the group size, >= 2)")
+    num_generations: int = param(8, "n: completions per prompt (the group size, >= 2)")
     minibatch_size: int = param(0, "completions per optimizer step and rank (0 = the whole Q·n batch)")
     mu: int = param(1, "μ: passes over each generation batch (1 = on-policy, ratio 1)")
     advantage: str = param("grpo", "grpo (r−mean)/(std+eps) | drgrpo r−mean | rloo leave-one-out mean",
@@ -100,16 +100,17 @@ def check_config(cfg: GRPOConfig) -> None:
         raise ConfigError("grpo: --prompts is required (jsonl, parquet or a datasets folder)")
     if not cfg.reward_funcs and not cfg.reward_model:
         raise ConfigError("grpo: no reward: give --reward_funcs module:function and/or --reward_model FOLDER")
-    for name, ok in (("n", cfg.n >= 2), ("batch_size", cfg.batch_size >= 1), ("mu", cfg.mu >= 1),
+    for name, ok in (("num_generations", cfg.num_generations >= 2), ("batch_size", cfg.batch_size >= 1), ("mu", cfg.mu >= 1),
                      ("iterations", cfg.iterations >= 0), ("minibatch_size", cfg.minibatch_size >= 0),
                      ("max_new_tokens", cfg.max_new_tokens >= 1), ("kl_coef", cfg.kl_coef >= 0),
                      ("clip_eps_low", 0 <= cfg.clip_eps_low < 1), ("clip_eps_high", cfg.clip_eps_high >= 0),
                      ("adv_eps", cfg.adv_eps >= 0), ("forward_batch_size", cfg.forward_batch_size >= 1)):
         if not ok:
-            raise ConfigError(f"grpo: --{name} {getattr(cfg, name)} is out of range (n >= 2, batch_size/mu/"
+            raise ConfigError(f"grpo: --{name} {getattr(cfg, name)} is out of range (num_generations >= 2, batch_size/mu/"
                               "max_new_tokens/forward_batch_size >= 1, kl_coef >= 0, 0 <= clip_eps_low < 1, ...)")
-    if cfg.minibatch_size > cfg.batch_size * cfg.n:
-        raise ConfigError(f"grpo: --minibatch_size {cfg.minibatch_size} exceeds batch_size × n = {cfg.batch_size * cfg.n}")
+    if cfg.minibatch_size > cfg.batch_size * cfg.num_generations:
+        raise ConfigError(f"grpo: --minibatch_size {cfg.minibatch_size} exceeds batch_size × num_generations = "
+                          f"{cfg.batch_size * cfg.num_generations}")
 
 
 def _freeze(model):
@@ -165,7 +166,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
         check_prompt_length(len(ids), max_prompt, ex.source)
         prompt_ids.append(ids)
     sampler = EpochSampler(len(examples), cfg.batch_size * env.world_size, seed=cfg.seed, drop_last=True)
-    Q, n = cfg.batch_size, cfg.n
+    Q, n = cfg.batch_size, cfg.num_generations
     B = Q * n
     mb_size = cfg.minibatch_size or B
     need_old = cfg.mu > 1 or mb_size < B  # μ = 1 and one minibatch: old = current (ratio 1), no extra forward

@@ -193,7 +193,7 @@ def _run_grpo(cfg: PipelineConfig, root: Path, data: Path, device, sft: dict, ti
     grpo = train_grpo(GRPOConfig(policy=sft_path, prompts=str(data / "ppo_prompts.jsonl"),
                                  reward_funcs=["fastrlhf.tools.task:reward"], output_dir=str(root / "grpo"),
                                  seed=cfg.seed, device=cfg.device, iterations=cfg.grpo_iterations,
-                                 batch_size=cfg.grpo_batch, n=cfg.grpo_n, max_new_tokens=cfg.max_new_tokens,
+                                 batch_size=cfg.grpo_batch, num_generations=cfg.grpo_n, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, lr=cfg.grpo_lr, advantage=cfg.grpo_advantage,
                                  kl_coef=cfg.grpo_kl_coef, log_every=5, plots=False))
     grpo_path = grpo["checkpoint"]
