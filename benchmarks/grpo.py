@@ -54,7 +54,8 @@ def reward_chars(prompts, completions, **kwargs) -> list[float]:
 
 
 def build_checkpoint(shape: str, root: str | Path, seed: int = 0) -> dict:
-    """``root/policy``: a random LlamaForCausalLM (a Llama config keeps AutoTokenizer on the word-level tokenizer) with a word-level tokenizer of V tokens (w0.., <pad>, <eos>);
+    """``root/policy``: a random LlamaForCausalLM with a word-level tokenizer of V tokens (w0.., <pad>, <eos>) (with a
+    Qwen2 config, transformers' AutoTokenizer would swap in Qwen2's byte-level pre-tokenizer);
     ``root/prompts.jsonl``: 64 prompts of P words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

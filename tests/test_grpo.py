@@ -160,7 +160,7 @@ def test_modes_and_reward_model_and_kl_in_reward(ckpts, tmp_path, adv, agg):
     row = out["history"][-1]
     assert "reward/reward_model" in row and row["kl"] > 0
     # reward = 2 · RM score − β · KL per sequence, averaged
-    assert row["reward"] == pytest.approx(2.0 * row["reward/reward_model"] - 0.1 * row["kl"], abs=1e-4)
+    assert row["reward"] == pytest.approx(2.0 * row["reward/reward_model"] - 0.1 * row["kl_seq"], abs=1e-4)
 
 
 def test_resume_reaches_the_same_state(ckpts, tmp_path):

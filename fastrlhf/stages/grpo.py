@@ -233,13 +233,12 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             old_lp = batch_logprobs(policy, *args, **fwd) * mask if need_old else None
             ref_lp = batch_logprobs(ref, *args, **fwd) * mask if ref is not None else None
             policy.train()
-            # 5. KL in the reward: r −= β Σ_t KL_t (KL of the sampled tokens under the current policy vs the reference)
-            seq_kl = None
-            if ref_lp is not None:
+            # 5. KL in the reward: r −= β Σ_t KL_t (the sampled tokens under the current policy vs the reference)
+            kl_tok = None
+            if ref_lp is not None and cfg.kl_in == "reward":
                 cur_lp = old_lp if old_lp is not None else batch_logprobs(policy, *args, **fwd) * mask
-                seq_kl = (K.kl_penalty(cur_lp, ref_lp, estimator=cfg.kl_estimator) * mask).sum(-1)  # [B]
-                if cfg.kl_in == "reward":
-                    reward = reward - cfg.kl_coef * seq_kl
+                kl_tok = K.kl_penalty(cur_lp, ref_lp, estimator=cfg.kl_estimator) * mask  # [B, G]
+                reward = reward - cfg.kl_coef * kl_tok.sum(-1)
             # 6. group advantages over each prompt's n completions
             adv = group_advantages(reward.view(Q, n), cfg.advantage, cfg.adv_eps).reshape(B)
             t2 = time.perf_counter()
@@ -259,7 +258,10 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                 "step": step + 1, "reward": float(reward.mean()), "reward_std": float(group_std.mean()),
                 "frac_zero_std": float((group_std == 0).float().mean()),
                 **parts,
-                "kl": float(seq_kl.mean()) if seq_kl is not None else 0.0,
+                # KL to the reference, mean per token (the loss term's own metric when it is in the loss)
+                "kl": (float(kl_tok.sum() / mask.sum().clamp_min(1)) if kl_tok is not None
+                       else stats["kl"] if ref_lp is not None else 0.0),
+                "kl_seq": float(kl_tok.sum(-1).mean()) if kl_tok is not None else math.nan,
                 "entropy": stats["entropy"], "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"],
                 "policy_loss": stats["policy_loss"], "grad_norm": stats["grad_norm"],
                 "response_length": float(rollout.lengths.float().mean()),
