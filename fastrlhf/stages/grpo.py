@@ -100,14 +100,15 @@ def check_config(cfg: GRPOConfig) -> None:
         raise ConfigError("grpo: --prompts is required (jsonl, parquet or a datasets folder)")
     if not cfg.reward_funcs and not cfg.reward_model:
         raise ConfigError("grpo: no reward: give --reward_funcs module:function and/or --reward_model FOLDER")
-    for name, ok in (("num_generations", cfg.num_generations >= 2), ("batch_size", cfg.batch_size >= 1), ("mu", cfg.mu >= 1),
-                     ("iterations", cfg.iterations >= 0), ("minibatch_size", cfg.minibatch_size >= 0),
-                     ("max_new_tokens", cfg.max_new_tokens >= 1), ("kl_coef", cfg.kl_coef >= 0),
-                     ("clip_eps_low", 0 <= cfg.clip_eps_low < 1), ("clip_eps_high", cfg.clip_eps_high >= 0),
-                     ("adv_eps", cfg.adv_eps >= 0), ("forward_batch_size", cfg.forward_batch_size >= 1)):
+    rules = {"num_generations": (cfg.num_generations >= 2, ">= 2"), "batch_size": (cfg.batch_size >= 1, ">= 1"),
+             "mu": (cfg.mu >= 1, ">= 1"), "iterations": (cfg.iterations >= 0, ">= 0"),
+             "minibatch_size": (cfg.minibatch_size >= 0, ">= 0"), "max_new_tokens": (cfg.max_new_tokens >= 1, ">= 1"),
+             "kl_coef": (cfg.kl_coef >= 0, ">= 0"), "clip_eps_low": (0 <= cfg.clip_eps_low < 1, "in [0, 1)"),
+             "clip_eps_high": (cfg.clip_eps_high >= 0, ">= 0"), "adv_eps": (cfg.adv_eps >= 0, ">= 0"),
+             "forward_batch_size": (cfg.forward_batch_size >= 1, ">= 1"), "temperature": (cfg.temperature > 0, "> 0")}
+    for name, (ok, want) in rules.items():
         if not ok:
-            raise ConfigError(f"grpo: --{name} {getattr(cfg, name)} is out of range (num_generations >= 2, batch_size/mu/"
-                              "max_new_tokens/forward_batch_size >= 1, kl_coef >= 0, 0 <= clip_eps_low < 1, ...)")
+            raise ConfigError(f"grpo: --{name} {getattr(cfg, name)}: must be {want}")
     if cfg.minibatch_size > cfg.batch_size * cfg.num_generations:
         raise ConfigError(f"grpo: --minibatch_size {cfg.minibatch_size} exceeds batch_size × num_generations = "
                           f"{cfg.batch_size * cfg.num_generations}")
