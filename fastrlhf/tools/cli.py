@@ -22,7 +22,8 @@ COMMANDS = {
     "rm": ("fastrlhf.stages.reward", "stage 2: reward model on ranked comparisons"),
     "ppo": ("fastrlhf.stages.ppo", "stage 3: PPO against the reward model with a KL penalty"),
     "grpo": ("fastrlhf.stages.grpo", "critic-free RL: GRPO / Dr.GRPO / RLOO with Python reward functions or a reward model"),
-    "pipeline": ("fastrlhf.tools.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores)"),
+    "pipeline": ("fastrlhf.tools.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores); "
+                 "--rl grpo: SFT -> GRPO on the exact-match score -> eval"),
     "generate": ("fastrlhf.tools.generate", "sample responses from a checkpoint"),
     "eval": ("fastrlhf.tools.evaluate", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
     "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo|grpo [args]"),
