@@ -192,10 +192,50 @@ def load_preferences(path) -> list[PreferenceExample]:
     return _nonempty(out, path, "preference (with at least one untied pair)")
 
 
+def read_table(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:row N", row dict) of a ``.parquet`` file (pyarrow, else ``datasets``) or of a folder written by
+    ``datasets``' ``save_to_disk`` (its "train" split when it holds several). Both need the optional package."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path}: a folder of prompts needs the optional package 'datasets' "
+                            "(pip install datasets), or give a .jsonl / .parquet file") from None
+        try:
+            ds = datasets.load_from_disk(path)
+        except Exception as e:  # not a save_to_disk folder
+            raise DataError(f"{path}: not a datasets folder saved with save_to_disk ({type(e).__name__}: {e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); "
+                                "save the split you want on its own")
+            ds = ds["train"]
+        rows = iter(ds)
+    elif not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    else:
+        try:
+            import pyarrow.parquet as pq
+            rows = iter(pq.read_table(path).to_pylist())
+        except ImportError:
+            try:
+                import datasets
+            except ImportError:
+                raise DataError(f"{path}: reading parquet needs the optional package 'pyarrow' or 'datasets'") from None
+            rows = iter(datasets.Dataset.from_parquet(path))
+        except Exception as e:  # pyarrow's own errors: not a parquet file, corrupt footer, ...
+            raise DataError(f"{path}: cannot read parquet ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(rows, 1):  # a missing value of a column (null) is a missing key, as in jsonl
+        yield f"{path}:row {i}", {k: v for k, v in dict(row).items() if v is not None}
+
+
 def load_prompts(path) -> list[PromptExample]:
-    """PPO / eval prompts: {"prompt"} or {"messages"} (extra keys such as reference answers are allowed)."""
+    """PPO / eval prompts: {"prompt"} or {"messages"} (extra keys such as reference answers are allowed), from jsonl,
+    parquet (``*.parquet``) or a ``datasets`` folder saved with ``save_to_disk``."""
     out = []
-    for where, obj in read_jsonl(path):
+    p = os.fspath(path)
+    for where, obj in (read_table(p) if p.endswith(".parquet") or os.path.isdir(p) else read_jsonl(p)):
         if "messages" in obj:
             msgs = _messages(obj, where)
             if msgs[-1]["role"] != "user":

@@ -1,9 +1,9 @@
 """The ``fastrlhf`` command: one subcommand per stage plus tools.
 
-    fastrlhf sft | rm | ppo       train one stage (``--config run.yaml``, any field as ``--field value``; ``--help``)
+    fastrlhf sft | rm | ppo | grpo  train one stage (``--config run.yaml``, any field as ``--field value``; ``--help``)
     fastrlhf pipeline             all three stages on the built-in task (no arguments needed)
     fastrlhf generate | eval      sample from / evaluate a checkpoint
-    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)  (kernels, generate, trl, ppo)
+    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)  (kernels, generate, trl, ppo, grpo)
     fastrlhf selfcheck            every kernel against its float64 reference, as a table
 
 Errors in user input (config, data, checkpoints, bad values) print one line naming the file/line/field and exit with
@@ -22,14 +22,16 @@ COMMANDS = {
     "sft": ("fastrlhf.stages.sft", "stage 1: supervised fine-tuning on demonstrations"),
     "rm": ("fastrlhf.stages.reward", "stage 2: reward model on ranked comparisons"),
     "ppo": ("fastrlhf.stages.ppo", "stage 3: PPO against the reward model with a KL penalty"),
-    "pipeline": ("fastrlhf.tools.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores)"),
+    "grpo": ("fastrlhf.stages.grpo", "critic-free RL: GRPO / Dr.GRPO / RLOO with Python reward functions or a reward model"),
+    "pipeline": ("fastrlhf.tools.pipeline", "SFT -> RM -> PPO -> eval on the built-in task (<= 5 min on 2 CPU cores); "
+                 "--rl grpo: SFT -> GRPO on the exact-match score -> eval"),
     "generate": ("fastrlhf.tools.generate", "sample responses from a checkpoint"),
     "eval": ("fastrlhf.tools.evaluate", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
-    "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo [args]"),
+    "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo|grpo [args]"),
     "selfcheck": ("fastrlhf.tools.selfcheck", "run every kernel against its float64 reference and print a table"),
 }
 
-DISTRIBUTED_COMMANDS = ("sft", "rm", "ppo")  # the stages that run data-parallel under torchrun (FSDP2)
+DISTRIBUTED_COMMANDS = ("sft", "rm", "ppo", "grpo")  # the stages that run data-parallel under torchrun (FSDP2)
 
 
 def usage() -> str:
@@ -37,7 +39,7 @@ def usage() -> str:
     lines = ["usage: fastrlhf <command> [--config FILE] [--field value ...]", "", "commands:"]
     lines += [f"  {name.ljust(w)}  {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "fastrlhf <command> --help lists the fields of a command with their defaults and meaning.",
-              "Several GPUs / nodes (FSDP2): torchrun --nproc_per_node N -m fastrlhf sft|rm|ppo [fields] "
+              "Several GPUs / nodes (FSDP2): torchrun --nproc_per_node N -m fastrlhf sft|rm|ppo|grpo [fields] "
               "(batch sizes are per rank)."]
     return "\n".join(lines)
 

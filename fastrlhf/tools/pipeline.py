@@ -8,6 +8,10 @@ Data flow (InstructGPT Fig. 2, at toy scale; every arrow goes through the same j
     [4. eval] PPO vs SFT on held-out prompts: the labeler's judge score and the win rate of PPO over SFT
 
 With no arguments it runs a preset sized for ≤ 5 minutes on 2 CPU cores. Every field can be overridden (``--help``).
+
+``--rl grpo``: the critic-free variant with a verifiable reward. No reward model: after SFT, GRPO optimises the
+labeler's exact-match score itself (``task.reward`` as a Python reward function, n samples per prompt), then the same
+evaluation (GRPO vs SFT):   sft.jsonl ──► [1. SFT] ──► [2. GRPO, reward = task.reward] ──► [3. eval]
 """
 from __future__ import annotations
 
@@ -50,6 +54,14 @@ class PipelineConfig:
     n_eval: int = param(1024, "held-out prompts for the final evaluation", ge=1)
     overwrite: bool = param(False, "start over in a used output_dir (each stage's checkpoints and metrics are deleted)")
     temperature: float = param(1.0, "sampling temperature for RM data, PPO and the evaluation", gt=0)
+    rl: str = param("ppo", "the RL stage: ppo (reward model + PPO) | grpo (no RM: GRPO on the labeler's score)",
+                    choices=("ppo", "grpo"))
+    grpo_iterations: int = param(30, "GRPO iterations (--rl grpo)", ge=1)
+    grpo_batch: int = param(16, "GRPO prompts per iteration (each sampled grpo_n times)", ge=1)
+    grpo_n: int = param(8, "GRPO completions per prompt (the group)", ge=2)
+    grpo_lr: float = param(2e-4, "GRPO policy learning rate", gt=0)
+    grpo_advantage: str = param("grpo", "GRPO advantages: grpo | drgrpo | rloo", choices=("grpo", "drgrpo", "rloo"))
+    grpo_kl_coef: float = param(0.0, "GRPO β (KL-in-loss, k3); 0 = no reference model", ge=0)
 
 
 def _banner(msg: str) -> None:
@@ -97,7 +109,7 @@ def run(cfg: PipelineConfig) -> dict:
     times["data"] = time.perf_counter() - t0
 
     # 1. SFT on the labeler's demonstrations
-    _banner("1/4 supervised fine-tuning on the labeler's demonstrations")
+    _banner(f"1/{3 if cfg.rl == 'grpo' else 4} supervised fine-tuning on the labeler's demonstrations")
     t0 = time.perf_counter()
     sft = train_sft(SFTConfig(model=base, data=str(data / "sft.jsonl"), output_dir=str(root / "sft"), seed=cfg.seed,
                               device=cfg.device, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
@@ -107,6 +119,9 @@ def run(cfg: PipelineConfig) -> dict:
         return sft
     sft_path = sft["checkpoint"]
     times["sft"] = time.perf_counter() - t0
+
+    if cfg.rl == "grpo":
+        return _run_grpo(cfg, root, data, device, sft, times, t_all)
 
     # 2. reward-model data: K samples of the SFT policy per prompt, ranked by the labeler; then RM training
     _banner(f"2/4 reward model: the labeler ranks K={cfg.k} SFT samples per prompt")
@@ -181,7 +196,66 @@ def run(cfg: PipelineConfig) -> dict:
     return summary
 
 
+def _run_grpo(cfg: PipelineConfig, root: Path, data: Path, device, sft: dict, times: dict, t_all: float) -> dict:
+    """Steps 2-3 of ``--rl grpo``: GRPO on the labeler's score, then GRPO vs SFT on held-out prompts."""
+    from fastrlhf.models.hf_io import load_model, load_tokenizer
+    from fastrlhf.stages.eval import sample_responses, win_rate
+    from fastrlhf.stages.grpo import GRPOConfig, train as train_grpo
+    from fastrlhf.tools import task
+
+    sft_path = sft["checkpoint"]
+    # 2. GRPO: n samples per prompt, reward = the labeler's exact-match score (a Python reward function)
+    _banner(f"2/3 GRPO on the labeler's score ({cfg.grpo_advantage}, n={cfg.grpo_n} samples per prompt, no reward model)")
+    t0 = time.perf_counter()
+    grpo = train_grpo(GRPOConfig(policy=sft_path, prompts=str(data / "ppo_prompts.jsonl"),
+                                 reward_funcs=["fastrlhf.tools.task:reward"], output_dir=str(root / "grpo"),
+                                 seed=cfg.seed, device=cfg.device, iterations=cfg.grpo_iterations,
+                                 batch_size=cfg.grpo_batch, num_generations=cfg.grpo_n, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, lr=cfg.grpo_lr, advantage=cfg.grpo_advantage,
+                                 kl_coef=cfg.grpo_kl_coef, log_every=5, plots=False))
+    grpo_path = grpo["checkpoint"]
+    times["grpo"] = time.perf_counter() - t0
+
+    # 3. evaluation on held-out prompts: the labeler's judge score of GRPO vs SFT
+    _banner("3/3 evaluation on held-out prompts: GRPO vs SFT")
+    t0 = time.perf_counter()
+    tok = load_tokenizer(sft_path)
+    eval_prompts = task.instructions(cfg.n_eval, seed=cfg.seed + 3)
+    judge = task.Labeler(seed=cfg.seed)
+    outs, judged = {}, {}
+    for name, path in (("sft", sft_path), ("grpo", grpo_path)):
+        model = load_model(path, head="lm", device=device)
+        outs[name] = [r[0] for r in sample_responses(model, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens,
+                                                     temperature=cfg.temperature, seed=cfg.seed + 99)]
+        judged[name] = [judge.judge(p, o) for p, o in zip(eval_prompts, outs[name])]
+        del model
+    wr = win_rate(judged["grpo"], judged["sft"])
+    times["eval"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_all
+    hist = grpo["history"]
+    k = max(1, len(hist) // 5)  # training reward: mean of the first and of the last fifth of the iterations
+    summary = {
+        "rl": "grpo",
+        "judge_score_sft": sum(judged["sft"]) / len(judged["sft"]),
+        "judge_score_grpo": sum(judged["grpo"]) / len(judged["grpo"]),
+        "win_rate_grpo_over_sft": wr["win_rate"], "win_rate_ci95": wr["ci95"],
+        "wins": wr["wins"], "ties": wr["ties"], "losses": wr["losses"],
+        "train_reward_first": sum(h["reward"] for h in hist[:k]) / k if hist else float("nan"),
+        "train_reward_last": sum(h["reward"] for h in hist[-k:]) / k if hist else float("nan"),
+        "sft_heldout_loss": sft.get("eval_loss", float("nan")),
+        "times_s": times, "checkpoints": {"sft": sft_path, "grpo": grpo_path}, "device": str(device),
+        "examples": [{"prompt": p, "sft": a, "grpo": b} for p, a, b in
+                     list(zip(eval_prompts, outs["sft"], outs["grpo"]))[:4]],
+    }
+    with open(root / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
 def format_summary(s: dict) -> str:
+    if s.get("rl") == "grpo":
+        return _format_grpo_summary(s)
     t = s["times_s"]
     rows = [
         ("judge score (labeler), SFT", f"{s['judge_score_sft']:.3f}"),
@@ -199,6 +273,25 @@ def format_summary(s: dict) -> str:
     lines = ["", "fastrlhf pipeline: summary", "-" * (w + 30)] + [f"{a:<{w}}  {b}" for a, b in rows]
     for ex in s["examples"]:
         lines.append(f"  {ex['prompt']!r}: SFT {ex['sft']!r} | PPO {ex['ppo']!r}")
+    return "\n".join(lines)
+
+
+def _format_grpo_summary(s: dict) -> str:
+    t = s["times_s"]
+    rows = [
+        ("judge score (labeler), SFT", f"{s['judge_score_sft']:.3f}"),
+        ("judge score (labeler), GRPO", f"{s['judge_score_grpo']:.3f}"),
+        ("win rate of GRPO over SFT (judge)", f"{s['win_rate_grpo_over_sft']:.3f} ± {s['win_rate_ci95']:.3f} "
+                                              f"({s['wins']}W/{s['ties']}T/{s['losses']}L)"),
+        ("GRPO training reward, first -> last fifth", f"{s['train_reward_first']:.3f} -> {s['train_reward_last']:.3f}"),
+        ("SFT held-out loss (nats/token)", f"{s['sft_heldout_loss']:.3f}"),
+        ("wall time: data / SFT / GRPO / eval", " / ".join(f"{t[k]:.1f}s" for k in ("data", "sft", "grpo", "eval"))),
+        ("wall time: total", f"{t['total']:.1f}s on {s['device']}"),
+    ]
+    w = max(len(a) for a, _ in rows)
+    lines = ["", "fastrlhf pipeline --rl grpo: summary", "-" * (w + 30)] + [f"{a:<{w}}  {b}" for a, b in rows]
+    for ex in s["examples"]:
+        lines.append(f"  {ex['prompt']!r}: SFT {ex['sft']!r} | GRPO {ex['grpo']!r}")
     return "\n".join(lines)
 
 

@@ -152,6 +152,12 @@ def perturb(answer: str, rng: random.Random) -> str:
     return " ".join(w)
 
 
+def reward(prompts: list, completions: list[str]) -> list[float]:
+    """The labeler's score as a programmatic reward function (``fastrlhf grpo --reward_funcs fastrlhf.tools.task:reward``).
+    A prompt may be the instruction or chat messages (the last user turn is the instruction)."""
+    return [score(p if isinstance(p, str) else p[-1]["content"], c) for p, c in zip(prompts, completions)]
+
+
 class Labeler:
     """Programmatic stand-in for the human raters: demonstrations, rankings, judgments."""
 

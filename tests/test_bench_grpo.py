@@ -1,0 +1,35 @@
+"""benchmarks/grpo.py: the checkpoint both arms load, and both arms running end to end at the smoke shape (no timing
+is checked: unit tests never judge speed)."""
+import json
+
+from benchmarks.grpo import SHAPES, build_checkpoint, main, reward_chars
+from fastrlhf.models.hf_io import load_model, load_tokenizer
+from fastrlhf.runtime.data import load_prompts, tokenize_prompt
+from fastrlhf.tools import cli
+
+
+def test_checkpoint_prompts_are_P_tokens_for_both_tokenizers(tmp_path):
+    from transformers import AutoTokenizer
+    ck = build_checkpoint("smoke", tmp_path)
+    S = SHAPES["smoke"]
+    ours, hf = load_tokenizer(ck["policy"]), AutoTokenizer.from_pretrained(ck["policy"])
+    for ex in load_prompts(ck["prompts"])[:4]:
+        ids = tokenize_prompt(ours, ex.prompt, ex.source)
+        assert len(ids) == S["P"] and ids == hf(ex.prompt, add_special_tokens=False)["input_ids"]
+    assert load_model(ck["policy"], head="lm").config.vocab_size == S["model"]["vocab_size"]
+    assert reward_chars(["p"], ["ab", "abcd"]) == [0.02, 0.04]
+
+
+def test_both_arms_run_at_the_smoke_shape(tmp_path, capsys):
+    assert "grpo" in cli.bench_names()
+    out = tmp_path / "r.json"
+    rc = main(["--shape", "smoke", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)])
+    text = capsys.readouterr().out
+    res = json.loads(out.read_text())["results"]
+    assert rc == 0, res
+    S = SHAPES["smoke"]
+    for arm in ("fastrlhf", "trl"):
+        assert res[arm]["s_per_step"] > 0 and len(res[arm]["steps_s"]) == 1
+        # every completion has 1..G tokens
+        assert S["Q"] * S["n"] <= res[arm]["completion_tokens"] <= S["Q"] * S["n"] * S["G"]
+    assert "speed-up of fastrlhf over TRL" in text and res["trl"]["trl_version"].startswith("1.")
