@@ -101,10 +101,11 @@ def test_help_lists_every_field_with_default_and_meaning():
 # ------------------------------------------------------------------------------------------ the stages' sectioned configs
 
 def _stage_configs():
+    from fastrlhf.stages.grpo import GRPOConfig
     from fastrlhf.stages.ppo import PPOConfig
     from fastrlhf.stages.reward import RewardConfig
     from fastrlhf.stages.sft import SFTConfig
-    return SFTConfig, RewardConfig, PPOConfig
+    return SFTConfig, RewardConfig, PPOConfig, GRPOConfig
 
 
 def test_stage_configs_share_one_run_section_and_stay_small():

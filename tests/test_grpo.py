@@ -207,7 +207,7 @@ def test_datasets_folder_without_datasets_installed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,needle", [
     (["--reward_funcs", "not_a_spec"], "--reward_funcs"),
     (["--reward_funcs", "nosuch_module_xyz:f"], "cannot import 'nosuch_module_xyz'"),
-    (["--reward_funcs", "fastrlhf.tools.task:reward", "--num_generations", "1"], "--num_generations 1"),
+    (["--reward_funcs", "fastrlhf.tools.task:reward", "--num_generations", "1"], "--num_generations: 1 is out of range"),
     (["--reward_funcs", "fastrlhf.tools.task:reward", "--advantage", "ppo"], "advantage"),
     ([], "no reward"),
 ])

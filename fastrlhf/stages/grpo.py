@@ -24,22 +24,24 @@ import torch
 from fastrlhf import kernels as K
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.decoder import autocast_context
-from fastrlhf.models.hf_io import load_tokenizer
+from fastrlhf.models.hf_io import check_model_folder, load_tokenizer
 from fastrlhf.runtime import distributed as D
-from fastrlhf.runtime.build import load_sharded
+from fastrlhf.runtime.build import disable_dropout, load_sharded
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
-                                         load_training_state, resolve_resume, save_checkpoint, seed_everything,
-                                         set_rng_state, trainer_state_dict)
-from fastrlhf.runtime.config import ConfigError, param
+                                         load_training_state, prepare_run_dir, resolve_resume, save_checkpoint,
+                                         seed_everything, set_rng_state, trainer_state_dict)
+from fastrlhf.runtime.config import ConfigError, check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import DataError, EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
-from fastrlhf.runtime.device import use_autocast
+from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.metrics import peak_memory_gb, progress
 from fastrlhf.runtime.optim import make_adamw
 from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, GroupBatch, RewardFunctions, batch_logprobs, group_advantages,
                                        grpo_update)
 from fastrlhf.stages.ppo_core import positions_from_mask, sequence_scores
+from fastrlhf.stages.sections import RunSection, SamplingSection
 
 
+@flat_kwargs
 @dataclass
 class GRPOConfig:
     """GRPO / Dr.GRPO / RLOO: n samples per prompt, group-relative advantages, programmatic or learned rewards."""
@@ -52,63 +54,39 @@ class GRPOConfig:
     reward_weights: list[float] = param([], "one weight per reward function (default: all 1)")
     reward_model: str = param("", "optional learned reward model (HF *ForSequenceClassification folder)")
     reward_model_weight: float = param(1.0, "weight of the reward-model score in the summed reward")
-    output_dir: str = param("runs/grpo", "where checkpoints, metrics.jsonl and plots go")
-    seed: int = param(0, "seed of prompt order, sampling and initialisation")
-    device: str = param("auto", "auto | cpu | cuda | cuda:N")
-    iterations: int = param(20, "iterations (generation batch + μ passes of updates)")
-    batch_size: int = param(8, "prompts per iteration and rank (Q); Q·n completions")
-    num_generations: int = param(8, "n: completions per prompt (the group size, >= 2)")
-    minibatch_size: int = param(0, "completions per optimizer step and rank (0 = the whole Q·n batch)")
-    mu: int = param(1, "μ: passes over each generation batch (1 = on-policy, ratio 1)")
+    iterations: int = param(20, "iterations (generation batch + μ passes of updates)", ge=0)
+    batch_size: int = param(8, "prompts per iteration and rank (Q); Q·n completions", ge=1)
+    num_generations: int = param(8, "n: completions per prompt (the group size, >= 2)", ge=2)
+    minibatch_size: int = param(0, "completions per optimizer step and rank (0 = the whole Q·n batch)", ge=0)
+    mu: int = param(1, "μ: passes over each generation batch (1 = on-policy, ratio 1)", ge=1)
     advantage: str = param("grpo", "grpo (r−mean)/(std+eps) | drgrpo r−mean | rloo leave-one-out mean",
                            choices=ADVANTAGE_MODES)
-    adv_eps: float = param(1e-4, "eps of the grpo std normalisation")
+    adv_eps: float = param(1e-4, "eps of the grpo std normalisation", ge=0)
     loss_agg: str = param("token-mean", "loss aggregation over tokens and sequences",
                           choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"))
-    clip_eps_low: float = param(0.2, "ε_low: ratio clipped below at 1 − ε_low")
-    clip_eps_high: float = param(0.2, "ε_high: ratio clipped above at 1 + ε_high (clip-higher, DAPO: 0.28)")
-    kl_coef: float = param(0.0, "β of the KL to the reference (0 = no reference model is loaded)")
+    clip_eps_low: float = param(0.2, "ε_low: ratio clipped below at 1 − ε_low", ge=0, lt=1)
+    clip_eps_high: float = param(0.2, "ε_high: ratio clipped above at 1 + ε_high (clip-higher, DAPO: 0.28)", ge=0)
+    kl_coef: float = param(0.0, "β of the KL to the reference (0 = no reference model is loaded)", ge=0)
     kl_in: str = param("loss", "where the KL goes: loss (a per-token term) | reward (β·Σ_t KL subtracted from r)",
                        choices=("loss", "reward"))
     kl_estimator: str = param("k3", "per-token KL estimator: k1 | k2 | k3 | abs", choices=("k1", "k2", "k3", "abs"))
-    max_new_tokens: int = param(32, "completion length cap G (tokens)")
-    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens")
-    temperature: float = param(1.0, "sampling temperature (the same τ scales the log-probs in the loss)")
-    top_k: int = param(0, "top-k sampling (0 = off)")
-    top_p: float = param(1.0, "nucleus sampling (1 = off)")
-    lr: float = param(1e-6, "policy learning rate (AdamW)")
-    weight_decay: float = param(0.0, "AdamW weight decay")
-    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)")
-    forward_batch_size: int = param(64, "completions per forward for old / reference log-probs and RM scores")
-    generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per "
-                                   "block and decode step (per_block), or auto", choices=("auto", "full", "per_block"))
-    mixed_precision: str = param("auto", "auto (bf16 autocast on CUDA) | bf16 | no", choices=("auto", "bf16", "no"))
-    gradient_checkpointing: bool = param(False, "recompute each block in backward (less memory)")
-    save_every: int = param(0, "save a checkpoint every N iterations (0 = only at the end)")
-    keep_checkpoints: int = param(2, "how many checkpoints to keep")
-    resume: str = param("", "'' | auto | a checkpoint folder: continue from the same step, data order and RNG")
-    log_every: int = param(1, "console line every N iterations")
-    tensorboard: bool = param(False, "also log to TensorBoard (if installed)")
-    plots: bool = param(True, "PNG plots of the curves at the end (if matplotlib is installed)")
+    lr: float = param(1e-6, "policy learning rate (AdamW)", gt=0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
+    max_grad_norm: float = param(1.0, "gradient clipping (0 = off)", ge=0)
+    forward_batch_size: int = param(64, "completions per forward for old / reference log-probs and RM scores", ge=1)
+    sampling: SamplingSection = section(SamplingSection, "completion sampling")
+    run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/grpo")
 
 
 def check_config(cfg: GRPOConfig) -> None:
-    """Field checks that need no files; every message names the flag."""
+    """Field checks that need no files (required fields, ranges, cross-field rules); every message names the flag."""
     if not cfg.policy:
         raise ConfigError("grpo: --policy is required (the initial policy folder)")
     if not cfg.prompts:
         raise ConfigError("grpo: --prompts is required (jsonl, parquet or a datasets folder)")
     if not cfg.reward_funcs and not cfg.reward_model:
         raise ConfigError("grpo: no reward: give --reward_funcs module:function and/or --reward_model FOLDER")
-    rules = {"num_generations": (cfg.num_generations >= 2, ">= 2"), "batch_size": (cfg.batch_size >= 1, ">= 1"),
-             "mu": (cfg.mu >= 1, ">= 1"), "iterations": (cfg.iterations >= 0, ">= 0"),
-             "minibatch_size": (cfg.minibatch_size >= 0, ">= 0"), "max_new_tokens": (cfg.max_new_tokens >= 1, ">= 1"),
-             "kl_coef": (cfg.kl_coef >= 0, ">= 0"), "clip_eps_low": (0 <= cfg.clip_eps_low < 1, "in [0, 1)"),
-             "clip_eps_high": (cfg.clip_eps_high >= 0, ">= 0"), "adv_eps": (cfg.adv_eps >= 0, ">= 0"),
-             "forward_batch_size": (cfg.forward_batch_size >= 1, ">= 1"), "temperature": (cfg.temperature > 0, "> 0")}
-    for name, (ok, want) in rules.items():
-        if not ok:
-            raise ConfigError(f"grpo: --{name} {getattr(cfg, name)}: must be {want}")
+    check_ranges(cfg)  # each field's declared range (num_generations >= 2, mu >= 1, ...)
     if cfg.minibatch_size > cfg.batch_size * cfg.num_generations:
         raise ConfigError(f"grpo: --minibatch_size {cfg.minibatch_size} exceeds batch_size × num_generations = "
                           f"{cfg.batch_size * cfg.num_generations}")
@@ -131,33 +109,42 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
     """Run GRPO; returns {"checkpoint", "history", "final"}. ``log``: an optional MetricsLogger."""
     check_config(cfg)
     reward_fns = RewardFunctions.from_config(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs else None
-    env = D.init(cfg.device)
+    env = D.init(cfg.run.device)
     device = env.device
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg.resume, run_dir)
+    seed_everything(cfg.run.seed)
+    run_dir = Path(cfg.run.output_dir)
+    prepare_run_dir(run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)  # before any expensive work
+    for flag in ("policy", "reward_model"):
+        if getattr(cfg, flag):
+            check_model_folder(getattr(cfg, flag), f"--{flag}")
+    resume_from = resolve_resume(cfg.run.resume, run_dir)
     resume_state = resume_from is not None and has_training_state(resume_from)
 
     # Models: the policy (trained); the reference only when β > 0; the reward model only when given.
     tokenizer = load_tokenizer(cfg.policy)
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    bf16 = use_autocast(cfg.mixed_precision, device)
-    policy = load_sharded(resume_from or cfg.policy, env, head="lm", bf16_compute=bf16, weights=not resume_state)
+    # One precision for every model (fp32 weights, bf16 autocast where enabled): the reference computes exactly like
+    # the policy (KL 0 before the first update), and dropout is off (old and new log-probs are one function).
+    prec = model_precision(cfg.run.mixed_precision, device)
+    bf16 = prec.bf16_compute
+    policy = load_sharded(resume_from or cfg.policy, env, head="lm", dtype=prec.weights, bf16_compute=bf16,
+                          weights=not resume_state)
+    disable_dropout(policy)
     check_vocab(tokenizer, policy.config.vocab_size, where=f"{cfg.policy}: tokenizer")
-    policy.config.gradient_checkpointing = cfg.gradient_checkpointing
-    ref = load_sharded(cfg.policy, env, head="lm", dtype=frozen_dtype, prepare=_freeze) if cfg.kl_coef > 0 else None
-    rm = (load_sharded(cfg.reward_model, env, head="score", dtype=frozen_dtype, prepare=_freeze)
+    policy.config.gradient_checkpointing = cfg.run.gradient_checkpointing
+    ref = (load_sharded(cfg.policy, env, head="lm", dtype=prec.weights, bf16_compute=bf16, prepare=_freeze)
+           if cfg.kl_coef > 0 else None)
+    rm = (load_sharded(cfg.reward_model, env, head="score", dtype=prec.weights, bf16_compute=bf16, prepare=_freeze)
           if cfg.reward_model else None)
     policy.train()
     optimizer = make_adamw(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    compute_dtype = torch.bfloat16 if bf16 else None
+    compute_dtype = prec.autocast
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
-    gather = D.GenerationGather(policy, cfg.generation_gather, compute_dtype)
+    gather = D.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype, weight_gather=gather)
 
     # Data: prompts tokenized once, each checked to fit the context with max_new_tokens.
     ctx = policy.config.max_position_embeddings
-    max_prompt = cfg.max_prompt_len or (ctx - cfg.max_new_tokens)
+    max_prompt = cfg.sampling.max_prompt_len or (ctx - cfg.sampling.max_new_tokens)
     examples = load_prompts(cfg.prompts)
     prompt_ids = []
     for ex in examples:
@@ -166,7 +153,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             raise DataError(f"{ex.source}: field 'prompt' tokenizes to no tokens")
         check_prompt_length(len(ids), max_prompt, ex.source)
         prompt_ids.append(ids)
-    sampler = EpochSampler(len(examples), cfg.batch_size * env.world_size, seed=cfg.seed, drop_last=True)
+    sampler = EpochSampler(len(examples), cfg.batch_size * env.world_size, seed=cfg.run.seed, drop_last=True)
     Q, n = cfg.batch_size, cfg.num_generations
     B = Q * n
     mb_size = cfg.minibatch_size or B
@@ -182,7 +169,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
         D.print0(f"[fastrlhf grpo] resumed from {resume_from} at iteration {start}")
     if log is None:
         from fastrlhf.runtime.metrics import MetricsLogger
-        log = MetricsLogger(run_dir, tensorboard=cfg.tensorboard, stage="grpo", total_steps=cfg.iterations,
+        log = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, stage="grpo", total_steps=cfg.iterations,
                             resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
@@ -192,9 +179,10 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, data_state=sampler.state_dict())
         return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
-                               keep=cfg.keep_checkpoints, trained={"policy": (policy, optimizer)})
+                               keep=cfg.run.keep_checkpoints, trained={"policy": (policy, optimizer)})
 
     bar = progress(total=cfg.iterations, initial=start, desc="grpo")
+    stop_now = False
     with graceful_interrupt() as stop:
         for step in range(start, cfg.iterations):
             t0 = time.perf_counter()
@@ -202,17 +190,17 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             idx = D.local_slice(next(batches), env)
             # 2. generate n completions per prompt: rows q·n .. q·n+n−1 are prompt q's group
             rows = [prompt_ids[i] for i in idx for _ in range(n)]
-            with engine.generation(max_batch_size=B, max_seq_len=max(map(len, rows)) + cfg.max_new_tokens):
-                rollout = engine.generate(rows, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          top_k=cfg.top_k, top_p=cfg.top_p, eos_token_id=tokenizer.eos_token_id,
+            with engine.generation(max_batch_size=B, max_seq_len=max(map(len, rows)) + cfg.sampling.max_new_tokens):
+                rollout = engine.generate(rows, max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                                          top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, eos_token_id=tokenizer.eos_token_id,
                                           pad_token_id=tokenizer.pad_token_id,
-                                          seed=cfg.seed * 100003 + step + env.rank * 1_000_003)
+                                          seed=cfg.run.seed * 100003 + step + env.rank * 1_000_003)
             t1 = time.perf_counter()
             input_ids, attention_mask = rollout.sequences()  # [B, P+G]
             position_ids = positions_from_mask(attention_mask)
             P = rollout.prompt_ids.shape[1]
             mask = rollout.response_mask.float()  # [B, G]
-            fwd = dict(temperature=cfg.temperature, forward_batch_size=cfg.forward_batch_size, autocast=autocast)
+            fwd = dict(temperature=cfg.sampling.temperature, forward_batch_size=cfg.forward_batch_size, autocast=autocast)
             # 3. rewards: weighted Python functions of (prompt, completion text) + the reward model's score
             completions = decode_completions(tokenizer, rollout.response_ids, rollout.lengths)
             reward = torch.zeros(B, dtype=torch.float32)
@@ -247,11 +235,11 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             batch = GroupBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                response_ids=rollout.response_ids, mask=mask, advantages=adv, old_logprobs=old_lp,
                                ref_logprobs=ref_lp if cfg.kl_in == "loss" else None, prompt_len=P)
-            gen.manual_seed(cfg.seed * 7919 + step)
+            gen.manual_seed(cfg.run.seed * 7919 + step)
             stats = grpo_update(batch, policy=policy, optimizer=optimizer, mu=cfg.mu, minibatch_size=mb_size,
                                 clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
                                 kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, agg=cfg.loss_agg,
-                                temperature=cfg.temperature, max_grad_norm=cfg.max_grad_norm or None,
+                                temperature=cfg.sampling.temperature, max_grad_norm=cfg.max_grad_norm or None,
                                 autocast=autocast, generator=gen)
             t3 = time.perf_counter()
             group_std = reward.view(Q, n).std(1)
@@ -278,9 +266,9 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                                          f"{last_ckpt}")
             history.append(metrics)
             bar.update(1)
-            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.log_every, 1) == 0)
+            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.run.log_every, 1) == 0)
             done = step + 1 == cfg.iterations
-            if done or stop_now or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            if done or stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 last_ckpt = save(step + 1)
             if stop_now:
                 D.print0(f"[fastrlhf grpo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
@@ -288,10 +276,10 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
     bar.close()
     if start >= cfg.iterations and last_ckpt is None:
         last_ckpt = save(start)
-    log.close(plots=cfg.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
+    log.close(plots=cfg.run.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
     engine.free()
     return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
-            "final": history[-1] if history else {}, "reference_loaded": ref is not None}
+            "final": history[-1] if history else {}, "reference_loaded": ref is not None, "interrupted": stop_now}
 
 
 def main(argv=None) -> dict:

@@ -43,24 +43,10 @@ from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.optim import ADAM_BETAS, ADAM_EPS, adamw_groups, make_adamw
 from fastrlhf.stages.ppo_core import (KL_ESTIMATORS, OLD_LOGPROBS, logprob_mismatch, make_experience, masked_mean,
                                       ppo_update)
-from fastrlhf.stages.sections import RunSection
+from fastrlhf.stages.sections import RunSection, SamplingSection
 
 
 LORA_FILE = "lora_adapter.safetensors"
-
-
-@dataclass
-class SamplingSection:
-    """How rollouts are sampled."""
-
-    max_new_tokens: int = param(32, "response length cap G (tokens)", ge=1)
-    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens", ge=0)
-    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)", gt=0)
-    top_k: int = param(0, "top-k sampling (0 = off)", ge=0)
-    top_p: float = param(1.0, "nucleus sampling (1 = off)", gt=0, le=1)
-    generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
-                                   "and decode step (per_block: less memory), or auto (full when it fits)",
-                                   choices=("auto", "full", "per_block"))
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Config sections the stages share: where and how a run runs (``run``), and the SFT / reward-model optimizer (``optim``).
+"""Config sections the stages share: where and how a run runs (``run``), the SFT / reward-model optimizer (``optim``)
+and how the RL stages sample (``sampling``).
 
 In a YAML file they are nested (``run: {output_dir: runs/x}``), on the command line dotted (``--run.output_dir runs/x``);
 the flat names (``output_dir``, ``--output_dir``, ``SFTConfig(output_dir=...)``) keep working.
@@ -38,3 +39,17 @@ class OptimSection:
     weight_decay: float = param(0.0, "AdamW weight decay (matrices only)", ge=0)
     betas: tuple[float, ...] = param((0.9, 0.95), "AdamW betas", ge=0, lt=1)
     max_grad_norm: float = param(1.0, "gradient clipping by global norm (0 = off)", ge=0)
+
+
+@dataclass
+class SamplingSection:
+    """How rollouts are sampled."""
+
+    max_new_tokens: int = param(32, "response length cap G (tokens)", ge=1)
+    max_prompt_len: int = param(0, "longest prompt allowed (tokens); 0 = the model's context minus max_new_tokens", ge=0)
+    temperature: float = param(1.0, "sampling temperature (the same τ scales old/ref/new log-probs)", gt=0)
+    top_k: int = param(0, "top-k sampling (0 = off)", ge=0)
+    top_p: float = param(1.0, "nucleus sampling (1 = off)", gt=0, le=1)
+    generation_gather: str = param("auto", "under torchrun: gather the sharded policy once per rollout (full), per block "
+                                   "and decode step (per_block: less memory), or auto (full when it fits)",
+                                   choices=("auto", "full", "per_block"))
