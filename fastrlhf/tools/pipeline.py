@@ -20,48 +20,85 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastrlhf.runtime.config import param
+from fastrlhf.runtime.config import flat_kwargs, param, section
 
 
 @dataclass
+class TaskSection:
+    """The embedded task's data: how many demonstrations, rankings and prompts the labeler makes."""
+
+    n_sft: int = param(2000, "labeler demonstrations for SFT", ge=2)
+    demo_noise: float = param(0.3, "fraction of imperfect demonstrations (as human ones are)", ge=0, le=1)
+    n_rm_prompts: int = param(1500, "prompts whose K SFT samples the labeler ranks", ge=2)
+    k: int = param(8, "responses ranked per prompt (K, 2..9; InstructGPT: 4..9)", ge=2, le=9)
+    n_ppo_prompts: int = param(1024, "PPO / GRPO prompts", ge=1)
+    n_eval: int = param(1024, "held-out prompts for the final evaluation", ge=1)
+
+
+@dataclass
+class PipeSFT:
+    """Stage 1 of the pipeline."""
+
+    steps: int = param(300, "SFT optimizer steps", ge=1, flat="sft_steps")
+    batch_tokens: int = param(256, "SFT tokens per step (packed)", ge=1, flat="sft_batch_tokens")
+    lr: float = param(3e-3, "SFT peak learning rate", gt=0, flat="sft_lr")
+
+
+@dataclass
+class PipeRM:
+    """Stage 2 of the pipeline (--rl ppo)."""
+
+    epochs: int = param(2, "reward-model epochs", ge=1, flat="rm_epochs")
+    lr: float = param(1e-3, "reward-model learning rate", gt=0, flat="rm_lr")
+
+
+@dataclass
+class PipePPO:
+    """Stage 3 of the pipeline with --rl ppo."""
+
+    iterations: int = param(40, "PPO iterations", ge=1, flat="ppo_iterations")
+    batch: int = param(64, "PPO rollouts per iteration", ge=1, flat="ppo_batch")
+    minibatch: int = param(32, "PPO rollouts per optimizer step", ge=1, flat="ppo_minibatch")
+    lr: float = param(1e-4, "PPO policy learning rate", gt=0, flat="ppo_lr")
+    value_lr: float = param(1e-3, "PPO value learning rate", gt=0)
+    kl_coef: float = param(0.1, "β, the per-token KL penalty", ge=0)
+    missing_eos_penalty: float = param(2.0, "score penalty for responses that hit max_new_tokens without EOS", ge=0)
+
+
+@dataclass
+class PipeGRPO:
+    """Stage 3 of the pipeline with --rl grpo (no reward model: GRPO on the labeler's score)."""
+
+    iterations: int = param(30, "GRPO iterations", ge=1, flat="grpo_iterations")
+    batch: int = param(16, "GRPO prompts per iteration (each sampled n times)", ge=1, flat="grpo_batch")
+    n: int = param(8, "GRPO completions per prompt (the group)", ge=2, flat="grpo_n")
+    lr: float = param(2e-4, "GRPO policy learning rate", gt=0, flat="grpo_lr")
+    advantage: str = param("grpo", "GRPO advantages: grpo | drgrpo | rloo", choices=("grpo", "drgrpo", "rloo"),
+                           flat="grpo_advantage")
+    kl_coef: float = param(0.0, "GRPO β (KL-in-loss, k3); 0 = no reference model", ge=0, flat="grpo_kl_coef")
+
+
+@flat_kwargs
+@dataclass
 class PipelineConfig:
-    """SFT -> reward model -> PPO -> evaluation on the embedded instruction-following task (no downloads)."""
+    """SFT -> reward model -> PPO (or GRPO) -> evaluation on the embedded instruction-following task (no downloads)."""
 
     output_dir: str = param("runs/pipeline", "root folder: data/, sft/, rm/, ppo/ and summary.json go here")
     seed: int = param(0, "seed of the task, the labeler, the model init and every stage")
     device: str = param("auto", "auto | cpu | cuda | cuda:N")
+    overwrite: bool = param(False, "start over in a used output_dir (each stage's checkpoints and metrics are deleted)")
     base_model: str = param("", "start from this HF folder instead of the built-in tiny Llama (needs the task's words)")
     hidden_size: int = param(128, "built-in model: hidden size", ge=32)
     num_layers: int = param(2, "built-in model: decoder blocks", ge=1)
-    n_sft: int = param(2000, "labeler demonstrations for SFT", ge=2)
-    demo_noise: float = param(0.3, "fraction of imperfect demonstrations (as human ones are)", ge=0, le=1)
-    sft_steps: int = param(300, "SFT optimizer steps", ge=1)
-    sft_batch_tokens: int = param(256, "SFT tokens per step (packed)", ge=1)
-    sft_lr: float = param(3e-3, "SFT peak learning rate", gt=0)
-    n_rm_prompts: int = param(1500, "prompts whose K SFT samples the labeler ranks", ge=2)
-    k: int = param(8, "responses ranked per prompt (K, 2..9; InstructGPT: 4..9)", ge=2, le=9)
-    rm_epochs: int = param(2, "reward-model epochs", ge=1)
-    rm_lr: float = param(1e-3, "reward-model learning rate", gt=0)
-    n_ppo_prompts: int = param(1024, "PPO prompts", ge=1)
-    ppo_iterations: int = param(40, "PPO iterations", ge=1)
-    ppo_batch: int = param(64, "PPO rollouts per iteration", ge=1)
-    ppo_minibatch: int = param(32, "PPO rollouts per optimizer step", ge=1)
-    ppo_lr: float = param(1e-4, "PPO policy learning rate", gt=0)
-    value_lr: float = param(1e-3, "PPO value learning rate", gt=0)
-    kl_coef: float = param(0.1, "β, the per-token KL penalty", ge=0)
-    missing_eos_penalty: float = param(2.0, "score penalty for responses that hit max_new_tokens without EOS", ge=0)
     max_new_tokens: int = param(8, "response length cap (tokens)", ge=1)
-    n_eval: int = param(1024, "held-out prompts for the final evaluation", ge=1)
-    overwrite: bool = param(False, "start over in a used output_dir (each stage's checkpoints and metrics are deleted)")
     temperature: float = param(1.0, "sampling temperature for RM data, PPO and the evaluation", gt=0)
     rl: str = param("ppo", "the RL stage: ppo (reward model + PPO) | grpo (no RM: GRPO on the labeler's score)",
                     choices=("ppo", "grpo"))
-    grpo_iterations: int = param(30, "GRPO iterations (--rl grpo)", ge=1)
-    grpo_batch: int = param(16, "GRPO prompts per iteration (each sampled grpo_n times)", ge=1)
-    grpo_n: int = param(8, "GRPO completions per prompt (the group)", ge=2)
-    grpo_lr: float = param(2e-4, "GRPO policy learning rate", gt=0)
-    grpo_advantage: str = param("grpo", "GRPO advantages: grpo | drgrpo | rloo", choices=("grpo", "drgrpo", "rloo"))
-    grpo_kl_coef: float = param(0.0, "GRPO β (KL-in-loss, k3); 0 = no reference model", ge=0)
+    task: TaskSection = section(TaskSection, "the embedded task's data")
+    sft: PipeSFT = section(PipeSFT, "stage 1: SFT")
+    rm: PipeRM = section(PipeRM, "stage 2: reward model")
+    ppo: PipePPO = section(PipePPO, "stage 3: PPO")
+    grpo: PipeGRPO = section(PipeGRPO, "stage 3 with --rl grpo: GRPO")
 
 
 def _banner(msg: str) -> None:
@@ -102,18 +139,18 @@ def run(cfg: PipelineConfig) -> dict:
                                   num_attention_heads=max(2, cfg.hidden_size // 32),
                                   num_key_value_heads=max(1, cfg.hidden_size // 64))
         base = task.build_tiny_model(str(root / "base"), spec=spec, seed=cfg.seed)
-    task.write_sft_data(str(data / "sft.jsonl"), cfg.n_sft, seed=cfg.seed, noise=cfg.demo_noise)
-    task.write_prompts(str(data / "rm_prompts.jsonl"), cfg.n_rm_prompts, seed=cfg.seed + 1)
-    task.write_prompts(str(data / "ppo_prompts.jsonl"), cfg.n_ppo_prompts, seed=cfg.seed + 2)
-    task.write_prompts(str(data / "eval_prompts.jsonl"), cfg.n_eval, seed=cfg.seed + 3)
+    task.write_sft_data(str(data / "sft.jsonl"), cfg.task.n_sft, seed=cfg.seed, noise=cfg.task.demo_noise)
+    task.write_prompts(str(data / "rm_prompts.jsonl"), cfg.task.n_rm_prompts, seed=cfg.seed + 1)
+    task.write_prompts(str(data / "ppo_prompts.jsonl"), cfg.task.n_ppo_prompts, seed=cfg.seed + 2)
+    task.write_prompts(str(data / "eval_prompts.jsonl"), cfg.task.n_eval, seed=cfg.seed + 3)
     times["data"] = time.perf_counter() - t0
 
     # 1. SFT on the labeler's demonstrations
     _banner(f"1/{3 if cfg.rl == 'grpo' else 4} supervised fine-tuning on the labeler's demonstrations")
     t0 = time.perf_counter()
     sft = train_sft(SFTConfig(model=base, data=str(data / "sft.jsonl"), output_dir=str(root / "sft"), seed=cfg.seed,
-                              device=cfg.device, max_steps=cfg.sft_steps, lr=cfg.sft_lr,
-                              batch_tokens=cfg.sft_batch_tokens, warmup_ratio=0.05, log_every=50,
+                              device=cfg.device, max_steps=cfg.sft.steps, lr=cfg.sft.lr,
+                              batch_tokens=cfg.sft.batch_tokens, warmup_ratio=0.05, log_every=50,
                               overwrite=cfg.overwrite))
     if sft["interrupted"]:
         return sft
@@ -124,18 +161,18 @@ def run(cfg: PipelineConfig) -> dict:
         return _run_grpo(cfg, root, data, device, sft, times, t_all)
 
     # 2. reward-model data: K samples of the SFT policy per prompt, ranked by the labeler; then RM training
-    _banner(f"2/4 reward model: the labeler ranks K={cfg.k} SFT samples per prompt")
+    _banner(f"2/4 reward model: the labeler ranks K={cfg.task.k} SFT samples per prompt")
     t0 = time.perf_counter()
     tok = load_tokenizer(sft_path)
     policy = load_model(sft_path, head="lm", device=device)
-    rm_prompts = task.instructions(cfg.n_rm_prompts, seed=cfg.seed + 1)
+    rm_prompts = task.instructions(cfg.task.n_rm_prompts, seed=cfg.seed + 1)
     samples = sample_responses(policy, tok, rm_prompts, max_new_tokens=cfg.max_new_tokens,
-                               temperature=cfg.temperature, seed=cfg.seed + 11, n_samples=cfg.k)
+                               temperature=cfg.temperature, seed=cfg.seed + 11, n_samples=cfg.task.k)
     task.write_rankings(str(data / "rm.jsonl"), rm_prompts, samples, seed=cfg.seed)
     del policy
     rm = train_rm(RewardConfig(model=sft_path, data=str(data / "rm.jsonl"), sft_data=str(data / "sft.jsonl"),
-                           output_dir=str(root / "rm"), seed=cfg.seed, device=cfg.device, epochs=cfg.rm_epochs,
-                           lr=cfg.rm_lr, log_every=20, overwrite=cfg.overwrite))
+                           output_dir=str(root / "rm"), seed=cfg.seed, device=cfg.device, epochs=cfg.rm.epochs,
+                           lr=cfg.rm.lr, log_every=20, overwrite=cfg.overwrite))
     if rm["interrupted"]:
         return rm
     rm_path = rm["checkpoint"]
@@ -146,10 +183,10 @@ def run(cfg: PipelineConfig) -> dict:
     t0 = time.perf_counter()
     ppo = train_ppo(PPOConfig(policy=sft_path, reward_model=rm_path, prompts=str(data / "ppo_prompts.jsonl"),
                               output_dir=str(root / "ppo"), seed=cfg.seed, device=cfg.device,
-                              iterations=cfg.ppo_iterations, batch_size=cfg.ppo_batch,
-                              minibatch_size=cfg.ppo_minibatch, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, lr=cfg.ppo_lr, value_lr=cfg.value_lr,
-                              kl_coef=cfg.kl_coef, missing_eos_penalty=cfg.missing_eos_penalty, log_every=4,
+                              iterations=cfg.ppo.iterations, batch_size=cfg.ppo.batch,
+                              minibatch_size=cfg.ppo.minibatch, max_new_tokens=cfg.max_new_tokens,
+                              temperature=cfg.temperature, lr=cfg.ppo.lr, value_lr=cfg.ppo.value_lr,
+                              kl_coef=cfg.ppo.kl_coef, missing_eos_penalty=cfg.ppo.missing_eos_penalty, log_every=4,
                               overwrite=cfg.overwrite))
     if ppo["interrupted"]:
         return ppo
@@ -159,7 +196,7 @@ def run(cfg: PipelineConfig) -> dict:
     # 4. evaluation on held-out prompts: the labeler's judge (the stand-in for human preference) and the RM
     _banner("4/4 evaluation on held-out prompts: PPO vs SFT")
     t0 = time.perf_counter()
-    eval_prompts = task.instructions(cfg.n_eval, seed=cfg.seed + 3)
+    eval_prompts = task.instructions(cfg.task.n_eval, seed=cfg.seed + 3)
     judge = task.Labeler(seed=cfg.seed)
     outs, judged = {}, {}
     for name, path in (("sft", sft_path), ("ppo", ppo_path)):
@@ -205,14 +242,14 @@ def _run_grpo(cfg: PipelineConfig, root: Path, data: Path, device, sft: dict, ti
 
     sft_path = sft["checkpoint"]
     # 2. GRPO: n samples per prompt, reward = the labeler's exact-match score (a Python reward function)
-    _banner(f"2/3 GRPO on the labeler's score ({cfg.grpo_advantage}, n={cfg.grpo_n} samples per prompt, no reward model)")
+    _banner(f"2/3 GRPO on the labeler's score ({cfg.grpo.advantage}, n={cfg.grpo.n} samples per prompt, no reward model)")
     t0 = time.perf_counter()
     grpo = train_grpo(GRPOConfig(policy=sft_path, prompts=str(data / "ppo_prompts.jsonl"),
                                  reward_funcs=["fastrlhf.tools.task:reward"], output_dir=str(root / "grpo"),
-                                 seed=cfg.seed, device=cfg.device, iterations=cfg.grpo_iterations,
-                                 batch_size=cfg.grpo_batch, num_generations=cfg.grpo_n, max_new_tokens=cfg.max_new_tokens,
-                                 temperature=cfg.temperature, lr=cfg.grpo_lr, advantage=cfg.grpo_advantage,
-                                 kl_coef=cfg.grpo_kl_coef, log_every=5, plots=False))
+                                 seed=cfg.seed, device=cfg.device, iterations=cfg.grpo.iterations,
+                                 batch_size=cfg.grpo.batch, num_generations=cfg.grpo.n, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, lr=cfg.grpo.lr, advantage=cfg.grpo.advantage,
+                                 kl_coef=cfg.grpo.kl_coef, log_every=5, plots=False))
     grpo_path = grpo["checkpoint"]
     times["grpo"] = time.perf_counter() - t0
 
@@ -220,7 +257,7 @@ def _run_grpo(cfg: PipelineConfig, root: Path, data: Path, device, sft: dict, ti
     _banner("3/3 evaluation on held-out prompts: GRPO vs SFT")
     t0 = time.perf_counter()
     tok = load_tokenizer(sft_path)
-    eval_prompts = task.instructions(cfg.n_eval, seed=cfg.seed + 3)
+    eval_prompts = task.instructions(cfg.task.n_eval, seed=cfg.seed + 3)
     judge = task.Labeler(seed=cfg.seed)
     outs, judged = {}, {}
     for name, path in (("sft", sft_path), ("grpo", grpo_path)):
