@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fastrlhf.runtime import checkpoint as ck
-from fastrlhf.runtime import distributed as D
-from fastrlhf import kernels as K
+from fastrlhf.runtime import distributed
+from fastrlhf import kernels
 from fastrlhf.stages.ppo_core import whiten_across_ranks
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -14,7 +14,7 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 @pytest.mark.parametrize("n,world", [(8, 2), (7, 3), (2, 4), (1, 1), (12, 5)])
 def test_local_slice_partitions_the_global_batch_in_order(n, world):
     items = list(range(100, 100 + n))
-    parts = [D.local_slice(items, r, world) for r in range(world)]
+    parts = [distributed.local_slice(items, r, world) for r in range(world)]
     assert sum(parts, []) == items                                     # every item once, rank-major order
     assert max(map(len, parts)) - min(map(len, parts)) <= 1            # balanced
 
@@ -22,7 +22,7 @@ def test_local_slice_partitions_the_global_batch_in_order(n, world):
 @pytest.mark.parametrize("n,world", [(7, 2), (3, 4), (8, 4), (1, 3)])
 def test_padded_shard_gives_every_rank_the_same_number_of_entries(n, world):
     items = [f"x{i}" for i in range(n)]
-    shards = [D.padded_shard(items, D.DistEnv(rank=r, world_size=world)) for r in range(world)]
+    shards = [distributed.padded_shard(items, distributed.DistEnv(rank=r, world_size=world)) for r in range(world)]
     assert len({len(s) for s in shards}) == 1 and len(shards[0]) == -(-n // world)
     real = sorted(x for s in shards for x, w in s if w == 1.0)
     assert real == sorted(items)                                       # each item counted once
@@ -33,36 +33,36 @@ def test_init_without_torchrun_is_one_plain_process(monkeypatch):
     for k in TORCHRUN_ENV:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("RANK", "0")                                   # a stray variable alone is not a launch
-    env = D.init("cpu")
+    env = distributed.init("cpu")
     assert (env.rank, env.world_size, env.launched, env.device.type) == (0, 1, False, "cpu")
-    assert not D.is_initialized()
-    assert D.reduce_metrics({"a": 1.5, "step": 3}) == {"a": 1.5, "step": 3}
-    assert D.global_count(torch.tensor(7.0)) == 7.0 and D.all_reduce_sum(2.5) == 2.5 and D.any_rank(True)
+    assert not distributed.is_initialized()
+    assert distributed.reduce_metrics({"a": 1.5, "step": 3}) == {"a": 1.5, "step": 3}
+    assert distributed.global_count(torch.tensor(7.0)) == 7.0 and distributed.all_reduce_sum(2.5) == 2.5 and distributed.any_rank(True)
 
 
 def test_init_under_torchrun_rejects_a_fixed_cuda_index(monkeypatch):
     for k, v in zip(TORCHRUN_ENV, ("1", "2", "1", "127.0.0.1", "29500")):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="cuda:LOCAL_RANK"):
-        D.init("cuda:1")
+        distributed.init("cuda:1")
 
 
 def test_generation_gather_is_local_for_an_unsharded_model():
     from fastrlhf.models.decoder import CausalLM, ModelConfig
     m = CausalLM(ModelConfig(vocab_size=11, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
-    g = D.GenerationGather(m, "auto")
+    g = distributed.GenerationGather(m, "auto")
     assert g.mode == "local" and g.all_done(torch.tensor([True, True])) and not g.all_done(torch.tensor([True, False]))
     with g():
         pass
     with pytest.raises(ValueError, match="per_block"):
-        D.GenerationGather(m, "sometimes")
-    assert D.unsharded_bytes(m) == sum(p.numel() * 4 for p in m.parameters())
+        distributed.GenerationGather(m, "sometimes")
+    assert distributed.unsharded_bytes(m) == sum(p.numel() * 4 for p in m.parameters())
 
 
 def test_whiten_across_ranks_is_the_kernel_in_one_process():
     x, mask = torch.randn(5, 9), (torch.rand(5, 9) > 0.3).float()
-    torch.testing.assert_close(whiten_across_ranks(x, mask), K.whiten(x, mask, shift_mean=True))
+    torch.testing.assert_close(whiten_across_ranks(x, mask), kernels.whiten(x, mask, shift_mean=True))
 
 
 def _tiny(seed):

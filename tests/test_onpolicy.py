@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import load_model
@@ -66,7 +66,7 @@ def test_logged_kl_coef_is_the_one_that_shaped_the_rewards(ckpts, tmp_path):
     cfg = _cfg(ckpts, tmp_path / "beta", iterations=2, adaptive_kl=True, kl_coef=0.2, kl_target=1.0, kl_horizon=10)
     hist = train(cfg, log=_Log())["history"]
     assert hist[0]["kl_coef"] == 0.2
-    ctl = K.AdaptiveKLController(0.2, 1.0, 10)
+    ctl = kernels.AdaptiveKLController(0.2, 1.0, 10)
     ctl.update(hist[0]["kl"], cfg.batch_size)
     assert ctl.value != 0.2  # the update did change β, so logging the next one would be visible
     assert hist[1]["kl_coef"] == pytest.approx(ctl.value, rel=1e-12)

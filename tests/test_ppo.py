@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from fastrlhf.runtime.data import DataError
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.hf_io import load_model
@@ -61,9 +61,9 @@ def test_experience_matches_kernel_composition(ckpts):
     torch.testing.assert_close(exp.rewards, expect_r, rtol=1e-5, atol=1e-6)
     # the experience's old log-probs are the sampling log-probs (same weights, temperature 1, no top-k/p)
     torch.testing.assert_close(exp.old_logprobs, ro.logprobs * exp.mask, rtol=1e-4, atol=1e-4)
-    adv, ret = K.gae_ref(exp.rewards.double(), exp.old_values.double(), exp.mask.double(), gamma=1.0, lam=0.95)
+    adv, ret = kernels.gae_ref(exp.rewards.double(), exp.old_values.double(), exp.mask.double(), gamma=1.0, lam=0.95)
     torch.testing.assert_close(exp.returns, ret.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(exp.advantages, K.whiten_ref(adv, exp.mask.double()).float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(exp.advantages, kernels.whiten_ref(adv, exp.mask.double()).float(), rtol=1e-4, atol=1e-4)
 
 
 def test_first_minibatch_has_ratio_one(ckpts):

@@ -52,7 +52,7 @@ import warnings
 
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 
 from ._patch import PeerPatch, import_optional, served, signature_of, version_key
 
@@ -78,26 +78,26 @@ def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimato
     if kl_estimator not in _ESTIMATORS:
         raise ValueError(f"Unknown kl_estimator: {kl_estimator}")
     # our estimators of d = base − logp = −r: k1 = −d = r, k2 = ½ d² = r²/2, k3 = exp(d) − d − 1 = exp(−r) − 1 + r
-    value = K.kl_penalty(log_probs, log_probs_base, estimator=kl_estimator, clamp=(-10.0, 10.0))
+    value = kernels.kl_penalty(log_probs, log_probs_base, estimator=kl_estimator, clamp=(-10.0, 10.0))
     if not unbiased_gradient:
         return value
     if log_probs_old is None:
         w = 1.0
     else:  # w = min(π_θ / π_old, clip), detached
         w = (log_probs.detach().float() - log_probs_old.float()).exp().clamp(max=_is_weight_clip())
-    surrogate = w * K.kl_penalty(log_probs, log_probs_base, estimator="k2")   # w · r²/2: the reverse-KL gradient
+    surrogate = w * kernels.kl_penalty(log_probs, log_probs_base, estimator="k2")   # w · r²/2: the reverse-KL gradient
     return value.detach() + surrogate - surrogate.detach()
 
 
 def log_probs_from_logits(logits, labels, temperature=1.0):
     """logits [..., V], labels [...] -> fp32 log softmax(logits / τ)[label] (the logits are not modified)."""
-    return K.logprobs_from_logits(logits, labels, temperature=float(temperature))
+    return kernels.logprobs_from_logits(logits, labels, temperature=float(temperature))
 
 
 def compute_entropy(logits):
     """logits [..., V] -> fp32 H [...] = LSE(z) − Σ softmax(z)·z."""
     dummy = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)  # any valid label; logp unused
-    return K.logprobs_from_logits(logits, dummy, return_entropy=True)[1]
+    return kernels.logprobs_from_logits(logits, dummy, return_entropy=True)[1]
 
 
 def loss_aggregation(token_level_loss, dp_size=1, batch_num_tokens=None, global_batch_size=None):
@@ -121,7 +121,7 @@ def policy_loss_forward(self, log_probs, old_log_probs, advantages, action_mask=
     del rollout_log_probs  # read by OpenRLHF only for its IS correction, which we do not serve
     mask = _mask_or_ones(action_mask, log_probs)
     agg, normalizer = loss_aggregation(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
-    loss, metrics = K.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_eps=self.clip_eps_low,
+    loss, metrics = kernels.ppo_policy_loss(log_probs, old_log_probs, advantages, mask, clip_eps=self.clip_eps_low,
                                       clip_eps_high=self.clip_eps_high, dual_clip=self.dual_clip, agg=agg,
                                       normalizer=normalizer)
     with torch.no_grad():
@@ -135,7 +135,7 @@ def value_loss_forward(self, values, old_values, returns, action_mask=None, dp_s
     """``ValueLoss.forward`` with ``clip_eps`` set: [B, T] inputs -> loss 0-d fp32."""
     mask = _mask_or_ones(action_mask, values)
     agg, normalizer = loss_aggregation(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
-    loss, _ = K.ppo_value_loss(values, old_values, returns, mask, clip_eps=self.clip_eps, agg=agg,
+    loss, _ = kernels.ppo_value_loss(values, old_values, returns, mask, clip_eps=self.clip_eps, agg=agg,
                                normalizer=normalizer)
     return loss
 
@@ -144,18 +144,18 @@ def value_loss_forward(self, values, old_values, returns, action_mask=None, dp_s
 def get_advantages_and_returns(self, values, rewards, action_mask, gamma, lambd):
     """values, rewards, action_mask [B, T] (response first, padding after) -> (advantages, returns) fp32 [B, T]."""
     del self
-    adv, ret = K.gae(rewards, values, action_mask, gamma=float(gamma), lam=float(lambd))
+    adv, ret = kernels.gae(rewards, values, action_mask, gamma=float(gamma), lam=float(lambd))
     return adv, ret
 
 
-class AdaptiveKLController(K.AdaptiveKLController):
+class AdaptiveKLController(kernels.AdaptiveKLController):
     """OpenRLHF's constructor on our controller."""
 
     def __init__(self, init_kl_coef, target, horizon):
         super().__init__(init_kl_coef, target, horizon)
 
 
-class FixedKLController(K.FixedKLController):
+class FixedKLController(kernels.FixedKLController):
     """OpenRLHF's constructor on our controller."""
 
     def __init__(self, kl_coef):

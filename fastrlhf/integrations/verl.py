@@ -54,7 +54,7 @@ import warnings
 
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 
 from ._patch import PeerPatch, import_optional, served, signature_of, version_key
 
@@ -70,13 +70,13 @@ def logprobs_from_logits(logits, labels, inplace_backward=True):
     """logits [..., V] (already / τ), labels [...] -> fp32 [...] log softmax(logits)[label]. ``inplace_backward`` is
     veRL's flash-attn memory switch; our kernel never keeps a [..., V] gradient buffer."""
     del inplace_backward
-    return K.logprobs_from_logits(logits, labels)
+    return kernels.logprobs_from_logits(logits, labels)
 
 
 def entropy_from_logits(logits):
     """logits [..., V] -> fp32 H [...] = LSE(z) − Σ softmax(z)·z."""
     dummy = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)  # any valid label; logp unused
-    return K.logprobs_from_logits(logits, dummy, return_entropy=True)[1]
+    return kernels.logprobs_from_logits(logits, dummy, return_entropy=True)[1]
 
 
 def masked_whiten(values, mask, shift_mean=True):
@@ -87,13 +87,13 @@ def masked_whiten(values, mask, shift_mean=True):
         raise ValueError("At least one element in the mask has to be 1.")
     if n == 1:
         raise ValueError("The sum of the mask is one, which can cause a division by zero.")
-    return K.whiten(values, mask, shift_mean=shift_mean)
+    return kernels.whiten(values, mask, shift_mean=shift_mean)
 
 
 def compute_gae_advantage_return(token_level_rewards, values, response_mask, gamma, lam):
     """rewards, values, response_mask [B, T] -> (whitened advantages [B, T], returns [B, T]) fp32, no gradient."""
     with torch.no_grad():
-        adv, ret = K.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
+        adv, ret = kernels.gae(token_level_rewards, values, response_mask, gamma=float(gamma), lam=float(lam))
         adv = masked_whiten(adv, response_mask)                          # A ← (A − μ)·rsqrt(σ² + 1e-8)
     return adv, ret
 
@@ -105,10 +105,10 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
     if base not in _KL_NAMES:
         raise NotImplementedError(f"kl_penalty={kl_penalty!r}: fastrlhf serves {sorted(_KL_NAMES)} (optionally '+')")
     est = _KL_NAMES[base]
-    value = K.kl_penalty(logprob, ref_logprob, estimator=est, clamp=(-10.0, 10.0) if est == "k3" else None)
+    value = kernels.kl_penalty(logprob, ref_logprob, estimator=est, clamp=(-10.0, 10.0) if est == "k3" else None)
     if not straight_through or est == "k2":
         return value
-    k2 = K.kl_penalty(logprob, ref_logprob, estimator="k2")              # ½ (logp − ref)²: the gradient of "+"
+    k2 = kernels.kl_penalty(logprob, ref_logprob, estimator="k2")              # ½ (logp − ref)²: the gradient of "+"
     return k2 - k2.detach() + value.detach()
 
 
@@ -162,7 +162,7 @@ def _policy_loss(old_log_prob, log_prob, advantages, response_mask, clip_low, cl
         + f" but get the value: {clip_ratio_c}."
     )
     agg, normalizer = loss_aggregation(loss_agg_mode, response_mask, **batch_info)
-    loss, _ = K.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_eps=clip_low,
+    loss, _ = kernels.ppo_policy_loss(log_prob, old_log_prob, advantages, response_mask, clip_eps=clip_low,
                                 clip_eps_high=clip_high, dual_clip=clip_ratio_c, agg=agg, normalizer=normalizer)
     with torch.no_grad():  # veRL's three metrics, by its definitions, in fp32
         advantages = advantages.float()
@@ -208,7 +208,7 @@ def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, 
     """vpreds (with gradient), returns, values (old), response_mask [B, T] -> (vf_loss 0-d fp32, vf_clipfrac 0-d)."""
     agg, normalizer = loss_aggregation(loss_agg_mode, response_mask, dp_size, batch_num_tokens, global_batch_size,
                                        loss_scale_factor)
-    loss, _ = K.ppo_value_loss(vpreds, values, returns, response_mask, clip_eps=cliprange_value, agg=agg,
+    loss, _ = kernels.ppo_value_loss(vpreds, values, returns, response_mask, clip_eps=cliprange_value, agg=agg,
                                normalizer=normalizer)
     with torch.no_grad():  # veRL's metric: the clipped branch strictly larger
         v = vpreds.detach()
@@ -217,14 +217,14 @@ def compute_value_loss(vpreds, returns, values, response_mask, cliprange_value, 
     return loss, vf_clipfrac
 
 
-class AdaptiveKLController(K.AdaptiveKLController):
+class AdaptiveKLController(kernels.AdaptiveKLController):
     """veRL's constructor (``target_kl=``) on our controller."""
 
     def __init__(self, init_kl_coef, target_kl, horizon):
         super().__init__(init_kl_coef, target_kl, horizon)
 
 
-class FixedKLController(K.FixedKLController):
+class FixedKLController(kernels.FixedKLController):
     """veRL's constructor on our controller."""
 
     def __init__(self, kl_coef):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.models.hf_io import load_model, materialize
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 
 
-def load_sharded(path, env: D.DistEnv, *, head: str = "lm", dtype: torch.dtype = torch.float32, bf16_compute: bool = False,
+def load_sharded(path, env: distributed.DistEnv, *, head: str = "lm", dtype: torch.dtype = torch.float32, bf16_compute: bool = False,
                  prepare=None, weights: bool = True) -> torch.nn.Module:
     """``load_model`` + ``shard_model`` without a full copy of the weights on every rank.
 
@@ -29,11 +29,11 @@ def load_sharded(path, env: D.DistEnv, *, head: str = "lm", dtype: torch.dtype =
     if prepare is not None:
         model = prepare(model) or model  # e.g. LoRA adapters: rank 0's fresh ones are broadcast with the rest
     full = dict(model.state_dict()) if read else {}  # keeps the full tensors alive until the broadcast
-    D.shard_model(model, env, bf16_compute=bf16_compute)
+    distributed.shard_model(model, env, bf16_compute=bf16_compute)
     if not read:
         model.to_empty(device=env.device)  # the meta shards get real (uninitialised) storage on this rank's device
     if weights:
-        D.load_full_state(model, full, strict=True)
+        distributed.load_full_state(model, full, strict=True)
     return model
 
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 
 STATE_FILE = "trainer_state.pt"
 STATE_DIR = "state"  # torch.distributed.checkpoint folder: trained weights + optimizer states, sharded
@@ -115,10 +115,10 @@ def _fsync_dir(path: Path) -> None:
 def full_state_dict(model) -> dict | None:
     """The full (unsharded) weights of ``model`` on the CPU: gathered from every rank for an FSDP-sharded model
     (a collective: all ranks call it; rank 0 gets the dict, the others None), ``model.state_dict()`` otherwise."""
-    if D.is_sharded(model):
+    if distributed.is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if D.rank() == 0 else None
+        return sd if distributed.rank() == 0 else None
     return {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
 
 
@@ -147,19 +147,19 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
     for name, m in (extra_models or {}).items():
         states[name] = full_state_dict(m)
     models = {"": model, **(extra_models or {})}
-    tmp = Path(run_dir) / D.broadcast_object(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = Path(run_dir) / distributed.broadcast_object(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        if D.rank() == 0:
+        if distributed.rank() == 0:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
             top = export(states[""]) if export is not None else states[""]
             save_model(model, tmp, tokenizer=tokenizer, state_dict=top)  # creates tmp/ (itself atomic)
             for name, sd in states.items():
                 if name:
                     save_model(models[name], tmp / name, state_dict=sd)
-        D.barrier()
+        distributed.barrier()
         if trained:
             save_training_state(tmp / STATE_DIR, trained)
-        if D.rank() == 0:
+        if distributed.rank() == 0:
             if trainer_state is not None:
                 torch.save(trainer_state, tmp / STATE_FILE)
             if config is not None:
@@ -177,14 +177,14 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer=None, trainer_state:
                 os.replace(tmp, final)
             _fsync_dir(Path(run_dir))
     except BaseException:
-        if D.rank() == 0:
+        if distributed.rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if D.rank() == 0 and keep > 0:
+    if distributed.rank() == 0 and keep > 0:
         older = [p for p in list_checkpoints(run_dir) if checkpoint_step(p) < step]  # never this one or later ones
         for old in older[:len(older) - (keep - 1)]:
             shutil.rmtree(old, ignore_errors=True)
-    D.barrier()                                                   # every rank sees the finished checkpoint
+    distributed.barrier()                                                   # every rank sees the finished checkpoint
     return final
 
 
@@ -288,8 +288,8 @@ def prepare_run_dir(run_dir, *, resume: str = "", overwrite: bool = False) -> No
         raise CheckpointError(f"{d}: --output_dir already holds a run ({shown}); continue it with --resume auto, "
                               f"start it over with --overwrite (deletes its checkpoints and metrics), or choose "
                               f"another --output_dir")
-    D.barrier()  # every rank has looked before rank 0 changes anything
-    if D.rank() == 0:
+    distributed.barrier()  # every rank has looked before rank 0 changes anything
+    if distributed.rank() == 0:
         for n in entries:
             p = d / n
             if _STALE.match(n) and p.is_dir():
@@ -299,7 +299,7 @@ def prepare_run_dir(run_dir, *, resume: str = "", overwrite: bool = False) -> No
         stale = [n for n in entries if _STALE.match(n)]
         if stale:
             print(f"[fastrlhf] {d}: removed {len(stale)} unfinished checkpoint folder(s) of a killed save", flush=True)
-    D.barrier()
+    distributed.barrier()
 
 
 def latest_checkpoint(run_dir) -> Path | None:

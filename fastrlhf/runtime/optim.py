@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.95), 1e-8
@@ -51,8 +51,8 @@ def apply_step(model, optimizer, loss: float, *, step: int, total: int, warmup: 
     gradient clipping by the global norm (0 = off), a stop on a non-finite loss or norm (the same on every rank,
     before the weights change), the warmup + cosine lr (``lr_at``) and the optimizer step.
     Returns (loss, lr, grad_norm). ``where``: the message prefix of the error (it names the last good checkpoint)."""
-    loss = D.reduce_metrics({"loss": float(loss)})["loss"]
-    gnorm = (float(D.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)))
+    loss = distributed.reduce_metrics({"loss": float(loss)})["loss"]
+    gnorm = (float(distributed.local_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)))
              if max_grad_norm > 0 else 0.0)
     if not math.isfinite(loss) or not math.isfinite(gnorm):
         raise FloatingPointError(f"{where}: non-finite loss ({loss}) or grad norm ({gnorm}) at step {step + 1}")

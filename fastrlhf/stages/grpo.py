@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import check_model_folder, load_tokenizer
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 from fastrlhf.runtime.build import disable_dropout, load_sharded
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                                          load_training_state, prepare_run_dir, resolve_resume, save_checkpoint,
@@ -109,7 +109,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
     """Run GRPO; returns {"checkpoint", "history", "final"}. ``log``: an optional MetricsLogger."""
     check_config(cfg)
     reward_fns = RewardFunctions.from_config(cfg.reward_funcs, cfg.reward_weights) if cfg.reward_funcs else None
-    env = D.init(cfg.run.device)
+    env = distributed.init(cfg.run.device)
     device = env.device
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
@@ -139,7 +139,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
     optimizer = make_adamw(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
     compute_dtype = prec.autocast
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
-    gather = D.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)
+    gather = distributed.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype, weight_gather=gather)
 
     # Data: prompts tokenized once, each checked to fit the context with max_new_tokens.
@@ -166,7 +166,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
         sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         start = int(state["step"])
-        D.print0(f"[fastrlhf grpo] resumed from {resume_from} at iteration {start}")
+        distributed.print0(f"[fastrlhf grpo] resumed from {resume_from} at iteration {start}")
     if log is None:
         from fastrlhf.runtime.metrics import MetricsLogger
         log = MetricsLogger(run_dir, tensorboard=cfg.run.tensorboard, stage="grpo", total_steps=cfg.iterations,
@@ -187,7 +187,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
         for step in range(start, cfg.iterations):
             t0 = time.perf_counter()
             # 1. sample Q prompts (rank r takes its slice of the global batch)
-            idx = D.local_slice(next(batches), env)
+            idx = distributed.local_slice(next(batches), env)
             # 2. generate n completions per prompt: rows q·n .. q·n+n−1 are prompt q's group
             rows = [prompt_ids[i] for i in idx for _ in range(n)]
             with engine.generation(max_batch_size=B, max_seq_len=max(map(len, rows)) + cfg.sampling.max_new_tokens):
@@ -226,7 +226,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             kl_tok = None
             if ref_lp is not None and cfg.kl_in == "reward":
                 cur_lp = old_lp if old_lp is not None else batch_logprobs(policy, *args, **fwd) * mask
-                kl_tok = K.kl_penalty(cur_lp, ref_lp, estimator=cfg.kl_estimator) * mask  # [B, G]
+                kl_tok = kernels.kl_penalty(cur_lp, ref_lp, estimator=cfg.kl_estimator) * mask  # [B, G]
                 reward = reward - cfg.kl_coef * kl_tok.sum(-1)
             # 6. group advantages over each prompt's n completions
             adv = group_advantages(reward.view(Q, n), cfg.advantage, cfg.adv_eps).reshape(B)
@@ -258,9 +258,9 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                 "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
                 "peak_mem_gb": peak_memory_gb(device),
             }
-            metrics = D.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
+            metrics = distributed.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
                                        max_keys=("peak_mem_gb", "time/generate", "time/score", "time/train"))
-            stop_now = D.any_rank(bool(stop))
+            stop_now = distributed.any_rank(bool(stop))
             if not math.isfinite(metrics["policy_loss"]):
                 raise FloatingPointError(f"grpo: non-finite loss at iteration {step + 1}; last good checkpoint: "
                                          f"{last_ckpt}")
@@ -271,7 +271,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             if done or stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 last_ckpt = save(step + 1)
             if stop_now:
-                D.print0(f"[fastrlhf grpo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
+                distributed.print0(f"[fastrlhf grpo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
                 break
     bar.close()
     if start >= cfg.iterations and last_ckpt is None:
@@ -285,5 +285,5 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
 def main(argv=None) -> dict:
     from fastrlhf.runtime.config import parse_config
     out = train(parse_config(GRPOConfig, argv, prog="fastrlhf grpo"))
-    D.shutdown()
+    distributed.shutdown()
     return out

@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from fastrlhf import kernels as K
-from fastrlhf.runtime import distributed as D
+from fastrlhf import kernels
+from fastrlhf.runtime import distributed
 from fastrlhf.runtime.config import ConfigError
 from fastrlhf.stages.ppo_core import _chunks, response_logprobs
 
@@ -195,24 +195,24 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
         perm = torch.randperm(B, generator=generator, device="cpu").to(batch.input_ids.device)
         for sl in _chunks(B, minibatch_size):
             mb = batch.minibatch(perm[sl])
-            norm = D.all_reduce_sum(K.default_denominator(mb.mask, agg)) / D.world_size()
+            norm = distributed.all_reduce_sum(kernels.default_denominator(mb.mask, agg)) / distributed.world_size()
             with autocast():
                 logp, ent = response_logprobs(policy, mb.input_ids, mb.attention_mask, mb.position_ids,
                                               mb.response_ids, mb.prompt_len, temperature=temperature,
                                               return_entropy=True)
                 old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
-                loss, m = K.ppo_policy_loss(logp, old, mb.advantages[:, None], mb.mask, clip_eps=clip_eps_low,
+                loss, m = kernels.ppo_policy_loss(logp, old, mb.advantages[:, None], mb.mask, clip_eps=clip_eps_low,
                                             clip_eps_high=clip_eps_high,
                                             ref_logprobs=mb.ref_logprobs if kl_in_loss else None,
                                             kl_coef=kl_coef if kl_in_loss else 0.0, kl_estimator=kl_estimator,
                                             agg=agg, normalizer=norm)
-            if D.any_rank(not bool(torch.isfinite(loss.detach()))):
+            if distributed.any_rank(not bool(torch.isfinite(loss.detach()))):
                 raise FloatingPointError(f"non-finite GRPO loss ({float(loss):.4g})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if max_grad_norm is not None:
                 gn = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_grad_norm)
-                stats["grad_norm"].append(D.local_tensor(gn).detach())
+                stats["grad_norm"].append(distributed.local_tensor(gn).detach())
             optimizer.step()
             stats["policy_loss"].append(loss.detach())
             for k in ("clipfrac", "approx_kl", "kl"):

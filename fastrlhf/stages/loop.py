@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from fastrlhf.models.hf_io import check_model_folder, load_tokenizer
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 from fastrlhf.runtime.build import load_sharded
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                                          load_training_state, prepare_run_dir, resolve_resume, restore_trainer_state,
@@ -39,7 +39,7 @@ class Run:
     """What a stage needs before its data: the process, where the run writes, and the (possibly sharded) model."""
 
     stage: str                   # "sft" | "rm": console prefix, metrics file stage name
-    env: D.DistEnv
+    env: distributed.DistEnv
     run_dir: Path
     resume_from: Path | None     # the checkpoint to continue from (None = a fresh run)
     tokenizer: Any
@@ -61,7 +61,7 @@ def start_run(cfg, *, stage: str, head: str) -> Run:
 
     Under torchrun the model is FSDP2-sharded with the weights broadcast from rank 0; resuming, the weights come from the
     checkpoint's sharded training state instead (each rank reads its shards)."""
-    env = D.init(cfg.run.device)
+    env = distributed.init(cfg.run.device)
     seed_everything(cfg.run.seed)
     run_dir = Path(cfg.run.output_dir)
     prepare_run_dir(run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)  # before any expensive work
@@ -104,7 +104,7 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
         state = load_trainer_state(run.resume_from)
         start = restore_trainer_state(state, data=data)
         load_training_state(run.resume_from, {"model": (model, opt)}, legacy={"model": state.get("optimizer")})
-        D.print0(f"[fastrlhf {run.stage}] resumed from {run.resume_from} at step {start}")
+        distributed.print0(f"[fastrlhf {run.stage}] resumed from {run.resume_from} at step {start}")
     last_ckpt = latest_checkpoint(run.run_dir)
     log = MetricsLogger(run.run_dir, stage=run.stage, total_steps=total, tensorboard=cfg.run.tensorboard,
                         resume_step=start if run.resume_from is not None else None, plots=cfg.run.plots)
@@ -132,8 +132,8 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
             dt = time.perf_counter() - t0
             m = {"loss": loss, **out.metrics, "lr": lr, "grad_norm": gnorm, "tokens_per_s": out.tokens / max(dt, 1e-9),
                  "time/train": dt, "peak_mem_gb": peak_memory_gb(device)}
-            m = D.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
-            stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
+            m = distributed.reduce_metrics(m, sum_keys=("tokens_per_s",), max_keys=("peak_mem_gb", "time/train"))
+            stop_now = distributed.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
             done = i + 1 == total
             evaluated = done or bool(cfg.eval_every and (i + 1) % cfg.eval_every == 0)
             if evaluated:
@@ -144,7 +144,7 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
             bar.update(1)
             if stop_now and not done:
                 last_ckpt = save(i + 1)
-                D.print0(f"[fastrlhf {run.stage}] interrupted at step {i + 1}; saved {last_ckpt}")
+                distributed.print0(f"[fastrlhf {run.stage}] interrupted at step {i + 1}; saved {last_ckpt}")
                 stopped = True
                 break
             if not done and cfg.run.save_every and (i + 1) % cfg.run.save_every == 0:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from fastrlhf.runtime.data import PackedBatch
 
 
@@ -16,6 +16,6 @@ def packed_lm_loss(model, batch: PackedBatch, normalizer: float | None = None) -
     weight = model.lm_head_weight
     if hidden.dtype != weight.dtype:
         hidden = hidden.to(weight.dtype)
-    logp = K.linear_logprobs(hidden, weight, batch.targets)  # [1, T] fp32
+    logp = kernels.linear_logprobs(hidden, weight, batch.targets)  # [1, T] fp32
     n = batch.loss_mask.sum() if normalizer is None else normalizer
     return -(logp * batch.loss_mask).sum() / max(float(n), 1.0)  # token-mean NLL of response tokens

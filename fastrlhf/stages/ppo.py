@@ -26,9 +26,9 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 from safetensors.torch import save_file as save_safetensors
 
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 from fastrlhf.runtime.build import disable_dropout, load_sharded
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state, latest_checkpoint, load_trainer_state,
                                          load_training_state, prepare_run_dir, resolve_resume, save_checkpoint,
                                          seed_everything, set_rng_state, trainer_state_dict)
@@ -172,7 +172,7 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
 
     samples, _ = tokenize_sft(load_sft(cfg.ptx.data), tokenizer, max_len)
     loader = PackedLoader(samples, cfg.ptx.batch_tokens, tokenizer.pad_token_id, seed=cfg.run.seed + 7)
-    rank, world = D.rank(), D.world_size()
+    rank, world = distributed.rank(), distributed.world_size()
 
     def batches():  # one budget per rank per minibatch: rank r takes the r-th of each group of `world`
         it = iter(loader)
@@ -181,7 +181,7 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
             yield group[rank].to(device)
 
     def loss(policy, batch):  # token-mean over all ranks' ptx tokens (FSDP averages the gradients)
-        return packed_lm_loss(policy, batch, normalizer=D.global_count(batch.loss_mask.sum()) / world)
+        return packed_lm_loss(policy, batch, normalizer=distributed.global_count(batch.loss_mask.sum()) / world)
 
     return batches(), loss
 
@@ -199,7 +199,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     if cfg.loss.old_logprobs == "rollout" and (cfg.sampling.top_k > 0 or cfg.sampling.top_p < 1.0):
         raise ValueError("ppo: old_logprobs rollout needs top_k 0 and top_p 1 (with filtering the engine's log-probs are "
                          "those of the filtered distribution, not the policy's); use old_logprobs recompute")
-    env = D.init(cfg.run.device)
+    env = distributed.init(cfg.run.device)
     device = env.device
     if env.launched and cfg.optim.optimizer != "adamw":
         raise ValueError("ppo under torchrun: optimizer adamw8bit is a single-process feature for now (bitsandbytes "
@@ -235,7 +235,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             adapter = _read_adapter(resume_from / LORA_FILE) if env.is_main else {}
             if env.is_main:
                 check_lora_state_dict(policy, adapter)
-            D.load_full_state(policy, adapter, strict=False)
+            distributed.load_full_state(policy, adapter, strict=False)
         ref, ref_context = policy, (lambda: adapters_disabled(policy))
     else:
         policy = load_sharded(resume_from or cfg.policy, env, head="lm", dtype=prec.weights, bf16_compute=bf16,
@@ -251,11 +251,11 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     policy.train(), value.train()
     policy_opt = make_optimizer(policy, kind=cfg.optim.optimizer, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     value_opt = make_optimizer(value, kind=cfg.optim.optimizer, lr=cfg.optim.value_lr, weight_decay=cfg.optim.weight_decay)
-    kl_ctl = (K.AdaptiveKLController(cfg.kl.kl_coef, cfg.kl.kl_target, cfg.kl.kl_horizon) if cfg.kl.adaptive_kl
-              else K.FixedKLController(cfg.kl.kl_coef))
+    kl_ctl = (kernels.AdaptiveKLController(cfg.kl.kl_coef, cfg.kl.kl_target, cfg.kl.kl_horizon) if cfg.kl.adaptive_kl
+              else kernels.FixedKLController(cfg.kl.kl_coef))
     compute_dtype = prec.autocast
     autocast = lambda: autocast_context(device, enabled=compute_dtype is not None)  # noqa: E731
-    gather = D.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)  # mode "local" when unsharded
+    gather = distributed.GenerationGather(policy, cfg.sampling.generation_gather, compute_dtype)  # mode "local" when unsharded
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype, weight_gather=gather)
 
     # Data: prompts tokenized once (validated: every prompt + max_new_tokens must fit the context).
@@ -283,7 +283,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
         sampler.load_state_dict(state["data"])
         set_rng_state(state["rng"])
         start = int(state["step"])
-        D.print0(f"[fastrlhf ppo] resumed from {resume_from} at iteration {start}")
+        distributed.print0(f"[fastrlhf ppo] resumed from {resume_from} at iteration {start}")
 
     if log is None:
         from fastrlhf.runtime.metrics import MetricsLogger
@@ -317,7 +317,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             # 1. sample prompts
-            batch = [prompts[i] for i in D.local_slice(next(batches), env)]
+            batch = [prompts[i] for i in distributed.local_slice(next(batches), env)]
             # 2. generate with the hybrid engine (the optimizer's in-place updates are what it sees)
             with engine.generation(max_batch_size=cfg.batch_size, max_seq_len=max(map(len, batch)) + cfg.sampling.max_new_tokens):
                 rollout = engine.generate(batch, max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
@@ -349,7 +349,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                ref_head_weight=ref.lm_head_weight)
             t3 = time.perf_counter()
             # KL per sequence (nats), mean over all ranks' rollouts: the quantity the adaptive controller targets
-            seq_kl = D.reduce_metrics({"kl": float((exp.kl * exp.mask).sum(-1).mean())})["kl"]
+            seq_kl = distributed.reduce_metrics({"kl": float((exp.kl * exp.mask).sum(-1).mean())})["kl"]
             n_tok = int(exp.mask.sum())
             # rollout log-probs vs the first forward on the same weights: the recomputed old log-probs, or (rollout
             # mode) the update's first minibatch before any optimizer step
@@ -371,11 +371,11 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                 "time/generate": t1 - t0, "time/experience": t2 - t1, "time/train": t3 - t2,
                 "peak_mem_gb": peak_memory_gb(device),
             }
-            metrics = D.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
+            metrics = distributed.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
                                        max_keys=("peak_mem_gb", "time/generate", "time/experience", "time/train",
                                                  "logprob_mismatch_max"))
             kl_ctl.update(seq_kl, cfg.batch_size * env.world_size)  # β for the next iteration's rewards
-            stop_now = D.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
+            stop_now = distributed.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
             if not math.isfinite(metrics["policy_loss"]) or not math.isfinite(metrics["value_loss"]):
                 raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "
                                          f"{last_ckpt}")
@@ -386,7 +386,7 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             if done or stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                 last_ckpt = save(step + 1)
             if stop_now:
-                D.print0(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
+                distributed.print0(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
                 break
     bar.close()
     if start >= cfg.iterations and last_ckpt is None:
@@ -400,5 +400,5 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
 def main(argv=None) -> dict:
     from fastrlhf.runtime.config import parse_config
     out = train(parse_config(PPOConfig, argv, prog="fastrlhf ppo"))
-    D.shutdown()  # under torchrun: leave the process group once every rank is done
+    distributed.shutdown()  # under torchrun: leave the process group once every rank is done
     return out

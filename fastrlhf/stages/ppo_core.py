@@ -22,12 +22,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels.head import head_kl, head_logprobs
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 
 OLD_LOGPROBS = ("recompute", "rollout")
-KL_ESTIMATORS = (*K.kl.ESTIMATORS, "full")  # the per-token estimators of log-probs, or the exact full-vocabulary KL
+KL_ESTIMATORS = (*kernels.kl.ESTIMATORS, "full")  # the per-token estimators of log-probs, or the exact full-vocabulary KL
 
 
 @dataclass
@@ -167,10 +167,10 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
     if kl_estimator == "full":
         kl = torch.cat(kl_full) * mask
     else:
-        kl = K.kl_penalty(old_logprobs_t, ref_logprobs, estimator=kl_estimator) * mask
-    rewards = K.shape_rewards(score, kl, mask, kl_coef=kl_coef)
+        kl = kernels.kl_penalty(old_logprobs_t, ref_logprobs, estimator=kl_estimator) * mask
+    rewards = kernels.shape_rewards(score, kl, mask, kl_coef=kl_coef)
     # 6. GAE over valid tokens
-    advantages, returns = K.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
+    advantages, returns = kernels.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
     # 7. whitened advantages (mean 0, unit variance over valid tokens of all ranks)
     if whiten_advantages:
         advantages = whiten_across_ranks(advantages, mask)
@@ -187,11 +187,11 @@ def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) 
     n = Σ m, μ = Σ x m / n, σ² = (Σ x² m − n μ²) / (n − 1) over all ranks (float64 sums, one all-reduce);
     out = (x − μ) · rsqrt(σ² + eps) · m.   x, mask: [B, G] -> [B, G]
     """
-    if D.world_size() == 1:
-        return K.whiten(x, mask, shift_mean=True, eps=eps)
+    if distributed.world_size() == 1:
+        return kernels.whiten(x, mask, shift_mean=True, eps=eps)
     m = mask.to(torch.float64)
     xd = torch.where(mask != 0, x.to(torch.float64), torch.zeros((), dtype=torch.float64, device=x.device))
-    sums = D.all_reduce_sum(torch.stack([m.sum(), xd.sum(), (xd * xd).sum()]))  # [n, Σx, Σx²] of all ranks
+    sums = distributed.all_reduce_sum(torch.stack([m.sum(), xd.sum(), (xd * xd).sum()]))  # [n, Σx, Σx²] of all ranks
     n, sx, sxx = sums[0], sums[1], sums[2]
     mean = sx / n.clamp(min=1)
     var = torch.where(n >= 2, (sxx - n * mean * mean).clamp(min=0) / (n - 1).clamp(min=1), torch.zeros_like(n))
@@ -235,7 +235,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             mb = exp.minibatch(perm[sl])
             args = (mb.input_ids, mb.attention_mask, mb.position_ids)
             # the denominator of `agg` over all ranks' rollouts of this minibatch / world (one process: the local one)
-            norm = D.all_reduce_sum(K.default_denominator(mb.mask, agg)) / D.world_size()
+            norm = distributed.all_reduce_sum(kernels.default_denominator(mb.mask, agg)) / distributed.world_size()
             with autocast():
                 h = response_hidden(policy, *args, mb.prompt_len)
                 logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
@@ -243,7 +243,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                 if not first and mb.rollout_logprobs is not None:  # the update's first forward vs the rollout's
                     first["mean"], first["max"] = logprob_mismatch(logp.detach(), mb.rollout_logprobs, mb.mask)
                 in_loss = kl_loss_coef != 0.0 and kl_loss_estimator != "full"
-                pg_loss, pg_metrics = K.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
+                pg_loss, pg_metrics = kernels.ppo_policy_loss(logp, mb.old_logprobs, mb.advantages, mb.mask,
                                                         clip_eps=clip_eps, agg=agg, normalizer=norm,
                                                         ref_logprobs=mb.ref_logprobs if in_loss else None,
                                                         kl_coef=kl_loss_coef if in_loss else 0.0,
@@ -253,10 +253,10 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                 if kl_loss_coef != 0.0 and kl_loss_estimator == "full":  # ℓ += β_loss · agg(KL_full)
                     kl_tok = head_kl(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight, mask=mb.mask,
                                      temperature=temperature)
-                    pg_loss = pg_loss + kl_loss_coef * K.aggregate_ref(kl_tok, mb.mask, agg, norm)
-                    stats["kl_loss"].append(K.aggregate_ref(kl_tok.detach(), mb.mask, "token-mean"))
+                    pg_loss = pg_loss + kl_loss_coef * kernels.aggregate_ref(kl_tok, mb.mask, agg, norm)
+                    stats["kl_loss"].append(kernels.aggregate_ref(kl_tok.detach(), mb.mask, "token-mean"))
                 values = response_values(value_model, *args, mb.prompt_len)
-                vf_loss, vf_metrics = K.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
+                vf_loss, vf_metrics = kernels.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
                                                        clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
                 loss_pi = pg_loss
                 if ptx_batches is not None and ptx_coef > 0:
@@ -264,7 +264,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                     loss_pi = loss_pi + ptx_coef * ptx
                     stats["ptx_loss"].append(ptx.detach())
             # the one host sync per minibatch: a non-finite loss must stop before it reaches the weights
-            if D.any_rank(not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach()))):
+            if distributed.any_rank(not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach()))):
                 raise FloatingPointError(f"non-finite PPO loss (policy {float(loss_pi):.4g}, value {float(vf_loss):.4g})")
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
@@ -272,7 +272,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
             if max_grad_norm is not None:
                 gn = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_grad_norm)
                 torch.nn.utils.clip_grad_norm_([p for p in value_model.parameters() if p.requires_grad], max_grad_norm)
-                stats["grad_norm"].append(D.local_tensor(gn).detach())
+                stats["grad_norm"].append(distributed.local_tensor(gn).detach())
             policy_opt.step()
             value_opt.step()
             if on_minibatch is not None:

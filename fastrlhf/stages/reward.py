@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrlhf.models.decoder import autocast_context
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 from fastrlhf.runtime.config import check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import (EpochSampler, RMBatch, collate_rm, load_preferences, load_sft, pad_right,
                                   split_holdout, tokenize_conversation, tokenize_preferences)
@@ -85,7 +85,7 @@ def evaluate(model, items, pad_id: int, batch_size: int, device, autocast: bool)
     hits = pairs = 0.0
     loss_sum = 0.0
     chunks = [items[lo: lo + batch_size] for lo in range(0, len(items), batch_size)]
-    for chunk, weight in progress(D.padded_shard(chunks), desc="rm eval"):
+    for chunk, weight in progress(distributed.padded_shard(chunks), desc="rm eval"):
         b = collate_rm(chunk, pad_id).to(device)
         with autocast_context(device, enabled=autocast):
             r = rewards_of(model, b)
@@ -94,7 +94,7 @@ def evaluate(model, items, pad_id: int, batch_size: int, device, autocast: bool)
         pairs += weight * len(b.win)
         loss_sum += weight * float(loss) * b.n_groups
     model.train(was)
-    hits, pairs, loss_sum = (D.all_reduce_sum(x) for x in (hits, pairs, loss_sum))
+    hits, pairs, loss_sum = (distributed.all_reduce_sum(x) for x in (hits, pairs, loss_sum))
     return {"eval_accuracy": hits / max(pairs, 1.0), "eval_loss": loss_sum / len(items)}
 
 
@@ -113,11 +113,11 @@ def demonstration_bias(model, tokenizer, sft_path: str, device, autocast: bool, 
     model.eval()
     total = 0.0
     chunks = [rows[lo: lo + batch_size] for lo in range(0, len(rows), batch_size)]
-    for chunk, weight in progress(D.padded_shard(chunks), desc="rm bias"):  # split over ranks, equal forwards
+    for chunk, weight in progress(distributed.padded_shard(chunks), desc="rm bias"):  # split over ranks, equal forwards
         ids, mask = pad_right(chunk, pad)
         with autocast_context(device, enabled=autocast):
             total += weight * float(model.score_last(ids.to(device), mask.to(device)).float().sum())
-    return D.all_reduce_sum(total) / len(rows)
+    return distributed.all_reduce_sum(total) / len(rows)
 
 
 def train(cfg: RewardConfig) -> dict:
@@ -138,7 +138,7 @@ def train(cfg: RewardConfig) -> dict:
     else:
         items, held = split_holdout(items, cfg.eval_fraction, cfg.run.seed)
     if n_cut:
-        D.print0(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens")
+        distributed.print0(f"[fastrlhf rm] {n_cut} responses cut to {max_len} tokens")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sampler = EpochSampler(len(items), cfg.batch_size * env.world_size, seed=cfg.run.seed)  # global batches
     total = cfg.max_steps or cfg.epochs * max(1, sampler.batches_per_epoch() // cfg.grad_accum)
@@ -149,10 +149,10 @@ def train(cfg: RewardConfig) -> dict:
         loss_sum, acc_sum, n_tok = 0.0, 0.0, 0
         for k in range(cfg.grad_accum):
             glob = next(batches)                         # the global micro-batch (all ranks)
-            mine = D.local_slice(glob, env)
+            mine = distributed.local_slice(glob, env)
             weight = 1.0 if mine else 0.0                # a short last batch may leave a rank nothing: it runs a
             b = collate_rm([items[j] for j in (mine or glob[:1])], pad_id).to(device)  # weight-0 forward (FSDP)
-            D.set_gradient_sync(model, k == cfg.grad_accum - 1)
+            distributed.set_gradient_sync(model, k == cfg.grad_accum - 1)
             with autocast_context(device, enabled=run.autocast):
                 r = rewards_of(model, b)
             loss, acc = ranking_loss(r, b, normalizer=len(glob) / env.world_size)
@@ -168,7 +168,7 @@ def train(cfg: RewardConfig) -> dict:
             bias = float(model.config.reward_bias)
             bias += demonstration_bias(model, tokenizer, cfg.sft_data, device, run.autocast, max_len)
             model.config.reward_bias = bias
-            D.print0(f"[fastrlhf rm] reward bias {bias:+.4f} (SFT demonstrations now have mean reward 0)")
+            distributed.print0(f"[fastrlhf rm] reward bias {bias:+.4f} (SFT demonstrations now have mean reward 0)")
 
     # 4.-5. AdamW steps, held-out accuracy, checkpoints (Ctrl-C saves); 6. bias and final checkpoint
     out = run_steps(run, cfg, total=total, data=sampler, step=step, finish=finish,
@@ -181,7 +181,7 @@ def train(cfg: RewardConfig) -> dict:
 def main(argv=None) -> dict:
     from fastrlhf.runtime.config import parse_config
     out = train(parse_config(RewardConfig, argv, prog="fastrlhf rm"))
-    D.shutdown()  # under torchrun: leave the process group once every rank is done
+    distributed.shutdown()  # under torchrun: leave the process group once every rank is done
     return out
 
 

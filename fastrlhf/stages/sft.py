@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fastrlhf.models.decoder import autocast_context
-from fastrlhf.runtime import distributed as D
+from fastrlhf.runtime import distributed
 from fastrlhf.runtime.config import check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import PackedLoader, load_sft, make_packed_batch, split_holdout, tokenize_sft
 from fastrlhf.runtime.metrics import progress
@@ -58,7 +58,7 @@ def evaluate(model, loader: PackedLoader | None, device, autocast: bool) -> floa
     model.eval()
     total, count = 0.0, 0.0
     bins = loader.bins(0)
-    mine = D.padded_shard(bins)
+    mine = distributed.padded_shard(bins)
     for b, weight in progress(mine, desc="sft eval", total=len(mine)):
         batch = make_packed_batch([loader.samples[i] for i in b], loader.budget, loader.pad_id).to(device)
         with autocast_context(device, enabled=autocast):
@@ -66,7 +66,7 @@ def evaluate(model, loader: PackedLoader | None, device, autocast: bool) -> floa
             total += weight * float(packed_lm_loss(model, batch, normalizer=1.0))
             count += weight * n
     model.train(was)
-    total, count = D.all_reduce_sum(total), D.all_reduce_sum(count)
+    total, count = distributed.all_reduce_sum(total), distributed.all_reduce_sum(count)
     return total / max(count, 1.0)
 
 
@@ -88,7 +88,7 @@ def train(cfg: SFTConfig) -> dict:
     else:
         samples, held = split_holdout(samples, cfg.eval_fraction, cfg.run.seed)
     if n_cut:
-        D.print0(f"[fastrlhf sft] {n_cut} responses cut to {max_len} tokens")
+        distributed.print0(f"[fastrlhf sft] {n_cut} responses cut to {max_len} tokens")
 
     # 3. packing into fixed token budgets, seeded order resumable at (epoch, index)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -100,11 +100,11 @@ def train(cfg: SFTConfig) -> dict:
 
     def step(i: int) -> StepOut:
         # 4. one optimizer step = grad_accum packed micro-batches per rank; token-mean over all ranks' tokens
-        micro = [b.to(device) for b in D.local_slice([next(batches) for _ in range(per_step)], env)]
-        n_resp = D.global_count(sum(float(b.loss_mask.sum()) for b in micro))
+        micro = [b.to(device) for b in distributed.local_slice([next(batches) for _ in range(per_step)], env)]
+        n_resp = distributed.global_count(sum(float(b.loss_mask.sum()) for b in micro))
         loss_sum = 0.0
         for k, b in enumerate(micro):
-            D.set_gradient_sync(model, k == len(micro) - 1)  # FSDP: reduce-scatter once, after the last one
+            distributed.set_gradient_sync(model, k == len(micro) - 1)  # FSDP: reduce-scatter once, after the last one
             with autocast_context(device, enabled=run.autocast):
                 # FSDP averages gradients over ranks: Σ_ranks (Σ_local / (N/world)) / world = Σ_all / N
                 loss = packed_lm_loss(model, b, normalizer=n_resp / env.world_size)
@@ -123,5 +123,5 @@ def train(cfg: SFTConfig) -> dict:
 def main(argv=None) -> dict:
     from fastrlhf.runtime.config import parse_config
     out = train(parse_config(SFTConfig, argv, prog="fastrlhf sft"))
-    D.shutdown()  # under torchrun: leave the process group once every rank is done
+    distributed.shutdown()  # under torchrun: leave the process group once every rank is done
     return out

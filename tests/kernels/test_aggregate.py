@@ -3,17 +3,17 @@ identity it exists for: with Σ_ranks D as normalizer, the ranks' losses sum to 
 import pytest
 import torch
 
-from fastrlhf import kernels as K
+from fastrlhf import kernels
 from kernels._aggregate import aggregate_ref
 
 
 def test_default_denominator_by_hand():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 1, 1]])
-    assert float(K.default_denominator(mask, "token-mean")) == 6            # Σ m
-    assert float(K.default_denominator(mask, "seq-mean-token-mean")) == 3   # rows with a valid token
-    assert float(K.default_denominator(mask, "seq-mean-token-sum")) == 4    # B
+    assert float(kernels.default_denominator(mask, "token-mean")) == 6            # Σ m
+    assert float(kernels.default_denominator(mask, "seq-mean-token-mean")) == 3   # rows with a valid token
+    assert float(kernels.default_denominator(mask, "seq-mean-token-sum")) == 4    # B
     with pytest.raises(ValueError, match="agg"):
-        K.default_denominator(mask, "mean")
+        kernels.default_denominator(mask, "mean")
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
@@ -22,6 +22,6 @@ def test_split_batch_with_summed_denominator_matches_the_whole(agg):
     mask = (torch.rand(7, 5) > 0.4).double()
     mask[2] = 0                                                               # an empty row
     parts = [slice(0, 3), slice(3, 7)]                                        # two "ranks"
-    den = sum(K.default_denominator(mask[p], agg) for p in parts)             # the all-reduce
+    den = sum(kernels.default_denominator(mask[p], agg) for p in parts)             # the all-reduce
     split = sum(aggregate_ref(loss[p], mask[p], agg, normalizer=den) for p in parts)
     torch.testing.assert_close(split, aggregate_ref(loss, mask, agg), rtol=1e-12, atol=1e-12)
