@@ -225,3 +225,48 @@ def test_cli_bad_prompts_file_names_the_line(ckpts, tmp_path, capsys):
                    "--device", "cpu", "--reward_funcs", "fastrlhf.tools.task:reward"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and f"{bad}:2" in err and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------- the full-vocabulary KL
+
+def test_batch_full_kl_matches_float64_logits(ckpts):
+    """``batch_full_kl`` = Σ_v p_v (log p_v − log q_v) per response token, from both models' hidden states and heads,
+    against the same sum over explicit float64 logits; 0 where the mask is 0."""
+    from fastrlhf.stages.grpo_core import batch_full_kl
+    from fastrlhf.stages.ppo_core import positions_from_mask, response_hidden
+    import contextlib
+
+    pol = load_model(ckpts["policy"], head="lm").eval()
+    ref = load_model(ckpts["policy"], head="lm").eval()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    B, P, G, V = 5, 4, 6, pol.config.vocab_size
+    ids = torch.randint(3, V, (B, P + G), generator=g)
+    attn = torch.ones(B, P + G, dtype=torch.long)
+    attn[0, :2] = 0  # left padding in one prompt
+    pos = positions_from_mask(attn)
+    mask = (torch.rand(B, G, generator=g) > 0.3).float()
+    got = batch_full_kl(pol, ref, ids, attn, pos, mask, P, temperature=0.7, forward_batch_size=2,
+                        autocast=contextlib.nullcontext)
+    with torch.no_grad():
+        z = response_hidden(pol, ids, attn, pos, P).double() @ pol.lm_head_weight.double().t() / 0.7
+        zr = response_hidden(ref, ids, attn, pos, P).double() @ ref.lm_head_weight.double().t() / 0.7
+        lp, lq = torch.log_softmax(z, -1), torch.log_softmax(zr, -1)
+        want = (lp.exp() * (lp - lq)).sum(-1) * mask.double()
+    assert (got[mask == 0] == 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    assert float(want.abs().max()) > 1e-4  # the perturbed reference really differs
+
+
+def test_full_kl_in_the_reward_and_refused_in_the_loss(ckpts, tmp_path, capsys):
+    log = _NullLog()
+    out = train(_cfg(ckpts, tmp_path / "r", kl_coef=0.1, kl_in="reward", kl_estimator="full", iterations=1), log=log)
+    assert out["reference_loaded"] and abs(log.rows[0]["kl"]) < 1e-6  # the reference starts as the policy: KL 0
+    capsys.readouterr()  # the run's progress bar
+    rc = cli.main(["grpo", "--policy", ckpts["policy"], "--prompts", ckpts["prompts"], "--output_dir",
+                   str(tmp_path / "l"), "--device", "cpu", "--reward_funcs", "fastrlhf.tools.task:reward",
+                   "--kl_coef", "0.1", "--kl_estimator", "full", "--kl_in", "loss"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--kl_estimator full" in err and len(err.splitlines()) == 1, err

@@ -35,8 +35,8 @@ from fastrlhf.runtime.data import DataError, EpochSampler, check_prompt_length, 
 from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.metrics import peak_memory_gb, progress
 from fastrlhf.runtime.optim import make_adamw
-from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, GroupBatch, RewardFunctions, batch_logprobs, group_advantages,
-                                       grpo_update)
+from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, GroupBatch, RewardFunctions, batch_full_kl, batch_logprobs,
+                                       group_advantages, grpo_update)
 from fastrlhf.stages.ppo_core import positions_from_mask, sequence_scores
 from fastrlhf.stages.sections import RunSection, SamplingSection
 
@@ -69,7 +69,9 @@ class GRPOConfig:
     kl_coef: float = param(0.0, "β of the KL to the reference (0 = no reference model is loaded)", ge=0)
     kl_in: str = param("loss", "where the KL goes: loss (a per-token term) | reward (β·Σ_t KL subtracted from r)",
                        choices=("loss", "reward"))
-    kl_estimator: str = param("k3", "per-token KL estimator: k1 | k2 | k3 | abs", choices=("k1", "k2", "k3", "abs"))
+    kl_estimator: str = param("k3", "per-token KL estimator: k1 | k2 | k3 | abs of the sampled tokens' log-probs, or "
+                              "full: the exact KL over the whole vocabulary (with kl_in reward)",
+                              choices=("k1", "k2", "k3", "abs", "full"))
     lr: float = param(1e-6, "policy learning rate (AdamW)", gt=0)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = param(1.0, "gradient clipping (0 = off)", ge=0)
@@ -87,6 +89,9 @@ def check_config(cfg: GRPOConfig) -> None:
     if not cfg.reward_funcs and not cfg.reward_model:
         raise ConfigError("grpo: no reward: give --reward_funcs module:function and/or --reward_model FOLDER")
     check_ranges(cfg)  # each field's declared range (num_generations >= 2, mu >= 1, ...)
+    if cfg.kl_estimator == "full" and cfg.kl_in != "reward":
+        raise ConfigError("grpo: --kl_estimator full goes in the reward for now; use --kl_in reward (or k1/k2/k3/abs "
+                          "in the loss)")
     if cfg.minibatch_size > cfg.batch_size * cfg.num_generations:
         raise ConfigError(f"grpo: --minibatch_size {cfg.minibatch_size} exceeds batch_size × num_generations = "
                           f"{cfg.batch_size * cfg.num_generations}")
@@ -225,8 +230,15 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             # 5. KL in the reward: r −= β Σ_t KL_t (the sampled tokens under the current policy vs the reference)
             kl_tok = None
             if ref_lp is not None and cfg.kl_in == "reward":
-                cur_lp = old_lp if old_lp is not None else batch_logprobs(policy, *args, **fwd) * mask
-                kl_tok = kernels.kl_penalty(cur_lp, ref_lp, estimator=cfg.kl_estimator) * mask  # [B, G]
+                if cfg.kl_estimator == "full":  # KL(π ‖ π_ref) = Σ_v p_v (log p_v − log q_v) per token, exact
+                    policy.eval()
+                    kl_tok = batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, P,
+                                           temperature=cfg.sampling.temperature,
+                                           forward_batch_size=cfg.forward_batch_size, autocast=autocast)
+                    policy.train()
+                else:
+                    cur_lp = old_lp if old_lp is not None else batch_logprobs(policy, *args, **fwd) * mask
+                    kl_tok = kernels.kl_penalty(cur_lp, ref_lp, estimator=cfg.kl_estimator) * mask  # [B, G]
                 reward = reward - cfg.kl_coef * kl_tok.sum(-1)
             # 6. group advantages over each prompt's n completions
             adv = group_advantages(reward.view(Q, n), cfg.advantage, cfg.adv_eps).reshape(B)
@@ -238,7 +250,8 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             gen.manual_seed(cfg.run.seed * 7919 + step)
             stats = grpo_update(batch, policy=policy, optimizer=optimizer, mu=cfg.mu, minibatch_size=mb_size,
                                 clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, agg=cfg.loss_agg,
+                                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator if cfg.kl_in == "loss" else "k3",
+                                agg=cfg.loss_agg,
                                 temperature=cfg.sampling.temperature, max_grad_norm=cfg.max_grad_norm or None,
                                 autocast=autocast, generator=gen)
             t3 = time.perf_counter()

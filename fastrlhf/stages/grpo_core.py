@@ -30,7 +30,8 @@ import torch
 from fastrlhf import kernels
 from fastrlhf.runtime import distributed
 from fastrlhf.runtime.config import ConfigError
-from fastrlhf.stages.ppo_core import _chunks, response_logprobs
+from fastrlhf.kernels.head import head_kl
+from fastrlhf.stages.ppo_core import _chunks, response_hidden, response_logprobs
 
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 
@@ -174,6 +175,21 @@ def batch_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
             out.append(response_logprobs(model, input_ids[sl], attention_mask[sl], position_ids[sl], response_ids[sl],
                                          prompt_len, temperature=temperature))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, prompt_len: int, *, temperature: float,
+                  forward_batch_size: int, autocast) -> torch.Tensor:
+    """Exact per-token KL(π ‖ π_ref) over the whole vocabulary (``kernels.head.head_kl``: both models' response hidden
+    states and heads, no [B, G, V] logits), in chunks.  mask [B, G] -> [B, G] fp32, 0 where mask = 0."""
+    out = []
+    for sl in _chunks(input_ids.shape[0], forward_batch_size):
+        args = (input_ids[sl], attention_mask[sl], position_ids[sl], prompt_len)
+        with autocast():
+            h, h_ref = response_hidden(policy, *args), response_hidden(ref, *args)
+            out.append(head_kl(h, policy.lm_head_weight, h_ref, ref.lm_head_weight, mask=mask[sl],
+                               temperature=temperature))
+    return torch.cat(out) * mask
 
 
 def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size: int, clip_eps_low: float,
