@@ -11,7 +11,7 @@ folders and loaded by both systems (same weights, same prompts).
 
 fastrlhf arm — exactly the pieces ``fastrlhf/stages/ppo.py``'s train loop uses: ``fastrlhf.models.hf_io.load_model`` (head "lm" /
 "score"), ``engine.HybridEngine.generate`` (step 2, ``eos_token_id=None`` so every row runs G tokens),
-``ppo_core.make_experience`` (steps 3-7), ``ppo_core.ppo_update`` (step 8) with ``optim.make_adamw`` optimizers.
+``ppo_core.ppo_iteration`` (steps 2-8: the function the PPO stage runs) with ``optim.make_adamw`` optimizers.
 Like ppo.py: fp32 on CPU; on CUDA fp32 weights for all four models (``runtime.device.model_precision``), bf16 autocast.
 
 TRL arm — ``trl.experimental.ppo.PPOTrainer`` (exists in trl 0.29.x; trl 1.x removed it). It runs in a subprocess whose
@@ -228,7 +228,7 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     from fastrlhf.models.hf_io import load_model
     from fastrlhf.runtime.device import model_precision
     from fastrlhf.runtime.optim import make_adamw
-    from fastrlhf.stages.ppo_core import logprob_mismatch, make_experience, ppo_update
+    from fastrlhf.stages.ppo_core import logprob_mismatch, ppo_iteration
 
     S = SHAPES[shape]
     B, G, V = S["B"], S["G"], S["model"]["vocab_size"]
@@ -255,39 +255,28 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     last = {}
     curves = {"scores": [], "kls": [], "mismatch_max": []}
 
+    # the trainer's own iteration (ppo_core.ppo_iteration), with this benchmark's fixed settings
+    sampling = dict(max_new_tokens=G, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=pad)
+    experience = dict(gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=None, missing_eos_penalty=None,
+                      forward_batch_size=64, autocast=autocast, whiten_advantages=True, old_logprobs=old_logprobs)
+    update = dict(epochs=S["epochs"], minibatch_size=S["minibatch"], clip_eps=CLIP, vf_clip_eps=VF_CLIP,
+                  temperature=1.0, max_grad_norm=1.0, autocast=autocast)
+
     def iteration(step: int) -> tuple[float, float, float]:
-        batch = prompts[step]
         _sync(device)
-        t0 = time.perf_counter()
-        with torch.profiler.record_function("ppo/2_generation"):
-            with engine.generation(max_batch_size=B, max_seq_len=S["P"] + G):
-                rollout = engine.generate(batch, max_new_tokens=G, temperature=1.0, top_k=0, top_p=1.0,
-                                          eos_token_id=None, pad_token_id=pad, seed=seed * 100003 + step)
-            _sync(device)
-        t1 = time.perf_counter()
-        with torch.profiler.record_function("ppo/3-7_experience"):
-            policy.eval(), value.eval()
-            exp = make_experience(rollout, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
-                                  kl_coef=KL_COEF, gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=None,
-                                  missing_eos_penalty=None, forward_batch_size=64, autocast=autocast,
-                                  whiten_advantages=True, old_logprobs=old_logprobs)
-            policy.train(), value.train()
-            _sync(device)
-        t2 = time.perf_counter()
-        with torch.profiler.record_function("ppo/8_training"):
-            gen.manual_seed(seed * 7919 + step)
-            stats = ppo_update(exp, policy=policy, value_model=value, policy_opt=policy_opt, value_opt=value_opt,
-                               epochs=S["epochs"], minibatch_size=S["minibatch"], clip_eps=CLIP, vf_clip_eps=VF_CLIP,
-                               temperature=1.0, max_grad_norm=1.0, autocast=autocast, generator=gen)
-            _sync(device)
-        t3 = time.perf_counter()
+        it = ppo_iteration(prompts[step], engine=engine, policy=policy, ref_policy=ref, reward_model=reward,
+                           value_model=value, policy_opt=policy_opt, value_opt=value_opt, kl_coef=KL_COEF,
+                           sampling=sampling, experience=experience, update=update,
+                           rollout_seed=seed * 100003 + step, generator=gen, update_seed=seed * 7919 + step,
+                           sync=lambda: _sync(device))
+        rollout, exp, stats = it.rollout, it.experience, it.stats
         last.update(stats=stats, resp_len=float(rollout.lengths.float().mean()), G=int(rollout.response_ids.shape[1]),
                     score=float(exp.scores.mean()), kl=float((exp.kl * exp.mask).sum(-1).mean()))
         curves["scores"].append(last["score"])
         curves["kls"].append(last["kl"])
         curves["mismatch_max"].append(logprob_mismatch(exp.rollout_logprobs, exp.old_logprobs, exp.mask)[1]
                                       if old_logprobs == "recompute" else stats["first_forward_mismatch_max"])
-        return t1 - t0, t2 - t1, t3 - t2
+        return it.time_generate, it.time_experience, it.time_train
 
     mem = _PeakMemory(device)
     mem.start()

@@ -41,8 +41,7 @@ from fastrlhf.models.hf_io import ModelFolderError, check_model_folder, has_scor
 from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
 from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.optim import ADAM_BETAS, ADAM_EPS, adamw_groups, make_adamw
-from fastrlhf.stages.ppo_core import (KL_ESTIMATORS, OLD_LOGPROBS, logprob_mismatch, make_experience, masked_mean,
-                                      ppo_update)
+from fastrlhf.stages.ppo_core import KL_ESTIMATORS, OLD_LOGPROBS, logprob_mismatch, masked_mean, ppo_iteration
 from fastrlhf.stages.sections import RunSection, SamplingSection
 
 
@@ -309,6 +308,24 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                trained={"policy": (policy, policy_opt), "value": (value, value_opt)},
                                export=export)
 
+    # One iteration's fixed arguments (ppo_core.ppo_iteration, the function the PPO benchmark times too)
+    models = dict(engine=engine, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
+                  policy_opt=policy_opt, value_opt=value_opt, ref_context=ref_context)
+    sampling = dict(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
+                    top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    experience = dict(gamma=cfg.loss.gamma, lam=cfg.loss.lam, temperature=cfg.sampling.temperature,
+                      eos_token_id=tokenizer.eos_token_id, missing_eos_penalty=cfg.loss.missing_eos_penalty or None,
+                      forward_batch_size=cfg.forward_batch_size, autocast=autocast,
+                      whiten_advantages=cfg.loss.whiten_advantages, old_logprobs=cfg.loss.old_logprobs,
+                      kl_estimator=cfg.kl.kl_estimator,
+                      keep_ref_hidden=cfg.kl.kl_loss_coef != 0.0 and cfg.kl.kl_loss_estimator == "full")
+    update = dict(epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.loss.clip_eps,
+                  vf_clip_eps=cfg.loss.vf_clip_eps, temperature=cfg.sampling.temperature,
+                  max_grad_norm=cfg.optim.max_grad_norm or None, autocast=autocast, ptx_batches=ptx_batches,
+                  ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn, kl_loss_coef=cfg.kl.kl_loss_coef,
+                  kl_loss_estimator=cfg.kl.kl_loss_estimator, ref_head_weight=ref.lm_head_weight)
+
     bar = progress(total=cfg.iterations, initial=start, desc="ppo")
     stop_now = False
     with graceful_interrupt() as stop:
@@ -318,36 +335,14 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                 torch.cuda.reset_peak_memory_stats(device)
             # 1. sample prompts
             batch = [prompts[i] for i in distributed.local_slice(next(batches), env)]
-            # 2. generate with the hybrid engine (the optimizer's in-place updates are what it sees)
-            with engine.generation(max_batch_size=cfg.batch_size, max_seq_len=max(map(len, batch)) + cfg.sampling.max_new_tokens):
-                rollout = engine.generate(batch, max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-                                          top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, eos_token_id=tokenizer.eos_token_id,
-                                          pad_token_id=tokenizer.pad_token_id,
-                                          seed=cfg.run.seed * 100003 + step + env.rank * 1_000_003)  # distinct per rank
-            t1 = time.perf_counter()
-            # 3.-7. score, old/ref log-probs and values, shaped rewards, GAE, whitened advantages
-            policy.eval(), value.eval()  # deterministic forwards for the "old" quantities (no dropout anyway)
-            exp = make_experience(rollout, policy=policy, ref_policy=ref, reward_model=reward, value_model=value,
-                                  kl_coef=kl_ctl.value, gamma=cfg.loss.gamma, lam=cfg.loss.lam, temperature=cfg.sampling.temperature,
-                                  eos_token_id=tokenizer.eos_token_id,
-                                  missing_eos_penalty=cfg.loss.missing_eos_penalty or None,
-                                  forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                                  ref_context=ref_context, whiten_advantages=cfg.loss.whiten_advantages,
-                                  old_logprobs=cfg.loss.old_logprobs, kl_estimator=cfg.kl.kl_estimator,
-                                  keep_ref_hidden=cfg.kl.kl_loss_coef != 0.0 and cfg.kl.kl_loss_estimator == "full")
-            beta = kl_ctl.value  # the β that shaped these rewards (logged below; the controller updates after)
-            policy.train(), value.train()
-            t2 = time.perf_counter()
-            # 8. PPO epochs over minibatches
-            gen.manual_seed(cfg.run.seed * 7919 + step)
-            stats = ppo_update(exp, policy=policy, value_model=value, policy_opt=policy_opt, value_opt=value_opt,
-                               epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.loss.clip_eps,
-                               vf_clip_eps=cfg.loss.vf_clip_eps, temperature=cfg.sampling.temperature,
-                               max_grad_norm=cfg.optim.max_grad_norm or None, autocast=autocast, generator=gen,
-                               ptx_batches=ptx_batches, ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn,
-                               kl_loss_coef=cfg.kl.kl_loss_coef, kl_loss_estimator=cfg.kl.kl_loss_estimator,
-                               ref_head_weight=ref.lm_head_weight)
-            t3 = time.perf_counter()
+            # 2.-8. generate, score, old/ref log-probs and values, shaped rewards, GAE, whitening, PPO epochs
+            beta = kl_ctl.value  # the β that shapes these rewards (logged below; the controller updates after)
+            it = ppo_iteration(batch, **models, kl_coef=beta, sampling=sampling, experience=experience, update=update,
+                               rollout_seed=cfg.run.seed * 100003 + step + env.rank * 1_000_003,  # distinct per rank
+                               generator=gen, update_seed=cfg.run.seed * 7919 + step)
+            rollout, exp, stats = it.rollout, it.experience, it.stats
+            t1, t2 = t0 + it.time_generate, t0 + it.time_generate + it.time_experience
+            t3 = t2 + it.time_train
             # KL per sequence (nats), mean over all ranks' rollouts: the quantity the adaptive controller targets
             seq_kl = distributed.reduce_metrics({"kl": float((exp.kl * exp.mask).sum(-1).mean())})["kl"]
             n_tok = int(exp.mask.sum())

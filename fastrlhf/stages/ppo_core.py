@@ -3,7 +3,8 @@
 One iteration, as the numbered steps in :func:`make_experience` and :func:`ppo_update`:
 
     1. sample prompts                       (the caller: ``ppo.train``)
-    2. generate with the hybrid engine      (the caller: ``engine.generate`` -> ``Rollout``)
+    2. generate with the hybrid engine      (``engine.generate`` -> ``Rollout``)
+Steps 2-8 together are :func:`ppo_iteration`, which the PPO stage and the PPO benchmark both run.
     3. score prompt+response with the reward model at the last valid token (missing-EOS penalty optional)
     4. old / reference log-probs and values: one forward each of policy, reference and value model
     5. per-token rewards: r_t = -beta * KL_t (+ score at the last valid token)  -> kernels.kl_penalty, kernels.shape_rewards
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -287,3 +289,52 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
     out["first_forward_mismatch_mean"] = first.get("mean", math.nan)
     out["first_forward_mismatch_max"] = first.get("max", math.nan)
     return out
+
+
+@dataclass
+class Iteration:
+    """What one :func:`ppo_iteration` produced, and how long each phase took (seconds)."""
+
+    rollout: object        # engine.hybrid.Rollout
+    experience: Experience
+    stats: dict            # ppo_update's statistics
+    time_generate: float   # step 2
+    time_experience: float  # steps 3-7
+    time_train: float      # step 8
+
+
+def ppo_iteration(prompts: list[list[int]], *, engine, policy, ref_policy, reward_model, value_model, policy_opt,
+                  value_opt, kl_coef: float, sampling: dict, experience: dict, update: dict, rollout_seed: int,
+                  generator: torch.Generator, update_seed: int, ref_context=None,
+                  sync: Callable[[], None] = lambda: None) -> Iteration:
+    """Steps 2-8 of one PPO iteration on this rank's prompts (token id lists), on the engine's (= the policy's) weights.
+
+    sampling: ``engine.generate``'s options (max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id);
+    experience / update: the other keyword arguments of :func:`make_experience` / :func:`ppo_update`. The frozen
+    forwards of steps 3-7 run in eval mode, the update in train mode. ``sync`` (e.g. ``torch.cuda.synchronize``) runs at
+    each phase boundary so that the phase times are the device's. Profiler ranges: ``ppo/2_generation``,
+    ``ppo/3-7_experience``, ``ppo/8_training``."""
+    t0 = time.perf_counter()
+    with torch.profiler.record_function("ppo/2_generation"):
+        # 2. generate with the hybrid engine (the optimizer's in-place updates are what it sees)
+        with engine.generation(max_batch_size=len(prompts),
+                               max_seq_len=max(map(len, prompts)) + sampling["max_new_tokens"]):
+            rollout = engine.generate(prompts, seed=rollout_seed, **sampling)
+        sync()
+    t1 = time.perf_counter()
+    with torch.profiler.record_function("ppo/3-7_experience"):
+        # 3.-7. score, old/ref log-probs and values, shaped rewards, GAE, whitened advantages
+        policy.eval(), value_model.eval()  # deterministic forwards for the "old" quantities (no dropout anyway)
+        exp = make_experience(rollout, policy=policy, ref_policy=ref_policy, reward_model=reward_model,
+                              value_model=value_model, kl_coef=kl_coef, ref_context=ref_context, **experience)
+        policy.train(), value_model.train()
+        sync()
+    t2 = time.perf_counter()
+    with torch.profiler.record_function("ppo/8_training"):
+        # 8. PPO epochs over minibatches
+        generator.manual_seed(update_seed)
+        stats = ppo_update(exp, policy=policy, value_model=value_model, policy_opt=policy_opt, value_opt=value_opt,
+                           generator=generator, **update)
+        sync()
+    t3 = time.perf_counter()
+    return Iteration(rollout, exp, stats, t1 - t0, t2 - t1, t3 - t2)
