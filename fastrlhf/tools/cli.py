@@ -3,7 +3,7 @@
     fastrlhf sft | rm | ppo | grpo  train one stage (``--config run.yaml``, any field as ``--field value``; ``--help``)
     fastrlhf pipeline             all three stages on the built-in task (no arguments needed)
     fastrlhf generate | eval      sample from / evaluate a checkpoint
-    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)  (kernels, generate, trl, ppo, grpo)
+    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)
     fastrlhf selfcheck            every kernel against its float64 reference, as a table
 
 Errors in user input (config, data, checkpoints, bad values) print one line naming the file/line/field and exit with
@@ -27,7 +27,7 @@ COMMANDS = {
                  "--rl grpo: SFT -> GRPO on the exact-match score -> eval"),
     "generate": ("fastrlhf.tools.generate", "sample responses from a checkpoint"),
     "eval": ("fastrlhf.tools.evaluate", "evaluate a policy checkpoint (judge / reward model scores, win rate)"),
-    "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench kernels|generate|trl|ppo|grpo [args]"),
+    "bench": ("fastrlhf.benchmarks", "benchmark runners: fastrlhf bench NAME [args] (fastrlhf bench --help lists them)"),
     "selfcheck": ("fastrlhf.tools.selfcheck", "run every kernel against its float64 reference and print a table"),
 }
 
