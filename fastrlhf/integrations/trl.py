@@ -29,7 +29,7 @@ model; fp32 is the more accurate value of the same quantity, see docs/kernels.md
 
 Losses: TRL computes the clipped GRPO/PPO loss and its k3 KL inline inside ``GRPOTrainer._compute_loss`` (and the PPO
 trainer's ``train``), not in a helper it looks up, so they cannot be swapped without rewriting TRL's methods; use
-``fastrlhf.kernels.ppo_policy_loss`` / ``kl_penalty`` in your own trainer instead (see docs/integrations.md).
+``fastrlhf.kernels.ppo_policy_loss`` / ``kl_penalty`` in your own trainer instead (see the README, "Use the kernels in your trainer").
 
 Any other TRL version: ``apply()`` warns and patches nothing (``allow_untested=True`` patches when every target's signature
 still matches the one we read, with a warning). A signature mismatch on a known version also warns and patches nothing.
