@@ -7,6 +7,7 @@ and puts everything back on ``undo()`` (also on leaving a ``with`` block).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import importlib
 import inspect
@@ -138,3 +139,52 @@ def served(patch: PeerPatch, name: str, ours: Any, original: Any, serve: Any) ->
 
     replacement.__wrapped__ = ours
     return replacement
+
+
+def counting_class(patch: PeerPatch, name: str, ours: type) -> type:
+    """A subclass of ``ours`` (e.g. a KL controller) that counts its constructions in ``patch.calls[name]``."""
+    class Counted(ours):
+        def __init__(self, *args, **kwargs):
+            patch.calls[name] += 1
+            super().__init__(*args, **kwargs)
+
+    Counted.__name__ = Counted.__qualname__ = ours.__name__
+    Counted.__doc__ = ours.__doc__
+    return Counted
+
+
+class PatchSlot:
+    """The one active patch of a peer: ``apply()`` returns it while applied, ``undo()`` and ``patched()`` use it."""
+
+    def __init__(self):
+        self.active: PeerPatch | None = None
+
+    def current(self) -> PeerPatch | None:
+        """The applied patch, or None."""
+        return self.active if self.active is not None and self.active.applied else None
+
+    def activate(self, patch: PeerPatch) -> PeerPatch:
+        patch.applied = True
+        patch.on_undo = self._forget
+        self.active = patch
+        return patch
+
+    def _forget(self, patch: PeerPatch) -> None:
+        if self.active is patch:
+            self.active = None
+
+    def undo(self) -> None:
+        """Undo the active patch (no-op when nothing is patched)."""
+        if self.active is not None:
+            self.active.undo()
+
+    @contextlib.contextmanager
+    def patched(self, apply, **kwargs):
+        """``with slot.patched(apply) as p:`` the block runs patched; restored after unless it was already patched."""
+        was_active = self.current() is not None
+        patch = apply(**kwargs)
+        try:
+            yield patch
+        finally:
+            if not was_active:
+                patch.undo()

@@ -45,7 +45,6 @@ by the biased masked variance, rsqrt(max(Σ(A − μ)²m / Σm, 1e-8)); ``masked
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import sys
 import warnings
@@ -54,7 +53,8 @@ import torch
 
 from fastrlhf import kernels
 
-from ._patch import PeerPatch, import_optional, served, signature_of, version_key
+from ._patch import (PatchSlot, PeerPatch, counting_class, import_optional, served, signature_of,
+                     version_key)
 
 SUPPORTED = ("0.11.x",)
 KL_IS_WEIGHT_CLIP = 10.0  # OpenRLHF's default bound on w (its own module constant is read when loaded)
@@ -164,7 +164,7 @@ class FixedKLController(kernels.FixedKLController):
 
 # --- the patch --------------------------------------------------------------------------------------------------------
 
-_active: PeerPatch | None = None
+_slot = PatchSlot()  # the active patch
 
 
 def _serve_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimator="k1", unbiased_gradient=False):
@@ -190,17 +190,6 @@ def _serve_gae(self, values, rewards, action_mask, gamma, lambd):
     return not bool((m[:, 1:] & ~m[:, :-1]).any())  # no valid token after a padded one (a hole, left padding)
 
 
-def _counting_class(patch, name, ours):
-    class Counted(ours):
-        def __init__(self, *args, **kwargs):
-            patch.calls[name] += 1
-            super().__init__(*args, **kwargs)
-
-    Counted.__name__ = Counted.__qualname__ = ours.__name__
-    Counted.__doc__ = ours.__doc__
-    return Counted
-
-
 def apply(*, allow_untested: bool = False) -> PeerPatch:
     """Swap OpenRLHF's functions (listed in the module docstring) for ours. Returns a ``PeerPatch`` (a context manager).
 
@@ -209,13 +198,12 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
     maker and the KL controllers are patched when their modules import (they need ray); otherwise they are listed in
     ``patch.skipped``. Calling ``apply()`` while a patch is active returns that patch.
     """
-    global _active
     try:
         version = importlib.metadata.version("openrlhf")
     except importlib.metadata.PackageNotFoundError as e:
         raise ImportError("fastrlhf.integrations.openrlhf.apply(): OpenRLHF is not installed") from e
-    if _active is not None and _active.applied:
-        return _active
+    if _slot.current() is not None:
+        return _slot.current()
     patch = PeerPatch("openrlhf", version)
     if version_key(version) != (0, 11):
         note = f"fastrlhf.integrations.openrlhf: OpenRLHF {version} is not a version we have read " \
@@ -264,36 +252,19 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
         original = getattr(owner, name)
         label = f"{owner.__name__}.{name}" if is_method else name
         if serve is None:
-            patch.set_everywhere("openrlhf", owner, name, _counting_class(patch, label, ours))
+            patch.set_everywhere("openrlhf", owner, name, counting_class(patch, label, ours))
         elif is_method:
             patch.set_attr(owner, name, served(patch, label, ours, original, serve))
         else:
             patch.set_everywhere("openrlhf", owner, name, served(patch, label, ours, original, serve))
-    patch.applied = True
-    patch.on_undo = _forget
-    _active = patch
-    return patch
-
-
-def _forget(patch: PeerPatch) -> None:
-    global _active
-    if _active is patch:
-        _active = None
+    return _slot.activate(patch)
 
 
 def undo() -> None:
     """Undo the active ``apply()`` (no-op when nothing is patched)."""
-    if _active is not None:
-        _active.undo()
+    _slot.undo()
 
 
-@contextlib.contextmanager
 def patched(*, allow_untested: bool = False):
     """``with patched() as p:`` runs the block with OpenRLHF patched and restores it after (unless already patched)."""
-    was_active = _active is not None and _active.applied
-    patch = apply(allow_untested=allow_untested)
-    try:
-        yield patch
-    finally:
-        if not was_active:
-            patch.undo()
+    return _slot.patched(apply, allow_untested=allow_untested)

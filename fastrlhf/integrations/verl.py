@@ -48,7 +48,6 @@ Any veRL other than 0.9.x: a warning and no patch.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import warnings
 
@@ -56,7 +55,8 @@ import torch
 
 from fastrlhf import kernels
 
-from ._patch import PeerPatch, import_optional, served, signature_of, version_key
+from ._patch import (PatchSlot, PeerPatch, counting_class, import_optional, served, signature_of,
+                     version_key)
 
 SUPPORTED = ("0.9.x",)
 _TF = "verl.utils.torch_functional"
@@ -233,7 +233,7 @@ class FixedKLController(kernels.FixedKLController):
 
 # --- the patch --------------------------------------------------------------------------------------------------------
 
-_active: PeerPatch | None = None
+_slot = PatchSlot()  # the active patch
 
 
 def _always(*args, **kwargs):
@@ -254,17 +254,6 @@ def _known_kl(logprob, ref_logprob, kl_penalty):
 
 def _no_is_weights(*args, **kwargs):
     return kwargs.get("rollout_is_weights", args[6] if len(args) > 6 else None) is None
-
-
-def _counting_class(patch, name, ours):
-    class Counted(ours):
-        def __init__(self, *args, **kwargs):
-            patch.calls[name] += 1
-            super().__init__(*args, **kwargs)
-
-    Counted.__name__ = Counted.__qualname__ = ours.__name__
-    Counted.__doc__ = ours.__doc__
-    return Counted
 
 
 # (module, name, our function, when we serve it)
@@ -289,13 +278,12 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
     False); ``allow_untested=True`` patches another version when every signature still matches. Calling ``apply()``
     while a patch is active returns that patch.
     """
-    global _active
     try:
         version = importlib.metadata.version("verl")
     except importlib.metadata.PackageNotFoundError as e:
         raise ImportError("fastrlhf.integrations.verl.apply(): veRL is not installed (pip install verl)") from e
-    if _active is not None and _active.applied:
-        return _active
+    if _slot.current() is not None:
+        return _slot.current()
     patch = PeerPatch("verl", version)
     if version_key(version) != (0, 9):
         note = f"fastrlhf.integrations.verl: veRL {version} is not a version we have read (supported: {SUPPORTED})"
@@ -325,7 +313,7 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
         module = modules[mod_name]
         original = getattr(module, name)
         if serve is None:
-            replacement = _counting_class(patch, name, ours)
+            replacement = counting_class(patch, name, ours)
         else:
             replacement = served(patch, name, ours, original, serve)
         patch.set_everywhere("verl", module, name, replacement)
@@ -333,31 +321,14 @@ def apply(*, allow_untested: bool = False) -> PeerPatch:
                              (ca.POLICY_LOSS_REGISTRY, "vanilla", "compute_policy_loss_vanilla")):
         if key in table:
             patch.set_item(table, key, getattr(ca, name))
-    patch.applied = True
-    patch.on_undo = _forget
-    _active = patch
-    return patch
-
-
-def _forget(patch: PeerPatch) -> None:
-    global _active
-    if _active is patch:
-        _active = None
+    return _slot.activate(patch)
 
 
 def undo() -> None:
     """Undo the active ``apply()`` (no-op when nothing is patched)."""
-    if _active is not None:
-        _active.undo()
+    _slot.undo()
 
 
-@contextlib.contextmanager
 def patched(*, allow_untested: bool = False):
-    """``with patched() as p:`` runs the block with veRL patched and restores veRL after (unless already patched)."""
-    was_active = _active is not None and _active.applied
-    patch = apply(allow_untested=allow_untested)
-    try:
-        yield patch
-    finally:
-        if not was_active:
-            patch.undo()
+    """``with patched() as p:`` runs the block with veRL patched and restores it after (unless already patched)."""
+    return _slot.patched(apply, allow_untested=allow_untested)
