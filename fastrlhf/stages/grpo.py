@@ -33,11 +33,12 @@ from fastrlhf.runtime.checkpoint import (graceful_interrupt, has_training_state,
 from fastrlhf.runtime.config import ConfigError, check_ranges, flat_kwargs, param, section
 from fastrlhf.runtime.data import DataError, EpochSampler, check_prompt_length, check_vocab, load_prompts, tokenize_prompt
 from fastrlhf.runtime.device import model_precision
-from fastrlhf.runtime.metrics import peak_memory_gb, progress
+from fastrlhf.runtime.metrics import peak_memory_gb
 from fastrlhf.runtime.optim import make_adamw
 from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, GroupBatch, RewardFunctions, batch_full_kl, batch_logprobs,
                                        group_advantages, grpo_update)
 from fastrlhf.stages.ppo_core import positions_from_mask, sequence_scores
+from fastrlhf.stages.loop import Iterations
 from fastrlhf.stages.sections import RunSection, SamplingSection
 
 
@@ -178,16 +179,14 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                             resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
-    last_ckpt = latest_checkpoint(run_dir)
-    history = []
 
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, data_state=sampler.state_dict())
         return save_checkpoint(run_dir, step, model=policy, tokenizer=tokenizer, trainer_state=st, config=cfg,
                                keep=cfg.run.keep_checkpoints, trained={"policy": (policy, optimizer)})
 
-    bar = progress(total=cfg.iterations, initial=start, desc="grpo")
-    stop_now = False
+    book = Iterations("grpo", cfg.run, total=cfg.iterations, start=start, log=log, save=save,
+                      last=latest_checkpoint(run_dir), loss_keys=("policy_loss",))
     with graceful_interrupt() as stop:
         for step in range(start, cfg.iterations):
             t0 = time.perf_counter()
@@ -273,26 +272,11 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             }
             metrics = distributed.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
                                        max_keys=("peak_mem_gb", "time/generate", "time/score", "time/train"))
-            stop_now = distributed.any_rank(bool(stop))
-            if not math.isfinite(metrics["policy_loss"]):
-                raise FloatingPointError(f"grpo: non-finite loss at iteration {step + 1}; last good checkpoint: "
-                                         f"{last_ckpt}")
-            history.append(metrics)
-            bar.update(1)
-            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.run.log_every, 1) == 0)
-            done = step + 1 == cfg.iterations
-            if done or stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                last_ckpt = save(step + 1)
-            if stop_now:
-                distributed.print0(f"[fastrlhf grpo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
+            if book.record(step, metrics, stop_now=distributed.any_rank(bool(stop))):  # Ctrl-C: all ranks save, stop
                 break
-    bar.close()
-    if start >= cfg.iterations and last_ckpt is None:
-        last_ckpt = save(start)
-    log.close(plots=cfg.run.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
+    out = book.close(run_dir)
     engine.free()
-    return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
-            "final": history[-1] if history else {}, "reference_loaded": ref is not None, "interrupted": stop_now}
+    return {**out, "reference_loaded": ref is not None}
 
 
 def main(argv=None) -> dict:

@@ -1,4 +1,5 @@
-"""The run loop the supervised stages (SFT, reward model) share: one model, one AdamW, a step function.
+"""The run loop the supervised stages (SFT, reward model) share: one model, one AdamW, a step function; and
+(``Iterations``) the bookkeeping after each iteration that the RL stages (PPO, GRPO) share.
 
     run = start_run(cfg, stage="sft", head="lm")         # process group, seed, resume point, tokenizer, model
     ... the stage reads its data with run.tokenizer, builds its loader ...
@@ -15,6 +16,7 @@ overwrite, log_every, tensorboard, plots.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,3 +159,53 @@ def run_steps(run: Run, cfg, *, total: int, data, step: Callable[[int], StepOut]
     log.close(plot_dir=last_ckpt)
     return {"checkpoint": str(last_ckpt), "steps": history[-1]["step"] if history else start, "history": history,
             "eval": ev, "stopped": stopped}
+
+
+class Iterations:
+    """The bookkeeping after each iteration of an RL stage (PPO, GRPO), around the stage's own iteration:
+
+        book = Iterations("ppo", cfg.run, total=cfg.iterations, start=start, log=log, save=save, last=latest)
+        with graceful_interrupt() as stop:
+            for step in range(start, total):
+                ... one iteration -> metrics ...
+                if book.record(step, metrics, stop_now=distributed.any_rank(bool(stop))):
+                    break
+        out = book.close(run_dir)
+
+    ``record`` stops on a non-finite loss (before anything is saved), keeps the history, logs, saves every
+    ``run.save_every`` iterations and at the last, and on Ctrl-C saves and says to stop. ``close`` saves once when
+    there was nothing to run and draws the curves."""
+
+    def __init__(self, stage: str, run_cfg, *, total: int, start: int, log, save: Callable[[int], Path],
+                 last: Path | None, loss_keys: tuple[str, ...] = ("policy_loss",)):
+        self.stage, self.run_cfg, self.total, self.start = stage, run_cfg, total, start
+        self.log, self.save, self.loss_keys = log, save, loss_keys
+        self.last_ckpt = last
+        self.history: list[dict] = []
+        self.stopped = False
+        self.bar = progress(total=total, initial=start, desc=stage)
+
+    def record(self, step: int, metrics: dict, *, stop_now: bool) -> bool:
+        """After iteration ``step`` (0-based): True when the stage must stop (Ctrl-C on any rank; saved first)."""
+        if not all(math.isfinite(metrics[k]) for k in self.loss_keys):
+            raise FloatingPointError(f"{self.stage}: non-finite loss at iteration {step + 1}; last good checkpoint: "
+                                     f"{self.last_ckpt}")
+        self.history.append(metrics)
+        self.bar.update(1)
+        self.log.log(metrics, step=step + 1, console=(step + 1) % max(self.run_cfg.log_every, 1) == 0)
+        every = self.run_cfg.save_every
+        if step + 1 == self.total or stop_now or (every and (step + 1) % every == 0):
+            self.last_ckpt = self.save(step + 1)
+        if stop_now:
+            distributed.print0(f"[fastrlhf {self.stage}] stopped at iteration {step + 1}; checkpoint {self.last_ckpt}")
+            self.stopped = True
+        return self.stopped
+
+    def close(self, run_dir: Path) -> dict:
+        """{"checkpoint", "history", "final", "interrupted"} once the loop is over."""
+        self.bar.close()
+        if self.start >= self.total and self.last_ckpt is None:
+            self.last_ckpt = self.save(self.start)
+        self.log.close(plots=self.run_cfg.plots, plot_dir=self.last_ckpt if self.last_ckpt is not None else run_dir)
+        return {"checkpoint": str(self.last_ckpt) if self.last_ckpt else None, "history": self.history,
+                "final": self.history[-1] if self.history else {}, "interrupted": self.stopped}

@@ -17,7 +17,6 @@ with all ranks' statistics and the losses divide by the global token count, so N
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,10 +37,11 @@ from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.runtime.lora import adapters_disabled, add_lora, check_lora_state_dict, lora_state_dict, merged_state_dict
 from fastrlhf.models.decoder import autocast_context
 from fastrlhf.models.hf_io import ModelFolderError, check_model_folder, has_score_head, load_tokenizer
-from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb, progress
+from fastrlhf.runtime.metrics import explained_variance, peak_memory_gb
 from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.optim import ADAM_BETAS, ADAM_EPS, adamw_groups, make_adamw
 from fastrlhf.stages.ppo_core import KL_ESTIMATORS, OLD_LOGPROBS, logprob_mismatch, masked_mean, ppo_iteration
+from fastrlhf.stages.loop import Iterations
 from fastrlhf.stages.sections import RunSection, SamplingSection
 
 
@@ -290,8 +290,6 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                             resume_step=start if resume_from is not None else None)
     gen = torch.Generator(device="cpu")
     batches = iter(sampler)
-    last_ckpt = latest_checkpoint(run_dir)
-    history = []
 
     def save(step: int) -> Path:
         st = trainer_state_dict(step=step, data_state=sampler.state_dict(), extra={"kl_ctl": kl_ctl.state_dict()})
@@ -326,8 +324,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                   ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn, kl_loss_coef=cfg.kl.kl_loss_coef,
                   kl_loss_estimator=cfg.kl.kl_loss_estimator, ref_head_weight=ref.lm_head_weight)
 
-    bar = progress(total=cfg.iterations, initial=start, desc="ppo")
-    stop_now = False
+    book = Iterations("ppo", cfg.run, total=cfg.iterations, start=start, log=log, save=save,
+                      last=latest_checkpoint(run_dir), loss_keys=("policy_loss", "value_loss"))
     with graceful_interrupt() as stop:
         for step in range(start, cfg.iterations):
             t0 = time.perf_counter()
@@ -370,26 +368,11 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
                                        max_keys=("peak_mem_gb", "time/generate", "time/experience", "time/train",
                                                  "logprob_mismatch_max"))
             kl_ctl.update(seq_kl, cfg.batch_size * env.world_size)  # β for the next iteration's rewards
-            stop_now = distributed.any_rank(bool(stop))  # a Ctrl-C seen by any rank: all save together, then stop
-            if not math.isfinite(metrics["policy_loss"]) or not math.isfinite(metrics["value_loss"]):
-                raise FloatingPointError(f"ppo: non-finite loss at iteration {step + 1}; last good checkpoint: "
-                                         f"{last_ckpt}")
-            history.append(metrics)
-            bar.update(1)
-            log.log(metrics, step=step + 1, console=(step + 1) % max(cfg.run.log_every, 1) == 0)
-            done = step + 1 == cfg.iterations
-            if done or stop_now or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                last_ckpt = save(step + 1)
-            if stop_now:
-                distributed.print0(f"[fastrlhf ppo] stopped at iteration {step + 1}; checkpoint {last_ckpt}")
+            if book.record(step, metrics, stop_now=distributed.any_rank(bool(stop))):  # Ctrl-C: all ranks save, stop
                 break
-    bar.close()
-    if start >= cfg.iterations and last_ckpt is None:
-        last_ckpt = save(start)
-    log.close(plots=cfg.run.plots, plot_dir=last_ckpt if last_ckpt is not None else run_dir)
+    out = book.close(run_dir)
     engine.free()
-    return {"checkpoint": str(last_ckpt) if last_ckpt else None, "history": history,
-            "final": history[-1] if history else {}, "interrupted": stop_now}
+    return {**out}
 
 
 def main(argv=None) -> dict:
