@@ -1,4 +1,5 @@
-"""Shared Triton helper: the online log-sum-exp / entropy update used by ``logprobs.py`` and ``fused_linear_logprobs.py``.
+"""Shared Triton helper: the online log-sum-exp / entropy update used by ``logprobs.py``, ``fused_linear_logprobs.py``
+and ``fused_linear_kl.py``.
 
 For a row of z streamed in tiles we keep three fp32 numbers (per row):
     m = max_v z_v,   s = Σ_v exp(z_v − m),   t = Σ_v (z_v − m)·exp(z_v − m)
@@ -16,17 +17,24 @@ M_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def max_sum_update(m, s, z, valid):
+    """Merge a tile into the running max and Σ exp: m, s [R] fp32; z [R, C] fp32; valid [R, C] bool.
+    Returns (m', s', α = e^{m − m'} the rescale of the old sums, e = e^{z − m'} the tile's terms, 0 on padding)."""
+    m_new = tl.maximum(m, tl.max(tl.where(valid, z, float("-inf")), axis=1))  # m' = max(m, max_c z_c)
+    alpha = tl.exp(m - m_new)  # rescale of the old sums: e^{m − m'}
+    e = tl.where(valid, tl.exp(tl.where(valid, z - m_new[:, None], 0.0)), 0.0)  # e^{z − m'} (0 on padding)
+    return m_new, alpha * s + tl.sum(e, axis=1), alpha, e  # s' = e^{m−m'}·s + Σ e^{z−m'}
+
+
+@triton.jit
 def lse_tile_update(m, s, t, z, valid):
     """Merge a tile into the running (m, s, t).
 
     m, s, t: [R] fp32 running stats; z: [R, C] fp32 tile; valid: [R, C] bool (False for padding columns/rows).
     Returns the updated (m, s, t).
     """
-    m_new = tl.maximum(m, tl.max(tl.where(valid, z, float("-inf")), axis=1))  # m' = max(m, max_c z_c)
-    alpha = tl.exp(m - m_new)  # rescale of the old sums: e^{m − m'}
+    m_new, s_new, alpha, e = max_sum_update(m, s, z, valid)
     d = tl.where(valid, z - m_new[:, None], 0.0)  # z − m' (0 on padding)
-    e = tl.where(valid, tl.exp(d), 0.0)  # e^{z − m'} (0 on padding)
-    s_new = alpha * s + tl.sum(e, axis=1)  # s' = e^{m−m'}·s + Σ e^{z−m'}
     # t' = Σ (z − m')e^{z−m'} over old and new: e^{m−m'}·(t + (m − m')·s) + Σ_tile (z − m')e^{z−m'}
     t_new = alpha * (t + (m - m_new) * s) + tl.sum(d * e, axis=1)
     return m_new, s_new, t_new

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
-from ._lse import M_INIT
+from ._lse import M_INIT, max_sum_update
 from ._utils import check_float, no_autocast
 from .fused_linear_logprobs import (CHUNK_BYTES, CPU_CHUNK_BYTES, _chunks, _logits_chunk_torch, _logits_tile, dot_precision,
                               head_backward, num_vocab_splits)
@@ -75,15 +75,9 @@ def _linear_kl_fwd_kernel(
                          H, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC) * inv_tau  # z = x·Wᵀ/τ
         zr = _logits_tile(xr_ptr, wr_ptr, rows, row_ok, cols, col_ok, stride_rn, stride_rk, stride_rv, stride_rwk,
                           HR, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC) * inv_tau  # z_ref = x_ref·W_refᵀ/τ
-        m_new = tl.maximum(m, tl.max(tl.where(valid, z, float("-inf")), axis=1))  # m' = max(m, max z)
-        alpha = tl.exp(m - m_new)  # e^{m − m'}
-        e = tl.exp(tl.where(valid, z - m_new[:, None], float("-inf")))  # e^{z − m'} (0 on padding)
-        s = alpha * s + tl.sum(e, axis=1)  # s' = e^{m−m'}·s + Σ e^{z−m'}
+        m, s, alpha, e = max_sum_update(m, s, z, valid)  # running max and Σ e^{z−m} of the policy
         a = alpha * a + tl.sum(e * tl.where(valid, z - zr, 0.0), axis=1)  # a' = e^{m−m'}·a + Σ e^{z−m'}(z − z_ref)
-        mr_new = tl.maximum(mr, tl.max(tl.where(valid, zr, float("-inf")), axis=1))
-        er = tl.exp(tl.where(valid, zr - mr_new[:, None], float("-inf")))
-        sr = tl.exp(mr - mr_new) * sr + tl.sum(er, axis=1)  # s_ref' likewise
-        m, mr = m_new, mr_new
+        mr, sr, _, _ = max_sum_update(mr, sr, zr, valid)  # and of the reference
         v0 += S * BLOCK_V
     out = pid_s * N + rows
     tl.store(part_ptr + out, m, mask=row_ok)
