@@ -75,10 +75,12 @@ def check_against_ref(hidden, weight, b, labels, tau, be):
         assert err <= 2 * base + VAL_ATOL, f"{name}: err {err:.3g} > 2×plain {base:.3g} + {VAL_ATOL}"
         assert torch.isfinite(o).all()
     with torch.no_grad():
-        z = ref[0].new_zeros(())
-        logits = hidden.double().reshape(-1, hidden.shape[-1]) @ weight.double().t() + (0 if b is None else b64)
-        z_max = max(logits.abs().max().item() / tau, 1.0) if logits.numel() else 1.0
-        del z, logits
+        # the scale of the logits' rounding error: a dot product over H terms rounds relative to Σ_k |h_k·w_vk| (+ |b|),
+        # not to |z| itself, which cancellation can make much smaller
+        h64 = hidden.double().reshape(-1, hidden.shape[-1])
+        mags = h64.abs() @ weight.double().abs().t() + (0 if b is None else b64.abs())
+        z_max = max(mags.max().item() / tau, 1.0) if mags.numel() else 1.0
+        del h64, mags
     for name, o, p, r, like in zip(("dhidden", "dweight", "dbias"), ours[2:], plain[2:], ref[2:], (hidden, weight, b)):
         if r is None:
             assert o is None
