@@ -133,3 +133,16 @@ def make_tiny_ppo_setup(d: Path) -> dict:
         for i in range(24):
             f.write(json.dumps({"prompt": words[i % len(words)] + " " + " ".join(["1"] * (i % 4))}) + "\n")
     return {"policy": str(pol), "rm": str(rm), "prompts": str(prompts), "dir": d}
+
+
+class RecordingLog:
+    """A stand-in for MetricsLogger that keeps every logged row (``rows``) and writes nothing."""
+
+    def __init__(self):
+        self.rows = []
+
+    def log(self, metrics, step=None, console=True):
+        self.rows.append(dict(metrics))
+
+    def close(self, **kw):
+        return None

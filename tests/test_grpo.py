@@ -13,7 +13,7 @@ from fastrlhf.stages.grpo import GRPOConfig, train
 from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, RewardFunctions, group_advantages, group_advantages_ref,
                                        load_reward_function)
 from fastrlhf.tools import cli
-from tests.helpers_models import make_tiny_ppo_setup
+from tests.helpers_models import RecordingLog, make_tiny_ppo_setup
 
 REWARD_FILE = '''
 def length(prompts, completions):
@@ -33,17 +33,6 @@ def one_arg(prompts):
 def wrong_length(prompts, completions):
     return [0.0]
 '''
-
-
-class _NullLog:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, metrics, step=None, console=True):
-        self.rows.append(dict(metrics))
-
-    def close(self, **kw):
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +123,7 @@ def test_task_reward_is_the_labeler_score():
 # ------------------------------------------------------------------------------------------------- the stage
 
 def test_mu1_ratio_is_one_and_no_reference_without_kl(ckpts, tmp_path):
-    out = train(_cfg(ckpts, tmp_path, mu=1, kl_coef=0.0), log=_NullLog())
+    out = train(_cfg(ckpts, tmp_path, mu=1, kl_coef=0.0), log=RecordingLog())
     assert out["reference_loaded"] is False
     for row in out["history"]:  # old = current log-probs: ratio 1, nothing clipped
         assert row["clipfrac"] == 0.0 and row["approx_kl"] == 0.0 and row["kl"] == 0.0
@@ -146,7 +135,7 @@ def test_mu1_ratio_is_one_and_no_reference_without_kl(ckpts, tmp_path):
 def test_mu2_uses_old_logprobs_and_kl_in_loss(ckpts, tmp_path):
     """μ = 2: the second pass sees ρ ≠ 1 (approx_kl > 0); β > 0 loads the reference and reports a KL ≥ 0."""
     out = train(_cfg(ckpts, tmp_path, mu=2, kl_coef=0.05, kl_in="loss", clip_eps_low=0.1, clip_eps_high=0.3,
-                     iterations=2), log=_NullLog())
+                     iterations=2), log=RecordingLog())
     assert out["reference_loaded"] is True
     assert out["history"][-1]["approx_kl"] > 0
     assert out["history"][-1]["kl"] > 0  # after one iteration of updates the policy differs from the reference
@@ -154,7 +143,7 @@ def test_mu2_uses_old_logprobs_and_kl_in_loss(ckpts, tmp_path):
 
 @pytest.mark.parametrize("adv,agg", [("drgrpo", "seq-mean-token-sum"), ("rloo", "seq-mean-token-mean")])
 def test_modes_and_reward_model_and_kl_in_reward(ckpts, tmp_path, adv, agg):
-    log = _NullLog()
+    log = RecordingLog()
     out = train(_cfg(ckpts, tmp_path, advantage=adv, loss_agg=agg, reward_funcs=[], reward_model=ckpts["rm"],
                      reward_model_weight=2.0, kl_coef=0.1, kl_in="reward", minibatch_size=6), log=log)
     row = out["history"][-1]
@@ -165,9 +154,9 @@ def test_modes_and_reward_model_and_kl_in_reward(ckpts, tmp_path, adv, agg):
 
 def test_resume_reaches_the_same_state(ckpts, tmp_path):
     """2 iterations straight == 1 iteration, stop, --resume auto, 1 more."""
-    full = train(_cfg(ckpts, tmp_path / "full", mu=2), log=_NullLog())
-    train(_cfg(ckpts, tmp_path / "split", mu=2, iterations=1), log=_NullLog())
-    resumed = train(_cfg(ckpts, tmp_path / "split", mu=2, iterations=2, resume="auto"), log=_NullLog())
+    full = train(_cfg(ckpts, tmp_path / "full", mu=2), log=RecordingLog())
+    train(_cfg(ckpts, tmp_path / "split", mu=2, iterations=1), log=RecordingLog())
+    resumed = train(_cfg(ckpts, tmp_path / "split", mu=2, iterations=2, resume="auto"), log=RecordingLog())
     a = load_model(full["checkpoint"], head="lm").state_dict()
     b = load_model(resumed["checkpoint"], head="lm").state_dict()
     for k in a:
@@ -261,7 +250,7 @@ def test_batch_full_kl_matches_float64_logits(ckpts):
 
 
 def test_full_kl_in_the_reward_and_refused_in_the_loss(ckpts, tmp_path, capsys):
-    log = _NullLog()
+    log = RecordingLog()
     out = train(_cfg(ckpts, tmp_path / "r", kl_coef=0.1, kl_in="reward", kl_estimator="full", iterations=1), log=log)
     assert out["reference_loaded"] and abs(log.rows[0]["kl"]) < 1e-6  # the reference starts as the policy: KL 0
     capsys.readouterr()  # the run's progress bar

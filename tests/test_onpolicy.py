@@ -14,20 +14,9 @@ from fastrlhf.runtime.device import model_precision
 from fastrlhf.stages import ppo as ppo_stage
 from fastrlhf.stages.ppo import PPOConfig, train
 from fastrlhf.stages.ppo_core import positions_from_mask, response_logprobs
-from tests.helpers_models import make_tiny_ppo_setup
+from tests.helpers_models import RecordingLog, make_tiny_ppo_setup
 
 LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
-
-
-class _Log:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, metrics, step=None, console=True):
-        self.rows.append(dict(metrics))
-
-    def close(self, **kw):
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +39,7 @@ def test_lora_dropout_keeps_the_ratio_exact(ckpts, tmp_path):
     same rows in another order (the minibatch is shuffled): ≤ 1e-12, where live dropout gave ~1e-4."""
     pytest.importorskip("peft", reason="LoRA is an optional extra (pip install peft)")
     out = train(_cfg(ckpts, tmp_path / "lora", iterations=3, lora_rank=8, lora_alpha=16.0, lora_dropout=0.1),
-                log=_Log())
+                log=RecordingLog())
     hist = out["history"]
     assert hist[0]["approx_kl"] == 0.0
     assert all(h["approx_kl"] <= 1e-12 for h in hist), [h["approx_kl"] for h in hist]
@@ -64,7 +53,7 @@ def test_logged_kl_coef_is_the_one_that_shaped_the_rewards(ckpts, tmp_path):
     """Adaptive β: iteration 1 logs the initial β (0.2) and its non-score reward −β·KL; iteration 2 logs the β the
     controller computed from iteration 1's KL."""
     cfg = _cfg(ckpts, tmp_path / "beta", iterations=2, adaptive_kl=True, kl_coef=0.2, kl_target=1.0, kl_horizon=10)
-    hist = train(cfg, log=_Log())["history"]
+    hist = train(cfg, log=RecordingLog())["history"]
     assert hist[0]["kl_coef"] == 0.2
     ctl = kernels.AdaptiveKLController(0.2, 1.0, 10)
     ctl.update(hist[0]["kl"], cfg.batch_size)
@@ -95,7 +84,7 @@ def test_reference_and_reward_load_like_the_policy(ckpts, tmp_path, monkeypatch)
         return real(path, env, **kw)
 
     monkeypatch.setattr(ppo_stage, "load_sharded", spy)
-    hist = train(_cfg(ckpts, tmp_path / "prec", iterations=1, mixed_precision="bf16"), log=_Log())["history"]
+    hist = train(_cfg(ckpts, tmp_path / "prec", iterations=1, mixed_precision="bf16"), log=RecordingLog())["history"]
     assert len(calls) == 4, calls
     assert {(dt, bf) for _, dt, bf in calls} == {(torch.float32, True)}, calls
     assert hist[0]["kl"] == 0.0
@@ -150,8 +139,8 @@ def test_rollout_logprobs_match_a_teacher_forced_forward(ckpts, compute_dtype, t
 def test_mismatch_metric_and_rollout_mode(ckpts, tmp_path):
     """The per-iteration mismatch metric is ≤ 1e-5 in fp32 on CPU, in both modes; rollout mode skips the old
     forward and still gives ratio 1 at the first forward (approx_kl ≤ 1e-10)."""
-    rec = train(_cfg(ckpts, tmp_path / "rec", iterations=2), log=_Log())["history"]
-    rol = train(_cfg(ckpts, tmp_path / "rol", iterations=2, old_logprobs="rollout"), log=_Log())["history"]
+    rec = train(_cfg(ckpts, tmp_path / "rec", iterations=2), log=RecordingLog())["history"]
+    rol = train(_cfg(ckpts, tmp_path / "rol", iterations=2, old_logprobs="rollout"), log=RecordingLog())["history"]
     for h in rec + rol:
         assert 0.0 <= h["logprob_mismatch_mean"] <= h["logprob_mismatch_max"] <= 1e-5, h
     assert rec[0]["kl"] == 0.0 and rec[0]["approx_kl"] == 0.0  # iteration 1, fp32, no LoRA: exactly on-policy
@@ -162,7 +151,7 @@ def test_mismatch_metric_and_rollout_mode(ckpts, tmp_path):
 
 def test_rollout_mode_refuses_filtered_sampling(ckpts, tmp_path):
     with pytest.raises(ValueError, match="old_logprobs rollout needs top_k 0"):
-        train(_cfg(ckpts, tmp_path / "x", old_logprobs="rollout", top_k=5), log=_Log())
+        train(_cfg(ckpts, tmp_path / "x", old_logprobs="rollout", top_k=5), log=RecordingLog())
 
 
 # ---------------------------------------------------------------------------------------------------- full KL
@@ -170,7 +159,7 @@ def test_full_kl_in_reward_and_loss(ckpts, tmp_path):
     """kl_estimator full: the reward's KL at iteration 1 is exactly 0 (policy = reference) and ≥ 0 after; the KL loss
     term (full) runs and reports its value."""
     hist = train(_cfg(ckpts, tmp_path / "full", iterations=3, kl_estimator="full", kl_loss_coef=0.1,
-                      kl_loss_estimator="full"), log=_Log())["history"]
+                      kl_loss_estimator="full"), log=RecordingLog())["history"]
     assert hist[0]["kl"] == 0.0 and hist[0]["kl_loss"] == 0.0
     assert all(h["kl"] >= 0.0 for h in hist) and hist[-1]["kl"] > 0.0
     assert all(math.isfinite(h["kl_loss"]) for h in hist)

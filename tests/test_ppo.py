@@ -10,18 +10,7 @@ from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.hf_io import load_model
 from fastrlhf.stages.ppo import PPOConfig, train
 from fastrlhf.stages.ppo_core import make_experience, ppo_update, response_logprobs
-from tests.helpers_models import make_tiny_ppo_setup
-
-
-class _NullLog:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, metrics, step=None, console=True):
-        self.rows.append(dict(metrics))
-
-    def close(self, **kw):
-        return None
+from tests.helpers_models import RecordingLog, make_tiny_ppo_setup
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +80,9 @@ def test_first_minibatch_has_ratio_one(ckpts):
 
 def test_resume_reaches_the_same_state(ckpts, tmp_path):
     """2 iterations straight == 1 iteration, stop, --resume, 1 more (same data order, RNG and optimizer state)."""
-    full = train(_cfg(ckpts, tmp_path / "full"), log=_NullLog())
-    train(_cfg(ckpts, tmp_path / "split", iterations=1), log=_NullLog())
-    resumed = train(_cfg(ckpts, tmp_path / "split", iterations=2, resume="auto"), log=_NullLog())
+    full = train(_cfg(ckpts, tmp_path / "full"), log=RecordingLog())
+    train(_cfg(ckpts, tmp_path / "split", iterations=1), log=RecordingLog())
+    resumed = train(_cfg(ckpts, tmp_path / "split", iterations=2, resume="auto"), log=RecordingLog())
     a = load_model(full["checkpoint"], head="lm").state_dict()
     b = load_model(resumed["checkpoint"], head="lm").state_dict()
     for k in a:
@@ -144,12 +133,12 @@ def test_prompt_longer_than_context_names_the_line(ckpts, tmp_path):
     bad = tmp_path / "long.jsonl"
     bad.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": " ".join(["cat"] * 200)}) + "\n")
     with pytest.raises(DataError, match=r"long\.jsonl:2"):
-        train(_cfg(ckpts, tmp_path / "x", prompts=str(bad)), log=_NullLog())
+        train(_cfg(ckpts, tmp_path / "x", prompts=str(bad)), log=RecordingLog())
 
 
 def test_missing_required_field(tmp_path):
     with pytest.raises(ValueError, match="reward_model"):
-        train(PPOConfig(policy="x", prompts="y", output_dir=str(tmp_path)), log=_NullLog())
+        train(PPOConfig(policy="x", prompts="y", output_dir=str(tmp_path)), log=RecordingLog())
 
 
 def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
@@ -160,7 +149,7 @@ def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
     from fastrlhf.runtime.lora import adapters_disabled, add_lora, merged_copy
 
     out = train(_cfg(ckpts, tmp_path / "lora", iterations=2, lora_rank=4, lora_alpha=8.0, lr=3e-3, save_every=1),
-                log=_NullLog())
+                log=RecordingLog())
     ids = torch.tensor([[1, 8, 9, 10, 11, 12]])
     base = load_model(ckpts["policy"], head="lm")
     tuned = load_model(out["checkpoint"], head="lm")
@@ -180,5 +169,5 @@ def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
         torch.testing.assert_close(merged_copy(pol)(ids), pol(ids), rtol=1e-5, atol=1e-5)
     # resume continues from the adapter file
     again = train(_cfg(ckpts, tmp_path / "lora", iterations=3, lora_rank=4, lora_alpha=8.0, lr=3e-3, resume="auto"),
-                  log=_NullLog())
+                  log=RecordingLog())
     assert again["history"][0]["step"] == 3
