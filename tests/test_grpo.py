@@ -249,13 +249,60 @@ def test_batch_full_kl_matches_float64_logits(ckpts):
     assert float(want.abs().max()) > 1e-4  # the perturbed reference really differs
 
 
-def test_full_kl_in_the_reward_and_refused_in_the_loss(ckpts, tmp_path, capsys):
-    log = RecordingLog()
-    out = train(_cfg(ckpts, tmp_path / "r", kl_coef=0.1, kl_in="reward", kl_estimator="full", iterations=1), log=log)
-    assert out["reference_loaded"] and abs(log.rows[0]["kl"]) < 1e-6  # the reference starts as the policy: KL 0
-    capsys.readouterr()  # the run's progress bar
-    rc = cli.main(["grpo", "--policy", ckpts["policy"], "--prompts", ckpts["prompts"], "--output_dir",
-                   str(tmp_path / "l"), "--device", "cpu", "--reward_funcs", "fastrlhf.tools.task:reward",
-                   "--kl_coef", "0.1", "--kl_estimator", "full", "--kl_in", "loss"])
-    err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--kl_estimator full" in err and len(err.splitlines()) == 1, err
+def test_full_kl_in_the_reward_and_in_the_loss(ckpts, tmp_path):
+    """Both placements run end to end; the reference starts as the policy, so the first iteration's KL (measured
+    before its one update: μ = 1, one minibatch) is 0."""
+    for kl_in in ("reward", "loss"):
+        log = RecordingLog()
+        out = train(_cfg(ckpts, tmp_path / kl_in, kl_coef=0.1, kl_in=kl_in, kl_estimator="full", iterations=2),
+                    log=log)
+        assert out["reference_loaded"] and abs(log.rows[0]["kl"]) < 1e-6, kl_in
+        assert log.rows[1]["kl"] > 0, kl_in  # after an update the policy has moved away from the reference
+
+
+def test_full_kl_loss_term_gradient_matches_float64_logits(ckpts):
+    """One ``grpo_update`` step with the exact KL in the loss (μ = 1, one minibatch: ρ = 1) moves the weights by −lr·∇ℓ
+    of ℓ = token-mean(−A·ρ) + β·token-mean(Σ_v p_v (log p_v − log q_v)), computed here from explicit float64 logits."""
+    import contextlib
+    from fastrlhf.stages.grpo_core import GroupBatch, batch_response_hidden, grpo_update
+    from fastrlhf.stages.ppo_core import positions_from_mask, response_hidden
+
+    pol = load_model(ckpts["policy"], head="lm").train()
+    ref = load_model(ckpts["policy"], head="lm").eval()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    B, P, G, V, beta, tau = 4, 3, 5, pol.config.vocab_size, 2.0, 0.8
+    ids = torch.randint(3, V, (B, P + G), generator=g)
+    attn = torch.ones(B, P + G, dtype=torch.long)
+    attn[1, :2] = 0
+    pos = positions_from_mask(attn)
+    mask = (torch.rand(B, G, generator=g) > 0.25).float()
+    mask[:, 0] = 1
+    adv = torch.randn(B, generator=g)
+    ref_h = batch_response_hidden(ref, ids, attn, pos, P, forward_batch_size=3, autocast=contextlib.nullcontext)
+    batch = GroupBatch(input_ids=ids, attention_mask=attn, position_ids=pos, response_ids=ids[:, P:], mask=mask,
+                       advantages=adv, old_logprobs=None, ref_logprobs=None, prompt_len=P, ref_hidden=ref_h)
+
+    pol64 = load_model(ckpts["policy"], head="lm").double()
+    z = response_hidden(pol64, ids, attn, pos, P) @ pol64.lm_head_weight.t() / tau  # [B, G, V] float64
+    lp = torch.log_softmax(z, -1)
+    with torch.no_grad():
+        lq = torch.log_softmax(response_hidden(ref.double(), ids, attn, pos, P) @ ref.lm_head_weight.t() / tau, -1)
+    logp = lp.gather(-1, ids[:, P:, None])[..., 0]
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    n = mask.sum()
+    loss = (-adv.double()[:, None] * torch.exp(logp - logp.detach()) * mask).sum() / n + beta * (kl * mask).sum() / n
+    loss.backward()
+    want = {k: -p.grad for k, p in pol64.named_parameters()}  # SGD, lr 1: Δw = −∇ℓ
+
+    before = {k: p.detach().clone() for k, p in pol.named_parameters()}
+    stats = grpo_update(batch, policy=pol, optimizer=torch.optim.SGD(pol.parameters(), lr=1.0), mu=1,
+                        minibatch_size=B, clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=beta, kl_estimator="k3",
+                        agg="token-mean", temperature=tau, max_grad_norm=None, autocast=contextlib.nullcontext,
+                        ref_head_weight=ref.lm_head_weight)
+    assert stats["kl"] == pytest.approx(float((kl * mask).sum() / n), rel=1e-4)
+    for k, p in pol.named_parameters():
+        torch.testing.assert_close((p.detach() - before[k]).double(), want[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert float(kl.max()) > 1e-3  # the perturbed reference really differs, so the term shapes the step

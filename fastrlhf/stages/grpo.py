@@ -5,7 +5,8 @@ other completions as the baseline (``grpo_core``):
 
     1. sample Q prompts                 2. generate n completions per prompt (hybrid engine, the training weights)
     3. rewards: Σ_k w_k f_k(prompts, completions) (+ w_rm · reward-model score)
-    4. old log-probs (only when μ > 1 or several minibatches) and reference log-probs (only when β > 0)
+    4. old log-probs (only when μ > 1 or several minibatches) and reference log-probs (only when β > 0; the
+       reference's hidden states instead for the exact full-vocabulary KL in the loss)
     5. KL in the reward (``kl_in reward``): r −= β Σ_t KL_t         6. group advantages: grpo | drgrpo | rloo
     7. μ passes of clipped-surrogate minibatch steps (asymmetric clip ε_low / ε_high, KL-in-loss, ``loss_agg``)
 
@@ -36,7 +37,7 @@ from fastrlhf.runtime.device import model_precision
 from fastrlhf.runtime.metrics import peak_memory_gb
 from fastrlhf.runtime.optim import make_adamw
 from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, GroupBatch, RewardFunctions, batch_full_kl, batch_logprobs,
-                                       group_advantages, grpo_update)
+                                       batch_response_hidden, group_advantages, grpo_update)
 from fastrlhf.stages.ppo_core import positions_from_mask, sequence_scores
 from fastrlhf.stages.loop import Iterations
 from fastrlhf.stages.sections import RunSection, SamplingSection
@@ -71,7 +72,7 @@ class GRPOConfig:
     kl_in: str = param("loss", "where the KL goes: loss (a per-token term) | reward (β·Σ_t KL subtracted from r)",
                        choices=("loss", "reward"))
     kl_estimator: str = param("k3", "per-token KL estimator: k1 | k2 | k3 | abs of the sampled tokens' log-probs, or "
-                              "full: the exact KL over the whole vocabulary (with kl_in reward)",
+                              "full: the exact KL over the whole vocabulary (fused, from both models' hidden states)",
                               choices=("k1", "k2", "k3", "abs", "full"))
     lr: float = param(1e-6, "policy learning rate (AdamW)", gt=0)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
@@ -90,9 +91,6 @@ def check_config(cfg: GRPOConfig) -> None:
     if not cfg.reward_funcs and not cfg.reward_model:
         raise ConfigError("grpo: no reward: give --reward_funcs module:function and/or --reward_model FOLDER")
     check_ranges(cfg)  # each field's declared range (num_generations >= 2, mu >= 1, ...)
-    if cfg.kl_estimator == "full" and cfg.kl_in != "reward":
-        raise ConfigError("grpo: --kl_estimator full goes in the reward for now; use --kl_in reward (or k1/k2/k3/abs "
-                          "in the loss)")
     if cfg.minibatch_size > cfg.batch_size * cfg.num_generations:
         raise ConfigError(f"grpo: --minibatch_size {cfg.minibatch_size} exceeds batch_size × num_generations = "
                           f"{cfg.batch_size * cfg.num_generations}")
@@ -224,7 +222,11 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             # 4. old log-probs (the policy before this batch's updates) and reference log-probs (β > 0)
             args = (input_ids, attention_mask, position_ids, rollout.response_ids, P)
             old_lp = batch_logprobs(policy, *args, **fwd) * mask if need_old else None
-            ref_lp = batch_logprobs(ref, *args, **fwd) * mask if ref is not None else None
+            full_in_loss = ref is not None and cfg.kl_in == "loss" and cfg.kl_estimator == "full"
+            ref_lp = batch_logprobs(ref, *args, **fwd) * mask if ref is not None and not full_in_loss else None
+            ref_h = (batch_response_hidden(ref, input_ids, attention_mask, position_ids, P,
+                                           forward_batch_size=cfg.forward_batch_size, autocast=autocast)
+                     if full_in_loss else None)  # [B, G, H]: the exact KL in the loss needs the reference's states
             policy.train()
             # 5. KL in the reward: r −= β Σ_t KL_t (the sampled tokens under the current policy vs the reference)
             kl_tok = None
@@ -245,14 +247,15 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             # 7. μ passes of minibatch updates
             batch = GroupBatch(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                response_ids=rollout.response_ids, mask=mask, advantages=adv, old_logprobs=old_lp,
-                               ref_logprobs=ref_lp if cfg.kl_in == "loss" else None, prompt_len=P)
+                               ref_logprobs=ref_lp if cfg.kl_in == "loss" else None, prompt_len=P, ref_hidden=ref_h)
             gen.manual_seed(cfg.run.seed * 7919 + step)
             stats = grpo_update(batch, policy=policy, optimizer=optimizer, mu=cfg.mu, minibatch_size=mb_size,
                                 clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator if cfg.kl_in == "loss" else "k3",
+                                kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator if cfg.kl_in == "loss" and not full_in_loss else "k3",
                                 agg=cfg.loss_agg,
                                 temperature=cfg.sampling.temperature, max_grad_norm=cfg.max_grad_norm or None,
-                                autocast=autocast, generator=gen)
+                                autocast=autocast, generator=gen,
+                                ref_head_weight=ref.lm_head_weight if full_in_loss else None)
             t3 = time.perf_counter()
             group_std = reward.view(Q, n).std(1)
             metrics = {
@@ -261,7 +264,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                 **parts,
                 # KL to the reference, mean per token (the loss term's own metric when it is in the loss)
                 "kl": (float(kl_tok.sum() / mask.sum().clamp_min(1)) if kl_tok is not None
-                       else stats["kl"] if ref_lp is not None else 0.0),
+                       else stats["kl"] if ref is not None else 0.0),
                 "kl_seq": float(kl_tok.sum(-1).mean()) if kl_tok is not None else math.nan,
                 "entropy": stats["entropy"], "clipfrac": stats["clipfrac"], "approx_kl": stats["approx_kl"],
                 "policy_loss": stats["policy_loss"], "grad_norm": stats["grad_norm"],

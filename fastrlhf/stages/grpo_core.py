@@ -31,7 +31,7 @@ from fastrlhf import kernels
 from fastrlhf.runtime import distributed
 from fastrlhf.runtime.config import ConfigError
 from fastrlhf.kernels.head import head_kl
-from fastrlhf.stages.ppo_core import _chunks, response_hidden, response_logprobs
+from fastrlhf.stages.ppo_core import _chunks, full_kl_loss_term, response_hidden, response_logprobs
 
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 
@@ -158,8 +158,9 @@ class GroupBatch:
     mask: torch.Tensor  # [B, G] fp32
     advantages: torch.Tensor  # [B] sequence advantages
     old_logprobs: torch.Tensor | None  # [B, G]; None: μ = 1 with one minibatch (old = current, ratio 1)
-    ref_logprobs: torch.Tensor | None  # [B, G]; None: no KL in the loss
+    ref_logprobs: torch.Tensor | None  # [B, G]; None: no per-token-estimator KL in the loss
     prompt_len: int
+    ref_hidden: torch.Tensor | None = None  # [B, G, H] the reference's response hidden states (the full-KL loss term)
 
     def minibatch(self, idx: torch.Tensor) -> "GroupBatch":
         return GroupBatch(**{k: (v[idx] if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
@@ -174,6 +175,17 @@ def batch_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
         with autocast(), (context() if context is not None else contextlib.nullcontext()):
             out.append(response_logprobs(model, input_ids[sl], attention_mask[sl], position_ids[sl], response_ids[sl],
                                          prompt_len, temperature=temperature))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def batch_response_hidden(model, input_ids, attention_mask, position_ids, prompt_len: int, *, forward_batch_size: int,
+                          autocast) -> torch.Tensor:
+    """Response hidden states of a frozen forward (the reference, for the full-KL loss term), in chunks.  -> [B, G, H]"""
+    out = []
+    for sl in _chunks(input_ids.shape[0], forward_batch_size):
+        with autocast():
+            out.append(response_hidden(model, input_ids[sl], attention_mask[sl], position_ids[sl], prompt_len))
     return torch.cat(out)
 
 
@@ -195,11 +207,12 @@ def batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, pr
 def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size: int, clip_eps_low: float,
                 clip_eps_high: float, kl_coef: float, kl_estimator: str, agg: str, temperature: float,
                 max_grad_norm: float | None, autocast: Callable[[], contextlib.AbstractContextManager],
-                generator: torch.Generator | None = None) -> dict[str, float]:
+                generator: torch.Generator | None = None, ref_head_weight: torch.Tensor | None = None) -> dict[str, float]:
     """μ passes over ``batch`` in shuffled minibatches of ``minibatch_size`` completions, one optimizer step each.
 
     Loss per token: max(−A ρ, −A clip(ρ, 1 − ε_low, 1 + ε_high)) (+ β·KL(estimator) against the reference when
-    ``batch.ref_logprobs`` is set), aggregated by ``agg``; ρ = exp(logp − old). Without old log-probs (μ = 1, one
+    ``batch.ref_logprobs`` is set, or β·KL_full, the exact KL over the vocabulary from the policy's hidden states and
+    ``batch.ref_hidden`` with the reference head ``ref_head_weight``), aggregated by ``agg``; ρ = exp(logp − old). Without old log-probs (μ = 1, one
     minibatch) old = logp.detach(), so ρ = 1 and the gradient is the policy gradient −A ∇logp.
     Data parallel: the denominator of ``agg`` is the sum over ranks / world (FSDP averages the gradients).
     """
@@ -207,21 +220,29 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy",
                                                               "grad_norm")}
     kl_in_loss = batch.ref_logprobs is not None and kl_coef > 0
+    full_in_loss = batch.ref_hidden is not None and kl_coef > 0
+    if full_in_loss and ref_head_weight is None:
+        raise ValueError("grpo_update: batch.ref_hidden needs ref_head_weight (the reference's LM head)")
     for _pass in range(mu):
         perm = torch.randperm(B, generator=generator, device="cpu").to(batch.input_ids.device)
         for sl in _chunks(B, minibatch_size):
             mb = batch.minibatch(perm[sl])
             norm = distributed.all_reduce_sum(kernels.default_denominator(mb.mask, agg)) / distributed.world_size()
             with autocast():
-                logp, ent = response_logprobs(policy, mb.input_ids, mb.attention_mask, mb.position_ids,
-                                              mb.response_ids, mb.prompt_len, temperature=temperature,
-                                              return_entropy=True)
+                args = (mb.input_ids, mb.attention_mask, mb.position_ids)
+                h = response_hidden(policy, *args, mb.prompt_len)  # [b, G, H]
+                logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
+                                              return_entropy=True, hidden=h)
                 old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
                 loss, m = kernels.ppo_policy_loss(logp, old, mb.advantages[:, None], mb.mask, clip_eps=clip_eps_low,
                                             clip_eps_high=clip_eps_high,
                                             ref_logprobs=mb.ref_logprobs if kl_in_loss else None,
                                             kl_coef=kl_coef if kl_in_loss else 0.0, kl_estimator=kl_estimator,
                                             agg=agg, normalizer=norm)
+                if full_in_loss:  # ℓ += β · agg(KL_full)
+                    term, m["kl"] = full_kl_loss_term(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight,
+                                                      mb.mask, agg, norm, temperature=temperature)
+                    loss = loss + kl_coef * term
             if distributed.any_rank(not bool(torch.isfinite(loss.detach()))):
                 raise FloatingPointError(f"non-finite GRPO loss ({float(loss):.4g})")
             optimizer.zero_grad(set_to_none=True)

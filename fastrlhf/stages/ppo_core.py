@@ -84,6 +84,16 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, response_i
     return head_logprobs(h, model.lm_head_weight, response_ids, temperature=temperature, return_entropy=return_entropy)
 
 
+def full_kl_loss_term(hidden, weight, ref_hidden, ref_weight, mask, agg: str, normalizer, *, temperature: float):
+    """The exact-KL loss term and its metric: (agg(KL_full), token-mean KL_full detached).
+
+    KL_t = Σ_v p_v (log p_v − log q_v) over the whole vocabulary (``head_kl``) from the policy's response hidden states
+    ``hidden`` [B, G, H] (with gradient) and the reference's kept ones ``ref_hidden`` [B, G, HR]; mask [B, G]."""
+    kl_tok = head_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, temperature=temperature)  # [B, G] fp32
+    return (kernels.aggregate_ref(kl_tok, mask, agg, normalizer),
+            kernels.aggregate_ref(kl_tok.detach(), mask, "token-mean"))
+
+
 def logprob_mismatch(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
     """(mean, max) of |a − b| over valid tokens (one process: this rank's tokens; 0 when there are none)."""
     d = (a.float() - b.float()).abs() * mask
@@ -253,10 +263,10 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                 if in_loss:
                     stats["kl_loss"].append(pg_metrics["kl"])
                 if kl_loss_coef != 0.0 and kl_loss_estimator == "full":  # ℓ += β_loss · agg(KL_full)
-                    kl_tok = head_kl(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight, mask=mb.mask,
-                                     temperature=temperature)
-                    pg_loss = pg_loss + kl_loss_coef * kernels.aggregate_ref(kl_tok, mb.mask, agg, norm)
-                    stats["kl_loss"].append(kernels.aggregate_ref(kl_tok.detach(), mb.mask, "token-mean"))
+                    term, kl_mean = full_kl_loss_term(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight,
+                                                      mb.mask, agg, norm, temperature=temperature)
+                    pg_loss = pg_loss + kl_loss_coef * term
+                    stats["kl_loss"].append(kl_mean)
                 values = response_values(value_model, *args, mb.prompt_len)
                 vf_loss, vf_metrics = kernels.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
                                                        clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
