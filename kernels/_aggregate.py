@@ -18,11 +18,13 @@ vectorised torch version for the CPU path.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting
+from ._backend import interpreting, use_triton
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 AGG_CODE = {name: i for i, name in enumerate(AGG_MODES)}
@@ -282,3 +284,47 @@ def side_input(name: str, x, like: torch.Tensor, where: str, *, is_mask: bool = 
     if shape != like.shape:
         raise ValueError(f"{where}: {name} has shape {list(x.shape)}, not broadcastable to [B, T] = {list(like.shape)}")
     return x.detach().expand(like.shape)
+
+
+class Aggregation(NamedTuple):
+    """How a fused loss reduces its per-row partials: mode code, normalizer (mode, float, tensor) and the backend."""
+
+    agg_code: int
+    norm_mode: int
+    norm_value: float
+    on_triton: bool
+
+
+class FusedRowLoss(torch.autograd.Function):
+    """L = Σ_b w_b S_b from a fused rows pass; the one autograd body of every fused per-token loss.
+
+    ``rows(need_grad)`` runs the loss's rows kernel on its inputs (captured by the caller; they take no gradient) and
+    returns (dl [B, T] fp32 = m ∂ℓ/∂x or None, partials [B, K] fp32). Only ``x`` [B, T] receives a gradient:
+    grad_bt = g w_b dl_bt, in x's dtype. Returns (loss 0-d fp32, metrics [K − 2] fp32, not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, norm_tensor, rows, agg: Aggregation):
+        need_grad = bool(ctx.needs_input_grad[0])
+        dl, part = rows(need_grad)
+        fin = finalize_triton if agg.on_triton else finalize_torch
+        loss, metrics, w = fin(part, agg.agg_code, agg.norm_mode, agg.norm_value, norm_tensor)
+        ctx.mark_non_differentiable(metrics)
+        ctx.on_triton, ctx.dtype = agg.on_triton, x.dtype
+        if need_grad:
+            ctx.save_for_backward(dl, w)
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, g_loss, g_metrics):
+        dl, w = ctx.saved_tensors
+        scale = scale_grad_triton if ctx.on_triton else scale_grad_torch
+        return scale(dl, w, g_loss, ctx.dtype), None, None, None   # grad_bt = g w_b m ∂ℓ/∂x
+
+
+def fused_row_loss(x: torch.Tensor, rows, agg: str, normalizer, where: str):
+    """Check ``agg`` / ``normalizer`` and apply ``FusedRowLoss`` with ``rows(need_grad, on_triton)``."""
+    agg_code = check_agg(agg, where)
+    norm_mode, norm_value, norm_tensor = check_normalizer(normalizer, x.device, where)
+    on_triton = use_triton(x) and x.numel() > 0
+    return FusedRowLoss.apply(x, norm_tensor, lambda need_grad: rows(need_grad, on_triton),
+                              Aggregation(agg_code, norm_mode, norm_value, on_triton))

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _aggregate as agg_mod
-from ._backend import interpreting, use_triton
+from ._backend import interpreting
 from .kl import ESTIMATORS, KL_CODE, KL_NAME, kl_estimate, kl_estimator_ref, kl_value_and_grad_torch
 
 KL_ESTIMATORS = ESTIMATORS
@@ -151,31 +151,6 @@ def _rows_torch(logp, old, adv, mask, ref, lo, hi, dual_c, kl_coef, kl_code, nee
     return (torch.where(m, dl, 0.0).contiguous() if need_grad else None), part
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# autograd
-# ----------------------------------------------------------------------------------------------------------------------
-class _PPOPolicyLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old, adv, mask, ref, norm_tensor, cfg):
-        lo, hi, dual_c, kl_coef, kl_code, agg_code, norm_mode, norm_value, on_triton = cfg
-        need_grad = bool(ctx.needs_input_grad[0])
-        rows = _rows_triton if on_triton else _rows_torch
-        dl, part = rows(logp, old, adv, mask, ref, lo, hi, dual_c, kl_coef, kl_code, need_grad)
-        fin = agg_mod.finalize_triton if on_triton else agg_mod.finalize_torch
-        loss, metrics, w = fin(part, agg_code, norm_mode, norm_value, norm_tensor)
-        ctx.mark_non_differentiable(metrics)
-        ctx.on_triton, ctx.dtype = on_triton, logp.dtype
-        if need_grad:
-            ctx.save_for_backward(dl, w)
-        return loss, metrics
-
-    @staticmethod
-    def backward(ctx, g_loss, g_metrics):
-        dl, w = ctx.saved_tensors
-        scale = agg_mod.scale_grad_triton if ctx.on_triton else agg_mod.scale_grad_torch
-        return scale(dl, w, g_loss, ctx.dtype), None, None, None, None, None, None   # grad_bt = g w_b m ∂ℓ/∂logp
-
-
 def _check_args(clip_eps, clip_eps_high, dual_clip, ref_logprobs, kl_coef, kl_estimator, where):
     if not (isinstance(clip_eps, (int, float)) and 0.0 <= clip_eps < 1.0):
         raise ValueError(f"{where}: clip_eps must be a float in [0, 1), got {clip_eps!r}")
@@ -217,13 +192,14 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_eps=0.2, c
     m = agg_mod.side_input("mask", mask, logprobs, where, is_mask=True)
     ref = None if ref_logprobs is None else agg_mod.side_input("ref_logprobs", ref_logprobs, logprobs, where)
     eps_low, eps_high = _check_args(clip_eps, clip_eps_high, dual_clip, ref_logprobs, kl_coef, kl_estimator, where)
-    agg_code = agg_mod.check_agg(agg, where)
-    norm_mode, norm_value, norm_tensor = agg_mod.check_normalizer(normalizer, logprobs.device, where)
     kl_code = KL_CODE[kl_estimator] if ref is not None else 0
-    on_triton = use_triton(logprobs) and logprobs.numel() > 0
-    cfg = (1.0 - eps_low, 1.0 + eps_high, 0.0 if dual_clip is None else float(dual_clip), float(kl_coef), kl_code,
-           agg_code, norm_mode, norm_value, on_triton)
-    loss, metrics = _PPOPolicyLoss.apply(logprobs, old, adv, m, ref, norm_tensor, cfg)
+    lo, hi, dual_c = 1.0 - eps_low, 1.0 + eps_high, 0.0 if dual_clip is None else float(dual_clip)
+
+    def rows(need_grad: bool, on_triton: bool):
+        run = _rows_triton if on_triton else _rows_torch
+        return run(logprobs, old, adv, m, ref, lo, hi, dual_c, float(kl_coef), kl_code, need_grad)
+
+    loss, metrics = agg_mod.fused_row_loss(logprobs, rows, agg, normalizer, where)
     names = METRICS_WITH_KL if kl_code else METRICS_WITH_KL[:2]
     return loss, {name: metrics[i] for i, name in enumerate(names)}
 

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from . import _aggregate as agg_mod
-from ._backend import use_triton
 from .ppo_loss import fwd_block_t
 
 
@@ -103,27 +102,6 @@ def _rows_torch(v, old, ret, mask, eps, need_grad):
     return (torch.where(m, dl, 0.0).contiguous() if need_grad else None), part
 
 
-class _ValueLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, old, ret, mask, norm_tensor, cfg):
-        eps, agg_code, norm_mode, norm_value, on_triton = cfg
-        need_grad = bool(ctx.needs_input_grad[0])
-        dl, part = (_rows_triton if on_triton else _rows_torch)(v, old, ret, mask, eps, need_grad)
-        fin = agg_mod.finalize_triton if on_triton else agg_mod.finalize_torch
-        loss, metrics, w = fin(part, agg_code, norm_mode, norm_value, norm_tensor)
-        ctx.mark_non_differentiable(metrics)
-        ctx.on_triton, ctx.dtype = on_triton, v.dtype
-        if need_grad:
-            ctx.save_for_backward(dl, w)
-        return loss, metrics
-
-    @staticmethod
-    def backward(ctx, g_loss, g_metrics):
-        dl, w = ctx.saved_tensors
-        scale = agg_mod.scale_grad_triton if ctx.on_triton else agg_mod.scale_grad_torch
-        return scale(dl, w, g_loss, ctx.dtype), None, None, None, None, None   # grad_bt = g w_b m ∂ℓ/∂V
-
-
 def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="token-mean", normalizer=None):
     """Clipped value loss, fused forward + backward.
 
@@ -143,11 +121,12 @@ def ppo_value_loss(values, old_values, returns, mask, *, clip_eps=0.2, agg="toke
     m = agg_mod.side_input("mask", mask, values, where, is_mask=True)
     if not (isinstance(clip_eps, (int, float)) and 0.0 <= clip_eps < math.inf):
         raise ValueError(f"{where}: clip_eps must be a finite float >= 0, got {clip_eps!r}")
-    agg_code = agg_mod.check_agg(agg, where)
-    norm_mode, norm_value, norm_tensor = agg_mod.check_normalizer(normalizer, values.device, where)
-    on_triton = use_triton(values) and values.numel() > 0
-    cfg = (float(clip_eps), agg_code, norm_mode, norm_value, on_triton)
-    loss, metrics = _ValueLoss.apply(values, old, ret, m, norm_tensor, cfg)
+    eps = float(clip_eps)
+
+    def rows(need_grad: bool, on_triton: bool):
+        return (_rows_triton if on_triton else _rows_torch)(values, old, ret, m, eps, need_grad)
+
+    loss, metrics = agg_mod.fused_row_loss(values, rows, agg, normalizer, where)
     return loss, {"vf_clipfrac": metrics[0]}
 
 
