@@ -9,11 +9,11 @@ pytest.importorskip("openrlhf", reason="OpenRLHF is part of the test install (RE
 
 from fastrlhf.benchmarks import peers  # noqa: E402
 
-from ._peers import import_openrlhf  # noqa: E402
+from tests.helpers.peers import import_openrlhf  # noqa: E402
 
 
 def test_peers_runner_smoke(tmp_path, capsys):
-    import_openrlhf()  # OpenRLHF's GPU-only imports get placeholders on this CPU machine (see tests/_peers.py)
+    import_openrlhf()  # OpenRLHF's GPU-only imports get placeholders on this CPU machine (see tests/helpers/peers.py)
     csv = tmp_path / "r.csv"
     assert peers.main(["--shape", "smoke", "--warmup-ms", "0", "--rep-ms", "0", "--csv", str(csv)]) == 0
     out = capsys.readouterr().out

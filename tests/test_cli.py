@@ -7,7 +7,7 @@ import types
 import pytest
 
 from fastrlhf.tools import cli, task
-from tests._tiny import tiny_checkpoint
+from tests.helpers.models import tiny_checkpoint
 
 
 def test_usage_and_unknown_command(capsys):
@@ -81,9 +81,9 @@ def test_python_dash_m():
 
 
 def test_selfcheck_catches_a_wrong_kernel(monkeypatch, capsys):
-    import fastrlhf.kernels as K
-    real = K.whiten
-    monkeypatch.setattr(K, "whiten", lambda x, mask=None, **kw: real(x, mask, **kw) * (1 + 1e-4))  # 1e-4 relative off
+    from fastrlhf import kernels
+    real = kernels.whiten
+    monkeypatch.setattr(kernels, "whiten", lambda x, mask=None, **kw: real(x, mask, **kw) * (1 + 1e-4))  # 1e-4 relative off
     assert cli.main(["selfcheck"]) == 1
     out = capsys.readouterr().out
     assert [line.split()[-1] for line in out.splitlines() if line.startswith("whiten")] == ["FAIL"]

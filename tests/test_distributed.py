@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from fastrlhf.runtime import checkpoint as ck
 from fastrlhf.stages import sft
 from fastrlhf.tools import task
-from tests._tiny import tiny_checkpoint
+from tests.helpers.models import tiny_checkpoint
 
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_failing_rank_stops_the_job_and_resume_at_two_and_one_process(sft_setup,
     killed = tmp_path / "killed"
     t0 = time.monotonic()
     proc = torchrun(2, ["sft", *as_args(dict(base, grad_accum=1, output_dir=str(killed)))],
-                    script=[str(ROOT / "tests" / "distributed_helpers" / "fault.py")], env={"FASTRLHF_TEST_FAULT": "1:3"})
+                    script=[str(ROOT / "tests" / "helpers" / "fault.py")], env={"FASTRLHF_TEST_FAULT": "1:3"})
     elapsed = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

@@ -7,6 +7,7 @@ from fastrlhf.runtime import checkpoint as ck
 from fastrlhf.runtime import distributed
 from fastrlhf import kernels
 from fastrlhf.stages.ppo_core import whiten_across_ranks
+from tests.helpers.tolerances import EXACT
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -89,7 +90,7 @@ def test_training_state_round_trips_through_dcp(tmp_path):
         assert torch.equal(a, b)
     for (a, b) in zip(opt.state.values(), opt2.state.values()):
         for k in ("exp_avg", "exp_avg_sq", "step"):
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+            torch.testing.assert_close(a[k], b[k], **EXACT)
 
 
 def test_legacy_checkpoint_optimizer_in_trainer_state_still_loads(tmp_path):

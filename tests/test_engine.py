@@ -1,6 +1,6 @@
 """HybridEngine and sampling: greedy parity with transformers, sampling log-probs, EOS handling, mode switching, cache reuse.
 
-Models are tiny random checkpoints (tests/helpers_models.py), fp32 on CPU. Tolerance for log-probs: 1e-4 absolute. The
+Models are tiny random checkpoints (tests/helpers/models.py), fp32 on CPU. Tolerance for log-probs: 1e-4 absolute. The
 engine computes them from KV-cached decode steps, the reference from one full teacher-forced forward; the two differ only
 in the order of fp32 sums (attention over cache slots vs a causal mask, [1]-row vs [T]-row matmuls). At these sizes
 (logits |z| < ~20, H = 32) the observed difference is ~1e-6; 1e-4 is ~100 fp32 ulps of log-probs of magnitude ~5 and
@@ -15,7 +15,7 @@ from fastrlhf.engine.hybrid import HybridEngine, Rollout
 from fastrlhf.kernels import logprobs_from_logits_ref
 from fastrlhf.models.hf_io import load_model
 from fastrlhf.engine.sampling import SamplingParams, filter_logits, sample
-from tests.helpers_models import EOS_ID, PAD_ID, make_tiny_checkpoint
+from tests.helpers.models import EOS_ID, PAD_ID, make_tiny_checkpoint
 
 ATOL_LOGP = 1e-4
 

@@ -25,7 +25,7 @@ from fastrlhf.models import attention
 from fastrlhf.models.hf_io import load_model
 from fastrlhf.runtime import device as devmod
 from fastrlhf.runtime.optim import adamw_groups, make_adamw
-from tests.helpers_models import make_tiny_checkpoint
+from tests.helpers.models import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from fastrlhf.stages.grpo import GRPOConfig, train
 from fastrlhf.stages.grpo_core import (ADVANTAGE_MODES, RewardFunctions, group_advantages, group_advantages_ref,
                                        load_reward_function)
 from fastrlhf.tools import cli
-from tests.helpers_models import RecordingLog, make_tiny_ppo_setup
+from tests.helpers.models import RecordingLog, make_tiny_ppo_setup
+from tests.helpers.tolerances import FP64
 
 REWARD_FILE = '''
 def length(prompts, completions):
@@ -64,8 +65,8 @@ def test_group_advantages_closed_form():
     }
     for mode in ADVANTAGE_MODES:
         out = group_advantages(r, mode, eps=1e-4)
-        torch.testing.assert_close(out, torch.tensor(expect[mode], dtype=torch.float64), rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(group_advantages_ref(r, mode, eps=1e-4), out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, torch.tensor(expect[mode], dtype=torch.float64), **FP64)
+        torch.testing.assert_close(group_advantages_ref(r, mode, eps=1e-4), out, **FP64)
 
 
 @pytest.mark.parametrize("mode", ADVANTAGE_MODES)
@@ -74,7 +75,7 @@ def test_group_advantages_match_reference(mode, n):
     g = torch.Generator().manual_seed(n)
     r = torch.randn(5, n, generator=g, dtype=torch.float64) * 3 + 1
     ref = group_advantages_ref(r, mode)
-    torch.testing.assert_close(group_advantages(r, mode), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(group_advantages(r, mode), ref, **FP64)
     torch.testing.assert_close(group_advantages(r.float(), mode).double(), ref, rtol=1e-5, atol=1e-5)
     if mode != "grpo":  # baselines: rloo and drgrpo sum to 0 over each group
         torch.testing.assert_close(ref.sum(1), torch.zeros(5, dtype=torch.float64), atol=1e-12, rtol=0)

@@ -3,7 +3,7 @@ trains, writes a sharded checkpoint, and that checkpoint resumes in one process 
 import pytest
 
 from fastrlhf.tools import task
-from tests._tiny import tiny_checkpoint
+from tests.helpers.models import tiny_checkpoint
 from tests.test_distributed import as_args, metrics, ok, torchrun, weights
 
 pytestmark = pytest.mark.distributed

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastrlhf.integrations.functional import openrlhf, verl
+from tests.helpers.tolerances import FP32
 
 
 def _masks(B: int, T: int) -> torch.Tensor:
@@ -243,10 +244,10 @@ def test_trl_grpo_loss_matches_float64(loss_type, beta, per_token_adv):
     lp64 = lp.detach().double().requires_grad_(True)
     want = _grpo_ref(lp64, old.double(), adv.double(), m.double(), ref.double(), 0.2, 0.28, beta, loss_type, T + 3,
                      float(m.sum() + 5))
-    torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(loss.double(), want, **FP32)
     loss.backward()
     want.backward()
-    torch.testing.assert_close(lp.grad.double(), lp64.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, **FP32)
 
 
 def test_trl_grpo_loss_rejects_unsupported():

@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fastrlhf.integrations.hf import linear_logprobs_forward  # noqa: E402
+from tests.helpers.tolerances import EXACT
 
 
 def _tiny(kind: str):
@@ -98,7 +99,7 @@ def test_linear_logprobs_forward_unshifted_and_logp_only():
     a = linear_logprobs_forward(model, ids, labels, attention_mask=mask)
     b = linear_logprobs_forward(model, ids, aligned, attention_mask=mask, shift=False)
     assert b.shape == (2, 9) and (b[:, -1] == 0).all()
-    torch.testing.assert_close(a, b[:, :-1], atol=0, rtol=0)
+    torch.testing.assert_close(a, b[:, :-1], **EXACT)
 
 
 def test_linear_logprobs_forward_all_ignored_gives_zero_and_zero_grad():

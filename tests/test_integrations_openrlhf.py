@@ -2,7 +2,7 @@
 
 Each test calls OpenRLHF's own function (kept before ``apply()``) and the patched name OpenRLHF's trainer looks up, on
 the same fresh random inputs, compares outputs and gradients, and counts the fastrlhf.kernels calls behind the patch.
-OpenRLHF's GPU-only imports (flash-attn, DeepSpeed, vLLM) get placeholders while its modules load (tests/_peers.py).
+OpenRLHF's GPU-only imports (flash-attn, DeepSpeed, vLLM) get placeholders while its modules load (tests/helpers/peers.py).
 
 Tolerances: both sides compute in fp32 (OpenRLHF casts KL inputs with .float(); the losses get fp32 inputs here):
 1e-5 absolute / relative. bf16 inputs: OpenRLHF computes in bf16 while our kernels compute in fp32 and return fp32, so
@@ -20,7 +20,8 @@ pytest.importorskip("openrlhf", reason="OpenRLHF is part of the test install (RE
 
 from fastrlhf.integrations import openrlhf as fast_openrlhf  # noqa: E402
 
-from ._peers import counting, import_openrlhf  # noqa: E402
+from tests.helpers.peers import counting, import_openrlhf  # noqa: E402
+from tests.helpers.tolerances import FP32
 
 UTILS, LOSS, EXP, KLC, PPO_ACTOR = import_openrlhf()
 ORIG = {n: getattr(UTILS, n) for n in ("compute_approx_kl", "log_probs_from_logits", "compute_entropy")}
@@ -161,7 +162,7 @@ def test_policy_loss_equals_OpenRLHF(patch, monkeypatch, dual_clip, token_level,
     assert n["ppo_policy_loss"] == 1 and patch.calls["PolicyLoss.forward"] == 1
     assert got[3] is None and got[4] is None and want[3] is None
     for g_, w_ in zip(got[:3], want[:3]):
-        torch.testing.assert_close(g_, w_, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g_, w_, **FP32)
     want[0].backward()
     got[0].backward()
     rtol = 1e-5 if dtype == torch.float32 else BF16_RTOL
@@ -190,7 +191,7 @@ def test_value_loss_equals_OpenRLHF(patch, monkeypatch, token_level, info):
     with counting(monkeypatch, "ppo_value_loss") as n:
         got = fn(a1, old, ret, action_mask=m, **info)
     assert n["ppo_value_loss"] == 1 and patch.calls["ValueLoss.forward"] == 1
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, want, **FP32)
     want.backward()
     got.backward()
     torch.testing.assert_close(a1.grad, a0.grad, atol=1e-7, rtol=1e-5)

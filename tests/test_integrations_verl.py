@@ -19,7 +19,8 @@ pytest.importorskip("verl", reason="veRL is part of the test install (README: pi
 
 from fastrlhf.integrations import verl as fast_verl  # noqa: E402
 
-from ._peers import counting, import_verl  # noqa: E402
+from tests.helpers.peers import counting, import_verl  # noqa: E402
+from tests.helpers.tolerances import FP32
 
 TF, CA = import_verl()
 ORIG = {n: getattr(TF, n) for n in ("logprobs_from_logits", "entropy_from_logits", "masked_whiten")}
@@ -193,7 +194,7 @@ def test_policy_loss_vanilla_equals_veRL(patch, monkeypatch, mode, info, dtype):
     assert got.dtype == torch.float32 and got.dim() == 0
     want.backward()
     got.backward()
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, want, **FP32)
     rtol = 1e-5 if dtype == torch.float32 else BF16_RTOL
     torch.testing.assert_close(a1.grad.float(), a0.grad, atol=1e-7, rtol=rtol)
     assert set(got_m) == set(want_m)
@@ -220,10 +221,10 @@ def test_deprecated_compute_policy_loss_equals_veRL(patch, monkeypatch, mode):
         got = CA.compute_policy_loss(old, a1, adv, m, **kw)
     assert n["ppo_policy_loss"] == 1
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(g, w, **FP32)
     want[0].backward()
     got[0].backward()
-    torch.testing.assert_close(a1.grad, a0.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(a1.grad, a0.grad, **FP32)
 
 
 @pytest.mark.parametrize("info", _BATCH_INFO)
@@ -240,8 +241,8 @@ def test_value_loss_equals_veRL(patch, monkeypatch, mode, info):
     assert n["ppo_value_loss"] == 1 and patch.calls["compute_value_loss"] == 1
     want.backward()
     got.backward()
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(a1.grad, a0.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, want, **FP32)
+    torch.testing.assert_close(a1.grad, a0.grad, **FP32)
     assert 0 < want_cf.item() < 1
     torch.testing.assert_close(got_cf, want_cf, atol=1e-6, rtol=0)
 

@@ -17,7 +17,8 @@ from fastrlhf.models.decoder import SUPPORTED, CausalLM, ModelConfig, ScoreModel
 from fastrlhf.models.hf_io import config_from_tokenizer_check, load_model, load_tokenizer, save_model
 from fastrlhf.models.attention import HAVE_FLASH
 from fastrlhf.models.rope import rope_init
-from tests.helpers_models import PAD_ID, make_tiny_checkpoint, make_tiny_hf_model, tiny_tokenizer
+from tests.helpers.models import PAD_ID, make_tiny_checkpoint, make_tiny_hf_model, tiny_tokenizer
+from tests.helpers.tolerances import EXACT
 
 ATOL = 2e-5
 FAMILIES = ["llama", "qwen2", "mistral"]
@@ -200,7 +201,7 @@ def test_sharded_save_and_load(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", attn_implementation="eager").eval()
     ids, _ = _batch(2, 7, "none")
     with torch.no_grad():
-        torch.testing.assert_close(again(ids), model(ids), rtol=0, atol=0)
+        torch.testing.assert_close(again(ids), model(ids), **EXACT)
         assert (hf(input_ids=ids).logits - model(ids)).abs().max().item() < ATOL
 
 
@@ -277,7 +278,7 @@ def test_score_head_from_causal_checkpoint(tmp_path):
     ids, mask = _batch(2, 6, "left")
     with torch.no_grad():
         torch.testing.assert_close(value.model(ids, attention_mask=mask), lm.hidden_states(ids, attention_mask=mask),
-                                   rtol=0, atol=0)
+                                   **EXACT)
         h = lm.hidden_states(ids, attention_mask=mask)
         torch.testing.assert_close(value(ids, attention_mask=mask), (h @ value.score.weight.T).squeeze(-1))
     with pytest.raises(ValueError, match="lacks.*lm_head.weight"):  # untied score checkpoint has no LM head
@@ -524,7 +525,7 @@ def test_flash_bookkeeping_with_reference_kernels(tmp_path, monkeypatch, family,
 
 
 def test_tokenizer_without_pad_gets_eos(tmp_path):
-    from tests.helpers_models import tiny_tokenizer
+    from tests.helpers.models import tiny_tokenizer
     tok = tiny_tokenizer()
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "tok")

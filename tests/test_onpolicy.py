@@ -14,7 +14,7 @@ from fastrlhf.runtime.device import model_precision
 from fastrlhf.stages import ppo as ppo_stage
 from fastrlhf.stages.ppo import PPOConfig, train
 from fastrlhf.stages.ppo_core import positions_from_mask, response_logprobs
-from tests.helpers_models import RecordingLog, make_tiny_ppo_setup
+from tests.helpers.models import RecordingLog, make_tiny_ppo_setup
 
 LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
 

@@ -10,7 +10,8 @@ from fastrlhf.engine.hybrid import HybridEngine
 from fastrlhf.models.hf_io import load_model
 from fastrlhf.stages.ppo import PPOConfig, train
 from fastrlhf.stages.ppo_core import make_experience, ppo_update, response_logprobs
-from tests.helpers_models import RecordingLog, make_tiny_ppo_setup
+from tests.helpers.models import RecordingLog, make_tiny_ppo_setup
+from tests.helpers.tolerances import EXACT, FP32
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_experience_matches_kernel_composition(ckpts):
     last = ro.lengths - 1
     expect_r = torch.zeros_like(exp.rewards)
     expect_r[torch.arange(3), last] = scores
-    torch.testing.assert_close(exp.rewards, expect_r, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exp.rewards, expect_r, **FP32)
     # the experience's old log-probs are the sampling log-probs (same weights, temperature 1, no top-k/p)
     torch.testing.assert_close(exp.old_logprobs, ro.logprobs * exp.mask, rtol=1e-4, atol=1e-4)
     adv, ret = kernels.gae_ref(exp.rewards.double(), exp.old_values.double(), exp.mask.double(), gamma=1.0, lam=0.95)
@@ -165,7 +166,7 @@ def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
             torch.nn.init.normal_(p, std=0.1)
     with torch.no_grad():
         with adapters_disabled(pol):
-            torch.testing.assert_close(pol(ids), base(ids), rtol=0, atol=0)
+            torch.testing.assert_close(pol(ids), base(ids), **EXACT)
         torch.testing.assert_close(merged_copy(pol)(ids), pol(ids), rtol=1e-5, atol=1e-5)
     # resume continues from the adapter file
     again = train(_cfg(ckpts, tmp_path / "lora", iterations=3, lora_rank=4, lora_alpha=8.0, lr=3e-3, resume="auto"),

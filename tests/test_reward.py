@@ -11,7 +11,7 @@ from fastrlhf.stages import reward
 
 from fastrlhf.tools import task
 from fastrlhf.models.hf_io import load_model
-from tests._tiny import tiny_checkpoint
+from tests.helpers.models import tiny_checkpoint
 
 
 def test_ranking_loss_closed_form():

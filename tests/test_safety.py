@@ -1,7 +1,7 @@
 """Bad input and faults against the real ``fastrlhf`` command (a subprocess): tampered checkpoints never run pickled
 code, output folders never lose what a run wrote, and every user error is one line with exit status 2.
 
-The tests build tiny checkpoints offline (tests._tiny) and talk to fastrlhf only through its command line.
+The tests build tiny checkpoints offline (tests.helpers.models.tiny_checkpoint) and talk to fastrlhf only through its command line.
 """
 import io
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._tiny import tiny_checkpoint
+from tests.helpers.models import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_ROWS = [("what color is the star", "star"), ("repeat the word apple four times", "apple apple apple apple"),

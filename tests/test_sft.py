@@ -11,7 +11,7 @@ from fastrlhf.stages import sft
 
 from fastrlhf.tools import task
 from fastrlhf.models.hf_io import ModelFolderError, load_model
-from tests._tiny import tiny_checkpoint
+from tests.helpers.models import tiny_checkpoint
 
 
 def test_packed_loss_matches_unpacked_reference(tmp_path):

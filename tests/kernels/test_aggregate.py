@@ -5,6 +5,7 @@ import torch
 
 from fastrlhf import kernels
 from kernels._aggregate import aggregate_ref
+from tests.helpers.tolerances import FP64
 
 
 def test_default_denominator_by_hand():
@@ -24,4 +25,4 @@ def test_split_batch_with_summed_denominator_matches_the_whole(agg):
     parts = [slice(0, 3), slice(3, 7)]                                        # two "ranks"
     den = sum(kernels.default_denominator(mask[p], agg) for p in parts)             # the all-reduce
     split = sum(aggregate_ref(loss[p], mask[p], agg, normalizer=den) for p in parts)
-    torch.testing.assert_close(split, aggregate_ref(loss, mask, agg), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(split, aggregate_ref(loss, mask, agg), **FP64)

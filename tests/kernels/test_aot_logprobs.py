@@ -20,7 +20,7 @@ import importlib
 
 import pytest
 
-from tests.kernels.aot import AOTCase, compile_cases_in_child
+from tests.helpers.aot import AOTCase, compile_cases_in_child
 
 pytestmark = pytest.mark.slow  # ~70 compiles in a child process (~1 min on 2 cores)
 

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for the H100 (sm_90) of the PPO policy / value loss kernels and their shared aggregation.
 
 The interpreter never compiles, so every configuration the launchers can pick is compiled here to a cubin
-(``tests.kernels.aot.compile_for_h100`` also asserts shared memory ≤ 227 KiB). Configurations:
+(``tests.helpers.aot.compile_for_h100`` also asserts shared memory ≤ 227 KiB). Configurations:
 - ``_ppo_fwd_kernel``: KL_EST ∈ {none, k1, k2, k3, abs} × STORE_GRAD ∈ {False, True} × BLOCK_T ∈ {256, 1024} (every
   value ``fwd_block_t`` returns on CUDA) with fp32 inputs and a bool (u1) mask; on the largest tile also bf16 / fp16 /
   fp64 inputs and fp32 / int64 masks (other dtypes only change the loads' element type).
@@ -18,7 +18,7 @@ import importlib
 
 import pytest
 
-from tests.kernels.aot import AOTCase, compile_cases_in_child
+from tests.helpers.aot import AOTCase, compile_cases_in_child
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation for the H100 (sm_90) of the RL-side kernels (KL, reward shaping, GAE, whitening).
 
 The interpreter never compiles, so every configuration the launchers can pick is compiled here down to a cubin with
-``tests.kernels.aot.compile_for_h100`` (which also asserts the shared memory fits). Configurations:
+``tests.helpers.aot.compile_for_h100`` (which also asserts the shared memory fits). Configurations:
 - kl: BLOCK=1024, num_warps=4; fwd and bwd for the 4 estimators × clamp on/off (fp32 inputs), and bf16 / fp16 inputs.
 - shape_rewards, gae: every BLOCK_T ∈ {16, ..., 1024} (with its num_warps) for bool (u8) masks and fp32 inputs; the
   largest tile also with (fp32 mask, bf16 inputs) and (int64 mask, fp16 inputs): other masks load as they are.
@@ -17,7 +17,7 @@ import importlib
 
 import pytest
 
-from tests.kernels.aot import AOTCase, compile_cases_in_child
+from tests.helpers.aot import AOTCase, compile_cases_in_child
 
 pytestmark = pytest.mark.slow
 

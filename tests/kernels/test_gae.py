@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import gae, gae_ref
 from tests.conftest import pick
-from tests.kernels.masks import make_mask
+from tests.helpers.masks import make_mask
 
 gae_mod = importlib.import_module("fastrlhf.kernels.gae_scan")
 EPS32 = torch.finfo(torch.float32).eps
@@ -51,7 +51,7 @@ def test_matches_float64(backend, kind, dtype, mask_dtype, device):
     mask = make_mask(B, T, kind, device).to(mask_dtype)
     rewards = torch.randn(B, T, device=device).to(dtype)
     values = torch.randn(B, T, device=device).to(dtype)
-    with K.backend(backend):
+    with kernels.backend(backend):
         _run_and_check(rewards, values, mask, gamma, lam, lambda: gae(rewards, values, mask, gamma=gamma, lam=lam))
 
 
@@ -74,7 +74,7 @@ def test_closed_form(backend, gamma, lam, device):
     """rewards [0, 0, 0, 1], values 0 → A = R = [(γλ)³, (γλ)², γλ, 1]; with holes the same over the valid tokens."""
     gl = gamma * lam
     want = torch.tensor([[gl**3, gl**2, gl, 1.0]], device=device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         adv, ret = gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]], device=device), torch.zeros(1, 4, device=device),
                        torch.ones(1, 4, device=device), gamma=gamma, lam=lam)
         torch.testing.assert_close(adv, want, rtol=2 * EPS32, atol=0)
@@ -94,7 +94,7 @@ def test_values_bootstrap_across_holes(backend, device):
     gamma, lam = 0.9, 0.5
     mask = torch.tensor([[1, 0, 1]], device=device)
     values = torch.tensor([[1.0, 100.0, 2.0]], device=device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         adv, ret = gae(torch.zeros(1, 3, device=device), values, mask, gamma=gamma, lam=lam)
     a2 = 0.0 + gamma * 0.0 - 2.0  # last valid token: V_next = 0
     a0 = 0.0 + gamma * 2.0 - 1.0 + gamma * lam * a2
@@ -109,7 +109,7 @@ def test_holes_equal_compacted_row(backend, device):
     mask = make_mask(B, T, "holes", device)
     mask[-1, :3] = True  # keep at least some valid tokens everywhere
     r, v = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         adv, ret = gae(r, v, mask, gamma=0.97, lam=0.9)
         for b in range(B):
             keep = mask[b]
@@ -122,7 +122,7 @@ def test_holes_equal_compacted_row(backend, device):
 def test_edge_cases(backend, device):
     B, T = pick((3, 20), (64, 1024))
     r, v = torch.randn(B, T, device=device), torch.randn(B, T, device=device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         adv, ret = gae(r, v, torch.zeros(B, T, device=device), gamma=0.99, lam=0.95)  # all-zero mask
         assert torch.equal(adv, torch.zeros_like(adv)) and torch.equal(ret, torch.zeros_like(ret))
         a1, r1 = gae(torch.tensor([[2.0]], device=device), torch.tensor([[0.5]], device=device),
@@ -146,7 +146,7 @@ def test_non_contiguous_and_detached(backend, device):
     v = torch.randn(B, 2 * T, device=device, dtype=torch.bfloat16)[:, ::2].requires_grad_()  # stride 2 along T
     mask = make_mask(B, 2 * T, "holes", device)[:, 1::2]
     assert not r.is_contiguous() and not v.is_contiguous() and not mask.is_contiguous()
-    with K.backend(backend):
+    with kernels.backend(backend):
         _run_and_check(r, v.detach(), mask, 1.0, 0.95, lambda: gae(r, v, mask, gamma=1.0, lam=0.95))
         adv, ret = gae(r, v, mask)
     assert not adv.requires_grad and not ret.requires_grad  # GAE targets are detached

@@ -12,10 +12,10 @@ rounds to nearest — plus one subnormal step for values under the smallest norm
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import kl_penalty, kl_penalty_ref
 from tests.conftest import pick
-from tests.kernels.rounding import rounding_bound
+from tests.helpers.tolerances import rounding_bound
 
 EST = ("k1", "k2", "k3", "abs")
 EPS32 = torch.finfo(torch.float32).eps
@@ -53,7 +53,7 @@ def test_values_and_grads_match_float64(backend, est, clamp, dtype, device):
     logp, ref = _inputs((B, T), dtype, device)
     lp = logp.clone().requires_grad_()
     rf = ref.clone().requires_grad_()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = kl_penalty(lp, rf, estimator=est, clamp=clamp)
     assert out.dtype == torch.float32 and out.shape == (B, T)
 
@@ -81,7 +81,7 @@ def test_values_and_grads_match_float64(backend, est, clamp, dtype, device):
 def test_identical_distributions_give_zero(backend, est, device):
     logp = -torch.rand(pick((4, 19), (64, 1024)), device=device) * 5
     x = logp.clone().requires_grad_()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = kl_penalty(x, logp.clone(), estimator=est)
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
@@ -117,7 +117,7 @@ def test_one_definition_beyond_20(backend, est, device):
     ref = logp + torch.tensor(BIG_D, device=device)
     assert torch.equal((ref - logp).double().cpu()[0], torch.tensor(BIG_D, dtype=torch.float64))  # d exact in fp32
     x = logp.clone().requires_grad_()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = kl_penalty(x, ref, estimator=est)
         out.sum().backward()
     tol = dict(rtol=4 * EPS32, atol=4 * EPS32 * float(torch.exp(torch.tensor(20.0))) if est == "k3" else 0)
@@ -125,8 +125,8 @@ def test_one_definition_beyond_20(backend, est, device):
     torch.testing.assert_close(x.grad.double().cpu()[0], want_g, **tol)
     # the PPO loss with A = 0 and β_loss = 1, summed over one row: loss = Σ_t KL_t and ∂loss/∂logp_t = ∂KL_t/∂logp_t
     y = logp.clone().requires_grad_()
-    with K.backend(backend):
-        loss, metrics = K.ppo_policy_loss(y, logp, torch.zeros_like(logp), torch.ones_like(logp, dtype=torch.bool),
+    with kernels.backend(backend):
+        loss, metrics = kernels.ppo_policy_loss(y, logp, torch.zeros_like(logp), torch.ones_like(logp, dtype=torch.bool),
                                           ref_logprobs=ref, kl_coef=1.0, kl_estimator=est, agg="seq-mean-token-sum")
         loss.backward()
     torch.testing.assert_close(y.grad.double().cpu()[0], want_g, **tol)
@@ -148,7 +148,7 @@ def test_non_contiguous_inputs(backend, device):
     logp = big_l.t()[::2]  # [B, T] strided view (transposed, every other row)
     ref = big_r[:, 1::2]  # [B, T] stride 2 along T
     assert not logp.is_contiguous() and not ref.is_contiguous()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = kl_penalty(logp, ref, estimator="k2", clamp=(0.0, 2.0))
     want = kl_penalty_ref(logp.double(), ref.double(), estimator="k2", clamp=(0.0, 2.0))
     base = kl_penalty_ref(logp.float(), ref.float(), estimator="k2", clamp=(0.0, 2.0))
@@ -159,7 +159,7 @@ def test_non_contiguous_inputs(backend, device):
 def test_other_shapes(backend, device):
     for shape in [(1, 1), (7,), (2, 3, 5)]:
         logp, ref = _inputs(shape, torch.float32, device)
-        with K.backend(backend):
+        with kernels.backend(backend):
             out = kl_penalty(logp, ref, estimator="abs")
         assert out.shape == shape
         torch.testing.assert_close(out.double(), (ref.double() - logp.double()).abs(), rtol=EPS32, atol=0)

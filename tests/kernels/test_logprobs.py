@@ -20,6 +20,7 @@ import torch
 from fastrlhf.kernels import backend, logprobs_from_logits, logprobs_from_logits_ref
 from fastrlhf.kernels._backend import interpreting
 from tests.conftest import pick
+from tests.helpers.tolerances import FP32
 
 LP = importlib.import_module("fastrlhf.kernels.logprobs")  # the module (the package attribute is the function)
 BACKENDS = ("triton", "torch")
@@ -182,7 +183,7 @@ def test_single_output_grads(be, device):
         g = torch.randn_like(out)
         (out * g).sum().backward()
         (logprobs_from_logits_ref(xr, labels, temperature=1.3, return_entropy=True)[which] * g).sum().backward()
-        torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(x.grad.double(), xr.grad, **FP32)
 
 
 @pytest.mark.parametrize("be", BACKENDS)

@@ -1,7 +1,7 @@
 """ppo_policy_loss (fused Triton / vectorised torch) against ppo_policy_loss_ref in float64 on fresh random inputs.
 
 Every test runs on both backends: "triton" (the kernels; Triton's interpreter on CPU) and "torch" (the CPU path).
-Tolerances: tests/kernels/loss_cases.py. Shapes: [6, 21] under the interpreter (2 BLOCK_T tiles per row), [64, 1024]
+Tolerances: tests/helpers/tolerances.py. Shapes: [6, 21] under the interpreter (2 BLOCK_T tiles per row), [64, 1024]
 on CUDA.
 """
 import math
@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import ppo_policy_loss, ppo_policy_loss_ref
 from tests.conftest import pick
-from tests.kernels.loss_cases import GRAD_TOL, LOSS_TOL, assert_close, count_tol, make_mask, shape
+from tests.helpers.loss_cases import shape
+from tests.helpers.masks import make_mask
+from tests.helpers.tolerances import GRAD_TOL, LOSS_TOL, assert_close, count_tol
 
 BACKENDS = ("triton", "torch")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -41,7 +43,7 @@ def make_inputs(B, T, device, dtype=torch.float32, spread=0.5, mask_layout="mixe
 def run_both(backend, logp, old, adv, mask, ref=None, **kw):
     """(loss, metrics, grad) from the kernel under ``backend`` and from the float64 reference (upstream grad 3.7)."""
     x = logp.detach().clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_policy_loss(x, old, adv, mask, ref_logprobs=ref, **kw)
         (loss * UPSTREAM).backward()
     x64 = logp.detach().double().requires_grad_(True)
@@ -162,7 +164,7 @@ def test_all_zero_mask(backend, agg, device):
     logp, old, adv, ref, mask = make_inputs(B, T, device)
     mask = torch.zeros_like(mask)
     x = logp.clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_policy_loss(x, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, agg=agg)
         (loss * UPSTREAM).backward()
     assert loss.item() == 0.0
@@ -218,7 +220,7 @@ def test_ratio_one_closed_form(backend, device):
     B, T = shape()
     logp, _, adv, _, mask = make_inputs(B, T, device)
     x = logp.clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_policy_loss(x, logp, adv, mask)
         (loss * UPSTREAM).backward()
     n = mask.sum()
@@ -233,7 +235,7 @@ def test_gradient_only_through_logprobs(backend, device):
     logp, old, adv, ref, mask = make_inputs(B, T, device)
     x = logp.clone().requires_grad_(True)
     others = [t.clone().requires_grad_(True) for t in (old, adv, ref)]
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_policy_loss(x, others[0], others[1], mask, ref_logprobs=others[2], kl_coef=0.1)
         loss.backward()
     assert x.grad is not None
@@ -246,7 +248,7 @@ def test_no_grad_forward_matches(backend, device):
     """Without a gradient the kernel skips storing ∂ℓ/∂logp; loss and metrics are unchanged."""
     B, T = shape()
     logp, old, adv, ref, mask = make_inputs(B, T, device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         with torch.no_grad():
             loss0, m0 = ppo_policy_loss(logp, old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
         loss1, m1 = ppo_policy_loss(logp.clone().requires_grad_(True), old, adv, mask, ref_logprobs=ref, kl_coef=0.1)
@@ -320,7 +322,7 @@ def test_three_triton_launches_fwd_bwd(monkeypatch, device):
     B, T = shape()
     logp, old, adv, ref, mask = make_inputs(B, T, device)
     x = logp.clone().requires_grad_(True)
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         loss, _ = ppo_policy_loss(x, old, adv, mask, ref_logprobs=ref, kl_coef=0.1, agg="seq-mean-token-mean",
                                   normalizer=torch.tensor(float(B), device=device))
         assert counts == {"_ppo_fwd_kernel": 1, "_finalize_kernel": 1}

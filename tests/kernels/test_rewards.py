@@ -12,11 +12,11 @@ import importlib
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import shape_rewards, shape_rewards_ref
 from tests.conftest import pick
-from tests.kernels.masks import make_mask
-from tests.kernels.rounding import rounding_bound
+from tests.helpers.masks import make_mask
+from tests.helpers.tolerances import EXACT, rounding_bound
 
 EPS32 = torch.finfo(torch.float32).eps
 BACKENDS = ("triton", "torch")
@@ -44,7 +44,7 @@ def test_matches_float64_with_grads(backend, kind, dtype, mask_dtype, device, mo
     kl = (torch.randn(B, T, dtype=torch.float64, device=device)).to(dtype)
     s_ = scores.clone().requires_grad_()
     k_ = kl.clone().requires_grad_()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = shape_rewards(s_, k_, m, kl_coef=beta)
     assert out.dtype == torch.float32 and out.shape == (B, T)
     s64, k64 = scores.double().requires_grad_(), kl.double().requires_grad_()
@@ -70,20 +70,20 @@ def test_score_lands_on_last_valid_token(backend, device):
                       device=device)
     mask = torch.tensor([[0, 1, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]], device=device)  # pads, hole, empty
     scores = torch.tensor([10.0, 20.0, 30.0, 40.0], device=device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = shape_rewards(scores, kl, mask, kl_coef=0.5)
     want = torch.tensor([[0.0, -1.0, -1.5 + 10.0, 0.0],  # r = −β·kl·m, score at the last valid token (not the padding)
                          [-0.5, 0.0, -0.5 + 20.0, 0.0],
                          [0.0, 0.0, 0.0, 0.0],  # no valid token: no score, all zero
                          [-1.0, -1.0, -1.0, -1.0 + 40.0]], device=device)
-    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(out, want, **EXACT)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_zero_mask_and_tiny(backend, device):
     B, T = pick((3, 33), (64, 1024))
     kl = torch.randn(B, T, device=device)
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = shape_rewards(torch.randn(B, device=device), kl, torch.zeros(B, T, dtype=torch.bool, device=device),
                             kl_coef=0.1)
         one = shape_rewards(torch.tensor([2.0], device=device), torch.tensor([[3.0]], device=device),
@@ -99,7 +99,7 @@ def test_non_contiguous(backend, device):
     mask = make_mask(B, 2 * T, "holes", device)[:, ::2]
     scores = torch.randn(2 * B, device=device)[::2]
     assert not kl.is_contiguous() and not mask.is_contiguous() and not scores.is_contiguous()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = shape_rewards(scores, kl, mask, kl_coef=0.2)
     ref = shape_rewards_ref(scores.double(), kl.double(), mask, kl_coef=0.2)
     base = shape_rewards_ref(scores, kl.float(), mask, kl_coef=0.2)

@@ -1,14 +1,16 @@
 """ppo_value_loss (fused Triton / vectorised torch) against ppo_value_loss_ref in float64 on fresh random inputs.
 
 Both backends ("triton": the kernels, Triton's interpreter on CPU; "torch": the CPU path). Tolerances:
-tests/kernels/loss_cases.py. Shapes: [6, 21] under the interpreter (2 BLOCK_T tiles per row), [64, 1024] on CUDA.
+tests/helpers/tolerances.py. Shapes: [6, 21] under the interpreter (2 BLOCK_T tiles per row), [64, 1024] on CUDA.
 """
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import ppo_value_loss, ppo_value_loss_ref
-from tests.kernels.loss_cases import GRAD_TOL, LOSS_TOL, assert_close, count_tol, make_mask, shape
+from tests.helpers.loss_cases import shape
+from tests.helpers.masks import make_mask
+from tests.helpers.tolerances import GRAD_TOL, LOSS_TOL, assert_close, count_tol
 
 BACKENDS = ("triton", "torch")
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -34,7 +36,7 @@ def make_inputs(B, T, device, dtype=torch.float32, mask_layout="mixed"):
 
 def run_both(backend, values, old, returns, mask, **kw):
     x = values.detach().clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_value_loss(x, old, returns, mask, **kw)
         (loss * UPSTREAM).backward()
     x64 = values.detach().double().requires_grad_(True)
@@ -107,7 +109,7 @@ def test_all_zero_mask(backend, agg, device):
     B, T = shape()
     values, old, returns, mask = make_inputs(B, T, device)
     x = values.clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_value_loss(x, old, returns, torch.zeros_like(mask), agg=agg)
         (loss * UPSTREAM).backward()
     assert loss.item() == 0.0 and metrics["vf_clipfrac"].item() == 0.0
@@ -149,7 +151,7 @@ def test_closed_form_unclipped(backend, device):
     B, T = shape()
     values, _, returns, mask = make_inputs(B, T, device)
     x = values.clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_value_loss(x, values, returns, mask)
         (loss * UPSTREAM).backward()
     n = mask.sum()
@@ -164,7 +166,7 @@ def test_gradient_only_through_values(backend, device):
     values, old, returns, mask = make_inputs(B, T, device)
     x = values.clone().requires_grad_(True)
     o, r = old.clone().requires_grad_(True), returns.clone().requires_grad_(True)
-    with K.backend(backend):
+    with kernels.backend(backend):
         loss, metrics = ppo_value_loss(x, o, r, mask)
         loss.backward()
     assert x.grad is not None and o.grad is None and r.grad is None

@@ -10,10 +10,11 @@ import importlib
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import whiten, whiten_ref
 from tests.conftest import pick
-from tests.kernels.masks import make_mask
+from tests.helpers.masks import make_mask
+from tests.helpers.tolerances import EXACT
 
 whiten_mod = importlib.import_module("fastrlhf.kernels.whitening")
 EPS32 = torch.finfo(torch.float32).eps
@@ -49,7 +50,7 @@ def test_matches_float64(backend, kind, shift_mean, dtype, mask_dtype, device):
     B, T = pick((5, 70), (64, 1024))
     x = (torch.randn(B, T, device=device) * 3 + 2).to(dtype)
     mask = make_mask(B, T, kind, device).to(mask_dtype)
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = whiten(x, mask, shift_mean=shift_mean)
     assert out.dtype == torch.float32 and out.shape == (B, T)
     _check(out, x, mask, shift_mean, "whiten")
@@ -76,7 +77,7 @@ def test_large_offset_is_accurate(path, device):
     if path == "triton-two-phase":
         out = whiten_mod.whiten_triton(x, mask, True, 1e-8, **two_phase(device))
     else:
-        with K.backend(path):
+        with kernels.backend(path):
             out = whiten(x, mask)
     _check(out, x, mask, True, path)
     m = mask != 0
@@ -89,7 +90,7 @@ def test_constant_zero_and_single(path, device):
     def run(x, mask, shift_mean=True):
         if path == "triton-two-phase":
             return whiten_mod.whiten_triton(x, mask, shift_mean, 1e-8, **two_phase(device))
-        with K.backend(path):
+        with kernels.backend(path):
             return whiten(x, mask, shift_mean=shift_mean)
 
     B, T = pick((3, 50), (64, 1024))
@@ -97,7 +98,7 @@ def test_constant_zero_and_single(path, device):
     c = torch.full((B, T), 3.7, device=device)
     assert torch.equal(run(c, mask), torch.zeros_like(c))  # constant: σ² = 0, x − μ = 0 exactly
     kept = run(c, mask, shift_mean=False)  # shift_mean=False: μ added back at valid positions only
-    torch.testing.assert_close(kept, torch.where(mask, c, 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(kept, torch.where(mask, c, 0.0), **EXACT)
     x = torch.randn(B, T, device=device)
     z = torch.zeros(B, T, dtype=torch.bool, device=device)
     assert torch.equal(run(x, z), torch.zeros_like(x))  # all-zero mask: zeros, finite
@@ -105,7 +106,7 @@ def test_constant_zero_and_single(path, device):
     one = torch.zeros(B, T, dtype=torch.bool, device=device)
     one[1, 7] = True  # Σm = 1: σ² = 0, x − μ = 0 → 0 (μ back with shift_mean=False)
     assert torch.equal(run(x, one), torch.zeros_like(x))
-    torch.testing.assert_close(run(x, one, shift_mean=False), torch.where(one, x, 0.0), rtol=0, atol=0)
+    torch.testing.assert_close(run(x, one, shift_mean=False), torch.where(one, x, 0.0), **EXACT)
     t1 = torch.tensor([[4.0]], device=device)  # B = T = 1
     assert torch.equal(run(t1, torch.ones(1, 1, device=device)), torch.zeros(1, 1, device=device))
 
@@ -116,7 +117,7 @@ def test_non_contiguous_none_mask_and_detached(backend, device):
     x = torch.randn(T, B, device=device, dtype=torch.bfloat16).t().requires_grad_()  # [B, T] transposed view
     mask = make_mask(B, 2 * T, "holes", device)[:, ::2]
     assert not x.is_contiguous() and not mask.is_contiguous()
-    with K.backend(backend):
+    with kernels.backend(backend):
         out = whiten(x, mask)
         full = whiten(x, None)
     assert not out.requires_grad  # documented: detached, no autograd

@@ -225,7 +225,7 @@ def compile_cases_in_child(cases_provider: str, tmp_dir, *, workers: int = 2, ti
     ``aot_results.analysis.json``, and with ``FASTRLHF_AOT_REPORT=DIR`` also copied to ``DIR/<provider module>.json``."""
     path = Path(tmp_dir) / "aot_results.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import tests.kernels.aot as a; a._child_main({cases_provider!r}, {str(path)!r}, {int(workers)})"
+    code = f"import tests.helpers.aot as a; a._child_main({cases_provider!r}, {str(path)!r}, {int(workers)})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, f"AOT child for {cases_provider} failed:\n{proc.stderr[-4000:]}"

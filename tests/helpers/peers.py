@@ -79,15 +79,15 @@ def counting(monkeypatch, *names):
     """Wrap ``fastrlhf.kernels.<name>`` so each call is counted; yields the Counter."""
     import collections
 
-    import fastrlhf.kernels as K
+    from fastrlhf import kernels
 
     counts = collections.Counter()
     for name in names:
-        fn = getattr(K, name)
+        fn = getattr(kernels, name)
 
         def wrapper(*args, _fn=fn, _name=name, **kwargs):
             counts[_name] += 1
             return _fn(*args, **kwargs)
 
-        monkeypatch.setattr(K, name, wrapper)
+        monkeypatch.setattr(kernels, name, wrapper)
     yield counts

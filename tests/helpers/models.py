@@ -1,7 +1,8 @@
 """Tiny random HF checkpoints + a word-level tokenizer, built offline, for tests across fastrlhf.
 
-    from tests.helpers_models import make_tiny_checkpoint, tiny_tokenizer
+    from tests.helpers.models import make_tiny_checkpoint, tiny_tokenizer
     path = make_tiny_checkpoint(tmp_path, family="qwen2", head="lm", tie=False, num_hidden_layers=3)
+    path = tiny_checkpoint(tmp_path, hidden=32, layers=1)   # fastrlhf's own model + the embedded task's tokenizer
 
 The folder holds what transformers' ``save_pretrained`` writes (config.json + model.safetensors) plus a
 PreTrainedTokenizerFast (tokenizer.json, tokenizer_config.json with a chat template). Weights are the HF model's
@@ -52,9 +53,9 @@ def tiny_config(family: str = "llama", head: str = "lm", tie: bool = False, **cf
     """A transformers config object for a tiny model; ``cfg`` overrides any field (e.g. rope_scaling, sliding_window)."""
     import transformers
     if family not in FAMILY_CLASSES:
-        raise ValueError(f"tests/helpers_models.py: family={family!r}; expected one of {tuple(FAMILY_CLASSES)}")
+        raise ValueError(f"tests/helpers/models.py: family={family!r}; expected one of {tuple(FAMILY_CLASSES)}")
     if head not in ("lm", "score"):
-        raise ValueError(f"tests/helpers_models.py: head={head!r}; expected 'lm' or 'score'")
+        raise ValueError(f"tests/helpers/models.py: head={head!r}; expected 'lm' or 'score'")
     conf_cls = getattr(transformers, FAMILY_CLASSES[family][0])
     base = dict(vocab_size=160, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,
@@ -146,3 +147,23 @@ class RecordingLog:
 
     def close(self, **kw):
         return None
+
+
+def tiny_checkpoint(path, *, hidden=32, layers=1, seed=0, nan=False, vocab=None, head="lm"):
+    """A tiny random fastrlhf model with the embedded task's tokenizer, for the stage tests.
+    head "lm": a causal LM (policy / SFT model); "score": a scalar-head model (reward / value model)."""
+    from fastrlhf.models.decoder import CausalLM, ModelConfig, ScoreModel
+    from fastrlhf.models.hf_io import save_model
+    from fastrlhf.tools.task import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab or len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    m = (CausalLM if head == "lm" else ScoreModel)(cfg)
+    if nan:
+        with torch.no_grad():
+            (m.lm_head if head == "lm" else m.score).weight.fill_(float("nan"))
+    save_model(m, path, tokenizer=tok)
+    return str(path)
