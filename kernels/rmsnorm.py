@@ -19,8 +19,10 @@ import triton.language as tl
 from ._backend import interpreting, use_triton
 from ._utils import check_float, next_power_of_2
 
-# (largest BLOCK_H, num_warps): the forward/backward row tile and its warps; H > the last entry is not supported.
-WARPS = ((1024, 4), (4096, 8), (16384, 16))
+# (largest BLOCK_H, num_warps): the forward/backward row tile and its warps (8 fp32 per thread per row: the backward
+# holds x, g, w and the ∂L/∂w partial in registers without spilling). H > MAX_H runs the PyTorch path.
+WARPS = ((1024, 4), (2048, 8), (4096, 16), (8192, 32))
+MAX_H = WARPS[-1][0]
 BWD_PROGRAMS_PER_SM = 4  # backward: at most this many programs per SM (each stores a [H] partial of ∂L/∂w)
 
 
@@ -30,7 +32,7 @@ def launch_config(H: int) -> tuple[int, int]:
     for top, warps in WARPS:
         if block <= top:
             return block, warps
-    raise ValueError(f"rms_norm: hidden size {H} > {WARPS[-1][0]} is not supported by the Triton kernel")
+    raise ValueError(f"rms_norm: hidden size {H} > {MAX_H} is not supported by the Triton kernel")
 
 
 def bwd_programs(N: int, device: torch.device) -> int:
@@ -153,9 +155,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = w ⊙ x · rsqrt(mean(x²) + eps) over the last dim, statistics in fp32; differentiable w.r.t. x and w.
 
     x: [..., H] fp32/bf16/fp16; weight: [H] -> [..., H] in promote(x, w) dtype. CUDA: the Triton kernels (under
-    ``torch.compile``: the PyTorch code, which the compiler fuses itself); CPU: ``rms_norm_ref``.
+    ``torch.compile``: the PyTorch code, which the compiler fuses itself; H > MAX_H: the PyTorch code); CPU:
+    ``rms_norm_ref``.
     """
     _check_args(x, weight, eps)
-    if use_triton(x) and not torch.compiler.is_compiling():
+    if use_triton(x) and not torch.compiler.is_compiling() and x.shape[-1] <= MAX_H:
         return _RMSNorm.apply(x, weight, float(eps))
     return rms_norm_ref(x, weight, eps)
