@@ -160,5 +160,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """
     _check_args(x, weight, eps)
     if use_triton(x) and not torch.compiler.is_compiling() and x.shape[-1] <= MAX_H:
+        if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return rms_norm_fwd_triton(x, weight, eps)[0]  # inference (the decode step): no autograd node
         return _RMSNorm.apply(x, weight, float(eps))
     return rms_norm_ref(x, weight, eps)

@@ -77,3 +77,19 @@ def test_bad_input_is_named():
         swiglu(torch.randn(3, 7))
     with pytest.raises(ValueError, match="same shape"):
         swiglu(torch.randn(3, 7), torch.randn(3, 8))
+
+
+def test_no_grad_calls_match_the_autograd_path(device):
+    """Inference skips the autograd node (decode step); the values are the same kernels' (also for rope, rms_norm)."""
+    gu = torch.randn(3, 2 * 21, device=device)
+    x, w = torch.randn(3, 21, device=device), torch.rand(21, device=device)
+    q, k = torch.randn(3, 2, 8, device=device), torch.randn(3, 1, 8, device=device)
+    cos, sin = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
+    with K.backend("triton"):
+        with torch.no_grad():
+            a = (swiglu(gu), swiglu(gu[:, :21], gu[:, 21:]), K.rms_norm(x, w, 1e-6), *K.rope(q, k, cos, sin))
+        b = (swiglu(gu.requires_grad_()), swiglu(gu[:, :21], gu[:, 21:]), K.rms_norm(x, w.requires_grad_(), 1e-6),
+             *K.rope(q.requires_grad_(), k, cos, sin))
+    for u, v in zip(a, b):
+        assert v.grad_fn is not None and u.grad_fn is None
+        assert torch.equal(u, v.detach())
