@@ -1,6 +1,6 @@
 """Decoder-layer variants side by side in one run: separate vs fused projections, and torch.compile of each block.
 
-    python -m benchmarks.decoder_layer [--shape tiny|smoke] [--threads 2] [--rep-ms 2000] [--compile]
+    python -m benchmarks.decoder_layer [--shape tiny|smoke] [--threads 2] [--rep-ms 2000] [--compile] [--rmsnorm]
 
 Model: the generation benchmark's Qwen2-style ``tiny`` shape (hidden 256, 4 layers, 4 / 2 heads, MLP 768, vocab 4096),
 random weights, fp32. Two workloads:
@@ -10,6 +10,8 @@ Arms: ``unfused`` (q/k/v and gate/up as separate matmuls, the layout before the 
 default), and with ``--compile`` ``fused+compile`` (``torch.compile`` of every block; its compile time is printed
 apart). CPU timings are interleaved round robin (``timing.bench_interleaved``) so load drift hits every arm alike; the
 ratios are against ``unfused`` in the same run. Every arm is checked against ``unfused`` (max abs logit difference).
+``--rmsnorm``: the CPU RMSNorm alone, fwd+bwd on [B·T, H] fp32 and a no-grad decode-sized [B, H]: ``rms_norm_ref``
+(the Llama family's six ops) against torch's fused ``F.rms_norm`` (what ``kernels.rms_norm`` takes on CPU for fp32).
 """
 from __future__ import annotations
 
@@ -104,19 +106,59 @@ def run(shape: str = "tiny", device: str = "cpu", with_compile: bool = False, re
     return rows
 
 
+def rmsnorm_cpu(shape: str = "tiny", rep_ms: float = 2000.0) -> list[dict]:
+    import torch.nn.functional as F
+
+    from fastrlhf.kernels import rms_norm_ref
+
+    s = SHAPES[shape]
+    H = s["model"]["hidden_size"]
+    x = torch.randn(s["B"] * s["T"], H, requires_grad=True)
+    w = torch.rand(H, requires_grad=True)
+    g = torch.randn(s["B"] * s["T"], H)
+    xd = x.detach()[: s["B"]]
+
+    def fb(f):
+        def call():
+            x.grad = w.grad = None
+            y = f(x)
+            y.backward(g)
+            return y.detach()
+        return call
+
+    def nograd(f):
+        def call():
+            with torch.no_grad():
+                return f(xd)
+        return call
+    ref, fused = (lambda t: rms_norm_ref(t, w, 1e-6)), (lambda t: F.rms_norm(t, (H,), w, 1e-6))
+    fns = [fb(ref), fb(fused), nograd(ref), nograd(fused)]
+    diff = (fns[0]() - fns[1]()).abs().max().item()
+    tms = bench_interleaved(fns, warmup_ms=200.0, rep_ms=rep_ms, min_reps=10)
+    rows = []
+    for i, (name, wl) in enumerate((("rms_norm_ref", "fwd+bwd"), ("F.rms_norm", "fwd+bwd"), ("rms_norm_ref", "decode"),
+                                    ("F.rms_norm", "decode"))):
+        base = tms[i - i % 2].median_ms
+        rows.append(dict(workload=f"rmsnorm {wl}", arm=name, median_ms=tms[i].median_ms, p20_ms=tms[i].p20_ms,
+                         p80_ms=tms[i].p80_ms, vs_unfused=base / tms[i].median_ms, first_call_s=0.0,
+                         max_abs_diff=diff))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.decoder_layer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rep-ms", type=float, default=2000.0, help="time budget per arm and workload")
     ap.add_argument("--compile", action="store_true", help="also torch.compile every block (compile time printed)")
+    ap.add_argument("--rmsnorm", action="store_true", help="only the CPU RMSNorm: reference ops vs F.rms_norm")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    rows = run(a.shape, with_compile=a.compile, rep_ms=a.rep_ms)
+    rows = (rmsnorm_cpu(a.shape, a.rep_ms) if a.rmsnorm else run(a.shape, with_compile=a.compile, rep_ms=a.rep_ms))
     load = f"load avg {os.getloadavg()[0]:.1f} (1 min)" if hasattr(os, "getloadavg") else ""
     print(f"shape {a.shape} | threads {torch.get_num_threads()} | torch {torch.__version__} | {load}")
-    print("| workload | arm | median ms | p20 | p80 | speed vs unfused | first call s | max abs diff vs unfused |")
+    print("| workload | arm | median ms | p20 | p80 | speed vs first arm | first call s | max abs diff vs first arm |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['arm']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | "

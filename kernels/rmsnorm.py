@@ -8,11 +8,14 @@ y has the dtype torch gives ``w * x`` (fp32 master weights over an fp32 residual
 Triton: the forward is one program per row (the whole row in one tile of BLOCK_H = next power of two ≥ H), storing y and
 r [N] fp32 for the backward. The backward runs P programs over contiguous row ranges: each writes its rows of ∂L/∂x and
 keeps a partial Σ g ⊙ x̂ of its rows in registers, stored to [P, H] fp32 and summed over P by torch.
-CPU: ``rms_norm_ref`` with torch's autograd (x̂ rounded to x's dtype before the weight, as the Llama family does).
+CPU: torch's own fused ``F.rms_norm`` when x and w are both fp32 (fewer ops; the same values as ``rms_norm_ref`` in the
+tests, gradients included), else ``rms_norm_ref`` with torch's autograd (x̂ rounded to x's dtype before the weight, as the
+Llama family does).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -155,12 +158,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """y = w ⊙ x · rsqrt(mean(x²) + eps) over the last dim, statistics in fp32; differentiable w.r.t. x and w.
 
     x: [..., H] fp32/bf16/fp16; weight: [H] -> [..., H] in promote(x, w) dtype. CUDA: the Triton kernels (under
-    ``torch.compile``: the PyTorch code, which the compiler fuses itself; H > MAX_H: the PyTorch code); CPU:
-    ``rms_norm_ref``.
+    ``torch.compile``: the PyTorch code, which the compiler fuses itself; H > MAX_H: the PyTorch code); CPU: torch's
+    ``F.rms_norm`` for fp32 x and w, else ``rms_norm_ref``.
     """
     _check_args(x, weight, eps)
     if use_triton(x) and not torch.compiler.is_compiling() and x.shape[-1] <= MAX_H:
         if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
             return rms_norm_fwd_triton(x, weight, eps)[0]  # inference (the decode step): no autograd node
         return _RMSNorm.apply(x, weight, float(eps))
+    if x.dtype == weight.dtype == torch.float32 and not x.is_cuda:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op: y = w ⊙ x · rsqrt(mean x² + eps)
     return rms_norm_ref(x, weight, eps)

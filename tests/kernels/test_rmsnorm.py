@@ -87,3 +87,19 @@ def test_bad_input_is_named():
         rms_norm(torch.randn(3, 8), torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match="eps"):
         rms_norm(torch.randn(3, 8), torch.ones(8), 0.0)
+
+
+@pytest.mark.parametrize("H", [45, 256, 896])
+def test_cpu_fp32_path_is_the_reference_function(H):
+    """CPU fp32 takes torch's fused F.rms_norm: the same function as rms_norm_ref (values and gradients up to fp32
+    rounding; equal in practice)."""
+    x = (torch.randn(4, 9, H) * 3).requires_grad_()
+    w = (torch.rand(H) + 0.5).requires_grad_()
+    g = torch.randn(4, 9, H)
+    y = rms_norm(x, w, 1e-6)
+    y.backward(g)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = rms_norm_ref(x2, w2, 1e-6)
+    y2.backward(g)
+    for a, b in ((y, y2), (x.grad, x2.grad), (w.grad, w2.grad)):
+        torch.testing.assert_close(a, b, rtol=4 * EPS32, atol=4 * EPS32 * b.abs().max().item())
