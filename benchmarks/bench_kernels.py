@@ -163,3 +163,52 @@ def test_ppo_loss_fwd_bwd(benchmark, provider):
     fn = R.ours_ppo if provider == "fastrlhf" else eager
     benchmark.group = f"ppo_loss+k3+value fwd+bwd B={B} T={T}"
     benchmark.pedantic(fb, args=(fn,), **ROUNDS)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# decoder-layer ops: RMSNorm [N, H], RoPE of q [N, Hq, D] / k [N, Hkv, D], SwiGLU of [N, 2F]; fwd+bwd each
+# ----------------------------------------------------------------------------------------------------------------------
+N_DEC, H_DEC, F_DEC, HQ_DEC, HKV_DEC, D_DEC = 256, 896, 4864 // 8, 14, 2, 64  # qwen2-0.5b hidden / heads, odd sizes
+
+
+def _decoder_cases():
+    """{op: (fwd+bwd(f) -> tensors, ours, eager, leaves)} on fresh random inputs."""
+    from fastrlhf import kernels as K
+
+    x = torch.randn(N_DEC, H_DEC) * 2
+    w = torch.rand(H_DEC) + 0.5
+    qkv = torch.randn(N_DEC, HQ_DEC + 2 * HKV_DEC, D_DEC)
+    ang = torch.randint(0, 4096, (N_DEC, 1)).float() * (1e4 ** (-torch.arange(0, D_DEC, 2).float() / D_DEC))
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    gu = torch.randn(N_DEC, 2 * F_DEC) * 3
+    g_x, g_q, g_k, g_s = (torch.randn(N_DEC, H_DEC), torch.randn(N_DEC, HQ_DEC, D_DEC),
+                          torch.randn(N_DEC, HKV_DEC, D_DEC), torch.randn(N_DEC, F_DEC))
+
+    def rms(f, dt=torch.float32):
+        xx, ww = x.detach().to(dt).requires_grad_(True), w.detach().to(dt).requires_grad_(True)
+        y = f(xx, ww, 1e-6)
+        y.backward(g_x.to(dt))
+        return y.detach(), xx.grad, ww.grad
+
+    def rot(f, dt=torch.float32):
+        t = qkv.detach().to(dt).requires_grad_(True)
+        q, k = f(t[:, :HQ_DEC], t[:, HQ_DEC:HQ_DEC + HKV_DEC], cos.to(dt), sin.to(dt))
+        torch.autograd.backward([q, k], [g_q.to(dt), g_k.to(dt)])
+        return q.detach(), k.detach(), t.grad
+
+    def glu(f, dt=torch.float32):
+        t = gu.detach().to(dt).requires_grad_(True)
+        y = f(t)
+        y.backward(g_s.to(dt))
+        return y.detach(), t.grad
+    return {"rms_norm": (rms, K.rms_norm, K.rms_norm_ref), "rope_qk": (rot, K.rope, K.rope_ref),
+            "swiglu": (glu, K.swiglu, K.swiglu_ref)}
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope_qk", "swiglu"])
+@pytest.mark.parametrize("provider", ["fastrlhf", "eager"])
+def test_decoder_op_fwd_bwd(benchmark, op, provider):
+    fb, ours, eager = _decoder_cases()[op]
+    _check(fb(ours), fb(eager), fb(eager, torch.float64), f"{op} fwd+bwd")
+    benchmark.group = f"{op} fwd+bwd N={N_DEC} H={H_DEC} F={F_DEC} heads={HQ_DEC}/{HKV_DEC}x{D_DEC}"
+    benchmark.pedantic(fb, args=(ours if provider == "fastrlhf" else eager,), **ROUNDS)

@@ -24,6 +24,9 @@ Ops (shapes: ``SHAPES``; notation B batch, T time, V vocabulary, H hidden, N tok
   forward, the policy's dX and dW).
 - ``ppo``       clipped policy loss + k3 KL in the loss + clipped value loss, fwd+bwd, [B, T] fp32;
   bytes: logp, old, ref, A, m, V, V_old, R read, dlogp and dV written.
+- ``decoder``   (opt-in: ``--ops decoder``) the decoder-layer ops, fwd+bwd each, in the compute dtype: RMSNorm [N, H],
+  RoPE of q [N, Hq, D] and k [N, Hkv, D] (read from a fused QKV output), SwiGLU of a fused gate/up output [N, 2F];
+  ``eager`` is the model's PyTorch code (the ``*_ref``). Bytes: inputs read + outputs written, forward and backward.
 On CPU ``fastrlhf`` is the kernels' CPU path (backend "auto" -> PyTorch / C++); on CUDA it is the Triton kernels.
 Providers: fastrlhf, eager (+ eager-lse, eager-rowloop variants for logprobs), compile (default on CUDA only: on CPU
 inductor needs ~30 s to compile each function; ask with --providers), trl, liger (CUDA only, when importable).
@@ -55,11 +58,11 @@ DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 # (tiny: N·V crosses the CPU path's 256 MiB chunk budget at both N, as the h100 shape does on the GPU).
 SHAPES = {
     "h100": dict(logits=(32, 512, 151936), linear=(16384, 896, 151936), linear_mem=(896, (4096, 16384)),
-                 kl=(8192, 896, 151936), gae=(64, 1024), ppo=(64, 1024)),
+                 kl=(8192, 896, 151936), gae=(64, 1024), ppo=(64, 1024), decoder=(16384, 896, 4864, 14, 2, 64)),
     "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(64, (2048, 6144)),
-                 kl=(512, 256, 32001), gae=(64, 1024), ppo=(64, 1024)),
+                 kl=(512, 256, 32001), gae=(64, 1024), ppo=(64, 1024), decoder=(2048, 256, 704, 4, 2, 64)),
     "smoke": dict(logits=(2, 16, 4099), linear=(128, 64, 4099), linear_mem=(64, (64, 256)), kl=(64, 64, 4099),
-                  gae=(8, 256), ppo=(8, 256)),
+                  gae=(8, 256), ppo=(8, 256), decoder=(64, 64, 96, 4, 2, 16)),
 }
 GAMMA, LAM, TAU = 1.0, 0.95, 1.0
 CLIP_EPS, KL_COEF, VF_CLIP = 0.2, 0.001, 0.2
@@ -484,7 +487,74 @@ def bench_kl(ctx: Ctx) -> None:
     del hidden, weight, ref_hidden, ref_weight
 
 
-BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "kl": bench_kl, "gae": bench_gae, "ppo": bench_ppo}
+def bench_decoder(ctx: Ctx) -> None:
+    """RMSNorm, RoPE (q and k) and SwiGLU, fwd+bwd each: ours vs the model's PyTorch code (+ compile when wanted)."""
+    N, H, F, hq, hkv, D = SHAPES[ctx.shape]["decoder"]
+    dev, dt = ctx.device, ctx.dtype
+    K = _K()
+    x = torch.randn(N, H, device=dev).to(dt).requires_grad_(True)
+    w = (torch.rand(H, device=dev) + 0.5).to(dt).requires_grad_(True)
+    qkv = torch.randn(N, hq + 2 * hkv, D, device=dev).to(dt).requires_grad_(True)
+    pos = torch.randint(0, 4096, (N,), device=dev)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    ang = torch.cat([pos[:, None].float() * inv] * 2, dim=-1)  # [N, D]
+    cos, sin = ang.cos(), ang.sin()
+    gu = (torch.randn(N, 2 * F, device=dev) * 2).to(dt).requires_grad_(True)
+    g_x = torch.randn(N, H, device=dev).to(dt)
+    g_q, g_k = torch.randn(N, hq, D, device=dev).to(dt), torch.randn(N, hkv, D, device=dev).to(dt)
+    g_s = torch.randn(N, F, device=dev).to(dt)
+
+    def rms(f):
+        def fb():
+            y = f(x, w, 1e-6)
+            y.backward(g_x)
+            return y.detach(), x.grad, w.grad
+        return fb
+
+    def rot(f):
+        def fb():
+            q, k = f(qkv[:, :hq], qkv[:, hq:hq + hkv], cos, sin)
+            torch.autograd.backward([q, k], [g_q, g_k])
+            return q.detach(), k.detach(), qkv.grad
+        return fb
+
+    def glu(f):
+        def fb():
+            y = f(gu)
+            y.backward(g_s)
+            return y.detach(), gu.grad
+        return fb
+
+    def ref64(fb, leaves):
+        saved = [t.data for t in leaves]
+        for t in leaves:
+            t.data = t.data.double()
+        try:
+            return [o.double() for o in fb()]
+        finally:
+            for t, d in zip(leaves, saved):
+                t.grad, t.data = None, d
+
+    e = dt.itemsize if hasattr(dt, "itemsize") else torch.empty((), dtype=dt).element_size()
+    cases = [("rms_norm", rms, K.rms_norm, K.rms_norm_ref, (x, w), 5 * N * H * e),
+             ("rope_qk", rot, K.rope, K.rope_ref, (qkv,), 4 * N * (hq + hkv) * D * e + 4 * N * D * 4),
+             ("swiglu", glu, K.swiglu, K.swiglu_ref, (gu,), 8 * N * F * e)]
+    shape = f"N={N} H={H} F={F} heads={hq}/{hkv}x{D} {_dname(dt)}"
+    for name, make, ours, eager, leaves, nbytes in cases:
+        want = ref64(make(eager), leaves)
+        impls = {"fastrlhf": ours, "eager": eager}
+        if ctx.wants("compile"):
+            impls["compile"] = BL.compiled(eager)
+        for prov, f in impls.items():
+            if ctx.wants(prov):
+                measure(ctx, name, "fwd+bwd", prov, shape, make(f),
+                        lambda o: max((a.double() - b).abs().max().item() for a, b in zip(o, want)),
+                        nbytes=nbytes, leaves=leaves)
+        flush(ctx)
+
+
+BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "kl": bench_kl, "gae": bench_gae, "ppo": bench_ppo,
+           "decoder": bench_decoder}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -598,7 +668,7 @@ def format_memory_scaling(mem: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(BENCHES))
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: h100 on CUDA, tiny on CPU")
     ap.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),
                     help="default: all on CUDA; on CPU all but compile/trl/liger")

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from fastrlhf.models.kv_cache import StaticKVCache
-from fastrlhf.models.decoder import SUPPORTED, CausalLM, ModelConfig, ScoreModel, autocast_context
+from fastrlhf.models.decoder import SUPPORTED, CausalLM, ModelConfig, ScoreModel, autocast_context, split_fused_state
 from fastrlhf.models.hf_io import config_from_tokenizer_check, load_model, load_tokenizer, save_model
 from fastrlhf.models.attention import HAVE_FLASH
 from fastrlhf.models.rope import rope_init
@@ -196,7 +196,9 @@ def test_sharded_save_and_load(tmp_path):
     save_model(model, tmp_path / "sharded", max_shard_size_bytes=30_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
-    assert len(shards) > 2 and set(index["weight_map"]) == set(model.state_dict())
+    assert len(shards) > 2 and set(index["weight_map"]) == set(split_fused_state(model.state_dict(), model.config))
+    assert "model.layers.0.self_attn.q_proj.weight" in index["weight_map"]  # HF's names on disk, not the fused ones
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in index["weight_map"])
     again = load_model(tmp_path / "sharded")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", attn_implementation="eager").eval()
     ids, _ = _batch(2, 7, "none")

@@ -1,8 +1,10 @@
 """A compact decoder for the Llama family (Llama 2/3, Qwen2/2.5, Mistral) with an LM head or a scalar head.
 
 Notation: B batch, T tokens, H hidden size, V vocab, Hq/Hkv query/key-value heads, D head_dim, S KV-cache slots.
-Parameter names follow the HF checkpoints (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head / score),
-so a safetensors state dict maps 1:1. Loading/saving lives in fastrlhf/models/hf_io.py.
+Parameter names follow the HF checkpoints (model.embed_tokens, model.layers.N.self_attn.o_proj, ..., lm_head / score),
+except the fused projections: self_attn.qkv_proj (HF's q/k/v_proj, rows concatenated) and mlp.gate_up_proj (gate/up_proj).
+HF state dicts load as they are (a pre-hook fuses them); ``split_fused_state`` gives HF's names back (hf_io saves that).
+RMSNorm, RoPE and SwiGLU are fastrlhf.kernels ops: Triton on CUDA, the plain PyTorch code on CPU.
 
 Precision (default for training): parameters stay fp32 (the master weights, what the optimizer updates); the forward runs
 under ``autocast_context(device, enabled=True)`` = torch.autocast(device_type, dtype=torch.bfloat16), so matmuls run in
@@ -21,7 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fastrlhf.models.kv_cache import StaticKVCache
 from fastrlhf.models.attention import ATTN_IMPLS, attend, build_meta, resolve_impl
-from fastrlhf.models.rope import apply_rope, dynamic_inv_freq, rope_cos_sin, rope_init, rope_kind
+from fastrlhf.kernels import rms_norm, rope, swiglu
+from fastrlhf.models.rope import dynamic_inv_freq, rope_cos_sin, rope_init, rope_kind
 
 FAMILIES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
 SUPPORTED = tuple(f"{p}For{h}" for p in FAMILIES.values() for h in ("CausalLM", "SequenceClassification"))
@@ -140,26 +143,77 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x: Tensor) -> Tensor:  # y = w * x / sqrt(mean(x^2) + eps), statistics in fp32
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _split_linear(fused: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
+    """Rows [s_0 | s_1 | ...] of a fused projection as separate nn.Linear modules (copies; works on the meta device)."""
+    out, start = [], 0
+    w, b = fused.weight, fused.bias
+    for n in sizes:
+        lin = nn.Linear(fused.in_features, n, bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w[start:start + n])
+            if b is not None:
+                lin.bias.copy_(b[start:start + n])
+        out.append(lin)
+        start += n
+    return out
+
+
+def _merge_hf_keys(state: dict, prefix: str, fused: str, parts: tuple[str, ...]) -> None:
+    """load_state_dict pre-hook body: HF's separate ``parts`` (e.g. q_proj/k_proj/v_proj) under ``prefix`` become the
+    rows of the fused ``fused`` projection, concatenated in that order (weight and bias)."""
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{p}.{kind}" for p in parts]
+        if all(k in state for k in keys) and f"{prefix}{fused}.{kind}" not in state:
+            state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys], dim=0)
+
+
+def _fuse_on_load(module, state, prefix, *_) -> None:
+    """Pre-hook of Attention / MLP: HF's separate projections in ``state`` load into the fused one."""
+    if module.fused:
+        fused, parts = ("qkv_proj", QKV_PARTS) if isinstance(module, Attention) else ("gate_up_proj", GATE_UP_PARTS)
+        _merge_hf_keys(state, prefix, fused, parts)
 
 
 class Attention(nn.Module):
+    """Causal self-attention with one fused QKV projection ``qkv_proj`` [(Hq + 2·Hkv)·D, H] (rows: q, then k, then v).
+
+    Loads HF's separate q_proj / k_proj / v_proj weights (a load_state_dict pre-hook concatenates them); hf_io writes
+    them back separately (``split_fused_state``). ``unfuse()`` switches to three nn.Linear (e.g. for LoRA adapters on
+    q_proj / v_proj); the forward runs either layout."""
+
     def __init__(self, c: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.sliding = layer, c.uses_window(layer)
         self.nq, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.nq * self.d, bias=c.attention_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.nkv * self.d, bias=c.attention_bias)
+        self.qkv_proj = nn.Linear(c.hidden_size, (self.nq + 2 * self.nkv) * self.d, bias=c.attention_bias)
         self.o_proj = nn.Linear(self.nq * self.d, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
+        self.register_load_state_dict_pre_hook(_fuse_on_load)
+
+    @property
+    def fused(self) -> bool:
+        return hasattr(self, "qkv_proj")
+
+    def unfuse(self) -> None:
+        """Replace ``qkv_proj`` by q_proj, k_proj, v_proj holding the same weights (in place)."""
+        if self.fused:
+            parts = _split_linear(self.qkv_proj, [self.nq * self.d, self.nkv * self.d, self.nkv * self.d])
+            del self.qkv_proj
+            self.q_proj, self.k_proj, self.v_proj = parts
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, meta, kv_cache, cache_pos) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.nq, self.d).transpose(1, 2)   # [B, Hq, T, D]
-        k = self.k_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(B, T, self.nkv, self.d).transpose(1, 2)  # [B, Hkv, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fused:
+            qkv = self.qkv_proj(x).view(B, T, self.nq + 2 * self.nkv, self.d)  # [B, T, Hq + 2·Hkv, D]
+            q, k, v = qkv.split([self.nq, self.nkv, self.nkv], dim=2)  # views
+        else:
+            q = self.q_proj(x).view(B, T, self.nq, self.d)
+            k = self.k_proj(x).view(B, T, self.nkv, self.d)
+            v = self.v_proj(x).view(B, T, self.nkv, self.d)
+        q, k = rope(q, k, cos, sin)  # [B, T, Hq, D], [B, T, Hkv, D]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
         if kv_cache is not None:  # attend in the cache dtype: cast the few new queries, never the whole cache
             k, v = kv_cache.update(self.layer, k, v, cache_pos)  # [B, Hkv, S, D]
             q = q.to(k.dtype)
@@ -168,14 +222,69 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU MLP with one fused gate/up projection ``gate_up_proj`` [2F, H] (rows: gate, then up); HF's gate_proj /
+    up_proj load into it and are written back separately, as for ``Attention``; ``unfuse()`` splits it."""
+
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.f = c.intermediate_size
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * self.f, bias=False)
         self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.register_load_state_dict_pre_hook(_fuse_on_load)
+
+    @property
+    def fused(self) -> bool:
+        return hasattr(self, "gate_up_proj")
+
+    def unfuse(self) -> None:
+        """Replace ``gate_up_proj`` by gate_proj, up_proj holding the same weights (in place)."""
+        if self.fused:
+            parts = _split_linear(self.gate_up_proj, [self.f, self.f])
+            del self.gate_up_proj
+            self.gate_proj, self.up_proj = parts
 
     def forward(self, x: Tensor) -> Tensor:  # SwiGLU: W_down (silu(W_gate x) * W_up x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            return self.down_proj(swiglu(self.gate_up_proj(x)))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+QKV_PARTS, GATE_UP_PARTS = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def split_fused_state(state: dict, c: ModelConfig) -> dict:
+    """A state dict with the fused projections split back into HF's names (qkv_proj -> q/k/v_proj, gate_up_proj ->
+    gate/up_proj, weight and bias rows); other keys (and already separate projections) unchanged, order kept."""
+    q, kv, f = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    out = {}
+    for k, v in state.items():
+        head, _, kind = k.rpartition(".")
+        if head.endswith(".qkv_proj"):
+            parts, sizes = QKV_PARTS, [q, kv, kv]
+        elif head.endswith(".gate_up_proj"):
+            parts, sizes = GATE_UP_PARTS, [f, f]
+        else:
+            out[k] = v
+            continue
+        base = head.rpartition(".")[0]
+        for name, t in zip(parts, v.split(sizes, dim=0)):
+            out[f"{base}.{name}.{kind}"] = t
+    return out
+
+
+def unfuse_projections(model: nn.Module, names) -> int:
+    """Split the fused projections of ``model`` whose HF parts appear in ``names`` (e.g. LoRA targets such as
+    "q_proj", "up_proj"); returns how many modules were split."""
+    names = set(names)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Attention) and m.fused and names & set(QKV_PARTS):
+            m.unfuse()
+            n += 1
+        elif isinstance(m, MLP) and m.fused and names & set(GATE_UP_PARTS):
+            m.unfuse()
+            n += 1
+    return n
 
 
 class Block(nn.Module):
@@ -306,4 +415,5 @@ class ScoreModel(nn.Module):
         return values.gather(1, last[:, None]).squeeze(1)
 
 
-__all__ = ["SUPPORTED", "FAMILIES", "ModelConfig", "Decoder", "CausalLM", "ScoreModel", "autocast_context"]
+__all__ = ["SUPPORTED", "FAMILIES", "ModelConfig", "Decoder", "CausalLM", "ScoreModel", "autocast_context",
+           "split_fused_state", "unfuse_projections"]

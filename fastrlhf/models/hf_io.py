@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastrlhf.models.decoder import FAMILIES, SUPPORTED, CausalLM, ModelConfig, ScoreModel
+from fastrlhf.models.decoder import FAMILIES, SUPPORTED, CausalLM, ModelConfig, ScoreModel, split_fused_state
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # 5 GiB per shard, as HF's save_pretrained default
 
@@ -104,7 +104,7 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
         model = CausalLM(cfg) if head == "lm" else ScoreModel(cfg)
     if not weights:
         return model.to(dtype=dtype)
-    want = dict(model.state_dict())
+    want = split_fused_state(dict(model.state_dict()), cfg)  # HF's names and shapes (q/k/v_proj, gate/up_proj)
     if head == "lm" and cfg.tie_word_embeddings:
         want.pop("lm_head.weight")
     state = {}
@@ -132,7 +132,7 @@ def load_model(path, *, head: str = "lm", dtype: torch.dtype = torch.float32, de
         raise ValueError(f"{path}: checkpoint ({arch}) lacks {missing[:5]}{'...' if len(missing) > 5 else ''} "
                          f"needed for head={head!r}")
     model.to_empty(device=device).to(dtype=dtype)
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False)  # the fused projections concatenate their HF parts (decoder's pre-hook)
     if head == "lm" and cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # to_empty broke the tie; restore it
     if fresh_score:
@@ -159,6 +159,7 @@ def save_model(model, path, *, tokenizer=None, max_shard_size_bytes: int = DEFAU
     cfg = model.config
     arch = FAMILIES[cfg.model_type] + ("ForCausalLM" if isinstance(model, CausalLM) else "ForSequenceClassification")
     source = model.state_dict() if state_dict is None else state_dict
+    source = split_fused_state(source, cfg)  # fused qkv_proj / gate_up_proj -> HF's separate projections
     state = {k: v.detach().to("cpu").contiguous() for k, v in source.items()}
     if isinstance(model, CausalLM) and cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with model.embed_tokens.weight; HF re-ties on load

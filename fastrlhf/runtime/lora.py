@@ -7,6 +7,11 @@
 
 LoRA (Hu et al. 2021): W x + (alpha / r) · B A x with A [r, in], B [out, r], B initialised to 0 so training starts at
 the SFT model exactly.
+
+The model fuses q/k/v_proj into ``qkv_proj`` and gate/up_proj into ``gate_up_proj``. Targets naming HF's separate
+projections (the default) split those fused layers back first (``unfuse_projections``), so every target gets its own
+adapter as in peft on an HF model, and adapter checkpoints keep HF's names; targets "qkv_proj" / "gate_up_proj" put one
+adapter on the fused layer instead (and keep the fused matmul).
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float = 0.0, targets=DE
     peft = _peft()
     if rank <= 0:
         raise ValueError(f"add_lora: rank must be > 0, got {rank}")
+    from fastrlhf.models.decoder import unfuse_projections
+
+    unfuse_projections(model, targets)  # adapters on q_proj / up_proj / ... need those layers separate
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
     peft.inject_adapter_in_model(cfg, model)
     n = 0

@@ -83,7 +83,8 @@ class LoRASection:
     dropout: float = param(0.0, "dropout on the LoRA input (PPO turns every dropout off: the old and new log-probs "
                            "must come from one function for the ratio to be exact)", flat="lora_dropout", ge=0, lt=1)
     targets: list[str] = param(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                               "linear layers that get adapters", flat="lora_targets")
+                               "linear layers that get adapters (HF names; qkv_proj / gate_up_proj adapt the fused "
+                               "projections as one layer each)", flat="lora_targets")
 
 
 @dataclass
