@@ -173,7 +173,7 @@ N_DEC, H_DEC, F_DEC, HQ_DEC, HKV_DEC, D_DEC = 256, 896, 4864 // 8, 14, 2, 64  # 
 
 def _decoder_cases():
     """{op: (fwd+bwd(f) -> tensors, ours, eager, leaves)} on fresh random inputs."""
-    from fastrlhf import kernels as K
+    from fastrlhf import kernels
 
     x = torch.randn(N_DEC, H_DEC) * 2
     w = torch.rand(H_DEC) + 0.5
@@ -201,8 +201,8 @@ def _decoder_cases():
         y = f(t)
         y.backward(g_s.to(dt))
         return y.detach(), t.grad
-    return {"rms_norm": (rms, K.rms_norm, K.rms_norm_ref), "rope_qk": (rot, K.rope, K.rope_ref),
-            "swiglu": (glu, K.swiglu, K.swiglu_ref)}
+    return {"rms_norm": (rms, kernels.rms_norm, kernels.rms_norm_ref), "rope_qk": (rot, kernels.rope, kernels.rope_ref),
+            "swiglu": (glu, kernels.swiglu, kernels.swiglu_ref)}
 
 
 @pytest.mark.parametrize("op", ["rms_norm", "rope_qk", "swiglu"])

@@ -9,7 +9,7 @@ import torch
 
 from fastrlhf.models.decoder import CausalLM, ModelConfig, split_fused_state, unfuse_projections
 from fastrlhf.models.hf_io import load_model, save_model
-from tests.helpers_models import make_tiny_checkpoint, make_tiny_hf_model
+from tests.helpers.models import make_tiny_checkpoint, make_tiny_hf_model
 
 FAMILIES = ["llama", "qwen2"]  # qwen2: q/k/v with bias
 
@@ -112,7 +112,7 @@ def test_gradients_reach_the_fused_weights(tmp_path):
 def test_model_on_the_triton_kernels_matches_the_torch_path(tmp_path, family):
     """The CUDA dispatch (Triton RMSNorm / RoPE / SwiGLU on strided slices of the fused projections), run by the
     interpreter at a tiny size: logits and every weight gradient equal the CPU (PyTorch) path up to fp32 rounding."""
-    import fastrlhf.kernels as K
+    from fastrlhf import kernels
     from fastrlhf.kernels._backend import interpreting
 
     if not interpreting() and not torch.cuda.is_available():
@@ -125,7 +125,7 @@ def test_model_on_the_triton_kernels_matches_the_torch_path(tmp_path, family):
     grads, logits = [], []
     for name in ("torch", "triton"):
         model.zero_grad()
-        with K.backend(name):
+        with kernels.backend(name):
             out = model(ids, attention_mask=mask)
             (out.float().logsumexp(-1) * mask).sum().backward()
         logits.append(out.detach())

@@ -14,7 +14,7 @@ import importlib
 
 import pytest
 
-from tests.kernels.aot import AOTCase, compile_cases_in_child
+from tests.helpers.aot import AOTCase, compile_cases_in_child
 
 pytestmark = pytest.mark.slow
 

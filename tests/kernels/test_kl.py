@@ -7,7 +7,7 @@ where base32 is plain PyTorch (kl_penalty_ref) in fp32 on the same inputs and sc
 (|logp| + |ref| for k1/abs, d² for k2, exp(d) + |d| + 1 for k3). Gradients: the autograd contract returns them in the input
 dtype, so one final rounding to that dtype is unavoidable; they get that rounding's bound on top: one ulp of the dtype,
 relative (2⁻⁷ bf16, 2⁻¹⁰ fp16, 0 fp32) — a full ulp, not half, because Triton's interpreter truncates where the GPU
-rounds to nearest — plus one subnormal step for values under the smallest normal (tests/kernels/rounding.py).
+rounds to nearest — plus one subnormal step for values under the smallest normal (tests/helpers/tolerances.py).
 """
 import pytest
 import torch

@@ -5,7 +5,7 @@ is one product −β·kl (plus one score at a single position), so the fp32 kern
 terms: |out − ref64| ≤ 2·|base32 − ref64| + 2·eps32·(|β·kl| + |s|), base32 being plain PyTorch in fp32.
 Gradients are exact linear maps (−β·m·g and a gather of g); they are rounded once to the input dtype (autograd returns the
 input's dtype), bounded by one ulp of that dtype relative (2⁻⁷ bf16, 2⁻¹⁰ fp16, 0 fp32) plus one subnormal step
-(fp16 gradients under 2⁻¹⁴ sit on a fixed 2⁻²⁴ grid; tests/kernels/rounding.py), on top of the fp32 bound.
+(fp16 gradients under 2⁻¹⁴ sit on a fixed 2⁻²⁴ grid; tests/helpers/tolerances.py), on top of the fp32 bound.
 """
 import importlib
 

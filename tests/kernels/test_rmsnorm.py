@@ -8,10 +8,10 @@ magnitudes the fp32 arithmetic handles (max |y|; for ∂L/∂x: r·(|g w| + |x̂
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import rms_norm, rms_norm_ref
 from tests.conftest import pick
-from tests.kernels.rounding import rounding_bound
+from tests.helpers.tolerances import rounding_bound
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -26,7 +26,7 @@ def assert_close(out, ref, scale, dtype, what):
 def _case(shape, H, dtype, wdtype, device, eps=1e-6):
     x = (torch.randn(*shape, H, device=device) * 2 + 0.5).to(dtype).requires_grad_()
     w = (torch.rand(H, device=device) + 0.5).to(wdtype).requires_grad_()
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         y = rms_norm(x, w, eps)
     g = torch.randn(y.shape, device=device).to(y.dtype)
     y.backward(g)
@@ -64,7 +64,7 @@ def test_backward_partials_over_programs(device):
     w = torch.rand(45, device=device) + 0.5
     g = torch.randn(17, 45, device=device)
     mod = __import__("fastrlhf.kernels.rmsnorm", fromlist=["x"])
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         _, rstd = mod.rms_norm_fwd_triton(x, w, 1e-6)
         dx1, dw1 = mod.rms_norm_bwd_triton(x, w, rstd, g, programs=1)
         dx5, dw5 = mod.rms_norm_bwd_triton(x, w, rstd, g, programs=5)

@@ -9,7 +9,7 @@ in float64 (the kernel reads them in fp32, as the model builds them).
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import rope, rope_ref
 from fastrlhf.models.rope import rope_cos_sin, rope_init
 from tests.conftest import pick
@@ -22,7 +22,7 @@ def _tables(pos, D, theta=10000.0):
 
 
 def _check_rope(q, k, cos, sin, dtype, what):
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         qo, ko = rope(q, k, cos, sin)
     gq = torch.randn(qo.shape, device=q.device).to(dtype)
     gk = torch.randn(ko.shape, device=q.device).to(dtype)
@@ -57,7 +57,7 @@ def test_strided_slices_of_a_fused_qkv(dtype, device):
     q, k = heads[:, :, :hq], heads[:, :, hq:hq + hkv]
     assert not q.is_contiguous()
     cos, sin = _tables(torch.arange(T, device=device)[None].expand(B, T), D)
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         qo, ko = rope(q, k, cos, sin)
     want_q, want_k = rope_ref(q.detach().double(), k.detach().double(), cos.double(), sin.double())
     assert_close(qo, want_q, want_q.abs().max(), dtype, "q")
@@ -77,7 +77,7 @@ def test_packed_positions_equal_per_sample(device):
     k = torch.randn(N, hkv, D, device=device)
     pos = torch.cat([torch.arange(n, device=device) for n in lens])
     cos, sin = _tables(pos, D)
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         qo, ko = rope(q, k, cos, sin)
         s = 0
         for n in lens:

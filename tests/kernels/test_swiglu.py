@@ -7,7 +7,7 @@ truncates where the GPU rounds to nearest), scale = max |ref64| of that output.
 import pytest
 import torch
 
-import fastrlhf.kernels as K
+from fastrlhf import kernels
 from fastrlhf.kernels import swiglu, swiglu_ref
 from tests.conftest import pick
 from tests.kernels.test_rmsnorm import assert_close
@@ -23,7 +23,7 @@ def _check(out, ref, dtype, what):
 def test_fused_matches_float64(F, dtype, device):
     lead = pick((2, 3), (8, 512))
     gu = (torch.randn(*lead, 2 * F, device=device) * 3).to(dtype).requires_grad_()
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         y = swiglu(gu)
     g = torch.randn(y.shape, device=device).to(dtype)
     y.backward(g)
@@ -41,7 +41,7 @@ def test_two_tensors_strided_match_float64(dtype, device):
     wide = (torch.randn(N, 3 * F, device=device) * 3).to(dtype)
     a = wide[:, :F].detach().requires_grad_()
     b = wide[:, 2 * F:].detach().requires_grad_()
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         y = swiglu(a[:, :], b)
     g = torch.randn(y.shape, device=device).to(dtype)
     y.backward(g)
@@ -85,11 +85,11 @@ def test_no_grad_calls_match_the_autograd_path(device):
     x, w = torch.randn(3, 21, device=device), torch.rand(21, device=device)
     q, k = torch.randn(3, 2, 8, device=device), torch.randn(3, 1, 8, device=device)
     cos, sin = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
-    with K.backend("triton"):
+    with kernels.backend("triton"):
         with torch.no_grad():
-            a = (swiglu(gu), swiglu(gu[:, :21], gu[:, 21:]), K.rms_norm(x, w, 1e-6), *K.rope(q, k, cos, sin))
-        b = (swiglu(gu.requires_grad_()), swiglu(gu[:, :21], gu[:, 21:]), K.rms_norm(x, w.requires_grad_(), 1e-6),
-             *K.rope(q.requires_grad_(), k, cos, sin))
+            a = (swiglu(gu), swiglu(gu[:, :21], gu[:, 21:]), kernels.rms_norm(x, w, 1e-6), *kernels.rope(q, k, cos, sin))
+        b = (swiglu(gu.requires_grad_()), swiglu(gu[:, :21], gu[:, 21:]), kernels.rms_norm(x, w.requires_grad_(), 1e-6),
+             *kernels.rope(q.requires_grad_(), k, cos, sin))
     for u, v in zip(a, b):
         assert v.grad_fn is not None and u.grad_fn is None
         assert torch.equal(u, v.detach())
