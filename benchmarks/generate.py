@@ -1,13 +1,20 @@
 """Generation benchmark: fastrlhf's HybridEngine beside transformers' ``generate`` on the same random model, in one run.
 
     python -m benchmarks.generate [--shape tiny|qwen2-0.5b|smoke] [--runs 5] [--threads 2] [--csv benchmarks/results.csv]
+                                  [--workload fixed [realistic]] [--plot PATH.png]
     fastrlhf bench generate ...            (the CLI calls ``main(argv)``)
 
 Shapes (docs/benchmarks.md): ``tiny`` (CPU default) = Qwen2-style hidden 256, 4 layers, 4 heads / 2 KV, MLP 768, vocab 4096,
 tied; batch 16, prompt 32, 64 new tokens, fp32. ``qwen2-0.5b`` (CUDA default) = hidden 896, 24 layers, 14 heads / 2 KV,
 MLP 4864, vocab 151936, tied; batch 64, prompt 128, 256 new tokens, bf16. ``smoke``: seconds, for the runner's own test.
-All providers sample at temperature 1 (top-k/top-p off) and generate exactly G tokens (no EOS stop; transformers gets
-``min_new_tokens=G``), so every provider does the same work.
+All providers sample at temperature 1 (top-k/top-p off). Workloads (``benchmarks/workload.py``; several run in turn):
+- ``fixed`` (default): every prompt P tokens, exactly G new tokens (no EOS stop; transformers gets ``min_new_tokens=G``),
+  so every provider does the same work;
+- ``realistic``: prompt lengths uniform over [⌈P/8⌉, P] (left-padded), and the checkpoint carries a per-step EOS
+  probability 1 − 0.5^(4/G) in its weights (median response G/4, p90 ≈ 0.83·G, capped at G); every provider stops a
+  row at EOS. The providers sample with their own random streams from the same model, so they get the same length
+  distribution, not the same rows; each call is seeded by its index (fastrlhf: ``seed``, transformers:
+  ``torch.manual_seed``), so reruns give the same lengths. ``resp_len_p50/p90`` and ``pad_frac`` show what each got.
 
 Providers:
 - ``fastrlhf``     HybridEngine (static KV cache; CUDA: decode step captured as CUDA graphs), ``memory_policy="keep"``
@@ -19,9 +26,12 @@ Providers:
 
 Metrics (median of ``--runs`` timed runs after a warm-up, interleaved across providers so that load drift on a shared
 machine hits all alike; B batch, P prompt, G new tokens):
-- ``tokens_per_s``   B·G / (time of one full generate call)
-- ``prefill_tok_s``  B·P / (time of a generate call with 1 new token: prefill + first sample)
-- ``decode_tok_s``   B·(G−1) / (full call − 1-token call)
+- ``tokens_per_s``   valid response tokens (EOS included; B·G on the fixed workload) / time of one full generate call,
+                     median over calls
+- ``prefill_tok_s``  prompt tokens / (time of a generate call with 1 new token: prefill + first sample)
+- ``decode_tok_s``   (valid response tokens − B) / (full call − 1-token call)
+- ``resp_len_p50`` / ``resp_len_p90``  response lengths over the timed calls
+- ``pad_frac``       share of the returned [B, prompt width + response width] grid that is padding (median over calls)
 - ``setup_s``        first call − steady-state call (fastrlhf: cache allocation + graph capture; hf-static: compile)
 - ``capture_s``      fastrlhf on CUDA: time spent capturing graphs
 - ``switch_ms``      fastrlhf: leaving ``generation()`` for training and entering it again (cache kept), per round trip

@@ -1,30 +1,40 @@
 """End-to-end PPO benchmark: full iterations of fastrlhf's trainer core beside TRL's PPOTrainer, same shapes, one run.
 
     python -m benchmarks.ppo [--shape tiny|qwen2-0.5b|smoke] [--iters 4] [--threads 2] [--trl-path DIR] [--csv ...]
+                             [--workload fixed|realistic] [--plot PATH.png]
     fastrlhf bench ppo ...            (the CLI calls ``main(argv)``)
 
-One iteration (both systems): generate B responses of exactly G tokens (sampling at T = 1, no EOS stop), score them with
+Workloads (``benchmarks/workload.py``): ``fixed`` (default) = every prompt P tokens, every response exactly G tokens (no
+EOS stop); ``realistic`` = prompt lengths uniform over [⌈P/8⌉, P], and the policy checkpoint carries a per-step EOS
+probability 1 − 0.5^(4/G) in its weights (median response G/4, p90 ≈ 0.83·G, capped at G), so both arms sample their
+EOS from the same model (TRL with ``stop_token="eos"``; same length distribution, not the same rows). Both arms print
+their response-length p50 / p90 and padding fraction.
+
+One iteration (both systems): generate B responses of up to G tokens (sampling at T = 1), score them with
 the reward model, old / reference log-probs and values (one forward each), per-token KL-shaped rewards, GAE, whitened
 advantages, then ``epochs`` passes of clipped policy + clipped value loss over ``B / minibatch`` minibatches with AdamW.
 Four models: policy and value (trained), reference and reward (frozen). Random Qwen2-style weights, saved once as HF
 folders and loaded by both systems (same weights, same prompts).
 
 fastrlhf arm — exactly the pieces ``fastrlhf/stages/ppo.py``'s train loop uses: ``fastrlhf.models.hf_io.load_model`` (head "lm" /
-"score"), ``engine.HybridEngine.generate`` (step 2, ``eos_token_id=None`` so every row runs G tokens),
+"score"), ``engine.HybridEngine.generate`` (step 2; fixed workload: ``eos_token_id=None`` so every row runs G tokens),
 ``ppo_core.ppo_iteration`` (steps 2-8: the function the PPO stage runs) with ``optim.make_adamw`` optimizers.
 Like ppo.py: fp32 on CPU; on CUDA fp32 weights for all four models (``runtime.device.model_precision``), bf16 autocast.
 
 TRL arm — ``trl.experimental.ppo.PPOTrainer`` (exists in trl 0.29.x; trl 1.x removed it). It runs in a subprocess whose
 ``sys.path`` starts with ``--trl-path`` when given (e.g. ``pip install --no-deps --target DIR trl==0.29.1``), so the
 installed trl is left alone. If PPOTrainer cannot be imported, the TRL rows are left out and the reason is printed.
-Same shapes, ``num_ppo_epochs``, ``num_mini_batches``, ``stop_token=None``, fp32 on CPU / bf16 on CUDA.
+Same shapes, ``num_ppo_epochs``, ``num_mini_batches``, ``stop_token=None`` (realistic: "eos"), fp32 on CPU / bf16 on CUDA.
 
 Every arm runs in its own fresh process (clean peak-memory counters, its own thread setting). ``--rounds R`` runs the
 arms R times alternately (fastrlhf, TRL, fastrlhf, TRL, ...) and pools the timed iterations of all rounds, so a
 machine load that drifts during the run hits both arms alike. Metrics per arm:
 - ``s_per_iter``      median seconds per iteration over ``--iters`` iterations after one warm-up iteration
                       (per process; × rounds)
-- ``resp_tok_s``      B·G / s_per_iter (response tokens per second)
+- ``resp_tok_s``      valid response tokens per iteration (median; B·G on the fixed workload) / s_per_iter
+- ``resp_len_p50`` / ``resp_len_p90``  response lengths (EOS included) over the timed iterations
+- ``pad_frac``        share of the [B, prompt width + response width] grid the experience / training forwards spend
+                      on pad tokens (median over iterations)
 - ``gen_s`` / ``exp_s`` / ``train_s``  medians of the time split: generation (step 2) / experience (steps 3-7) /
                       PPO epochs (step 8). TRL: generation = its ``batch_generation`` call; experience ends when its
                       advantage whitening returns; training = the rest of the step.
@@ -33,7 +43,7 @@ machine load that drifts during the run hits both arms alike. Metrics per arm:
                       /proc/self/clear_refs just before the first iteration) minus the RSS at that moment (models already
                       loaded). It includes optimizer state, KV cache, activations and whatever the C allocator keeps.
                       Fallback where clear_refs is not writable: ``resource.getrusage`` ru_maxrss delta (a lower bound).
-- ``tflops`` / ``mfu`` model FLOPs per iteration (``model_flops``) / s_per_iter; MFU = that over the dense bf16 peak of
+- ``tflops`` / ``mfu`` (fixed workload only) model FLOPs per iteration (``model_flops``) / s_per_iter; MFU = that over the dense bf16 peak of
                       the GPU (CUDA, known GPUs only). On CPU the achieved GFLOP/s is printed instead of an MFU.
 - ``setup_s``         first (warm-up) iteration minus the median.
 fastrlhf only: the top-10 ops by self time (torch.profiler) of one extra iteration, printed below the table.
