@@ -598,9 +598,9 @@ class HybridEngine:
     def _capture(self, key: _StepKey):
         """Capture the decode step of ``key`` as a CUDA graph (warm-up on a side stream first).
 
-        Called before the prefill of a rollout: the warm-up steps write K/V at slots 0, 1 and capture changes nothing,
-        and the prefill/decode of the rollout overwrite those slots before any query reads them; the buffers the
-        warm-up changes are restored afterwards. The graph keeps its own eos tensor alive."""
+        Called before the prefill of a rollout, or in its middle when compaction first reaches a bucket: the warm-up
+        steps write K/V at slots 0, 1 (capture changes nothing); those cache slots and the buffers the warm-up changes
+        are restored afterwards. The graph keeps its own eos tensor alive."""
         t0 = time.perf_counter()
         buf = self._buffers[key.bucket]
         eos_t = torch.tensor(key.eos or [-1], device=buf.tokens.device)
@@ -628,8 +628,9 @@ class HybridEngine:
                 self._step(key, eos_t)
             graph._fastrlhf_eos = eos_t  # keep the constant alive as long as the graph
         finally:
-            for t, v in zip(buf.mutable() + kv, saved):
-                t.copy_(v)
+            with torch.no_grad():
+                for t, v in zip(buf.mutable() + kv, saved):
+                    t.copy_(v)
         torch.cuda.synchronize(self.device)
         self.stats["capture_s"] += time.perf_counter() - t0
         self.stats["captures"] += 1
