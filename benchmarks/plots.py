@@ -8,6 +8,7 @@ Each takes already-measured numbers and only draws; the title names the device a
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 
@@ -45,7 +46,7 @@ def generate_png(path, tps: dict[str, dict[str, float]], title: str, extra: dict
     ax.set_xticklabels([w + ("\n" + "\n".join(f"{p}: {s}" for p, s in extra[w].items()) if extra and w in extra
                              else "") for w in workloads], fontsize=7)
     ax.set_ylabel("response tokens / s")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -66,7 +67,7 @@ def phases_png(path, phases: dict[str, dict[str, float]], title: str):
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels(arms)
     ax.set_ylabel("seconds per iteration (median)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -84,7 +85,7 @@ def lines_png(path, series: dict[str, list[tuple[float, float]]], title: str, xl
         ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 60), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
