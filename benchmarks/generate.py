@@ -20,6 +20,8 @@ Providers:
 - ``fastrlhf``     HybridEngine (static KV cache; CUDA: decode step captured as CUDA graphs), ``memory_policy="keep"``
 - ``fastrlhf-compile``  CPU only: the same with ``compile_step=True`` (the eager decode step through torch.compile;
                    its compile time is in ``setup_s``). On CUDA the graphs already remove the per-op overhead.
+- ``fastrlhf-nocompact``  the engine with ``compact=False`` (finished rows keep their batch rows, attention reads every
+                   cache slot): what compaction saves (not run by default)
 - ``hf-dynamic``   transformers ``generate`` with its default dynamic cache
 - ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
                    forward with torch.compile automatically: that is the "+ compile" baseline of docs/benchmarks.md)
@@ -59,7 +61,7 @@ from .workload import WORKLOADS
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
-PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static")
+PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static", "fastrlhf-nocompact")
 
 # model: Qwen2 config fields; run: batch B, prompt P, new tokens G
 SHAPES = {
@@ -111,7 +113,7 @@ def _peak_mib(fn, device: str) -> float:
     return peak_extra_mib(fn, device)
 
 
-def run(shape: str | None = None, device: str | None = None, runs: int = 5, providers=PROVIDERS, seed: int = 0,
+def run(shape: str | None = None, device: str | None = None, runs: int = 5, providers=PROVIDERS[:4], seed: int = 0,
         workload: str = "fixed"):
     """Measure every provider; returns (rows [dict(provider, metric, median, unit)], info dict). Prints nothing."""
     from fastrlhf.engine.hybrid import HybridEngine
@@ -182,7 +184,8 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
             t0 = time.perf_counter()
             if provider.startswith("fastrlhf"):
                 eng = engines[provider] = HybridEngine(ours, memory_policy="keep",
-                                                       compile_step=provider == "fastrlhf-compile")
+                                                       compile_step=provider == "fastrlhf-compile",
+                                                       compact=provider != "fastrlhf-nocompact")
                 stack.enter_context(eng.generation(max_batch_size=B, max_seq_len=Pw + G))
                 full = (lambda e, p: lambda: ours_gen(e, p, G))(eng, provider)
                 one = (lambda e, p: lambda: ours_gen(e, p, 1))(eng, provider)
@@ -244,7 +247,7 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
 
     # speed-up of fastrlhf end to end over each baseline, same run
     tps = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
-    for ours_p in ("fastrlhf", "fastrlhf-compile"):
+    for ours_p in ("fastrlhf", "fastrlhf-compile", "fastrlhf-nocompact"):
         for p in ("hf-dynamic", "hf-static"):
             if ours_p in tps and p in tps:
                 add(ours_p, f"speedup_vs_{p}", tps[ours_p] / tps[p], "x")
@@ -285,7 +288,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--providers", nargs="+", default=[p for p in PROVIDERS if p != "fastrlhf-nocompact"],
+                    choices=list(PROVIDERS))
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; >= 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the reference CPU runs: 2)")
     ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
