@@ -34,6 +34,8 @@ machine hits all alike; B batch, P prompt, G new tokens):
 - ``decode_tok_s``   (valid response tokens − B) / (full call − 1-token call)
 - ``resp_len_p50`` / ``resp_len_p90``  response lengths over the timed calls
 - ``pad_frac``       share of the returned [B, prompt width + response width] grid that is padding (median over calls)
+- ``decode_row_steps``  fastrlhf: batch rows × decode steps run per full call (B·(G−1) without compaction; with it,
+                     the rows of the bucket each step ran in) — a count, independent of machine load
 - ``setup_s``        first call − steady-state call (fastrlhf: cache allocation + graph capture; hf-static: compile)
 - ``capture_s``      fastrlhf on CUDA: time spent capturing graphs
 - ``switch_ms``      fastrlhf: leaving ``generation()`` for training and entering it again (cache kept), per round trip
@@ -203,6 +205,7 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
         t_full = {p: [] for p in calls}
         t_one = {p: [] for p in calls}
         lens = {p: [] for p in calls}  # response lengths of every timed full call, per provider
+        row_steps0 = {p: e.stats["row_steps"] for p, e in engines.items()}
         for _ in range(runs):
             for p, (full, one) in calls.items():
                 res = []
@@ -210,6 +213,7 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
                 lens[p].append(res[0])
                 t_one[p].append(_timed(one, device))
     # 3. metrics (tokens = valid response tokens, EOS included; fixed workload: B·G per call)
+    row_steps = {p: (e.stats["row_steps"] - row_steps0[p]) / runs for p, e in engines.items()}
     for p in calls:
         tf, to = statistics.median(t_full[p]), statistics.median(t_one[p])
         ntok = [sum(x) for x in lens[p]]
@@ -220,6 +224,8 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
         add(p, "resp_len_p50", st["median"], "tok")
         add(p, "resp_len_p90", st["p90"], "tok")
         add(p, "pad_frac", statistics.median(pad_fraction(plen, x, Pw + max(x)) for x in lens[p]), "frac")
+        if p in row_steps:  # batch rows × decode steps the engine ran per full call (what compaction cuts)
+            add(p, "decode_row_steps", row_steps[p], "rows·steps")
         if p != "hf-dynamic":
             add(p, "setup_s", max(first[p] - tf, 0.0), "s")
         if p in engines and device == "cuda":
