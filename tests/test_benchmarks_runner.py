@@ -169,6 +169,9 @@ def test_generate_runner_fixed_and_realistic_with_plot(tmp_path, capsys):
         assert got[("smoke/realistic", p, "resp_len_p50")] < G
         assert 0.0 < got[("smoke/realistic", p, "pad_frac")] < 1.0
         assert got[("smoke/realistic", p, "tokens_per_s")] > 0
+    B = gen.SHAPES["smoke"]["B"]
+    assert got[("smoke", "fastrlhf", "decode_row_steps")] == B * (G - 1)  # nothing to compact: every row runs G tokens
+    assert got[("smoke/realistic", "fastrlhf", "decode_row_steps")] < B * (G - 1)  # rows stop, buckets shrink
 
 
 def test_ppo_runner_realistic_fastrlhf_arm_with_plot(tmp_path, capsys):
