@@ -1,27 +1,41 @@
 """Generation benchmark: fastrlhf's HybridEngine beside transformers' ``generate`` on the same random model, in one run.
 
     python -m benchmarks.generate [--shape tiny|qwen2-0.5b|smoke] [--runs 5] [--threads 2] [--csv benchmarks/results.csv]
+                                  [--workload fixed [realistic]] [--plot PATH.png]
     fastrlhf bench generate ...            (the CLI calls ``main(argv)``)
 
 Shapes (docs/benchmarks.md): ``tiny`` (CPU default) = Qwen2-style hidden 256, 4 layers, 4 heads / 2 KV, MLP 768, vocab 4096,
 tied; batch 16, prompt 32, 64 new tokens, fp32. ``qwen2-0.5b`` (CUDA default) = hidden 896, 24 layers, 14 heads / 2 KV,
 MLP 4864, vocab 151936, tied; batch 64, prompt 128, 256 new tokens, bf16. ``smoke``: seconds, for the runner's own test.
-All providers sample at temperature 1 (top-k/top-p off) and generate exactly G tokens (no EOS stop; transformers gets
-``min_new_tokens=G``), so every provider does the same work.
+All providers sample at temperature 1 (top-k/top-p off). Workloads (``benchmarks/workload.py``; several run in turn):
+- ``fixed`` (default): every prompt P tokens, exactly G new tokens (no EOS stop; transformers gets ``min_new_tokens=G``),
+  so every provider does the same work;
+- ``realistic``: prompt lengths uniform over [⌈P/8⌉, P] (left-padded), and the checkpoint carries a per-step EOS
+  probability 1 − 0.5^(4/G) in its weights (median response G/4, p90 ≈ 0.83·G, capped at G); every provider stops a
+  row at EOS. The providers sample with their own random streams from the same model, so they get the same length
+  distribution, not the same rows; each call is seeded by its index (fastrlhf: ``seed``, transformers:
+  ``torch.manual_seed``), so reruns give the same lengths. ``resp_len_p50/p90`` and ``pad_frac`` show what each got.
 
 Providers:
 - ``fastrlhf``     HybridEngine (static KV cache; CUDA: decode step captured as CUDA graphs), ``memory_policy="keep"``
 - ``fastrlhf-compile``  CPU only: the same with ``compile_step=True`` (the eager decode step through torch.compile;
                    its compile time is in ``setup_s``). On CUDA the graphs already remove the per-op overhead.
+- ``fastrlhf-nocompact``  the engine with ``compact=False`` (finished rows keep their batch rows, attention reads every
+                   cache slot): what compaction saves (not run by default)
 - ``hf-dynamic``   transformers ``generate`` with its default dynamic cache
 - ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
                    forward with torch.compile automatically: that is the "+ compile" baseline of docs/benchmarks.md)
 
 Metrics (median of ``--runs`` timed runs after a warm-up, interleaved across providers so that load drift on a shared
 machine hits all alike; B batch, P prompt, G new tokens):
-- ``tokens_per_s``   B·G / (time of one full generate call)
-- ``prefill_tok_s``  B·P / (time of a generate call with 1 new token: prefill + first sample)
-- ``decode_tok_s``   B·(G−1) / (full call − 1-token call)
+- ``tokens_per_s``   valid response tokens (EOS included; B·G on the fixed workload) / time of one full generate call,
+                     median over calls
+- ``prefill_tok_s``  prompt tokens / (time of a generate call with 1 new token: prefill + first sample)
+- ``decode_tok_s``   (valid response tokens − B) / (full call − 1-token call)
+- ``resp_len_p50`` / ``resp_len_p90``  response lengths over the timed calls
+- ``pad_frac``       share of the returned [B, prompt width + response width] grid that is padding (median over calls)
+- ``decode_row_steps``  fastrlhf: batch rows × decode steps run per full call (B·(G−1) without compaction; with it,
+                     the rows of the bucket each step ran in) — a count, independent of machine load
 - ``setup_s``        first call − steady-state call (fastrlhf: cache allocation + graph capture; hf-static: compile)
 - ``capture_s``      fastrlhf on CUDA: time spent capturing graphs
 - ``switch_ms``      fastrlhf: leaving ``generation()`` for training and entering it again (cache kept), per round trip
@@ -45,10 +59,11 @@ from pathlib import Path
 
 import torch
 from .timing import check_choice, check_choices, device_name, git_commit
+from .workload import WORKLOADS
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
-PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static")
+PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static", "fastrlhf-nocompact")
 
 # model: Qwen2 config fields; run: batch B, prompt P, new tokens G
 SHAPES = {
@@ -61,8 +76,9 @@ SHAPES = {
 }
 
 
-def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
-    """(hf_model, fastrlhf_model): one random Qwen2 checkpoint, loaded by both (same weights)."""
+def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0, workload: str = "fixed"):
+    """(hf_model, fastrlhf_model): one random Qwen2 checkpoint, loaded by both (same weights). ``realistic``: the EOS
+    hazard of ``benchmarks.workload`` is built into the weights before saving."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from fastrlhf.models.hf_io import load_model
     m = SHAPES[shape]["model"]
@@ -71,6 +87,9 @@ def build_models(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
                       eos_token_id=V - 1, bos_token_id=V - 1)
     torch.manual_seed(seed)
     hf = Qwen2ForCausalLM(cfg).eval()
+    if workload == "realistic":
+        from .workload import eos_hazard, install_eos_hazard
+        install_eos_hazard(hf, V - 1, eos_hazard(SHAPES[shape]["G"]), seed=seed)
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_gen_") as d:
         hf.save_pretrained(d)
         ours = load_model(d, dtype=dtype, device=device)
@@ -96,9 +115,12 @@ def _peak_mib(fn, device: str) -> float:
     return peak_extra_mib(fn, device)
 
 
-def run(shape: str | None = None, device: str | None = None, runs: int = 5, providers=PROVIDERS, seed: int = 0):
+def run(shape: str | None = None, device: str | None = None, runs: int = 5, providers=PROVIDERS[:4], seed: int = 0,
+        workload: str = "fixed"):
     """Measure every provider; returns (rows [dict(provider, metric, median, unit)], info dict). Prints nothing."""
     from fastrlhf.engine.hybrid import HybridEngine
+    from .workload import check_workload, length_stats, make_prompts, pad_fraction, response_lengths
+    check_workload(workload)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = shape or ("qwen2-0.5b" if device == "cuda" else "tiny")
     check_choice("shape", shape, SHAPES)
@@ -109,10 +131,15 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
     S = SHAPES[shape]
     B, P, G = S["B"], S["P"], S["G"]
     V = S["model"]["vocab_size"]
-    hf, ours = build_models(shape, device, dtype, seed)
+    realistic = workload == "realistic"
+    eos = V - 1 if realistic else None
+    hf, ours = build_models(shape, device, dtype, seed, workload)
     g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(0, V - 2, (B, P), generator=g).to(device)
-    att = torch.ones_like(ids)
+    prompts = make_prompts(B, P, V, workload, g)
+    plen = [len(p) for p in prompts]
+    Pw = max(plen)  # left-padded width
+    ids = torch.tensor([[V - 2] * (Pw - len(p)) + p for p in prompts]).to(device)
+    att = torch.tensor([[0] * (Pw - len(p)) + [1] * len(p) for p in prompts]).to(device)
     rows: list[dict] = []
 
     def add(provider, metric, value, unit):
@@ -123,12 +150,25 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
     first: dict[str, float] = {}
     engines: dict[str, HybridEngine] = {}
     stack = contextlib.ExitStack()
-    kw = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None)
+    kw = dict(temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos)
+    n_calls: dict[str, int] = {}  # provider -> generate calls so far: the seed of the next call (realistic)
 
-    def hf_gen(n, **extra):
+    def next_seed(provider):
+        n_calls[provider] = n_calls.get(provider, 0) + 1
+        return n_calls[provider] if realistic else 0
+
+    def hf_gen(n, provider="hf", **extra):
+        stop = dict(eos_token_id=eos) if realistic else dict(min_new_tokens=n)
+        if realistic:
+            torch.manual_seed(10_000 + next_seed(provider))
         with torch.no_grad():
-            return hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, min_new_tokens=n, do_sample=True,
-                               temperature=1.0, top_k=0, top_p=1.0, pad_token_id=V - 2, **extra)
+            out = hf.generate(input_ids=ids, attention_mask=att, max_new_tokens=n, do_sample=True, temperature=1.0,
+                              top_k=0, top_p=1.0, pad_token_id=V - 2, **stop, **extra)
+        return response_lengths(out[:, Pw:].cpu(), eos).tolist()
+
+    def ours_gen(e, provider, n):
+        r = e.generate(ids, attention_mask=att, max_new_tokens=n, seed=next_seed(provider), **kw)
+        return r.lengths.tolist()
 
     with stack:
         for provider in providers:
@@ -138,22 +178,23 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
                 # peak memory of a first rollout from scratch (cache + buffers + graphs), on a throw-away engine
                 def first_rollout():
                     e = HybridEngine(ours, memory_policy="free")
-                    with e.generation(max_batch_size=B, max_seq_len=P + G):
-                        return e.generate(ids, max_new_tokens=G, seed=0, **kw)
+                    with e.generation(max_batch_size=B, max_seq_len=Pw + G):
+                        return e.generate(ids, attention_mask=att, max_new_tokens=G, seed=0, **kw)
                 add(provider, "peak_mib", _peak_mib(first_rollout, device), "MiB")
             if provider == "hf-dynamic":
                 add(provider, "peak_mib", _peak_mib(lambda: hf_gen(G), device), "MiB")
             t0 = time.perf_counter()
             if provider.startswith("fastrlhf"):
                 eng = engines[provider] = HybridEngine(ours, memory_policy="keep",
-                                                       compile_step=provider == "fastrlhf-compile")
-                stack.enter_context(eng.generation(max_batch_size=B, max_seq_len=P + G))
-                full = (lambda e: lambda: e.generate(ids, max_new_tokens=G, seed=0, **kw))(eng)
-                one = (lambda e: lambda: e.generate(ids, max_new_tokens=1, seed=0, **kw))(eng)
+                                                       compile_step=provider == "fastrlhf-compile",
+                                                       compact=provider != "fastrlhf-nocompact")
+                stack.enter_context(eng.generation(max_batch_size=B, max_seq_len=Pw + G))
+                full = (lambda e, p: lambda: ours_gen(e, p, G))(eng, provider)
+                one = (lambda e, p: lambda: ours_gen(e, p, 1))(eng, provider)
             else:
                 extra = dict(cache_implementation="static") if provider == "hf-static" else {}
-                full = (lambda x: lambda: hf_gen(G, **x))(extra)
-                one = (lambda x: lambda: hf_gen(1, **x))(extra)
+                full = (lambda x, p: lambda: hf_gen(G, p, **x))(extra, provider)
+                one = (lambda x, p: lambda: hf_gen(1, p, **x))(extra, provider)
             full()
             _sync(device)
             first[provider] = time.perf_counter() - t0
@@ -163,16 +204,28 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
         #    in machine load during the run hits every provider alike
         t_full = {p: [] for p in calls}
         t_one = {p: [] for p in calls}
+        lens = {p: [] for p in calls}  # response lengths of every timed full call, per provider
+        row_steps0 = {p: e.stats["row_steps"] for p, e in engines.items()}
         for _ in range(runs):
             for p, (full, one) in calls.items():
-                t_full[p].append(_timed(full, device))
+                res = []
+                t_full[p].append(_timed(lambda: res.append(full()), device))
+                lens[p].append(res[0])
                 t_one[p].append(_timed(one, device))
-    # 3. metrics
+    # 3. metrics (tokens = valid response tokens, EOS included; fixed workload: B·G per call)
+    row_steps = {p: (e.stats["row_steps"] - row_steps0[p]) / runs for p, e in engines.items()}
     for p in calls:
         tf, to = statistics.median(t_full[p]), statistics.median(t_one[p])
-        add(p, "tokens_per_s", B * G / tf, "tok/s")
-        add(p, "prefill_tok_s", B * P / to, "tok/s")
-        add(p, "decode_tok_s", B * (G - 1) / max(tf - to, 1e-9), "tok/s")
+        ntok = [sum(x) for x in lens[p]]
+        add(p, "tokens_per_s", statistics.median(n / t for n, t in zip(ntok, t_full[p])), "tok/s")
+        add(p, "prefill_tok_s", sum(plen) / to, "tok/s")
+        add(p, "decode_tok_s", (statistics.median(ntok) - B) / max(tf - to, 1e-9), "tok/s")
+        st = length_stats([n for x in lens[p] for n in x])
+        add(p, "resp_len_p50", st["median"], "tok")
+        add(p, "resp_len_p90", st["p90"], "tok")
+        add(p, "pad_frac", statistics.median(pad_fraction(plen, x, Pw + max(x)) for x in lens[p]), "frac")
+        if p in row_steps:  # batch rows × decode steps the engine ran per full call (what compaction cuts)
+            add(p, "decode_row_steps", row_steps[p], "rows·steps")
         if p != "hf-dynamic":
             add(p, "setup_s", max(first[p] - tf, 0.0), "s")
         if p in engines and device == "cuda":
@@ -183,13 +236,13 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
         eng = engines["fastrlhf"]
         ours.train()
         sw = []
-        cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+        cm = eng.generation(max_batch_size=B, max_seq_len=Pw + G)
         cm.__enter__()
         for _ in range(max(runs, 10)):
             _sync(device)
             t = time.perf_counter()
             cm.__exit__(None, None, None)
-            cm = eng.generation(max_batch_size=B, max_seq_len=P + G)
+            cm = eng.generation(max_batch_size=B, max_seq_len=Pw + G)
             cm.__enter__()
             _sync(device)
             sw.append(time.perf_counter() - t)
@@ -200,11 +253,12 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
 
     # speed-up of fastrlhf end to end over each baseline, same run
     tps = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
-    for ours_p in ("fastrlhf", "fastrlhf-compile"):
+    for ours_p in ("fastrlhf", "fastrlhf-compile", "fastrlhf-nocompact"):
         for p in ("hf-dynamic", "hf-static"):
             if ours_p in tps and p in tps:
                 add(ours_p, f"speedup_vs_{p}", tps[ours_p] / tps[p], "x")
-    info = dict(device=device, shape=shape, dtype=str(dtype).replace("torch.", ""), B=B, P=P, G=G, runs=runs)
+    info = dict(device=device, shape=shape, dtype=str(dtype).replace("torch.", ""), B=B, P=P, G=G, runs=runs,
+                workload=workload, prompt_tokens=sum(plen))
     return rows, info
 
 
@@ -240,23 +294,46 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=list(PROVIDERS))
+    ap.add_argument("--providers", nargs="+", default=[p for p in PROVIDERS if p != "fastrlhf-nocompact"],
+                    choices=list(PROVIDERS))
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; >= 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the reference CPU runs: 2)")
     ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--workload", nargs="+", default=["fixed"], choices=list(WORKLOADS),
+                    help="fixed: P-token prompts, exactly G new tokens; realistic: prompt lengths over P/8..P, EOS "
+                         "hazard built into the weights (benchmarks/workload.py). Several: run each in turn")
+    ap.add_argument("--plot", default=None, metavar="PATH.png", help="draw tokens/s per provider and workload")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    rows, info = run(a.shape, a.device, a.runs, tuple(a.providers))
-    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=device_name(info["device"]),
-                bench="generate", shape=info["shape"], torch=torch.__version__, commit=git_commit())
-    load = f" | load avg {os.getloadavg()[0]:.1f} (1 min)" if hasattr(os, "getloadavg") else ""
-    print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | shape {info['shape']} "
-          f"(B={info['B']}, P={info['P']}, G={info['G']}, {info['dtype']}, sampling T=1) | median of {info['runs']}{load}")
-    print(format_table(rows))
-    if not a.no_csv:
-        used = write_csv(Path(a.csv), rows, meta)
-        print(f"appended {len(rows)} rows to {used}")
+    tps: dict[str, dict[str, float]] = {}
+    lens: dict[str, dict[str, str]] = {}
+    for workload in dict.fromkeys(a.workload):
+        rows, info = run(a.shape, a.device, a.runs, tuple(a.providers), workload=workload)
+        shape_col = info["shape"] + ("" if workload == "fixed" else f"/{workload}")
+        meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    device=device_name(info["device"]), bench="generate", shape=shape_col, torch=torch.__version__,
+                    commit=git_commit())
+        load = f" | load avg {os.getloadavg()[0]:.1f} (1 min)" if hasattr(os, "getloadavg") else ""
+        wl = ("fixed workload: every prompt P tokens, exactly G new tokens" if workload == "fixed" else
+              f"realistic workload: prompt lengths uniform over [{max(1, -(-info['P'] // 8))}, {info['P']}] "
+              f"({info['prompt_tokens']} prompt tokens), EOS hazard 1-0.5^(4/G) in the weights")
+        print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | shape {info['shape']} "
+              f"(B={info['B']}, P={info['P']}, G={info['G']}, {info['dtype']}, sampling T=1) | {wl} | "
+              f"median of {info['runs']}{load}")
+        print(format_table(rows))
+        get = lambda p, m: next((r["median"] for r in rows if r["provider"] == p and r["metric"] == m), None)  # noqa
+        tps[workload] = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
+        lens[workload] = {p: f"p50 {get(p, 'resp_len_p50'):.0f}/p90 {get(p, 'resp_len_p90'):.0f}"
+                          for p in tps[workload]} if workload != "fixed" else {}
+        if not a.no_csv:
+            used = write_csv(Path(a.csv), rows, meta)
+            print(f"appended {len(rows)} rows to {used}")
+    if a.plot:
+        from .plots import generate_png
+        out = generate_png(a.plot, tps, f"generation, {meta['device']}, shape {info['shape']} (B={info['B']}, "
+                           f"P={info['P']}, G={info['G']})", extra=lens)
+        print(f"plot: {out}")
     return 0
 
 

@@ -679,7 +679,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None, help="time budget per measurement")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--plot", default=None, metavar="PATH.png",
+                    help="draw the linear log-prob's peak memory against N·V per provider (needs --ops linear)")
     a = ap.parse_args(argv)
+    if a.plot and "linear" not in a.ops:
+        ap.error("--plot draws the memory scaling of the 'linear' op: add linear to --ops")
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[a.dtype]
@@ -705,6 +709,12 @@ def main(argv=None) -> int:
     if not a.no_csv:
         used = write_csv(Path(a.csv), ctx.rows, meta)
         print(f"appended {len(ctx.rows)} rows to {used}")
+    if a.plot and "linear_memory" in ctx.extra:
+        from .plots import memory_png
+        m = ctx.extra["linear_memory"]
+        out = memory_png(a.plot, m["peak_mib"], m["V"], f"linear log-probs fwd+bwd, {meta['device']}, H={m['H']}, "
+                         f"V={m['V']}, {m['dtype']}: peak extra memory")
+        print(f"plot: {out}")
     return 0
 
 

@@ -1,30 +1,40 @@
 """End-to-end PPO benchmark: full iterations of fastrlhf's trainer core beside TRL's PPOTrainer, same shapes, one run.
 
     python -m benchmarks.ppo [--shape tiny|qwen2-0.5b|smoke] [--iters 4] [--threads 2] [--trl-path DIR] [--csv ...]
+                             [--workload fixed|realistic] [--plot PATH.png]
     fastrlhf bench ppo ...            (the CLI calls ``main(argv)``)
 
-One iteration (both systems): generate B responses of exactly G tokens (sampling at T = 1, no EOS stop), score them with
+Workloads (``benchmarks/workload.py``): ``fixed`` (default) = every prompt P tokens, every response exactly G tokens (no
+EOS stop); ``realistic`` = prompt lengths uniform over [⌈P/8⌉, P], and the policy checkpoint carries a per-step EOS
+probability 1 − 0.5^(4/G) in its weights (median response G/4, p90 ≈ 0.83·G, capped at G), so both arms sample their
+EOS from the same model (TRL with ``stop_token="eos"``; same length distribution, not the same rows). Both arms print
+their response-length p50 / p90 and padding fraction.
+
+One iteration (both systems): generate B responses of up to G tokens (sampling at T = 1), score them with
 the reward model, old / reference log-probs and values (one forward each), per-token KL-shaped rewards, GAE, whitened
 advantages, then ``epochs`` passes of clipped policy + clipped value loss over ``B / minibatch`` minibatches with AdamW.
 Four models: policy and value (trained), reference and reward (frozen). Random Qwen2-style weights, saved once as HF
 folders and loaded by both systems (same weights, same prompts).
 
 fastrlhf arm — exactly the pieces ``fastrlhf/stages/ppo.py``'s train loop uses: ``fastrlhf.models.hf_io.load_model`` (head "lm" /
-"score"), ``engine.HybridEngine.generate`` (step 2, ``eos_token_id=None`` so every row runs G tokens),
+"score"), ``engine.HybridEngine.generate`` (step 2; fixed workload: ``eos_token_id=None`` so every row runs G tokens),
 ``ppo_core.ppo_iteration`` (steps 2-8: the function the PPO stage runs) with ``optim.make_adamw`` optimizers.
 Like ppo.py: fp32 on CPU; on CUDA fp32 weights for all four models (``runtime.device.model_precision``), bf16 autocast.
 
 TRL arm — ``trl.experimental.ppo.PPOTrainer`` (exists in trl 0.29.x; trl 1.x removed it). It runs in a subprocess whose
 ``sys.path`` starts with ``--trl-path`` when given (e.g. ``pip install --no-deps --target DIR trl==0.29.1``), so the
 installed trl is left alone. If PPOTrainer cannot be imported, the TRL rows are left out and the reason is printed.
-Same shapes, ``num_ppo_epochs``, ``num_mini_batches``, ``stop_token=None``, fp32 on CPU / bf16 on CUDA.
+Same shapes, ``num_ppo_epochs``, ``num_mini_batches``, ``stop_token=None`` (realistic: "eos"), fp32 on CPU / bf16 on CUDA.
 
 Every arm runs in its own fresh process (clean peak-memory counters, its own thread setting). ``--rounds R`` runs the
 arms R times alternately (fastrlhf, TRL, fastrlhf, TRL, ...) and pools the timed iterations of all rounds, so a
 machine load that drifts during the run hits both arms alike. Metrics per arm:
 - ``s_per_iter``      median seconds per iteration over ``--iters`` iterations after one warm-up iteration
                       (per process; × rounds)
-- ``resp_tok_s``      B·G / s_per_iter (response tokens per second)
+- ``resp_tok_s``      valid response tokens per iteration (median; B·G on the fixed workload) / s_per_iter
+- ``resp_len_p50`` / ``resp_len_p90``  response lengths (EOS included) over the timed iterations
+- ``pad_frac``        share of the [B, prompt width + response width] grid the experience / training forwards spend
+                      on pad tokens (median over iterations)
 - ``gen_s`` / ``exp_s`` / ``train_s``  medians of the time split: generation (step 2) / experience (steps 3-7) /
                       PPO epochs (step 8). TRL: generation = its ``batch_generation`` call; experience ends when its
                       advantage whitening returns; training = the rest of the step.
@@ -33,7 +43,7 @@ machine load that drifts during the run hits both arms alike. Metrics per arm:
                       /proc/self/clear_refs just before the first iteration) minus the RSS at that moment (models already
                       loaded). It includes optimizer state, KV cache, activations and whatever the C allocator keeps.
                       Fallback where clear_refs is not writable: ``resource.getrusage`` ru_maxrss delta (a lower bound).
-- ``tflops`` / ``mfu`` model FLOPs per iteration (``model_flops``) / s_per_iter; MFU = that over the dense bf16 peak of
+- ``tflops`` / ``mfu`` (fixed workload only) model FLOPs per iteration (``model_flops``) / s_per_iter; MFU = that over the dense bf16 peak of
                       the GPU (CUDA, known GPUs only). On CPU the achieved GFLOP/s is printed instead of an MFU.
 - ``setup_s``         first (warm-up) iteration minus the median.
 fastrlhf only: the top-10 ops by self time (torch.profiler) of one extra iteration, printed below the table.
@@ -58,6 +68,7 @@ import torch
 
 from .generate import CSV_COLUMNS, format_table, write_csv
 from .timing import _quantile, check_choice, check_choices, device_name, git_commit
+from .workload import WORKLOADS, check_workload, length_stats, pad_fraction, response_lengths
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 ARMS = ("fastrlhf", "trl")
@@ -89,24 +100,31 @@ def hf_config(shape: str):
                        eos_token_id=V - 1, bos_token_id=V - 1, num_labels=1)
 
 
-def build_checkpoints(shape: str, root: str | Path, seed: int = 0) -> dict:
-    """Random HF checkpoints ``root/policy`` (Qwen2ForCausalLM) and ``root/reward`` (Qwen2ForSequenceClassification,
-    also the value model's init, as in InstructGPT), and ``root/prompts.json`` (the prompts of every iteration)."""
+def build_checkpoints(shape: str, root: str | Path, seed: int = 0, workload: str = "fixed") -> dict:
+    """Random HF checkpoints ``root/policy`` (Qwen2ForCausalLM; ``realistic``: with the EOS hazard of
+    ``benchmarks.workload`` in its weights) and ``root/reward`` (Qwen2ForSequenceClassification, also the value
+    model's init, as in InstructGPT)."""
     from transformers import Qwen2ForCausalLM, Qwen2ForSequenceClassification
     root = Path(root)
     cfg = hf_config(shape)
     torch.manual_seed(seed)
-    Qwen2ForCausalLM(cfg).save_pretrained(root / "policy")
+    policy = Qwen2ForCausalLM(cfg)
+    if workload == "realistic":
+        from .workload import eos_hazard, install_eos_hazard
+        install_eos_hazard(policy, cfg.eos_token_id, eos_hazard(SHAPES[shape]["G"]), seed=seed)
+    policy.save_pretrained(root / "policy")
     Qwen2ForSequenceClassification(cfg).save_pretrained(root / "reward")
     return {"policy": str(root / "policy"), "reward": str(root / "reward")}
 
 
-def make_prompts(shape: str, n_iters: int, seed: int = 1) -> list[list[list[int]]]:
-    """Prompts per iteration: n_iters lists of B token-id lists of length P (ids below the pad/eos ids)."""
+def make_prompts(shape: str, n_iters: int, seed: int = 1, workload: str = "fixed") -> list[list[list[int]]]:
+    """Prompts per iteration: n_iters lists of B token-id lists (ids below the pad/eos ids) of length P (``fixed``) or
+    of lengths uniform over [⌈P/8⌉, P] (``realistic``, ``benchmarks.workload.make_prompts``)."""
+    from .workload import make_prompts as draw
     S = SHAPES[shape]
     V = S["model"]["vocab_size"]
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V - 2, (S["B"], S["P"]), generator=g).tolist() for _ in range(n_iters)]
+    return [draw(S["B"], S["P"], V, workload, g) for _ in range(n_iters)]
 
 
 def model_flops(shape: str) -> dict:
@@ -191,14 +209,16 @@ class _PeakMemory:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.ru0) / 1024
 
 
-def _summary(times: list[tuple[float, float, float]], B: int, G: int) -> dict:
-    """times: (generation, experience, training) seconds per iteration, warm-up first."""
+def _summary(times: list[tuple[float, float, float]], B: int, G: int, resp_tokens: list[int] | None = None) -> dict:
+    """times: (generation, experience, training) seconds per iteration, warm-up first; resp_tokens: valid response
+    tokens per iteration, warm-up first (None = B·G each: the fixed workload)."""
     tot = [sum(t) for t in times]
     steady = tot[1:] or tot
     med = statistics.median(steady)
     part = lambda i: statistics.median([t[i] for t in (times[1:] or times)])  # noqa: E731
+    ntok = statistics.median((resp_tokens[1:] or resp_tokens)) if resp_tokens else B * G
     return {"s_per_iter": med, "p20_s": _quantile(steady, 0.2), "p80_s": _quantile(steady, 0.8),
-            "resp_tok_s": B * G / med, "gen_s": part(0), "exp_s": part(1), "train_s": part(2),
+            "resp_tok_s": ntok / med, "gen_s": part(0), "exp_s": part(1), "train_s": part(2),
             "setup_s": max(tot[0] - med, 0.0), "iter_times": tot, "phase_times": [list(t) for t in times]}
 
 
@@ -210,7 +230,12 @@ def merge_rounds(results: list[dict], B: int, G: int) -> dict:
         return {"error": bad[0]}
     steady = [tuple(t) for r in results for t in r["phase_times"][1:]]
     out = dict(results[0])
-    out.update(_summary([tuple(results[0]["phase_times"][0])] + steady, B, G))
+    ntok = None
+    if all(r.get("resp_tokens") for r in results):
+        ntok = [results[0]["resp_tokens"][0]] + [n for r in results for n in r["resp_tokens"][1:]]
+        for key in ("resp_lens", "pad_frac"):
+            out[key] = [results[0][key][0]] + [x for r in results for x in r[key][1:]]
+    out.update(_summary([tuple(results[0]["phase_times"][0])] + steady, B, G, ntok))
     out["peak_mem"] = max(r["peak_mem"] for r in results)
     out["rounds"] = len(results)
     return out
@@ -220,7 +245,7 @@ def merge_rounds(results: list[dict], B: int, G: int) -> dict:
 # fastrlhf arm
 # ----------------------------------------------------------------------------------------------------------------------
 def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bool = True, seed: int = 0,
-                 old_logprobs: str = "recompute", lr: float = LR) -> dict:
+                 old_logprobs: str = "recompute", lr: float = LR, workload: str = "fixed") -> dict:
     """Warm-up + ``iters`` timed iterations of fastrlhf's PPO core (+ one profiled iteration). Returns the metrics
     (``scores`` / ``kls``: per iteration, warm-up first). old_logprobs, lr: as the PPO stage's options."""
     from fastrlhf.engine.hybrid import HybridEngine
@@ -249,15 +274,16 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     autocast = lambda: autocast_context(dev, enabled=compute_dtype is not None)  # noqa: E731
     engine = HybridEngine(policy, memory_policy="keep", compute_dtype=compute_dtype)
     n_total = iters + 1 + (1 if profile else 0)
-    prompts = make_prompts(shape, n_total, seed=seed + 1)
+    prompts = make_prompts(shape, n_total, seed=seed + 1, workload=workload)
     gen = torch.Generator(device="cpu")
     pad = V - 2
+    eos = V - 1 if workload == "realistic" else None
     last = {}
-    curves = {"scores": [], "kls": [], "mismatch_max": []}
+    curves = {"scores": [], "kls": [], "mismatch_max": [], "resp_lens": [], "pad_frac": [], "resp_tokens": []}
 
     # the trainer's own iteration (ppo_core.ppo_iteration), with this benchmark's fixed settings
-    sampling = dict(max_new_tokens=G, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=pad)
-    experience = dict(gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=None, missing_eos_penalty=None,
+    sampling = dict(max_new_tokens=G, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
+    experience = dict(gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=eos, missing_eos_penalty=None,
                       forward_batch_size=64, autocast=autocast, whiten_advantages=True, old_logprobs=old_logprobs)
     update = dict(epochs=S["epochs"], minibatch_size=S["minibatch"], clip_eps=CLIP, vf_clip_eps=VF_CLIP,
                   temperature=1.0, max_grad_norm=1.0, autocast=autocast)
@@ -272,6 +298,11 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
         rollout, exp, stats = it.rollout, it.experience, it.stats
         last.update(stats=stats, resp_len=float(rollout.lengths.float().mean()), G=int(rollout.response_ids.shape[1]),
                     score=float(exp.scores.mean()), kl=float((exp.kl * exp.mask).sum(-1).mean()))
+        lens = rollout.lengths.tolist()
+        curves["resp_lens"].append(lens)
+        curves["resp_tokens"].append(sum(lens))
+        curves["pad_frac"].append(pad_fraction([len(p) for p in prompts[step]], lens,
+                                               rollout.prompt_ids.shape[1] + rollout.response_ids.shape[1]))
         curves["scores"].append(last["score"])
         curves["kls"].append(last["kl"])
         curves["mismatch_max"].append(logprob_mismatch(exp.rollout_logprobs, exp.old_logprobs, exp.mask)[1]
@@ -282,12 +313,12 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     mem.start()
     times = [iteration(i) for i in range(iters + 1)]
     peak = mem.stop()
-    out = _summary(times, B, G)
+    out = _summary(times, B, G, curves["resp_tokens"])
     out.update(curves)
     out.update(peak_mem=peak, peak_mem_how=mem.how, response_len=last["resp_len"], score=last["score"],
                kl=last["kl"], **{k: last["stats"][k] for k in ("policy_loss", "value_loss", "entropy", "grad_norm",
                                                                "approx_kl")})
-    if last["G"] != G:
+    if last["G"] != G and workload == "fixed":
         raise RuntimeError(f"benchmarks/ppo.py: fastrlhf rollout has {last['G']} response tokens, expected {G}")
     if profile:
         from torch.profiler import ProfilerActivity
@@ -319,7 +350,7 @@ def trl_importable() -> tuple[bool, str]:
     return True, trl.__version__
 
 
-def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -> dict:
+def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0, workload: str = "fixed") -> dict:
     """Warm-up + ``iters`` timed steps of TRL's PPOTrainer on the same checkpoints and prompts. Returns the metrics."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
@@ -345,12 +376,14 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -
     rm = Qwen2ForSequenceClassification.from_pretrained(ckpt["reward"], dtype=torch.float32)
     vm = Qwen2ForSequenceClassification.from_pretrained(ckpt["reward"], dtype=torch.float32)
     del dt  # TRL's own mixed precision (bf16=True on CUDA) handles the dtypes, as in the H100 reference run
-    prompts = [row for it in make_prompts(shape, iters + 1, seed=seed + 1) for row in it]
+    prompts = [row for it in make_prompts(shape, iters + 1, seed=seed + 1, workload=workload) for row in it]
+    eos = V - 1 if workload == "realistic" else None
     ds = Dataset.from_list([{"input_ids": r} for r in prompts])
     micro = S["trl_micro"]
     args = PPOConfig(output_dir=tempfile.mkdtemp(prefix="fastrlhf_bench_trl_ppo_"), per_device_train_batch_size=micro,
                      gradient_accumulation_steps=B // micro, num_mini_batches=B // S["minibatch"],
-                     num_ppo_epochs=S["epochs"], total_episodes=B * (iters + 1), response_length=G, stop_token=None,
+                     num_ppo_epochs=S["epochs"], total_episodes=B * (iters + 1), response_length=G,
+                     stop_token="eos" if eos is not None else None,
                      temperature=1.0, local_rollout_forward_batch_size=min(B, 16 if cuda else B), learning_rate=LR,
                      report_to=[], logging_steps=1, save_strategy="no", num_sample_generations=0, kl_coef=KL_COEF,
                      missing_eos_penalty=None, use_cpu=not cuda, gradient_checkpointing=False, bf16=cuda, fp16=False,
@@ -358,6 +391,7 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -
                      lam=LAM, max_grad_norm=1.0, disable_tqdm=True)
 
     marks: dict[str, list[float]] = {"gen0": [], "gen1": [], "whiten": [], "end": []}
+    curves = {"resp_lens": [], "pad_frac": [], "resp_tokens": []}  # per generation call (= per step: one batch)
     real_gen, real_whiten = trl_ppo_mod.batch_generation, trl_ppo_mod.masked_whiten
 
     def timed_gen(*a, **k):
@@ -366,6 +400,12 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -
         out = real_gen(*a, **k)
         _sync(device)
         marks["gen1"].append(time.perf_counter())
+        queries = a[1] if len(a) > 1 else k["queries"]  # batch_generation(model, queries, fwd_bs, pad_id, config)
+        Pw = queries.shape[1]
+        lens = response_lengths(out[0][:, Pw:].cpu(), eos).tolist()  # TRL truncates after its stop token (EOS)
+        curves["resp_lens"].append(lens)
+        curves["resp_tokens"].append(sum(lens))
+        curves["pad_frac"].append(pad_fraction((queries != V - 2).sum(-1).tolist(), lens, out[0].shape[1]))
         return out
 
     def timed_whiten(*a, **k):
@@ -401,7 +441,8 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -
     for i in range(n):
         w = max(t for t in marks["whiten"] if marks["gen1"][i] <= t <= marks["end"][i])
         times.append((marks["gen1"][i] - starts[i], w - marks["gen1"][i], marks["end"][i] - w))
-    out = _summary(times, B, G)
+    out = _summary(times, B, G, curves["resp_tokens"])
+    out.update(curves)
     out.update(peak_mem=peak, peak_mem_how=mem.how, trl_version=trl.__version__, trl_micro_batch=micro)
     return out
 
@@ -410,11 +451,12 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0) -
 # runner
 # ----------------------------------------------------------------------------------------------------------------------
 def _arm_subprocess(arm: str, shape: str, ckpt_root: str, device: str, iters: int, threads: int, profile: bool,
-                    trl_path: str | None, timeout: float) -> dict:
+                    trl_path: str | None, timeout: float, workload: str = "fixed") -> dict:
     """Run one arm in a fresh ``python -m benchmarks.ppo --arm ...`` process; returns its metrics (or {"error": ...})."""
     out_json = os.path.join(ckpt_root, f"{arm}.json")
     cmd = [sys.executable, "-m", "benchmarks.ppo", "--arm", arm, "--ckpt", ckpt_root, "--json", out_json,
-           "--shape", shape, "--device", device, "--iters", str(iters), "--threads", str(threads)]
+           "--shape", shape, "--device", device, "--iters", str(iters), "--threads", str(threads),
+           "--workload", workload]
     if not profile:
         cmd.append("--no-profile")
     env = dict(os.environ)
@@ -434,7 +476,8 @@ def _arm_subprocess(arm: str, shape: str, ckpt_root: str, device: str, iters: in
         return json.load(fh)
 
 
-def _rows(arm: str, res: dict, device: str, flops: dict) -> list[dict]:
+def _rows(arm: str, res: dict, device: str, flops: dict | None) -> list[dict]:
+    """Metric rows of one arm; flops None (realistic workload: ``model_flops`` counts fixed lengths) = no FLOP rates."""
     rows = []
 
     def add(metric, value, unit):
@@ -446,16 +489,24 @@ def _rows(arm: str, res: dict, device: str, flops: dict) -> list[dict]:
     add("exp_s", res["exp_s"], "s")
     add("train_s", res["train_s"], "s")
     add("setup_s", res["setup_s"], "s")
+    if res.get("resp_lens"):  # over the timed iterations (warm-up dropped)
+        timed = res["resp_lens"][1:] or res["resp_lens"]
+        st = length_stats([n for x in timed for n in x])
+        add("resp_len_p50", st["median"], "tok")
+        add("resp_len_p90", st["p90"], "tok")
+        add("pad_frac", statistics.median(res["pad_frac"][1:] or res["pad_frac"]), "frac")
     if device == "cuda":
         add("peak_mem", res["peak_mem"], "GiB")
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
-        add("tflops", flops["total"] / res["s_per_iter"] / 1e12, "TFLOP/s")
-        if peak is not None:
-            add("mfu", 100 * flops["total"] / res["s_per_iter"] / peak, "%")
+        if flops is not None:
+            add("tflops", flops["total"] / res["s_per_iter"] / 1e12, "TFLOP/s")
+            if peak is not None:
+                add("mfu", 100 * flops["total"] / res["s_per_iter"] / peak, "%")
     else:
         add("peak_rss_delta", res["peak_mem"], "MiB")
-        add("gflops", flops["total"] / res["s_per_iter"] / 1e9, "GFLOP/s")
+        if flops is not None:
+            add("gflops", flops["total"] / res["s_per_iter"] / 1e9, "GFLOP/s")
     return rows
 
 
@@ -466,7 +517,8 @@ def _write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
 
 
 def run(shape: str | None = None, device: str | None = None, iters: int = 4, threads: int = 2, arms=ARMS,
-        profile: bool = True, trl_path: str | None = None, timeout: float = 1800.0, seed: int = 0, rounds: int = 1):
+        profile: bool = True, trl_path: str | None = None, timeout: float = 1800.0, seed: int = 0, rounds: int = 1,
+        workload: str = "fixed"):
     """Both arms, one fresh process each, on the same checkpoints; ``rounds`` > 1 alternates the arms (A B A B ...) so
     that a drifting machine load hits both alike, and pools their timed iterations. Returns (rows, info, results)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -477,22 +529,23 @@ def run(shape: str | None = None, device: str | None = None, iters: int = 4, thr
     if rounds < 1:
         raise ValueError(f"--rounds {rounds}: at least 1")
     check_choices("arms", arms, ARMS)
+    check_workload(workload)
     S = SHAPES[shape]
     flops = model_flops(shape)
     per_round: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_ppo_") as root:
-        build_checkpoints(shape, root, seed=seed)
+        build_checkpoints(shape, root, seed=seed, workload=workload)
         for r in range(rounds):
             for arm in arms:
                 if per_round[arm] and "error" in per_round[arm][-1]:
                     continue
                 per_round[arm].append(_arm_subprocess(arm, shape, root, device, iters, threads, profile and r == 0,
-                                                      trl_path, timeout))
+                                                      trl_path, timeout, workload))
     results = {a: merge_rounds(per_round[a], S["B"], S["G"]) for a in arms}
     rows = []
     for arm in arms:
         if "error" not in results[arm]:
-            rows += _rows(arm, results[arm], device, flops)
+            rows += _rows(arm, results[arm], device, flops if workload == "fixed" else None)
     ok = {a: r for a, r in results.items() if "error" not in r}
     if "fastrlhf" in ok and "trl" in ok:
         f, t = ok["fastrlhf"], ok["trl"]
@@ -502,7 +555,7 @@ def run(shape: str | None = None, device: str | None = None, iters: int = 4, thr
                          median=f["peak_mem"] / t["peak_mem"] if t["peak_mem"] > 0 else math.nan, unit="x"))
     info = dict(device=device, shape=shape, dtype="bf16 autocast" if device == "cuda" else "fp32", B=S["B"], P=S["P"],
                 G=S["G"], epochs=S["epochs"], minibatch=S["minibatch"], iters=iters, threads=threads, rounds=rounds,
-                gflop_per_iter=flops["total"] / 1e9)
+                gflop_per_iter=flops["total"] / 1e9, workload=workload)
     return rows, info, results
 
 
@@ -514,6 +567,11 @@ def side_by_side(results: dict, device: str) -> str:
     for key, label in (("s_per_iter", "s / iteration"), ("resp_tok_s", "response tok/s"), ("gen_s", "generation s"),
                        ("exp_s", "experience s"), ("train_s", "training s"),
                        ("peak_mem", f"peak mem ({mem_unit})")):
+        if key == "resp_tok_s" and (f.get("resp_lens") or t.get("resp_lens")):  # lengths first, then speeds
+            for r_key, r_label in (("median", "response length p50"), ("p90", "response length p90")):
+                vals = [length_stats([n for x in (d.get("resp_lens") or [[]])[1:] for n in x])[r_key] if d.get(
+                    "resp_lens") else None for d in (f, t)]
+                lines.append(f"| {r_label} | " + " | ".join("–" if v is None else f"{v:.0f}" for v in vals) + " | |")
         a, b = f.get(key), t.get(key)
         fmt = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
         ratio = f"{b / a:.2f}x" if (a and b) else "–"
@@ -526,13 +584,13 @@ def _arm_main(a) -> int:
     root = Path(a.ckpt)
     ckpt = {"policy": str(root / "policy"), "reward": str(root / "reward")}
     if a.arm == "fastrlhf":
-        res = run_fastrlhf(a.shape, ckpt, a.device, a.iters, profile=not a.no_profile)
+        res = run_fastrlhf(a.shape, ckpt, a.device, a.iters, profile=not a.no_profile, workload=a.workload)
     else:
         ok, why = trl_importable()
         if not ok:
             raise SystemExit(f"benchmarks/ppo.py --arm trl: {why}; install trl==0.29.1 into a folder "
                              f"(pip install --no-deps --target DIR trl==0.29.1) and pass --trl-path DIR")
-        res = run_trl(a.shape, ckpt, a.device, a.iters)
+        res = run_trl(a.shape, ckpt, a.device, a.iters, workload=a.workload)
     res["threads"] = torch.get_num_threads()
     with open(a.json, "w") as fh:
         json.dump(res, fh)
@@ -555,6 +613,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per arm")
     ap.add_argument("--csv", default=str(DEFAULT_CSV), help="CSV to append rows to (default: %(default)s)")
     ap.add_argument("--no-csv", action="store_true", help="print only")
+    ap.add_argument("--workload", choices=list(WORKLOADS), default="fixed",
+                    help="fixed: P-token prompts, exactly G response tokens; realistic: prompt lengths over P/8..P, "
+                         "EOS hazard 1-0.5^(4/G) built into the policy's weights (benchmarks/workload.py)")
+    ap.add_argument("--plot", default=None, metavar="PATH.png", help="draw the time split per phase and arm")
     # internal: one arm in this process (the runner starts these)
     ap.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -567,13 +629,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     rows, info, results = run(a.shape, a.device, a.iters, a.threads, tuple(a.arms), not a.no_profile, a.trl_path,
-                              a.timeout, rounds=a.rounds)
+                              a.timeout, rounds=a.rounds, workload=a.workload)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), device=device_name(info["device"]),
-                bench="ppo", shape=info["shape"], torch=torch.__version__, commit=git_commit())
+                bench="ppo", shape=info["shape"] + ("" if a.workload == "fixed" else f"/{a.workload}"),
+                torch=torch.__version__, commit=git_commit())
     print(f"device: {meta['device']} | torch {meta['torch']} | commit {meta['commit']} | shape {info['shape']} "
           f"(B={info['B']}, P={info['P']}, G={info['G']}, {info['epochs']} epochs, minibatch {info['minibatch']}, "
-          f"{info['dtype']}, 4 models) | median of {info['rounds']}x{info['iters']} iterations (1 warm-up per "
+          f"{info['dtype']}, 4 models, {info['workload']} workload) | median of {info['rounds']}x{info['iters']} iterations (1 warm-up per "
           f"process; arms alternate per round) | "
           f"{info['gflop_per_iter']:.0f} GFLOP/iter | load avg (1 min) {load0:.1f} before, {load1:.1f} after")
     for arm, res in results.items():
@@ -594,6 +657,14 @@ def main(argv=None) -> int:
     if not a.no_csv and rows:
         used = _write_csv(Path(a.csv), rows, meta)
         print(f"appended {len(rows)} rows to {used}")
+    ok = {arm: r for arm, r in results.items() if "error" not in r}
+    if a.plot and ok:
+        from .plots import phases_png
+        phases = {arm: {"generation": r["gen_s"], "experience": r["exp_s"], "training": r["train_s"]}
+                  for arm, r in ok.items()}
+        out = phases_png(a.plot, phases, f"PPO iteration, {meta['device']}, shape {info['shape']} (B={info['B']}, "
+                         f"P={info['P']}, G={info['G']}), {info['workload']} workload")
+        print(f"plot: {out}")
     return 0 if all("error" not in r for a_, r in results.items() if a_ == "fastrlhf") else 1
 
 

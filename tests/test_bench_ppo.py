@@ -81,3 +81,16 @@ def test_merge_rounds_pools_timed_iterations():
     assert m["iter_times"] == [11.0, 3.0, 4.0, 4.0, 7.0]  # both rounds' warm-ups gone except the first, for setup_s
     assert m["s_per_iter"] == pytest.approx(4.0) and m["peak_mem"] == 7.0 and m["rounds"] == 2
     assert merge_rounds([r1, {"error": "boom"}], B=2, G=10) == {"error": "boom"}
+
+
+def test_summary_and_merge_count_valid_tokens_of_the_realistic_workload():
+    """Realistic workload: tokens/s = median valid response tokens per timed iteration / median seconds; merging
+    rounds pools the timed iterations' tokens, lengths and padding fractions (warm-ups dropped, as the times)."""
+    r1 = _summary([(9.0, 1.0, 1.0), (1.0, 1.0, 1.0), (1.0, 1.0, 2.0)], B=2, G=10, resp_tokens=[20, 6, 10])
+    assert r1["resp_tok_s"] == pytest.approx(8.0 / 3.5)  # median(6, 10) / median(3, 4); the warm-up's 20 ignored
+    r2 = _summary([(9.0, 9.0, 9.0), (2.0, 1.0, 1.0), (1.0, 1.0, 5.0)], B=2, G=10, resp_tokens=[20, 4, 12])
+    for r, lens in ((r1, [[9, 9], [3, 3], [5, 5]]), (r2, [[9, 9], [2, 2], [6, 6]])):
+        r.update(peak_mem=1.0, resp_tokens=[sum(x) for x in lens], resp_lens=lens, pad_frac=[0.0, 0.5, 0.25])
+    m = merge_rounds([r1, r2], B=2, G=10)
+    assert m["resp_lens"] == [[9, 9], [3, 3], [5, 5], [2, 2], [6, 6]] and m["pad_frac"] == [0.0, 0.5, 0.25, 0.5, 0.25]
+    assert m["resp_tok_s"] == pytest.approx(8.0 / 4.0)  # median(6, 10, 4, 12) / median(3, 4, 4, 7)

@@ -31,3 +31,15 @@ def test_scale_runner_end_to_end(tmp_path, capsys):
     assert got[("fsdp-2", "efficiency")] == pytest.approx(got[("fsdp-2", "resp_tok_s")] / (2 * got[("plain", "resp_tok_s")]),
                                                           rel=1e-4)
     assert all(got[(p, "resp_tok_s")] > 0 and got[(p, "s_per_iter")] > 0 for p in ("plain", "fsdp-2"))
+
+
+def test_scale_runner_response_lengths_plot(tmp_path, capsys):
+    """--nproc 0 (plain arm only) at two response lengths: one row set per G and a PNG of s/iteration against G."""
+    out, png = tmp_path / "r.csv", tmp_path / "scale.png"
+    assert scale.main(["--shape", "smoke", "--device", "cpu", "--nproc", "0", "--iters", "1", "--response-lengths",
+                       "4", "8", "--csv", str(out), "--plot", str(png)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert {r["provider"] for r in rows} == {"plain@G4", "plain@G8"}
+    eff = {r["provider"]: float(r["median"]) for r in rows if r["metric"] == "efficiency"}
+    assert eff == {"plain@G4": pytest.approx(1.0), "plain@G8": pytest.approx(1.0)}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000

@@ -132,3 +132,103 @@ def test_linear_memory_scaling_eager_grows_ours_bounded(monkeypatch):
               for p in ("fastrlhf", "eager")}
     assert per_nv["eager"] >= 8, per_nv
     assert per_nv["fastrlhf"] < 1, per_nv
+
+
+# ---------------------------------------------------------------------------------------------------------- pictures
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _is_png(path, min_bytes=5_000):
+    return path.exists() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > min_bytes
+
+
+def test_kernels_runner_plots_memory_against_nv(tmp_path):
+    png = tmp_path / "mem.png"
+    assert runner.main(["--shape", "smoke", "--ops", "linear", "--warmup-ms", "0", "--rep-ms", "0", "--no-csv",
+                        "--plot", str(png)]) == 0
+    assert _is_png(png)
+    with pytest.raises(SystemExit) as e:  # the picture is the linear op's memory scaling: asked without it = exit 2
+        runner.main(["--shape", "smoke", "--ops", "gae", "--plot", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+
+
+def test_generate_runner_fixed_and_realistic_with_plot(tmp_path, capsys):
+    """Both workloads in one call (two providers, 3 runs): realistic rows carry their own shape tag, stop at EOS
+    (shorter responses than G, padding > 0), fixed rows have every response G long and no padding; the PNG is drawn."""
+    from fastrlhf.benchmarks import generate as gen
+    path, png = tmp_path / "gen.csv", tmp_path / "gen.png"
+    assert gen.main(["--shape", "smoke", "--runs", "3", "--providers", "fastrlhf", "hf-dynamic", "--workload",
+                     "fixed", "realistic", "--csv", str(path), "--plot", str(png)]) == 0
+    assert "realistic workload" in capsys.readouterr().out
+    assert _is_png(png)
+    G = gen.SHAPES["smoke"]["G"]
+    _, rows = _read(path)
+    got = {(r["shape"], r["provider"], r["metric"]): float(r["median"]) for r in rows}
+    for p in ("fastrlhf", "hf-dynamic"):
+        assert got[("smoke", p, "resp_len_p50")] == G and got[("smoke", p, "pad_frac")] == 0.0
+        assert got[("smoke/realistic", p, "resp_len_p50")] < G
+        assert 0.0 < got[("smoke/realistic", p, "pad_frac")] < 1.0
+        assert got[("smoke/realistic", p, "tokens_per_s")] > 0
+    B = gen.SHAPES["smoke"]["B"]
+    assert got[("smoke", "fastrlhf", "decode_row_steps")] == B * (G - 1)  # nothing to compact: every row runs G tokens
+    assert got[("smoke/realistic", "fastrlhf", "decode_row_steps")] < B * (G - 1)  # rows stop, buckets shrink
+
+
+def test_ppo_runner_realistic_fastrlhf_arm_with_plot(tmp_path, capsys):
+    """The PPO runner's fastrlhf arm on the realistic workload (1 timed iteration): lengths and padding reported,
+    tokens/s over valid tokens, no FLOP rate (it counts fixed lengths), the phase picture drawn."""
+    from fastrlhf.benchmarks import ppo
+    path, png = tmp_path / "ppo.csv", tmp_path / "ppo.png"
+    assert ppo.main(["--shape", "smoke", "--iters", "1", "--arms", "fastrlhf", "--no-profile", "--workload",
+                     "realistic", "--csv", str(path), "--plot", str(png)]) == 0
+    assert _is_png(png)
+    _, rows = _read(path)
+    got = {r["metric"]: float(r["median"]) for r in rows if r["shape"] == "smoke/realistic"}
+    G = ppo.SHAPES["smoke"]["G"]
+    assert 1 <= got["resp_len_p50"] <= got["resp_len_p90"] <= G and 0 < got["pad_frac"] < 1
+    assert got["resp_tok_s"] > 0 and "gflops" not in got
+
+
+def test_plot_helpers_draw_nontrivial_pngs(tmp_path):
+    from fastrlhf.benchmarks import plots
+    a = plots.phases_png(tmp_path / "a.png", {"fastrlhf": {"generation": 1.0, "experience": 0.5, "training": 2.0},
+                                              "trl": {"generation": 2.0, "experience": 0.6, "training": 2.1}}, "t")
+    b = plots.lines_png(tmp_path / "b.png", {"plain": [(32, 1.0), (64, 2.1), (128, 4.0)]}, "t", "G", "s")
+    for p in (a, b):
+        assert _is_png(p)
+
+
+# ---------------------------------------------------------------------------------------------------------- workloads
+def test_realistic_workload_lengths_follow_the_hazard():
+    """The EOS hazard built into a random Qwen2's weights: the calibrated mean EOS probability is h = 1 − 0.5^(4/G),
+    it varies little across positions, and 256 sampled responses have median ≈ G/4 and p90 ≈ 0.83·G; prompt lengths
+    stay in [⌈P/8⌉, P]."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from fastrlhf.benchmarks import workload as wl
+    V, G, P = 512, 32, 16
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=V, max_position_embeddings=256, tie_word_embeddings=True,
+                      pad_token_id=V - 2, eos_token_id=V - 1, bos_token_id=V - 1)
+    torch.manual_seed(0)
+    m = Qwen2ForCausalLM(cfg).eval()
+    h = wl.eos_hazard(G)
+    assert (1 - h) ** (G / 4) == pytest.approx(0.5)  # median G/4
+    got = wl.install_eos_hazard(m, V - 1, h)
+    assert got == pytest.approx(h, rel=1e-3)
+    g = torch.Generator().manual_seed(3)
+    prompts = wl.make_prompts(256, P, V, "realistic", g)
+    lens = [len(p) for p in prompts]
+    assert min(lens) >= 2 and max(lens) <= P and len(set(lens)) > P // 2
+    Pw = max(lens)
+    ids = torch.tensor([[V - 2] * (Pw - len(p)) + p for p in prompts])
+    att = (ids != V - 2).long()
+    with torch.no_grad():
+        p_eos = torch.softmax(m(input_ids=ids, attention_mask=att).logits[att.bool()], -1)[:, V - 1]
+        assert float(p_eos.min()) > 0.7 * h and float(p_eos.max()) < 1.3 * h  # a near-constant hazard
+        torch.manual_seed(4)
+        out = m.generate(input_ids=ids, attention_mask=att, max_new_tokens=G, do_sample=True, top_k=0, top_p=1.0,
+                         temperature=1.0, pad_token_id=V - 2, eos_token_id=V - 1)
+    st = wl.length_stats(wl.response_lengths(out[:, Pw:], V - 1).tolist())
+    assert G / 4 - 3 <= st["median"] <= G / 4 + 3, st
+    assert 0.83 * G - 6 <= st["p90"] <= G, st
+    assert wl.pad_fraction([2, 4], [1, 3], 5) == pytest.approx(1 - 10 / 10) and wl.pad_fraction([2], [1], 5) == 0.4

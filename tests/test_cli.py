@@ -66,7 +66,9 @@ def test_bench_dispatch(monkeypatch, capsys):
 
 
 def test_real_bench_names():
-    assert "kernels" in cli.bench_names()
+    names = cli.bench_names()
+    assert "kernels" in names and "generate" in names
+    assert "plots" not in names and "workload" not in names  # the runners' helpers, not runners
 
 
 def test_selfcheck_table(capsys):

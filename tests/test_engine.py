@@ -47,7 +47,8 @@ def teacher_forced_logits(model, r: Rollout) -> torch.Tensor:
 
 
 def reference_greedy(model, prompts, G, eos=None):
-    """Greedy decoding one row at a time with a full forward per token (no cache, no padding): the plain definition."""
+    """Greedy decoding one row at a time with a full forward per token (no cache, no padding): the plain definition.
+    eos: an id or a list of ids."""
     out = []
     with torch.no_grad():
         for p in prompts:
@@ -56,7 +57,7 @@ def reference_greedy(model, prompts, G, eos=None):
                 nxt = int(model(ids)[0, -1].argmax())
                 gen.append(nxt)
                 ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
-                if nxt == eos:
+                if nxt == eos or (isinstance(eos, (list, tuple)) and nxt in eos):
                     break
             out.append(gen)
     return out
@@ -363,3 +364,80 @@ def test_compiled_step_equals_eager_and_sees_weight_updates(model):
             p.add_(0.3 * torch.randn_like(p))
     b = both()
     assert not torch.equal(a.response_ids, b.response_ids)
+
+
+# ---------------------------------------------------------------------------------------------------- compaction
+def _eos_spread(free: torch.Tensor) -> list[int]:
+    """EOS ids that end the rows of a free-running greedy rollout at different steps: per row, the first occurrence
+    of its last new token."""
+    eos = set()
+    for row in free.tolist():
+        k = max(row.index(t) for t in set(row))
+        eos.add(row[k])
+    return sorted(eos)
+
+
+def _lengths_with(free: torch.Tensor, eos: list[int]) -> list[int]:
+    G = free.shape[1]
+    hit = torch.isin(free, torch.tensor(eos))
+    return [int(h.nonzero()[0]) + 1 if h.any() else G for h in hit]
+
+
+def test_compaction_greedy_matches_transformers_rows_finishing_at_different_steps(tmp_path):
+    """12 rows stop at EOS at several different steps; with a look every step the live rows move through several
+    smaller buckets (12 -> 8 -> 4 -> ...). Output equals transformers' greedy generate, the row-by-row definition and
+    the engine without compaction, token for token."""
+    from transformers import AutoModelForCausalLM
+    path = make_tiny_checkpoint(tmp_path, family="qwen2", tie=True, seed=7)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ours = load_model(path)
+    prompts = ragged_prompts(12, seed=5)
+    G = 24
+    eng = HybridEngine(ours, check_every=1)
+    off = HybridEngine(ours, check_every=1, compact=False)
+    with eng.generation():
+        free = eng.generate(prompts, max_new_tokens=G, temperature=0, pad_token_id=PAD_ID)
+    eos = _eos_spread(free.response_ids)
+    lens = _lengths_with(free.response_ids, eos)
+    assert len(set(lens)) >= 4, lens  # the test's premise: rows finish at several different steps
+    with eng.generation():
+        n0 = eng.stats["compactions"]
+        r = eng.generate(prompts, max_new_tokens=G, temperature=0, eos_token_id=eos, pad_token_id=PAD_ID)
+        assert eng.stats["compactions"] - n0 >= 2
+    with off.generation():
+        r_off = off.generate(prompts, max_new_tokens=G, temperature=0, eos_token_id=eos, pad_token_id=PAD_ID)
+    assert off.stats["compactions"] == 0
+    assert r.lengths.tolist() == lens
+    with torch.no_grad():
+        out = hf.generate(input_ids=r.prompt_ids, attention_mask=r.prompt_mask, max_new_tokens=G, do_sample=False,
+                          eos_token_id=eos, pad_token_id=PAD_ID, top_k=None, top_p=None, temperature=None)
+    hf_resp = out[:, r.prompt_ids.shape[1]:]
+    assert torch.equal(r.response_ids, hf_resp[:, :r.response_ids.shape[1]])
+    assert torch.equal(r.response_ids, r_off.response_ids) and torch.equal(r.response_mask, r_off.response_mask)
+    for i, row in enumerate(reference_greedy(ours, prompts, G, eos=eos)):
+        assert r.response_ids[i, :len(row)].tolist() == row and int(r.lengths[i]) == len(row)
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_compaction_sampling_same_rollout_as_without(model, check_every):
+    """Sampling with the same seed, compaction (and the eager cache window, here much shorter than the cache) on and
+    off: the same tokens, lengths and log-probs (each row keeps its own random numbers through the moves); the
+    log-probs also match a teacher-forced forward."""
+    prompts = ragged_prompts(10, seed=6)
+    eos = list(range(100, 110))  # ~6% of the vocabulary: rows end at many different steps
+    kw = dict(max_new_tokens=40, temperature=1.0, eos_token_id=eos, pad_token_id=PAD_ID, seed=21)
+    on = HybridEngine(model, check_every=check_every)
+    off = HybridEngine(model, check_every=check_every, compact=False)
+    with on.generation(max_batch_size=10, max_seq_len=300):
+        a = on.generate(prompts, **kw)
+        a2 = on.generate(prompts, **kw)  # buffers of the smaller buckets reused by a second call
+    with off.generation(max_batch_size=10, max_seq_len=300):
+        b = off.generate(prompts, **kw)
+    assert on.stats["compactions"] >= 2 and off.stats["compactions"] == 0
+    assert on.stats["row_steps"] < off.stats["row_steps"] * 2  # two calls on, one off: fewer rows decoded per call
+    assert len(set(a.lengths.tolist())) >= 3, a.lengths
+    for x in (a, a2):
+        assert torch.equal(x.response_ids, b.response_ids) and torch.equal(x.lengths, b.lengths)
+        torch.testing.assert_close(x.logprobs, b.logprobs, atol=1e-5, rtol=0)
+    ref = logprobs_from_logits_ref(teacher_forced_logits(model, a), a.response_ids).float()
+    assert (ref - a.logprobs).mul(a.response_mask).abs().max() < ATOL_LOGP

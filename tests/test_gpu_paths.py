@@ -85,8 +85,12 @@ def test_capture_uses_the_model_device_and_one_pool(monkeypatch, ckpt):
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: ("pool", next(handles)))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: seen["sync"].append(device))
     b = next(iter(eng._buffers))
+    for t in eng.cache.k + eng.cache.v:  # a capture mid-rollout (compaction) must leave the cache as it was
+        t.normal_()
+    kv = [t.clone() for t in eng.cache.k + eng.cache.v]
     for temp in (0.0, 1.0):  # two graphs (two sampling settings)
         eng._capture(_StepKey(b, SamplingParams(temp, 0, 1.0), (), 0))
+    assert all(torch.equal(t, s) for t, s in zip(eng.cache.k + eng.cache.v, kv))
     assert seen["streams"] and all(d == torch.device("cuda", 1) for d in seen["streams"])
     assert seen["current"] and all(d == torch.device("cuda", 1) for d in seen["current"])
     assert seen["sync"] == [torch.device("cuda", 1)] * 2
@@ -198,3 +202,26 @@ def test_cuda_graphs_over_weight_copies_match_autocast(ckpt):
     with eng.generation():
         eng.generate(prompts, max_new_tokens=4, temperature=1.0, seed=1)  # a second graph (sampling)
     assert eng.stats["captures"] == 2 and eng._pool is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compaction across captured buckets")
+def test_cuda_graph_compaction_equals_no_compaction(ckpt):
+    """On the GPU with graphs: rows ending at different steps move through smaller buckets (graphs captured mid-
+    rollout) and give the rollout of the same engine without compaction (greedy: tokens; sampling: tokens and
+    log-probs)."""
+    model = load_model(ckpt, device=devmod.resolve_device("cuda:0"))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 160, (int(n),), generator=g).tolist() for n in torch.randint(1, 9, (12,), generator=g)]
+    eos = list(range(100, 110))
+    on = HybridEngine(model, cuda_graphs=True, check_every=1)
+    off = HybridEngine(model, cuda_graphs=True, check_every=1, compact=False)
+    for temp in (0.0, 1.0):
+        kw = dict(max_new_tokens=40, temperature=temp, eos_token_id=eos, pad_token_id=0, seed=5)
+        with on.generation():
+            a = on.generate(prompts, **kw)
+        with off.generation():
+            b = off.generate(prompts, **kw)
+        assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.lengths, b.lengths)
+        torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+    assert on.stats["compactions"] >= 1 and off.stats["compactions"] == 0

@@ -19,8 +19,14 @@ train/eval flag and the gradient-checkpointing setting, then keeps or frees the 
  3. decodes one token per step: the step reads its input token from a slot-aligned token buffer, writes K/V at slot
     ``cache_pos``, samples, and appends; every tensor it touches is a static buffer, so on CUDA the step is captured once
     per (batch bucket, sampling params) as a ``torch.cuda.CUDAGraph`` and afterwards each step is one ``replay()``.
-    Finished rows keep running (static shapes) but emit pad with log-prob 0. The host looks at the "all done" flag only
-    every ``check_every`` steps (one sync per check, none per token).
+    Finished rows emit pad with log-prob 0. The host looks at the "done" flags only every ``check_every`` steps (one
+    sync per check, none per token); there it stops when every row is done, and (``compact``) when the live rows fit a
+    smaller batch bucket it moves them there: their KV-cache rows, decode state and random numbers are gathered into
+    rows 0..n−1 of that bucket's static buffers (its own CUDA graph), so finished rows stop costing decode steps. The
+    prefill is never re-run; the results are scattered back to the original row order at the end.
+    Without CUDA graphs (``compact``), attention reads only the cache slots written so far: the prefill and every decode
+    step see a window of the first slots (rounded up to a multiple of ``WINDOW_ROUND``). With graphs the slot count is
+    static; flash-attn's ``cache_seqlens`` already limits its reads to the written slots.
  4. returns a ``Rollout`` with fresh tensors, trimmed to the longest response.
 
 Graphs are reused across rollouts: they read the weights through their addresses, and the optimizer updates the weights
@@ -56,6 +62,7 @@ from fastrlhf.engine.sampling import SamplingParams, sample
 from fastrlhf.kernels.head import compute_dtype, head_logits, head_logprobs
 
 MEMORY_POLICIES = ("keep", "free")
+WINDOW_ROUND = 32  # eager decode attention reads the first ceil((slot + 1) / 32) * 32 cache slots
 
 
 @dataclass
@@ -110,6 +117,36 @@ class _Buffers:
         return [self.tokens, self.logp, self.mask, self.pos, self.cache_pos, self.done]
 
 
+class _Live:
+    """The rows still decoding in one ``generate`` call: bucket buffers ``buf`` (b rows, the first n real), their
+    decode step, and ``rows`` [n] (host) = the original row of each; finished rows' results kept in original order."""
+
+    def __init__(self, B: int, b: int, buf: "_Buffers", key, step):
+        self.B, self.b, self.n, self.buf, self.key, self.step = B, b, B, buf, key, step
+        self.rows = torch.arange(B)
+        self.tokens = self.logp = None  # [B, S] results in original row order, made at the first move
+
+    def save(self) -> None:
+        """Copy the current rows' tokens / log-probs to the original order."""
+        if self.tokens is None:
+            self.tokens = torch.full_like(self.buf.tokens[:self.B], self.key.pad)
+            self.logp = torch.zeros_like(self.buf.logp[:self.B])
+        r = self.rows.to(self.buf.tokens.device)
+        self.tokens.index_copy_(0, r, self.buf.tokens[:self.n])
+        self.logp.index_copy_(0, r, self.buf.logp[:self.n])
+
+    def move(self, buf: "_Buffers", key, step, keep: Tensor) -> None:
+        self.rows = self.rows[keep.cpu()]
+        self.buf, self.key, self.step, self.b, self.n = buf, key, step, buf.b, int(keep.shape[0])
+
+    def results(self, slots: int) -> tuple[Tensor, Tensor]:
+        """(tokens, log-probs) [B, slots] in the original row order."""
+        if self.tokens is None:
+            return self.buf.tokens[:self.B, :slots], self.buf.logp[:self.B, :slots]
+        self.save()
+        return self.tokens[:, :slots], self.logp[:, :slots]
+
+
 @dataclass(frozen=True)
 class _StepKey:
     """What a captured decode step bakes in as constants."""
@@ -134,14 +171,18 @@ class HybridEngine:
     compile_step: when the decode step runs eagerly (CPU, or cuda_graphs off), run it through ``torch.compile`` (fused
         kernels, far less per-op overhead; costs a one-off compile of tens of seconds per (batch, sampling params),
         counted in ``stats["compile_s"]``). Off by default.
-    check_every: decode steps between looks at the "all rows done" flag (each look is one host sync).
+    check_every: decode steps between looks at the "done" flags (each look is one host sync).
+    compact: at those looks, move the live rows into a smaller batch bucket once they fit one (CUDA graphs: the graph
+        buckets; eager: powers of two), and (eager) let attention read only the written cache slots. Same rollouts as
+        ``compact=False`` (same per-row random numbers; up to float rounding of the smaller batches). Not with
+        ``compile_step`` (each batch / slot shape would recompile) nor a ``weight_gather``.
     weight_gather: how a sharded model is gathered for one rollout (see the module docstring); None or mode "local" =
         the weights are local.
     """
 
     def __init__(self, model, *, memory_policy: str = "keep", cuda_graphs="auto", batch_buckets=None,
                  compute_dtype: torch.dtype | None = None, compile_step: bool = False, check_every: int = 8,
-                 weight_gather=None):
+                 weight_gather=None, compact: bool = True):
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"HybridEngine(memory_policy={memory_policy!r}): expected one of {MEMORY_POLICIES}")
         if cuda_graphs not in ("auto", True, False):
@@ -175,9 +216,12 @@ class HybridEngine:
         self._graphs: dict[_StepKey, torch.cuda.CUDAGraph] = {}
         self._active = False
         self.compile_step = bool(compile_step)
+        self.compact = bool(compact)
+        self._slots: int | None = None  # eager decode: the cache window the next step reads (None = every slot)
         self._compiled = None  # torch.compile(self._step), made on first use
         self._compiled_keys: set = set()
-        self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0, "compile_s": 0.0}
+        self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0, "compile_s": 0.0, "compactions": 0,
+                      "row_steps": 0}  # row_steps: decode steps × bucket rows run (what compaction saves)
         self._pool = None  # the CUDA graphs' shared memory pool (torch.cuda.graph_pool_handle), made at first capture
         # compute_dtype copies of the nn.Linear weights: {module: copy} (see the module docstring); None = not used
         self._lowp: dict | None = {} if (self.weight_gather is None and compute_dtype is not None
@@ -350,6 +394,8 @@ class HybridEngine:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
         eos_t = torch.tensor(eos or [-1], device=self.device)
+        compact = self.compact and not self.compile_step and self.weight_gather is None
+        window = compact and not self.use_graphs
         with torch.no_grad(), self._device_ctx(), self.gather_weights(), self._autocast(), self._lowp_weights():
             step = self._decode_fn(key) if G > 1 else None
             # 1. reset the decode state: prompt at slots 0..P−1, idle bucket rows done from the start
@@ -363,7 +409,8 @@ class HybridEngine:
                 buf.uniform[:B, P - 1:P - 1 + G] = torch.rand(B, G, generator=gen, device=self.device)
             # 2. prefill: one forward over the whole prompt batch, sample the first new token (slot P)
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P] position ids under left padding
-            h = self.model.hidden_states(ids, position_ids=pos, attention_mask=buf.mask[:B], kv_cache=self.cache,
+            h = self.model.hidden_states(ids, position_ids=pos, attention_mask=buf.mask[:B, :P] if window else buf.mask[:B],
+                                         kv_cache=self.cache.window(P) if window else self.cache,
                                          cache_pos=torch.arange(P, device=self.device))
             tok, lp = self._sample_head(h[:, -1], params, buf.uniform[:B, P - 1] if not params.greedy else None)
             buf.tokens[:B, P] = tok
@@ -374,13 +421,28 @@ class HybridEngine:
             buf.cache_pos.fill_(P)
             # 3. decode G−1 more tokens, one per step (each reads slot P+i−1 and writes the token at slot P+i)
             n = 1
-            while n < G:
-                step()
-                n += 1
-                if n % self.check_every == 0 and self.all_done(buf.done):
-                    break
-            # 4. the rollout: fresh tensors (the buffers are reused by the next call)
-            resp = buf.tokens[:B, P:P + n]
+            live = _Live(B, b, buf, key, step)  # the bucket decoding now, and its rows' original order
+            try:
+                while n < G:
+                    if window:  # the fed token sits at slot P+n−1: read the slots up to it, rounded up
+                        self._slots = min(self.cache.max_seq, -(-(P + n) // WINDOW_ROUND) * WINDOW_ROUND)
+                    live.step()
+                    self.stats["row_steps"] += live.b
+                    n += 1
+                    if n % self.check_every == 0:
+                        if not compact:
+                            if self.all_done(live.buf.done):
+                                break
+                            continue
+                        done = live.buf.done[:live.n].cpu()  # the check's one sync
+                        if bool(done.all()):
+                            break
+                        self._maybe_compact(live, (~done).nonzero().flatten(), P + n)
+            finally:
+                self._slots = None
+            # 4. the rollout: fresh tensors (the buffers are reused by the next call), rows in their original order
+            tokens, logp = live.results(P + n)
+            resp = tokens[:, P:P + n]
             is_eos = (resp[..., None] == eos_t).any(-1)
             valid = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before this token
             lengths = valid.sum(-1)
@@ -390,9 +452,39 @@ class HybridEngine:
                 prompt_ids=ids.clone(), prompt_mask=mask.clone(),
                 response_ids=resp[:, :g].masked_fill(~valid, pad),
                 response_mask=valid.long(),
-                logprobs=buf.logp[:B, P:P + g].masked_fill(~valid, 0.0),
+                logprobs=logp[:, P:P + g].masked_fill(~valid, 0.0),
                 lengths=lengths,
             )
+
+    def _compact_bucket(self, n: int) -> int:
+        """The bucket for n live rows: the graph buckets with CUDA graphs, else the next power of two."""
+        return self._bucket(n) if self.use_graphs else 1 << (n - 1).bit_length()
+
+    def _maybe_compact(self, live: "_Live", keep: Tensor, slots: int) -> None:
+        """Move the live rows ``keep`` [n] (rows of the current bucket, ascending) into a smaller bucket when they fit
+        one: KV-cache rows (slots ``:slots``, the ones written so far) and decode state gathered into rows 0..n−1 of
+        that bucket's static buffers, its idle rows reset as at the start of a rollout. No-op otherwise."""
+        n = int(keep.shape[0])
+        nb = self._compact_bucket(n)
+        if nb >= live.b:
+            return
+        live.save()  # every row's tokens / log-probs so far, to the original order
+        old, dev = live.buf, self.device
+        new = self._get_buffers(nb)
+        idx = keep.to(dev)
+        self.cache.keep_rows(idx, slots)
+        for name in ("tokens", "logp", "mask", "uniform", "pos"):
+            src, dst = getattr(old, name), getattr(new, name)
+            dst[:n] = src.index_select(0, idx)
+            if nb > n:
+                dst[n:] = 0
+        new.tokens[n:] = live.key.pad
+        new.cache_pos.copy_(old.cache_pos)
+        new.done[:n] = False
+        new.done[n:] = True
+        key = _StepKey(nb, live.key.params, live.key.eos, live.key.pad)
+        live.move(new, key, self._decode_fn(key), keep)
+        self.stats["compactions"] += 1
 
     def _pad_prompts(self, prompts, attention_mask, pad: int) -> tuple[Tensor, Tensor]:
         """-> (ids [B, P] int64 left-padded with ``pad``, mask [B, P] int64) on the model's device."""
@@ -452,7 +544,9 @@ class HybridEngine:
         cp = buf.cache_pos  # [1] slot of the token being fed
         cur = buf.tokens.index_select(1, cp)  # [b, 1]
         buf.mask.index_fill_(1, cp, 1)  # its key becomes valid
-        h = self.model.hidden_states(cur, position_ids=buf.pos, attention_mask=buf.mask, kv_cache=self.cache,
+        S = self._slots  # eager: attention reads the first S slots (every valid key lies below S); None = all
+        h = self.model.hidden_states(cur, position_ids=buf.pos, attention_mask=buf.mask if S is None else buf.mask[:, :S],
+                                     kv_cache=self.cache if S is None else self.cache.window(S),
                                      cache_pos=cp)  # [b, 1, H]
         u = None if key.params.greedy else buf.uniform.index_select(1, cp).squeeze(1)  # [b]
         tok, lp = self._sample_head(h[:, -1], key.params, u)
@@ -504,13 +598,17 @@ class HybridEngine:
     def _capture(self, key: _StepKey):
         """Capture the decode step of ``key`` as a CUDA graph (warm-up on a side stream first).
 
-        Called before the prefill of a rollout: the warm-up steps write K/V at slots 0, 1 and capture changes nothing,
-        and the prefill/decode of the rollout overwrite those slots before any query reads them; the buffers the
-        warm-up changes are restored afterwards. The graph keeps its own eos tensor alive."""
+        Called before the prefill of a rollout, or in its middle when compaction first reaches a bucket: the warm-up
+        steps write K/V at slots 0, 1 (capture changes nothing); those cache slots and the buffers the warm-up changes
+        are restored afterwards. The graph keeps its own eos tensor alive."""
         t0 = time.perf_counter()
         buf = self._buffers[key.bucket]
         eos_t = torch.tensor(key.eos or [-1], device=buf.tokens.device)
         saved = [t.clone() for t in buf.mutable()]
+        # the warm-up writes K/V at slots 0, 1 of the bucket's rows: restored afterwards, so that a capture in the
+        # middle of a rollout (a bucket first reached by compaction) leaves the live rows' cache as it was
+        kv = [t[:key.bucket, :, :2] for t in self.cache.k + self.cache.v]
+        saved += [t.clone() for t in kv]
         try:
             buf.cache_pos.zero_()
             buf.pos.zero_()
@@ -530,8 +628,9 @@ class HybridEngine:
                 self._step(key, eos_t)
             graph._fastrlhf_eos = eos_t  # keep the constant alive as long as the graph
         finally:
-            for t, v in zip(buf.mutable(), saved):
-                t.copy_(v)
+            with torch.no_grad():
+                for t, v in zip(buf.mutable() + kv, saved):
+                    t.copy_(v)
         torch.cuda.synchronize(self.device)
         self.stats["capture_s"] += time.perf_counter() - t0
         self.stats["captures"] += 1

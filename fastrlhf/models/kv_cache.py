@@ -58,3 +58,35 @@ class StaticKVCache:
         k_all.index_copy_(2, cache_pos, k_new.to(self.dtype))
         v_all.index_copy_(2, cache_pos, v_new.to(self.dtype))
         return k_all, v_all
+
+    def window(self, slots: int) -> "CacheWindow":
+        """The first ``slots`` slots of every row: a view that writes into these buffers and whose ``update`` returns
+        [B, Hkv, slots, D], so attention reads only the slots written so far (the caller keeps every slot it writes
+        and every valid key below ``slots``, and passes ``attention_mask [B, slots]``)."""
+        return CacheWindow(self, slots)
+
+    def keep_rows(self, rows: Tensor, slots: int) -> None:
+        """Move rows ``rows`` [n] (ascending bucket rows) to rows 0..n−1, slots 0..slots−1, in every layer (a gather
+        then an in-place copy: the buffers keep their addresses)."""
+        n = rows.shape[0]
+        for buf in self.k + self.v:
+            buf[:n, :, :slots] = buf[:, :, :slots].index_select(0, rows)
+
+
+class CacheWindow:
+    """``StaticKVCache.window(slots)``: the same buffers, seen as a cache of ``slots`` slots."""
+
+    def __init__(self, cache: StaticKVCache, slots: int):
+        if not 0 < int(slots) <= cache.max_seq:
+            raise ValueError(f"fastrlhf/models/kv_cache.py: window({slots}) outside 1..{cache.max_seq} slots")
+        self.cache, self.max_seq = cache, int(slots)
+        self.max_batch, self.left_padded, self.dtype = cache.max_batch, cache.left_padded, cache.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.cache.device
+
+    def update(self, layer: int, k_new: Tensor, v_new: Tensor, cache_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``StaticKVCache.update``, returning views [B, Hkv, slots, D] (``cache_pos`` must lie below ``slots``)."""
+        k_all, v_all = self.cache.update(layer, k_new, v_new, cache_pos)
+        return k_all[:, :, :self.max_seq], v_all[:, :, :self.max_seq]

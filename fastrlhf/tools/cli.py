@@ -51,7 +51,7 @@ def bench_names() -> list[str]:
     except ImportError:
         return []
     return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
-                  if not m.name.startswith(("_", "bench_", "test_")) and m.name not in ("timing", "baselines"))
+                  if not m.name.startswith(("_", "bench_", "test_")) and m.name not in ("timing", "baselines", "plots", "workload"))
 
 
 def _bench(argv: list[str]):
