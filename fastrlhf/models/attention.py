@@ -37,6 +37,9 @@ def _say_no_flash_once() -> None:
         _log.warning("flash_attn is not usable (%s): attention uses torch SDPA", FLASH_IMPORT_ERROR)
 
 ATTN_IMPLS = ("auto", "sdpa", "flash", "eager")
+# Packed samples on SDPA: "repad" (q/k/v re-padded per sample, causal SDPA; the default, fastest measured on CPU) or
+# "blockdiag" (one block-diagonal causal mask over the packed row; what "eager" always uses).
+PACKED_SDPA = "repad"
 
 
 def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype, kv_cache: bool = False,
@@ -79,6 +82,9 @@ class AttnMeta:
     cache_seqlens: Tensor | None = None
     cache_leftpad: Tensor | None = None
     cached: bool = False                # keys come from a KV cache (S slots, usually S >> T)
+    # packed on SDPA: q/k/v re-padded per sample into [n, H, Tmax, D] (right padding) around the attention call only
+    pad_index: Tensor | None = None     # [N] int64: row-major slot b·Tmax + (t − cu[b]) of each packed token
+    pad_rows: tuple[int, int] = (0, 0)  # (n samples, Tmax longest sample)
 
 
 def _causal(q_slot: Tensor, k_slot: Tensor, window: int | None) -> Tensor:
@@ -123,6 +129,15 @@ def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = Non
             return meta
         tok = torch.arange(T, device=device)
         seg = torch.bucketize(tok, cu[1:].long(), right=True)  # [N] sample id of each token
+        if impl == "sdpa" and PACKED_SDPA == "repad":  # per-sample re-padding (see ``attend``): masks over [Tmax, Tmax], causal alone when no window
+            lens = cu[1:] - cu[:-1]
+            tmax = int(lens.max().item())
+            meta.pad_rows = (lens.numel(), tmax)
+            meta.pad_index = seg * tmax + (tok - cu.long()[seg])
+            if need_window:
+                t = torch.arange(tmax, device=device)
+                meta.mask_window = _causal(t, t, window)[None, None]
+            return meta
         same = seg[:, None] == seg[None, :]
         for w in wins:
             setattr(meta, "mask" if w is None else "mask_window", (_causal(tok, tok, w) & same)[None, None])
@@ -152,6 +167,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, slidin
     mask = meta.mask_window if sliding else meta.mask
     if meta.impl == "flash":
         return _flash(q, k, v, meta, scale, meta.window if sliding else None)
+    if meta.pad_index is not None:
+        return _attend_repadded(q, k, v, meta, scale, mask)
     B, Hq, T, D = q.shape
     if meta.impl == "eager":  # softmax(q k^T * scale + mask) v, in fp32 for the softmax
         rep = Hq // k.shape[1]
@@ -176,6 +193,34 @@ def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, slidin
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
+
+
+def _attend_repadded(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, mask: Tensor | None) -> Tensor:
+    """Packed samples on SDPA: q [1, Hq, N, D], k/v [1, Hkv, N, D] -> [1, N, Hq, D].
+
+    Only q, k and v are re-padded, per sample and on the right, into [n, H, Tmax, D]; every other op of the layer runs on
+    the N packed tokens. Right padding makes plain causal attention exact for the valid queries (a sample's pad keys
+    lie after all of its valid queries), so SDPA runs with ``is_causal`` (its fused CPU/CUDA kernel, GQA native) and no
+    mask: n·Tmax² scores instead of the N² of a block-diagonal mask over the packed row. A pad query's output is
+    dropped when the result is unpadded (so it gets no gradient)."""
+    n, tmax = meta.pad_rows
+    idx = meta.pad_index
+
+    def repad(x: Tensor) -> Tensor:  # [1, H, N, D] -> [n, H, Tmax, D]
+        flat = x[0].transpose(0, 1)  # [N, H, D]
+        return flat.new_zeros(n * tmax, *flat.shape[1:]).index_copy(0, idx, flat).view(
+            n, tmax, *flat.shape[1:]).transpose(1, 2)
+
+    Hq, Hkv = q.shape[1], k.shape[1]
+    qp, kp, vp = repad(q), repad(k), repad(v)
+    if mask is None:
+        gqa = {"enable_gqa": True} if Hq != Hkv else {}
+        o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, **gqa)  # [n, Hq, Tmax, D]
+    else:  # sliding window [1, 1, Tmax, Tmax] (causal included): the masked backend, k/v repeated per query head
+        if Hq != Hkv:
+            kp, vp = kp.repeat_interleave(Hq // Hkv, dim=1), vp.repeat_interleave(Hq // Hkv, dim=1)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2).reshape(n * tmax, Hq, -1).index_select(0, idx)[None]  # [1, N, Hq, D]
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, window: int | None) -> Tensor:

@@ -84,12 +84,18 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, response_i
     return head_logprobs(h, model.lm_head_weight, response_ids, temperature=temperature, return_entropy=return_entropy)
 
 
-def full_kl_loss_term(hidden, weight, ref_hidden, ref_weight, mask, agg: str, normalizer, *, temperature: float):
+def full_kl_loss_term(hidden, weight, ref_hidden, ref_weight, mask, agg: str, normalizer, *, temperature: float,
+                      batch: "ResponseBatch | None" = None):
     """The exact-KL loss term and its metric: (agg(KL_full), token-mean KL_full detached).
 
     KL_t = Σ_v p_v (log p_v − log q_v) over the whole vocabulary (``head_kl``) from the policy's response hidden states
-    ``hidden`` [B, G, H] (with gradient) and the reference's kept ones ``ref_hidden`` [B, G, HR]; mask [B, G]."""
-    kl_tok = head_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, temperature=temperature)  # [B, G] fp32
+    ``hidden`` [B, G, H] (with gradient) and the reference's kept ones ``ref_hidden`` [B, G, HR]; mask [B, G].
+    batch: the :class:`ResponseBatch` that gave ``hidden`` (packed: [M, H], the valid tokens only; ``ref_hidden`` stays
+    [B, G, HR])."""
+    if batch is not None:
+        kl_tok = batch.full_kl(hidden, weight, batch.from_grid(ref_hidden), ref_weight, temperature=temperature)
+    else:
+        kl_tok = head_kl(hidden, weight, ref_hidden, ref_weight, mask=mask, temperature=temperature)  # [B, G] fp32
     return (kernels.aggregate_ref(kl_tok, mask, agg, normalizer),
             kernels.aggregate_ref(kl_tok.detach(), mask, "token-mean"))
 
@@ -107,11 +113,142 @@ def response_values(value_model, input_ids, attention_mask, position_ids, prompt
     return values[:, prompt_len - 1 : -1].float()
 
 
-def sequence_scores(reward_model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    """Reward-model score of each whole sequence at its last valid token.  -> [B] fp32"""
+def sequence_scores(reward_model, input_ids, attention_mask, position_ids, *, packed: Packed | bool | None = None
+                    ) -> torch.Tensor:
+    """Reward-model score of each whole sequence at its last valid token.  -> [B] fp32
+
+    packed: a :class:`Packed` of these rows, or True to pack them here: one forward over the valid tokens only."""
+    if packed is True:
+        packed = pack_rows(input_ids, attention_mask, position_ids)
+    if packed:
+        return reward_model(packed.input_ids, **packed.kwargs())[0].index_select(0, packed.last).float()
     values = reward_model(input_ids, attention_mask=attention_mask, position_ids=position_ids)  # [B, T]
     last = (attention_mask.long() * torch.arange(attention_mask.shape[1], device=attention_mask.device)).argmax(-1)
     return values.gather(1, last[:, None]).squeeze(1).float()
+
+
+@dataclass
+class Packed:
+    """The valid tokens of padded rows [B, T] packed into one row [1, N] (N = Σ valid lengths), samples cut by
+    ``cu_seqlens``, each with its own positions (the padded rows' position ids at those tokens), and where each row's
+    last token and each valid response token sit in it. Built by :func:`pack_rows`."""
+
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    cu_seqlens: torch.Tensor  # [B+1] int32 cumulative lengths
+    last: torch.Tensor  # [B] packed index of each row's last valid token
+    shape: tuple[int, int]  # (B, G) of the response grid (G = 0 without responses)
+    src: torch.Tensor | None = None  # [M] packed index of the state that predicts each valid response token
+    dst: torch.Tensor | None = None  # [M] its index b·G + t in the flattened [B, G] response grid
+    labels: torch.Tensor | None = None  # [M] the valid response tokens
+
+    def kwargs(self) -> dict:
+        """The decoder's packed-forward keyword arguments (input ids separate)."""
+        return {"position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens}
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-response-token values [M, ...] -> [B, G, ...], 0 at invalid tokens (differentiable)."""
+        B, G = self.shape
+        out = x.new_zeros(B * G, *x.shape[1:]).index_copy(0, self.dst, x)
+        return out.view(B, G, *x.shape[1:])
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, G, ...] -> the valid response tokens' rows [M, ...]."""
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.dst)
+
+
+def pack_rows(input_ids, attention_mask, position_ids, response_mask=None, prompt_len: int = 0) -> Packed:
+    """Pack the valid (mask = 1) tokens of [B, T] rows into [1, N]; with ``response_mask`` [B, G] (G = T − P, P =
+    ``prompt_len``) also locate the responses: response token t of row b is predicted by the state at row position
+    P − 1 + t, which must be a valid token (true for left-padded prompts of ≥ 1 token and prefix response masks)."""
+    B, T = attention_mask.shape
+    valid = attention_mask.bool().reshape(-1)  # [B·T]
+    index = valid.nonzero().squeeze(1)  # [N] flat positions of the valid tokens
+    lens = attention_mask.bool().sum(-1)  # [B]
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # [B+1]
+    pk = Packed(input_ids=input_ids.reshape(-1)[index][None], position_ids=position_ids.reshape(-1)[index][None],
+                cu_seqlens=cu, last=cu[1:].long() - 1, shape=(B, 0))
+    if response_mask is not None:
+        G = response_mask.shape[1]
+        rank = (valid.long().cumsum(0) - 1).view(B, T)  # packed index of each valid row position
+        b, t = response_mask.bool().nonzero(as_tuple=True)  # [M] each
+        pk.shape = (B, G)
+        pk.src = rank[b, prompt_len - 1 + t]
+        pk.dst = b * G + t
+        pk.labels = input_ids[b, prompt_len + t]
+    return pk
+
+
+@dataclass
+class ResponseBatch:
+    """Rows of prompt (left-padded) + response (right-padded) for the teacher-forced forwards of PPO / GRPO, run either
+    padded ([B, P+G] with the attention mask) or padding-free (``packed``: the valid tokens only, [1, N] with
+    cu_seqlens). Both give the same [B, G] / [B] results (0 at invalid response tokens when packed); packed, the log-probs,
+    values and KL come straight from the packed hidden states of the valid response tokens ([M, H], never re-padded)."""
+
+    input_ids: torch.Tensor  # [B, P+G]
+    attention_mask: torch.Tensor  # [B, P+G]
+    position_ids: torch.Tensor  # [B, P+G]
+    response_ids: torch.Tensor  # [B, G]
+    mask: torch.Tensor  # [B, G] 1 = valid response token
+    prompt_len: int  # P
+    packed: Packed | None = None
+
+    @classmethod
+    def build(cls, input_ids, attention_mask, position_ids, response_ids, mask, prompt_len: int, *,
+              padding_free: bool = True) -> "ResponseBatch":
+        pk = pack_rows(input_ids, attention_mask, position_ids, mask, prompt_len) if padding_free else None
+        return cls(input_ids, attention_mask, position_ids, response_ids, mask, prompt_len, pk)
+
+    @property
+    def _padded(self) -> tuple:
+        return self.input_ids, self.attention_mask, self.position_ids
+
+    def hidden(self, model) -> torch.Tensor:
+        """States that predict the response tokens: padded [B, G, H], packed [M, H] (valid tokens only)."""
+        pk = self.packed
+        if pk is None:
+            return response_hidden(model, *self._padded, self.prompt_len)
+        return model.hidden_states(pk.input_ids, **pk.kwargs())[0].index_select(0, pk.src)  # [N, H] -> [M, H]
+
+    def logprobs(self, model, *, temperature: float = 1.0, return_entropy: bool = False,
+                 hidden: torch.Tensor | None = None):
+        """log p(response) [B, G] fp32 (and entropy [B, G]) through the fused head; ``hidden`` from :meth:`hidden`."""
+        h = hidden if hidden is not None else self.hidden(model)
+        if self.packed is None:
+            return response_logprobs(model, *self._padded, self.response_ids, self.prompt_len, temperature=temperature,
+                                     return_entropy=return_entropy, hidden=h)
+        out = head_logprobs(h, model.lm_head_weight, self.packed.labels, temperature=temperature,
+                            return_entropy=return_entropy)  # [M] (, [M])
+        return tuple(map(self.packed.scatter, out)) if return_entropy else self.packed.scatter(out)
+
+    def values(self, value_model) -> torch.Tensor:
+        """Per-token values of the states that produce each response token.  -> [B, G] fp32"""
+        pk = self.packed
+        if pk is None:
+            return response_values(value_model, *self._padded, self.prompt_len)
+        return pk.scatter(value_model(pk.input_ids, **pk.kwargs())[0].index_select(0, pk.src).float())
+
+    def scores(self, reward_model) -> torch.Tensor:
+        """Score of each whole sequence at its last valid token.  -> [B] fp32"""
+        if self.packed is None:
+            return sequence_scores(reward_model, *self._padded)
+        return sequence_scores(reward_model, *self._padded, packed=self.packed)
+
+    def full_kl(self, hidden, weight, ref_hidden, ref_weight, *, temperature: float = 1.0) -> torch.Tensor:
+        """Exact KL(π ‖ π_ref) over the vocabulary per response token (``head_kl``) from :meth:`hidden`-shaped states of
+        both models.  -> [B, G] fp32, 0 at invalid tokens"""
+        if self.packed is None:
+            return head_kl(hidden, weight, ref_hidden, ref_weight, mask=self.mask, temperature=temperature)
+        return self.packed.scatter(head_kl(hidden, weight, ref_hidden, ref_weight, temperature=temperature))
+
+    def to_grid(self, hidden: torch.Tensor) -> torch.Tensor:
+        """:meth:`hidden`-shaped states -> [B, G, H] (kept in the experience; 0 at invalid tokens when packed)."""
+        return hidden if self.packed is None else self.packed.scatter(hidden)
+
+    def from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, G, H] (from :meth:`to_grid`) -> :meth:`hidden`'s shape."""
+        return x if self.packed is None else self.packed.gather(x)
 
 
 def _chunks(n: int, size: int) -> Iterator[slice]:
@@ -125,7 +262,7 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
                     forward_batch_size: int, autocast: Callable[[], contextlib.AbstractContextManager],
                     ref_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                     whiten_advantages: bool = True, old_logprobs: str = "recompute", kl_estimator: str = "k1",
-                    keep_ref_hidden: bool = False) -> Experience:
+                    keep_ref_hidden: bool = False, padding_free: bool = True) -> Experience:
     """Steps 3-7 for one rollout. ``ref_context`` (e.g. LoRA's adapter-disabled context) wraps the reference forward
     when ``ref_policy`` is the policy itself.
 
@@ -134,6 +271,7 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
     kl_estimator: the reward's per-token KL: "k1" | "k2" | "k3" | "abs" of (old, ref) log-probs, or "full", the exact
     KL over the vocabulary from both models' hidden states and heads (``kernels.linear_kl``).
     keep_ref_hidden: keep the reference's response hidden states in the experience (the full-KL loss term).
+    padding_free: run the four forwards on the valid tokens only, packed (:class:`ResponseBatch`); same results.
     """
     if old_logprobs not in OLD_LOGPROBS:
         raise ValueError(f"make_experience: old_logprobs={old_logprobs!r}; expected one of {OLD_LOGPROBS}")
@@ -147,25 +285,25 @@ def make_experience(rollout, *, policy, ref_policy, reward_model, value_model, k
     B = input_ids.shape[0]
     old_lp, ref_lp, vals, scores, kl_full, ref_h = [], [], [], [], [], []
     for sl in _chunks(B, forward_batch_size):
-        args = (input_ids[sl], attention_mask[sl], position_ids[sl])
-        resp = rollout.response_ids[sl]
+        rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], rollout.response_ids[sl],
+                                 rollout.response_mask[sl], P, padding_free=padding_free)
         with autocast():
             # 3. score: reward model at the last valid token of prompt+response
-            scores.append(sequence_scores(reward_model, *args))
+            scores.append(rb.scores(reward_model))
             # 4. old log-probs (a fresh forward, same numerics as the update, unless the rollout's are used),
             #    reference log-probs, values
-            h_pol = response_hidden(policy, *args, P) if (old_logprobs == "recompute" or need_hidden) else None
+            h_pol = rb.hidden(policy) if (old_logprobs == "recompute" or need_hidden) else None
             if old_logprobs == "recompute":
-                old_lp.append(response_logprobs(policy, *args, resp, P, temperature=temperature, hidden=h_pol))
+                old_lp.append(rb.logprobs(policy, temperature=temperature, hidden=h_pol))
             with (ref_context() if ref_context is not None else contextlib.nullcontext()):
-                h_ref = response_hidden(ref_policy, *args, P)
-                ref_lp.append(response_logprobs(ref_policy, *args, resp, P, temperature=temperature, hidden=h_ref))
+                h_ref = rb.hidden(ref_policy)
+                ref_lp.append(rb.logprobs(ref_policy, temperature=temperature, hidden=h_ref))
             if kl_estimator == "full":  # KL(π ‖ π_ref) = Σ_v p_v (log p_v − log q_v) per response token
-                kl_full.append(head_kl(h_pol, policy.lm_head_weight, h_ref, ref_policy.lm_head_weight,
-                                       mask=rollout.response_mask[sl], temperature=temperature))
+                kl_full.append(rb.full_kl(h_pol, policy.lm_head_weight, h_ref, ref_policy.lm_head_weight,
+                                          temperature=temperature))
             if keep_ref_hidden:
-                ref_h.append(h_ref.detach())
-            vals.append(response_values(value_model, *args, P))
+                ref_h.append(rb.to_grid(h_ref.detach()))
+            vals.append(rb.values(value_model))
     rollout_lp = rollout.logprobs.float() * mask
     old_logprobs_t = torch.cat(old_lp) * mask if old_logprobs == "recompute" else rollout_lp
     ref_logprobs = torch.cat(ref_lp) * mask
@@ -220,7 +358,8 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                autocast: Callable[[], contextlib.AbstractContextManager], generator: torch.Generator | None = None,
                ptx_batches: Iterator | None = None, ptx_coef: float = 0.0, ptx_loss_fn=None,
                agg: str = "token-mean", on_minibatch: Callable[[], None] | None = None, kl_loss_coef: float = 0.0,
-               kl_loss_estimator: str = "k3", ref_head_weight: torch.Tensor | None = None) -> dict[str, float]:
+               kl_loss_estimator: str = "k3", ref_head_weight: torch.Tensor | None = None,
+               padding_free: bool = True) -> dict[str, float]:
     """Step 8: ``epochs`` passes over the experience in shuffled minibatches of ``minibatch_size`` rollouts.
 
     Policy loss: clipped surrogate; value loss: clipped squared error (both fused kernels). The policy and value
@@ -231,6 +370,7 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
     policy's hidden states and the reference's kept ones (``exp.ref_hidden``, head ``ref_head_weight``).
     Returned with the means: ``first_forward_mismatch_mean`` / ``_max``, |logp − rollout log-prob| over the first
     minibatch's valid tokens in the first forward (before any optimizer step), when the experience has rollout log-probs.
+    padding_free: each minibatch's forwards and backward run on its valid tokens only, packed (same losses and gradients).
     Data parallel (FSDP-sharded models): the token-mean denominator is the minibatch's token count over all ranks
     (``normalizer`` = global count / world, since FSDP averages gradients), and a non-finite loss on any rank stops all.
     """
@@ -245,13 +385,13 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
         perm = torch.randperm(B, generator=generator, device="cpu").to(exp.input_ids.device)
         for sl in _chunks(B, minibatch_size):
             mb = exp.minibatch(perm[sl])
-            args = (mb.input_ids, mb.attention_mask, mb.position_ids)
+            rb = ResponseBatch.build(mb.input_ids, mb.attention_mask, mb.position_ids, mb.response_ids, mb.mask,
+                                     mb.prompt_len, padding_free=padding_free)
             # the denominator of `agg` over all ranks' rollouts of this minibatch / world (one process: the local one)
             norm = distributed.all_reduce_sum(kernels.default_denominator(mb.mask, agg)) / distributed.world_size()
             with autocast():
-                h = response_hidden(policy, *args, mb.prompt_len)
-                logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
-                                              return_entropy=True, hidden=h)
+                h = rb.hidden(policy)
+                logp, ent = rb.logprobs(policy, temperature=temperature, return_entropy=True, hidden=h)
                 if not first and mb.rollout_logprobs is not None:  # the update's first forward vs the rollout's
                     first["mean"], first["max"] = logprob_mismatch(logp.detach(), mb.rollout_logprobs, mb.mask)
                 in_loss = kl_loss_coef != 0.0 and kl_loss_estimator != "full"
@@ -264,10 +404,10 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                     stats["kl_loss"].append(pg_metrics["kl"])
                 if kl_loss_coef != 0.0 and kl_loss_estimator == "full":  # ℓ += β_loss · agg(KL_full)
                     term, kl_mean = full_kl_loss_term(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight,
-                                                      mb.mask, agg, norm, temperature=temperature)
+                                                      mb.mask, agg, norm, temperature=temperature, batch=rb)
                     pg_loss = pg_loss + kl_loss_coef * term
                     stats["kl_loss"].append(kl_mean)
-                values = response_values(value_model, *args, mb.prompt_len)
+                values = rb.values(value_model)
                 vf_loss, vf_metrics = kernels.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
                                                        clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
                 loss_pi = pg_loss

@@ -1,0 +1,202 @@
+"""Padding-free (packed) forwards of PPO / GRPO equal the padded ones: log-probs, entropies, values, scores, full KL,
+losses, parameter gradients, and a whole PPO iteration. fp32, fresh random lengths (left-padded prompts of different
+lengths, responses down to one token)."""
+import copy
+import random
+
+import pytest
+import torch
+
+from fastrlhf import kernels
+from fastrlhf.engine.hybrid import HybridEngine, Rollout
+from fastrlhf.models.decoder import CausalLM, ModelConfig, ScoreModel
+from fastrlhf.stages.ppo_core import (ResponseBatch, make_experience, pack_rows, positions_from_mask, ppo_iteration,
+                                      sequence_scores)
+from tests.helpers_models import randomize_
+
+V = 96
+FAMILIES = {  # name -> ModelConfig overrides
+    "llama": {},
+    "llama-eager": {"attn_impl": "eager"},
+    "qwen2": {"model_type": "qwen2"},  # q/k/v biases
+    "mistral-window": {"model_type": "mistral", "sliding_window": 3},  # sliding-window mask inside each sample
+}
+
+
+def _cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, attn_impl="sdpa")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _models(seed: int, **kw):
+    torch.manual_seed(seed)
+    pol, ref, rm, val = CausalLM(_cfg(**kw)), CausalLM(_cfg(**kw)), ScoreModel(_cfg(**kw)), ScoreModel(_cfg(**kw))
+    for m in (pol, ref, rm, val):
+        randomize_(m)
+    return pol, ref, rm, val
+
+
+def _rollout(B: int, P: int, G: int, seed: int) -> Rollout:
+    """Random left-padded prompts (1..P tokens) and right-padded responses (1..G tokens; one of length 1, one full)."""
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(1, P + 1, (B,), generator=g)
+    g_len = torch.randint(1, G + 1, (B,), generator=g)
+    g_len[0], g_len[-1] = 1, G
+    t_p, t_g = torch.arange(P), torch.arange(G)
+    pm = (t_p[None] >= P - p_len[:, None]).long()
+    rm = (t_g[None] < g_len[:, None]).long()
+    return Rollout(prompt_ids=torch.randint(3, V, (B, P), generator=g) * pm, prompt_mask=pm,
+                   response_ids=torch.randint(3, V, (B, G), generator=g) * rm, response_mask=rm,
+                   logprobs=-torch.rand(B, G, generator=g) * rm, lengths=g_len)
+
+
+def _batches(ro: Rollout):
+    ids, am = ro.sequences()
+    pos = positions_from_mask(am)
+    P = ro.prompt_ids.shape[1]
+    return [ResponseBatch.build(ids, am, pos, ro.response_ids, ro.response_mask.float(), P, padding_free=pf)
+            for pf in (False, True)]
+
+
+def test_pack_rows_layout():
+    """Packed ids / positions / cu_seqlens and the response locations against a loop over rows."""
+    ro = _rollout(5, 4, 6, seed=random.randrange(2**31))
+    ids, am = ro.sequences()
+    pos = positions_from_mask(am)
+    P, G = 4, 6
+    pk = pack_rows(ids, am, pos, ro.response_mask, P)
+    flat_ids, flat_pos, cu, src, dst, lab = [], [], [0], [], [], []
+    for b in range(5):
+        row = [t for t in range(P + G) if am[b, t]]
+        start = len(flat_ids)
+        flat_ids += [int(ids[b, t]) for t in row]
+        flat_pos += list(range(len(row)))
+        cu.append(cu[-1] + len(row))
+        for t in range(G):
+            if ro.response_mask[b, t]:
+                src.append(start + row.index(P - 1 + t))
+                dst.append(b * G + t)
+                lab.append(int(ro.response_ids[b, t]))
+    assert pk.input_ids.tolist() == [flat_ids] and pk.position_ids.tolist() == [flat_pos]
+    assert pk.cu_seqlens.tolist() == cu and pk.cu_seqlens.dtype == torch.int32
+    assert pk.last.tolist() == [c - 1 for c in cu[1:]]
+    assert (pk.src.tolist(), pk.dst.tolist(), pk.labels.tolist()) == (src, dst, lab)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_packed_forwards_equal_padded(family):
+    """Log-probs, entropies, values, RM scores and the full KL: packed = padded at every valid response token."""
+    seed = random.randrange(2**31)
+    pol, ref, rm, val = _models(seed, **FAMILIES[family])
+    ro = _rollout(6, 7, 9, seed)
+    mask = ro.response_mask.float()
+    out = []
+    with torch.no_grad():
+        for rb in _batches(ro):
+            h, h_ref = rb.hidden(pol), rb.hidden(ref)
+            lp, ent = rb.logprobs(pol, temperature=0.7, return_entropy=True, hidden=h)
+            out.append(dict(lp=lp * mask, ent=ent * mask, val=rb.values(val) * mask, score=rb.scores(rm),
+                            kl=rb.full_kl(h, pol.lm_head_weight, h_ref, ref.lm_head_weight, temperature=0.7) * mask,
+                            h=rb.to_grid(h) * mask[..., None]))
+    pad, packed = out
+    for k in pad:
+        torch.testing.assert_close(packed[k], pad[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k} (seed {seed}): {m}")
+    # invalid response tokens are exactly 0 when packed
+    assert torch.equal(packed["lp"], packed["lp"] * mask)
+    # the reward model's score standalone (pack=True) is the same
+    ids, am = ro.sequences()
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(rm, ids, am, positions_from_mask(am), packed=True), pad["score"],
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window"])
+def test_packed_losses_and_gradients_equal_padded(family):
+    """PPO's clipped policy loss (+ full-KL term) and value loss, and every parameter gradient of both models."""
+    seed = random.randrange(2**31)
+    pol, ref, _, val = _models(seed, **FAMILIES[family])
+    ro = _rollout(5, 6, 8, seed + 1)
+    mask = ro.response_mask.float()
+    g = torch.Generator().manual_seed(seed)
+    old_lp = (-torch.rand(mask.shape, generator=g) * 3) * mask
+    adv, ret = torch.randn(mask.shape, generator=g) * mask, torch.randn(mask.shape, generator=g) * mask
+    old_v = torch.randn(mask.shape, generator=g) * mask
+    res = []
+    for rb in _batches(ro):
+        pol.zero_grad(set_to_none=True), val.zero_grad(set_to_none=True)
+        h = rb.hidden(pol)
+        lp, ent = rb.logprobs(pol, return_entropy=True, hidden=h)
+        with torch.no_grad():
+            h_ref = rb.from_grid(rb.to_grid(rb.hidden(ref)))
+        pg, pm = kernels.ppo_policy_loss(lp, old_lp, adv, mask, clip_eps=0.2)
+        kl = rb.full_kl(h, pol.lm_head_weight, h_ref, ref.lm_head_weight)
+        pg = pg + 0.1 * kernels.aggregate_ref(kl, mask, "token-mean")
+        vf, _ = kernels.ppo_value_loss(rb.values(val), old_v, ret, mask, clip_eps=0.2)
+        (pg + vf + 0.01 * (ent * mask).sum()).backward()
+        res.append((pg.detach(), vf.detach(), pm["clipfrac"], {n: p.grad.clone() for n, p in pol.named_parameters()},
+                    {n: p.grad.clone() for n, p in val.named_parameters()}))
+    (pg0, vf0, cf0, gp0, gv0), (pg1, vf1, cf1, gp1, gv1) = res
+    torch.testing.assert_close(pg1, pg0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vf1, vf0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cf1, cf0)
+    for grads1, grads0 in ((gp1, gp0), (gv1, gv0)):
+        assert grads1.keys() == grads0.keys()
+        for n in grads0:
+            assert grads0[n].abs().max() > 0, n  # every parameter takes part
+            torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"{n} (seed {seed}): {m}")
+
+
+def test_make_experience_packed_equals_padded():
+    """Every field of the experience (old/ref log-probs, values, scores, KL, rewards, GAE, whitened advantages, the
+    kept reference hidden states) is the same either way, in chunks of forward_batch_size."""
+    seed = random.randrange(2**31)
+    pol, ref, rm, val = _models(seed)
+    ro = _rollout(7, 5, 8, seed)
+    kw = dict(policy=pol, ref_policy=ref, reward_model=rm, value_model=val, kl_coef=0.05, gamma=1.0, lam=0.95,
+              temperature=0.9, eos_token_id=None, missing_eos_penalty=None, forward_batch_size=3,
+              autocast=torch.no_grad, kl_estimator="full", keep_ref_hidden=True)
+    pad = make_experience(ro, padding_free=False, **kw)
+    packed = make_experience(ro, padding_free=True, **kw)
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "scores", "kl", "rewards", "advantages", "returns"):
+        torch.testing.assert_close(getattr(packed, name), getattr(pad, name), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{name} (seed {seed}): {m}")
+    torch.testing.assert_close(packed.ref_hidden, pad.ref_hidden * pad.mask[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_ppo_iteration_packed_equals_padded():
+    """One whole PPO iteration (generation with EOS, experience, 2 epochs × 2 minibatches with the full-KL loss term)
+    from the same weights: the same rollout, experience, statistics and updated weights either way."""
+    seed = random.randrange(2**31)
+    runs = []
+    pol0, ref, rm, val0 = _models(seed % 1000, vocab_size=24, eos_token_id=2)
+    rng = random.Random(seed)
+    prompts = [[1] + [rng.randrange(3, 24) for _ in range(rng.randrange(0, 6))] for _ in range(6)]
+    for pf in (False, True):
+        pol, val = copy.deepcopy(pol0), copy.deepcopy(val0)
+        popt = torch.optim.AdamW(pol.parameters(), lr=1e-3)
+        vopt = torch.optim.AdamW(val.parameters(), lr=1e-3)
+        it = ppo_iteration(
+            prompts, engine=HybridEngine(pol), policy=pol, ref_policy=ref, reward_model=rm, value_model=val,
+            policy_opt=popt, value_opt=vopt, kl_coef=0.05,
+            sampling=dict(max_new_tokens=10, temperature=1.5, top_k=0, top_p=1.0, eos_token_id=2, pad_token_id=0),
+            experience=dict(gamma=1.0, lam=0.95, temperature=1.5, eos_token_id=2, missing_eos_penalty=1.0,
+                            forward_batch_size=4, autocast=torch.no_grad, keep_ref_hidden=True, padding_free=pf),
+            update=dict(epochs=2, minibatch_size=3, clip_eps=0.2, vf_clip_eps=0.2, temperature=1.5, max_grad_norm=1.0,
+                        autocast=torch.enable_grad, kl_loss_coef=0.1, kl_loss_estimator="full",
+                        ref_head_weight=ref.lm_head_weight, padding_free=pf),
+            rollout_seed=seed, generator=torch.Generator(), update_seed=seed + 1)
+        runs.append((it, pol, val))
+    (a, pol_a, val_a), (b, pol_b, val_b) = runs
+    assert torch.equal(a.rollout.response_ids, b.rollout.response_ids)
+    assert len(set(a.rollout.lengths.tolist())) > 1, "responses of one length: the test would not test packing"
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "scores", "advantages", "returns"):
+        torch.testing.assert_close(getattr(b.experience, name), getattr(a.experience, name), rtol=1e-5, atol=1e-5)
+    for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_loss", "grad_norm"):
+        assert b.stats[k] == pytest.approx(a.stats[k], rel=1e-4, abs=1e-6), k
+    for (n, p), q in zip(pol_a.named_parameters(), pol_b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"policy {n} (seed {seed}): {m}")
+    for (n, p), q in zip(val_a.named_parameters(), val_b.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"value {n} (seed {seed}): {m}")
