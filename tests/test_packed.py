@@ -200,3 +200,55 @@ def test_ppo_iteration_packed_equals_padded():
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"policy {n} (seed {seed}): {m}")
     for (n, p), q in zip(val_a.named_parameters(), val_b.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"value {n} (seed {seed}): {m}")
+
+
+def test_grpo_packed_equals_padded():
+    """GRPO's frozen forwards (old / reference log-probs, full KL) and one pass of grpo_update (2 minibatches, KL in the
+    loss): the same log-probs, statistics and updated weights either way."""
+    from fastrlhf.stages.grpo_core import GroupBatch, batch_full_kl, batch_logprobs, grpo_update
+    seed = random.randrange(2**31)
+    pol0, ref, _, _ = _models(seed, model_type="qwen2")
+    ro = _rollout(6, 5, 7, seed)
+    ids, am = ro.sequences()
+    pos = positions_from_mask(am)
+    mask = ro.response_mask.float()
+    args = (ids, am, pos, ro.response_ids, 5)
+    fwd = dict(temperature=0.8, forward_batch_size=4, autocast=torch.no_grad, mask=mask)
+    lp = [batch_logprobs(ref, *args, **fwd, padding_free=pf) * mask for pf in (False, True)]
+    torch.testing.assert_close(lp[1], lp[0], rtol=1e-5, atol=1e-5)
+    kl = [batch_full_kl(pol0, ref, ids, am, pos, mask, 5, temperature=0.8, forward_batch_size=4,
+                        autocast=torch.no_grad, padding_free=pf) for pf in (False, True)]
+    torch.testing.assert_close(kl[1], kl[0], rtol=1e-5, atol=1e-5)
+    adv = torch.randn(6, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for pf in (False, True):
+        pol = copy.deepcopy(pol0)
+        opt = torch.optim.SGD(pol.parameters(), lr=0.1)
+        batch = GroupBatch(input_ids=ids, attention_mask=am, position_ids=pos, response_ids=ro.response_ids, mask=mask,
+                           advantages=adv, old_logprobs=lp[0] - 0.05 * mask, ref_logprobs=lp[0], prompt_len=5)
+        st = grpo_update(batch, policy=pol, optimizer=opt, mu=1, minibatch_size=3, clip_eps_low=0.2, clip_eps_high=0.28,
+                         kl_coef=0.1, kl_estimator="k3", agg="seq-mean-token-mean", temperature=0.8,
+                         max_grad_norm=None, autocast=torch.enable_grad, generator=torch.Generator().manual_seed(seed),
+                         padding_free=pf)
+        out.append((st, pol))
+    (sa, pa), (sb, pb) = out
+    for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy"):
+        assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), k
+    for (n, p), q in zip(pa.named_parameters(), pb.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n} (seed {seed}): {m}")
+    assert any(not torch.equal(p, q) for p, q in zip(pa.parameters(), pol0.parameters()))  # the step moved the weights
+
+
+@pytest.mark.parametrize("cls_path", ["fastrlhf.stages.ppo:PPOConfig", "fastrlhf.stages.grpo:GRPOConfig"])
+def test_padding_free_switch(cls_path):
+    """``padding_free`` accepts auto | on | off (default auto) and names the field on anything else."""
+    import importlib
+
+    from fastrlhf.runtime.config import ConfigError, check_ranges
+    mod, name = cls_path.split(":")
+    cls = getattr(importlib.import_module(mod), name)
+    assert cls().padding_free == "auto"
+    for ok in ("auto", "on", "off"):
+        check_ranges(cls(padding_free=ok))
+    with pytest.raises(ConfigError, match="padding_free"):
+        check_ranges(cls(padding_free="yes"))

@@ -78,6 +78,9 @@ class GRPOConfig:
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = param(1.0, "gradient clipping (0 = off)", ge=0)
     forward_batch_size: int = param(64, "completions per forward for old / reference log-probs and RM scores", ge=1)
+    padding_free: str = param("auto", "run the RM, old / reference forwards and every minibatch on the valid tokens "
+                              "only, packed (flash-attn varlen on CUDA): auto | on (auto = on) | off (padded rows; same "
+                              "results)", choices=("auto", "on", "off"))
     sampling: SamplingSection = section(SamplingSection, "completion sampling")
     run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/grpo")
 
@@ -202,7 +205,9 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             position_ids = positions_from_mask(attention_mask)
             P = rollout.prompt_ids.shape[1]
             mask = rollout.response_mask.float()  # [B, G]
-            fwd = dict(temperature=cfg.sampling.temperature, forward_batch_size=cfg.forward_batch_size, autocast=autocast)
+            packed = cfg.padding_free != "off"  # auto = on
+            fwd = dict(temperature=cfg.sampling.temperature, forward_batch_size=cfg.forward_batch_size, autocast=autocast,
+                       padding_free=packed, mask=mask)
             # 3. rewards: weighted Python functions of (prompt, completion text) + the reward model's score
             completions = decode_completions(tokenizer, rollout.response_ids, rollout.lengths)
             reward = torch.zeros(B, dtype=torch.float32)
@@ -213,7 +218,8 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             policy.eval()
             if rm is not None:
                 with torch.no_grad(), autocast():
-                    score = torch.cat([sequence_scores(rm, input_ids[sl], attention_mask[sl], position_ids[sl])
+                    score = torch.cat([sequence_scores(rm, input_ids[sl], attention_mask[sl], position_ids[sl],
+                                                       packed=packed)
                                        for sl in (slice(s, s + cfg.forward_batch_size)
                                                   for s in range(0, B, cfg.forward_batch_size))]).cpu()
                 parts["reward/reward_model"] = float(score.mean())
@@ -225,7 +231,8 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             full_in_loss = ref is not None and cfg.kl_in == "loss" and cfg.kl_estimator == "full"
             ref_lp = batch_logprobs(ref, *args, **fwd) * mask if ref is not None and not full_in_loss else None
             ref_h = (batch_response_hidden(ref, input_ids, attention_mask, position_ids, P,
-                                           forward_batch_size=cfg.forward_batch_size, autocast=autocast)
+                                           forward_batch_size=cfg.forward_batch_size, autocast=autocast,
+                                           mask=mask, padding_free=packed)
                      if full_in_loss else None)  # [B, G, H]: the exact KL in the loss needs the reference's states
             policy.train()
             # 5. KL in the reward: r −= β Σ_t KL_t (the sampled tokens under the current policy vs the reference)
@@ -235,7 +242,8 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                     policy.eval()
                     kl_tok = batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, P,
                                            temperature=cfg.sampling.temperature,
-                                           forward_batch_size=cfg.forward_batch_size, autocast=autocast)
+                                           forward_batch_size=cfg.forward_batch_size, autocast=autocast,
+                                           padding_free=packed)
                     policy.train()
                 else:
                     cur_lp = old_lp if old_lp is not None else batch_logprobs(policy, *args, **fwd) * mask
@@ -254,7 +262,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                                 kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator if cfg.kl_in == "loss" and not full_in_loss else "k3",
                                 agg=cfg.loss_agg,
                                 temperature=cfg.sampling.temperature, max_grad_norm=cfg.max_grad_norm or None,
-                                autocast=autocast, generator=gen,
+                                autocast=autocast, generator=gen, padding_free=packed,
                                 ref_head_weight=ref.lm_head_weight if full_in_loss else None)
             t3 = time.perf_counter()
             group_std = reward.view(Q, n).std(1)

@@ -30,8 +30,7 @@ import torch
 from fastrlhf import kernels
 from fastrlhf.runtime import distributed
 from fastrlhf.runtime.config import ConfigError
-from fastrlhf.kernels.head import head_kl
-from fastrlhf.stages.ppo_core import _chunks, full_kl_loss_term, response_hidden, response_logprobs
+from fastrlhf.stages.ppo_core import ResponseBatch, _chunks, full_kl_loss_term
 
 ADVANTAGE_MODES = ("grpo", "drgrpo", "rloo")
 
@@ -168,46 +167,61 @@ class GroupBatch:
 
 @torch.no_grad()
 def batch_logprobs(model, input_ids, attention_mask, position_ids, response_ids, prompt_len: int, *, temperature: float,
-                   forward_batch_size: int, autocast, context=None) -> torch.Tensor:
-    """Response log-probs of a frozen forward (old policy or reference), in chunks.  -> [B, G] fp32."""
+                   forward_batch_size: int, autocast, context=None, mask: torch.Tensor | None = None,
+                   padding_free: bool = False) -> torch.Tensor:
+    """Response log-probs of a frozen forward (old policy or reference), in chunks.  -> [B, G] fp32.
+
+    padding_free: each chunk's forward on its valid tokens only, packed (needs ``mask`` [B, G], the valid response
+    tokens; the result is then 0 elsewhere)."""
+    if padding_free and mask is None:
+        raise ValueError("batch_logprobs: padding_free needs mask [B, G] (the valid response tokens)")
     out = []
     for sl in _chunks(input_ids.shape[0], forward_batch_size):
+        rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], response_ids[sl],
+                                 mask[sl] if mask is not None else None, prompt_len, padding_free=padding_free)
         with autocast(), (context() if context is not None else contextlib.nullcontext()):
-            out.append(response_logprobs(model, input_ids[sl], attention_mask[sl], position_ids[sl], response_ids[sl],
-                                         prompt_len, temperature=temperature))
+            out.append(rb.logprobs(model, temperature=temperature))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def batch_response_hidden(model, input_ids, attention_mask, position_ids, prompt_len: int, *, forward_batch_size: int,
-                          autocast) -> torch.Tensor:
-    """Response hidden states of a frozen forward (the reference, for the full-KL loss term), in chunks.  -> [B, G, H]"""
+                          autocast, mask: torch.Tensor | None = None, padding_free: bool = False) -> torch.Tensor:
+    """Response hidden states of a frozen forward (the reference, for the full-KL loss term), in chunks.  -> [B, G, H]
+
+    padding_free: each chunk's forward on its valid tokens only, packed (needs ``mask`` [B, G]; 0 at invalid tokens)."""
+    if padding_free and mask is None:
+        raise ValueError("batch_response_hidden: padding_free needs mask [B, G] (the valid response tokens)")
     out = []
     for sl in _chunks(input_ids.shape[0], forward_batch_size):
+        rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], input_ids[sl, prompt_len:],
+                                 mask[sl] if mask is not None else None, prompt_len, padding_free=padding_free)
         with autocast():
-            out.append(response_hidden(model, input_ids[sl], attention_mask[sl], position_ids[sl], prompt_len))
+            out.append(rb.to_grid(rb.hidden(model)))
     return torch.cat(out)
 
 
 @torch.no_grad()
 def batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, prompt_len: int, *, temperature: float,
-                  forward_batch_size: int, autocast) -> torch.Tensor:
+                  forward_batch_size: int, autocast, padding_free: bool = True) -> torch.Tensor:
     """Exact per-token KL(π ‖ π_ref) over the whole vocabulary (``kernels.head.head_kl``: both models' response hidden
-    states and heads, no [B, G, V] logits), in chunks.  mask [B, G] -> [B, G] fp32, 0 where mask = 0."""
+    states and heads, no [B, G, V] logits), in chunks.  mask [B, G] -> [B, G] fp32, 0 where mask = 0.
+    padding_free: the forwards on the valid tokens only, packed."""
     out = []
     for sl in _chunks(input_ids.shape[0], forward_batch_size):
-        args = (input_ids[sl], attention_mask[sl], position_ids[sl], prompt_len)
+        rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], input_ids[sl, prompt_len:],
+                                 mask[sl], prompt_len, padding_free=padding_free)
         with autocast():
-            h, h_ref = response_hidden(policy, *args), response_hidden(ref, *args)
-            out.append(head_kl(h, policy.lm_head_weight, h_ref, ref.lm_head_weight, mask=mask[sl],
-                               temperature=temperature))
+            h, h_ref = rb.hidden(policy), rb.hidden(ref)
+            out.append(rb.full_kl(h, policy.lm_head_weight, h_ref, ref.lm_head_weight, temperature=temperature))
     return torch.cat(out) * mask
 
 
 def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size: int, clip_eps_low: float,
                 clip_eps_high: float, kl_coef: float, kl_estimator: str, agg: str, temperature: float,
                 max_grad_norm: float | None, autocast: Callable[[], contextlib.AbstractContextManager],
-                generator: torch.Generator | None = None, ref_head_weight: torch.Tensor | None = None) -> dict[str, float]:
+                generator: torch.Generator | None = None, ref_head_weight: torch.Tensor | None = None,
+                padding_free: bool = True) -> dict[str, float]:
     """μ passes over ``batch`` in shuffled minibatches of ``minibatch_size`` completions, one optimizer step each.
 
     Loss per token: max(−A ρ, −A clip(ρ, 1 − ε_low, 1 + ε_high)) (+ β·KL(estimator) against the reference when
@@ -215,6 +229,7 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
     ``batch.ref_hidden`` with the reference head ``ref_head_weight``), aggregated by ``agg``; ρ = exp(logp − old). Without old log-probs (μ = 1, one
     minibatch) old = logp.detach(), so ρ = 1 and the gradient is the policy gradient −A ∇logp.
     Data parallel: the denominator of ``agg`` is the sum over ranks / world (FSDP averages the gradients).
+    padding_free: each minibatch's forward and backward on its valid tokens only, packed (same loss and gradients).
     """
     B = batch.input_ids.shape[0]
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy",
@@ -229,10 +244,10 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
             mb = batch.minibatch(perm[sl])
             norm = distributed.all_reduce_sum(kernels.default_denominator(mb.mask, agg)) / distributed.world_size()
             with autocast():
-                args = (mb.input_ids, mb.attention_mask, mb.position_ids)
-                h = response_hidden(policy, *args, mb.prompt_len)  # [b, G, H]
-                logp, ent = response_logprobs(policy, *args, mb.response_ids, mb.prompt_len, temperature=temperature,
-                                              return_entropy=True, hidden=h)
+                rb = ResponseBatch.build(mb.input_ids, mb.attention_mask, mb.position_ids, mb.response_ids, mb.mask,
+                                         mb.prompt_len, padding_free=padding_free)
+                h = rb.hidden(policy)  # [b, G, H], packed: [M, H]
+                logp, ent = rb.logprobs(policy, temperature=temperature, return_entropy=True, hidden=h)
                 old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
                 loss, m = kernels.ppo_policy_loss(logp, old, mb.advantages[:, None], mb.mask, clip_eps=clip_eps_low,
                                             clip_eps_high=clip_eps_high,
@@ -241,7 +256,7 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
                                             agg=agg, normalizer=norm)
                 if full_in_loss:  # ℓ += β · agg(KL_full)
                     term, m["kl"] = full_kl_loss_term(h, policy.lm_head_weight, mb.ref_hidden, ref_head_weight,
-                                                      mb.mask, agg, norm, temperature=temperature)
+                                                      mb.mask, agg, norm, temperature=temperature, batch=rb)
                     loss = loss + kl_coef * term
             if distributed.any_rank(not bool(torch.isfinite(loss.detach()))):
                 raise FloatingPointError(f"non-finite GRPO loss ({float(loss):.4g})")

@@ -127,6 +127,8 @@ class PPOConfig:
     minibatch_size: int = param(16, "rollouts per optimizer step and rank", ge=1)
     ppo_epochs: int = param(4, "passes over each batch of rollouts", ge=1)
     forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values", ge=1)
+    padding_free: str = param("auto", "run the experience forwards and every minibatch on the valid tokens only, packed with per-sequence positions (flash-attn varlen on CUDA): auto | on (auto = on) | off (padded [B, P+G] rows; same results)",
+                              choices=("auto", "on", "off"))
     sampling: SamplingSection = section(SamplingSection, "rollout sampling")
     kl: KLSection = section(KLSection, "KL penalty to the reference policy")
     loss: LossSection = section(LossSection, "clipped objectives, GAE, advantage whitening")
@@ -313,13 +315,14 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
     sampling = dict(max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
                     top_k=cfg.sampling.top_k, top_p=cfg.sampling.top_p, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
-    experience = dict(gamma=cfg.loss.gamma, lam=cfg.loss.lam, temperature=cfg.sampling.temperature,
+    packed = cfg.padding_free != "off"  # auto = on
+    experience = dict(padding_free=packed, gamma=cfg.loss.gamma, lam=cfg.loss.lam, temperature=cfg.sampling.temperature,
                       eos_token_id=tokenizer.eos_token_id, missing_eos_penalty=cfg.loss.missing_eos_penalty or None,
                       forward_batch_size=cfg.forward_batch_size, autocast=autocast,
                       whiten_advantages=cfg.loss.whiten_advantages, old_logprobs=cfg.loss.old_logprobs,
                       kl_estimator=cfg.kl.kl_estimator,
                       keep_ref_hidden=cfg.kl.kl_loss_coef != 0.0 and cfg.kl.kl_loss_estimator == "full")
-    update = dict(epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.loss.clip_eps,
+    update = dict(padding_free=packed, epochs=cfg.ppo_epochs, minibatch_size=cfg.minibatch_size, clip_eps=cfg.loss.clip_eps,
                   vf_clip_eps=cfg.loss.vf_clip_eps, temperature=cfg.sampling.temperature,
                   max_grad_norm=cfg.optim.max_grad_norm or None, autocast=autocast, ptx_batches=ptx_batches,
                   ptx_coef=cfg.ptx.coef, ptx_loss_fn=ptx_loss_fn, kl_loss_coef=cfg.kl.kl_loss_coef,

@@ -12,7 +12,13 @@ Steps 2-8 together are :func:`ppo_iteration`, which the PPO stage and the PPO be
     7. whitened advantages                                                       -> kernels.whiten
     8. epochs x minibatches: clipped policy loss + clipped value loss (+ PPO-ptx)  -> kernels.ppo_policy_loss / ppo_value_loss
 
-Notation: B rollouts, P prompt length (left-padded), G response length (right-padded), H hidden size, V vocabulary.
+Padding-free (default): the forwards of steps 3-4 and 8 run on the valid tokens only, packed into one row [1, N] with
+per-sequence positions and cu_seqlens (:class:`ResponseBatch`); log-probs, values and KL come from the packed hidden
+states of the M valid response tokens and land in the [B, G] grid (0 at invalid tokens), so everything after the
+forwards is the padded path's math unchanged.
+
+Notation: B rollouts, P prompt length (left-padded), G response length (right-padded), H hidden size, V vocabulary,
+N valid tokens of a batch, M valid response tokens.
 """
 from __future__ import annotations
 
