@@ -23,6 +23,11 @@ FAMILIES = {  # name -> ModelConfig overrides
 }
 
 
+def _seed() -> int:
+    """A seed drawn from torch's generator (seeded per test by conftest: FASTRLHF_TEST_SEED replays it)."""
+    return int(torch.randint(2**31, ()))
+
+
 def _cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, attn_impl="sdpa")
@@ -62,7 +67,7 @@ def _batches(ro: Rollout):
 
 def test_pack_rows_layout():
     """Packed ids / positions / cu_seqlens and the response locations against a loop over rows."""
-    ro = _rollout(5, 4, 6, seed=random.randrange(2**31))
+    ro = _rollout(5, 4, 6, seed=_seed())
     ids, am = ro.sequences()
     pos = positions_from_mask(am)
     P, G = 4, 6
@@ -88,7 +93,7 @@ def test_pack_rows_layout():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_packed_forwards_equal_padded(family):
     """Log-probs, entropies, values, RM scores and the full KL: packed = padded at every valid response token."""
-    seed = random.randrange(2**31)
+    seed = _seed()
     pol, ref, rm, val = _models(seed, **FAMILIES[family])
     ro = _rollout(6, 7, 9, seed)
     mask = ro.response_mask.float()
@@ -115,7 +120,7 @@ def test_packed_forwards_equal_padded(family):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window"])
 def test_packed_losses_and_gradients_equal_padded(family):
     """PPO's clipped policy loss (+ full-KL term) and value loss, and every parameter gradient of both models."""
-    seed = random.randrange(2**31)
+    seed = _seed()
     pol, ref, _, val = _models(seed, **FAMILIES[family])
     ro = _rollout(5, 6, 8, seed + 1)
     mask = ro.response_mask.float()
@@ -152,7 +157,7 @@ def test_packed_losses_and_gradients_equal_padded(family):
 def test_make_experience_packed_equals_padded():
     """Every field of the experience (old/ref log-probs, values, scores, KL, rewards, GAE, whitened advantages, the
     kept reference hidden states) is the same either way, in chunks of forward_batch_size."""
-    seed = random.randrange(2**31)
+    seed = _seed()
     pol, ref, rm, val = _models(seed)
     ro = _rollout(7, 5, 8, seed)
     kw = dict(policy=pol, ref_policy=ref, reward_model=rm, value_model=val, kl_coef=0.05, gamma=1.0, lam=0.95,
@@ -169,7 +174,7 @@ def test_make_experience_packed_equals_padded():
 def test_ppo_iteration_packed_equals_padded():
     """One whole PPO iteration (generation with EOS, experience, 2 epochs × 2 minibatches with the full-KL loss term)
     from the same weights: the same rollout, experience, statistics and updated weights either way."""
-    seed = random.randrange(2**31)
+    seed = _seed()
     runs = []
     pol0, ref, rm, val0 = _models(seed % 1000, vocab_size=24, eos_token_id=2)
     rng = random.Random(seed)
@@ -206,7 +211,7 @@ def test_grpo_packed_equals_padded():
     """GRPO's frozen forwards (old / reference log-probs, full KL) and one pass of grpo_update (2 minibatches, KL in the
     loss): the same log-probs, statistics and updated weights either way."""
     from fastrlhf.stages.grpo_core import GroupBatch, batch_full_kl, batch_logprobs, grpo_update
-    seed = random.randrange(2**31)
+    seed = _seed()
     pol0, ref, _, _ = _models(seed, model_type="qwen2")
     ro = _rollout(6, 5, 7, seed)
     ids, am = ro.sequences()
@@ -252,3 +257,52 @@ def test_padding_free_switch(cls_path):
         check_ranges(cls(padding_free=ok))
     with pytest.raises(ConfigError, match="padding_free"):
         check_ranges(cls(padding_free="yes"))
+
+
+@pytest.fixture(scope="module")
+def stage_ckpts(tmp_path_factory):
+    from tests.helpers_models import make_tiny_ppo_setup
+    return make_tiny_ppo_setup(tmp_path_factory.mktemp("packed"))
+
+
+def _same_runs(rows_a, rows_b, keys):
+    assert len(rows_a) == len(rows_b) > 0
+    for ra, rb in zip(rows_a, rows_b):
+        for k in keys:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (k, ra["step"])
+
+
+def test_ppo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
+    """``fastrlhf ppo`` with --padding_free on / off: the same logged metrics and the same trained weights."""
+    from fastrlhf.models.hf_io import load_model
+    from fastrlhf.stages.ppo import PPOConfig, train
+    from tests.helpers_models import RecordingLog
+    runs = {}
+    for mode in ("off", "on"):
+        log = RecordingLog()
+        out = train(PPOConfig(policy=stage_ckpts["policy"], reward_model=stage_ckpts["rm"],
+                              prompts=stage_ckpts["prompts"], output_dir=str(tmp_path / mode), iterations=2,
+                              batch_size=6, minibatch_size=3, ppo_epochs=2, max_new_tokens=6, lr=3e-4, value_lr=3e-4,
+                              seed=3, plots=False, padding_free=mode, missing_eos_penalty=0.5), log=log)
+        runs[mode] = (log.rows, load_model(out["checkpoint"], head="lm").state_dict())
+    (rows_a, wa), (rows_b, wb) = runs["off"], runs["on"]
+    _same_runs(rows_a, rows_b, ("score", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "response_length",
+                                "explained_variance", "grad_norm"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_grpo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
+    """``fastrlhf grpo`` (reward model, reference with KL in the loss, μ = 2) with --padding_free on / off: the same
+    logged metrics."""
+    from fastrlhf.stages.grpo import GRPOConfig, train
+    from tests.helpers_models import RecordingLog
+    rows = {}
+    for mode in ("off", "on"):
+        log = RecordingLog()
+        train(GRPOConfig(policy=stage_ckpts["policy"], prompts=stage_ckpts["prompts"], output_dir=str(tmp_path / mode),
+                         reward_model=stage_ckpts["rm"], kl_coef=0.05, mu=2, iterations=2,
+                         batch_size=3, num_generations=4, minibatch_size=6, max_new_tokens=6, lr=3e-3, seed=3,
+                         plots=False, device="cpu", padding_free=mode), log=log)
+        rows[mode] = log.rows
+    _same_runs(rows["off"], rows["on"], ("reward", "policy_loss", "kl", "entropy", "clipfrac"))
