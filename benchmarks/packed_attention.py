@@ -5,8 +5,8 @@
 Tiny benchmark shape (hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 4096), B = 16 rows of a left-padded prompt
 (P ≤ 32) and a right-padded response (G ≤ 64), lengths drawn at random (prompt 4..P, response with a long tail: 1..G).
 Arms: "padded" ([B, P+G] with attention_mask), "packed/repad" ([1, N], q/k/v re-padded per sample for SDPA),
-"packed/blockdiag" ([1, N], one N×N block-diagonal causal mask). Time = median of ``iters`` forward+backward passes (arms taken in turn)
-through the response log-probs (fused head), as one PPO minibatch runs them.
+"packed/blockdiag" ([1, N], one N×N block-diagonal causal mask). Time = median of ``iters`` forward+backward passes
+through the response log-probs (fused head), as one PPO minibatch runs them; the arms take turns.
 """
 from __future__ import annotations
 

@@ -28,6 +28,13 @@ def _seed() -> int:
     return int(torch.randint(2**31, ()))
 
 
+def _close(got, want, what=""):
+    """fp32 equality up to rounding: relative 1e-4, absolute 2e-5 of the tensor's largest entry (a gradient entry is a
+    sum of many terms, so its rounding scales with the tensor, not with the entry)."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()) + 1e-12,
+                               msg=lambda m: f"{what}: {m}")
+
+
 def _cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=128, attn_impl="sdpa")
@@ -150,8 +157,7 @@ def test_packed_losses_and_gradients_equal_padded(family):
         assert grads1.keys() == grads0.keys()
         for n in grads0:
             assert grads0[n].abs().max() > 0, n  # every parameter takes part
-            torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"{n} (seed {seed}): {m}")
+            _close(grads1[n], grads0[n], f"{n} (seed {seed})")
 
 
 def test_make_experience_packed_equals_padded():
@@ -201,10 +207,9 @@ def test_ppo_iteration_packed_equals_padded():
         torch.testing.assert_close(getattr(b.experience, name), getattr(a.experience, name), rtol=1e-5, atol=1e-5)
     for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_loss", "grad_norm"):
         assert b.stats[k] == pytest.approx(a.stats[k], rel=1e-4, abs=1e-6), k
-    for (n, p), q in zip(pol_a.named_parameters(), pol_b.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"policy {n} (seed {seed}): {m}")
-    for (n, p), q in zip(val_a.named_parameters(), val_b.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"value {n} (seed {seed}): {m}")
+    for start, ma, mb in ((pol0, pol_a, pol_b), (val0, val_a, val_b)):  # the updates (weights − initial weights)
+        for (n, p0), p, q in zip(start.named_parameters(), ma.parameters(), mb.parameters()):
+            _close(q - p0, p - p0, f"{n} (seed {seed})")
 
 
 def test_grpo_packed_equals_padded():
@@ -239,8 +244,8 @@ def test_grpo_packed_equals_padded():
     (sa, pa), (sb, pb) = out
     for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy"):
         assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), k
-    for (n, p), q in zip(pa.named_parameters(), pb.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n} (seed {seed}): {m}")
+    for (n, p0), p, q in zip(pol0.named_parameters(), pa.parameters(), pb.parameters()):
+        _close(q - p0, p - p0, f"{n} (seed {seed})")
     assert any(not torch.equal(p, q) for p, q in zip(pa.parameters(), pol0.parameters()))  # the step moved the weights
 
 
@@ -286,10 +291,11 @@ def test_ppo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
                               seed=3, plots=False, padding_free=mode, missing_eos_penalty=0.5), log=log)
         runs[mode] = (log.rows, load_model(out["checkpoint"], head="lm").state_dict())
     (rows_a, wa), (rows_b, wb) = runs["off"], runs["on"]
+    w0 = load_model(stage_ckpts["policy"], head="lm").state_dict()
     _same_runs(rows_a, rows_b, ("score", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "response_length",
                                 "explained_variance", "grad_norm"))
     for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        _close(wb[k] - w0[k], wa[k] - w0[k], k)  # the updates
 
 
 def test_grpo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
@@ -306,3 +312,31 @@ def test_grpo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
                          plots=False, device="cpu", padding_free=mode), log=log)
         rows[mode] = log.rows
     _same_runs(rows["off"], rows["on"], ("reward", "policy_loss", "kl", "entropy", "clipfrac"))
+
+
+def test_packed_flash_varlen_bookkeeping(monkeypatch):
+    """The CUDA path (flash-attn varlen over the packed row), with the flash kernels replaced by plain-torch references
+    on CPU: log-probs, values and gradients equal the padded SDPA path."""
+    import fastrlhf.models.attention as A
+    import fastrlhf.models.decoder as M
+    from tests.test_model import _ref_flash_func, _ref_flash_varlen
+    monkeypatch.setattr(A, "flash_attn_func", _ref_flash_func)
+    monkeypatch.setattr(A, "flash_attn_varlen_func", _ref_flash_varlen)
+    monkeypatch.setattr(M, "resolve_impl", lambda impl, *a, **k: impl)
+    seed = _seed()
+    pol, _, _, val = _models(seed, model_type="mistral", sliding_window=3)
+    ro = _rollout(5, 6, 7, seed)
+    mask = ro.response_mask.float()
+    res = []
+    for rb in _batches(ro):
+        for m in (pol, val):
+            m.config.attn_impl = "flash" if rb.packed is not None else "sdpa"
+            m.zero_grad(set_to_none=True)
+        lp, v = rb.logprobs(pol) * mask, rb.values(val) * mask
+        (lp.sum() + (v * v).sum()).backward()
+        res.append((lp.detach(), v.detach(), [p.grad.clone() for p in (*pol.parameters(), *val.parameters())]))
+    (lp0, v0, g0), (lp1, v1, g1) = res
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+    for i, (a, b) in enumerate(zip(g0, g1)):
+        _close(b, a, f"parameter {i} (seed {seed})")

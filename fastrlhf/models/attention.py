@@ -100,7 +100,8 @@ def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = Non
                need_window: bool = False) -> AttnMeta:
     """Masks for one forward.
     - kv cache: ``cache_pos`` [T] slots of the queries, ``attention_mask`` [B, S] valid cache slots.
-    - packed: ``cu_seqlens`` [n+1] over N = T tokens of one row; block-diagonal causal.
+    - packed: ``cu_seqlens`` [n+1] over N = T tokens of one row; block-diagonal causal (SDPA: q/k/v re-padded per
+      sample around the attention call, ``_attend_repadded``; eager: the block-diagonal mask).
     - padded: ``attention_mask`` [B, T] (either side); causal and key-valid. A query row with no valid key (a pad
       query before any real token) may attend to itself, so no row is empty (its output is ignored by callers)."""
     meta = AttnMeta(impl=impl, window=window if need_window else None)
@@ -129,7 +130,7 @@ def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = Non
             return meta
         tok = torch.arange(T, device=device)
         seg = torch.bucketize(tok, cu[1:].long(), right=True)  # [N] sample id of each token
-        if impl == "sdpa" and PACKED_SDPA == "repad":  # per-sample re-padding (see ``attend``): masks over [Tmax, Tmax], causal alone when no window
+        if impl == "sdpa" and PACKED_SDPA == "repad":  # per-sample re-padding: no mask, or a window over [Tmax, Tmax]
             lens = cu[1:] - cu[:-1]
             tmax = int(lens.max().item())
             meta.pad_rows = (lens.numel(), tmax)

@@ -127,8 +127,9 @@ class PPOConfig:
     minibatch_size: int = param(16, "rollouts per optimizer step and rank", ge=1)
     ppo_epochs: int = param(4, "passes over each batch of rollouts", ge=1)
     forward_batch_size: int = param(64, "rollouts per forward when computing old/ref log-probs and values", ge=1)
-    padding_free: str = param("auto", "run the experience forwards and every minibatch on the valid tokens only, packed with per-sequence positions (flash-attn varlen on CUDA): auto | on (auto = on) | off (padded [B, P+G] rows; same results)",
-                              choices=("auto", "on", "off"))
+    padding_free: str = param("auto", "run the experience forwards and every minibatch on the valid tokens only, "
+                              "packed with per-sequence positions (flash-attn varlen on CUDA): auto | on (auto = on) | "
+                              "off (padded [B, P+G] rows; same results)", choices=("auto", "on", "off"))
     sampling: SamplingSection = section(SamplingSection, "rollout sampling")
     kl: KLSection = section(KLSection, "KL penalty to the reference policy")
     loss: LossSection = section(LossSection, "clipped objectives, GAE, advantage whitening")
