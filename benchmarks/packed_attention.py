@@ -55,6 +55,15 @@ def main(argv=None):
         (lp * mask).sum().backward()
 
     arms = {"padded": (False, "repad"), "packed/repad": (True, "repad"), "packed/blockdiag": (True, "blockdiag")}
+    lps = {}
+    for name, (pf, strat) in arms.items():  # the arms compute the same log-probs (fp32)
+        attention.PACKED_SDPA = strat
+        with torch.no_grad():
+            lps[name] = ResponseBatch.build(ids, attn, pos, resp, mask, P, padding_free=pf).logprobs(model) * mask
+    diff = max(float((lp - lps["padded"]).abs().max()) for lp in lps.values())
+    print(f"max |logp(arm) - logp(padded)| over valid tokens: {diff:.2e}")
+    if diff > 1e-4:
+        raise SystemExit(f"benchmarks/packed_attention.py: the arms disagree (max |Δ logp| = {diff:.3g})")
     ts = {name: [] for name in arms}
     for i in range(a.iters + 1):  # round robin, so that a change of machine load hits every arm; pass 0 = warm-up
         for name, (pf, strat) in arms.items():
@@ -65,8 +74,11 @@ def main(argv=None):
                 ts[name].append(time.perf_counter() - t0)
     attention.PACKED_SDPA = "repad"
     res = {name: statistics.median(t) for name, t in ts.items()}
+    res["max_logp_diff"] = diff
     base = res["padded"]
     for name, t in res.items():
+        if name == "max_logp_diff":
+            continue
         print(f"{name:18s} {t * 1e3:8.1f} ms  ({base / t:.2f}x vs padded)")
     return res
 

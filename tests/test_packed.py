@@ -28,11 +28,18 @@ def _seed() -> int:
     return int(torch.randint(2**31, ()))
 
 
-def _close(got, want, what=""):
-    """fp32 equality up to rounding: relative 1e-4, absolute 2e-5 of the tensor's largest entry (a gradient entry is a
-    sum of many terms, so its rounding scales with the tensor, not with the entry)."""
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5 * float(want.abs().max()) + 1e-12,
+def _close(got, want, what="", scale=2e-5):
+    """fp32 equality up to rounding: relative 1e-4, absolute ``scale`` × the tensor's largest entry (a gradient entry
+    is a sum of many terms, so its rounding scales with the tensor, not with the entry)."""
+    got, want = got.detach(), want.detach()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=scale * float(want.abs().max()) + 1e-12,
                                msg=lambda m: f"{what}: {m}")
+
+
+def _close_adam(got, want, what=""):
+    """Weight updates of a few AdamW steps: Adam divides each entry's gradient by its own RMS, so an entry whose
+    gradient is tiny carries the tensor-scale rounding at full size into its step; allowed: 0.2 % of the largest update."""
+    _close(got, want, what, scale=2e-3)
 
 
 def _cfg(**kw) -> ModelConfig:
@@ -209,7 +216,7 @@ def test_ppo_iteration_packed_equals_padded():
         assert b.stats[k] == pytest.approx(a.stats[k], rel=1e-4, abs=1e-6), k
     for start, ma, mb in ((pol0, pol_a, pol_b), (val0, val_a, val_b)):  # the updates (weights − initial weights)
         for (n, p0), p, q in zip(start.named_parameters(), ma.parameters(), mb.parameters()):
-            _close(q - p0, p - p0, f"{n} (seed {seed})")
+            _close_adam(q - p0, p - p0, f"{n} (seed {seed})")
 
 
 def test_grpo_packed_equals_padded():
@@ -295,7 +302,7 @@ def test_ppo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
     _same_runs(rows_a, rows_b, ("score", "kl", "policy_loss", "value_loss", "entropy", "approx_kl", "response_length",
                                 "explained_variance", "grad_norm"))
     for k in wa:
-        _close(wb[k] - w0[k], wa[k] - w0[k], k)  # the updates
+        _close_adam(wb[k] - w0[k], wa[k] - w0[k], k)  # the updates
 
 
 def test_grpo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
@@ -340,3 +347,15 @@ def test_packed_flash_varlen_bookkeeping(monkeypatch):
     torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
     for i, (a, b) in enumerate(zip(g0, g1)):
         _close(b, a, f"parameter {i} (seed {seed})")
+
+
+def test_packed_attention_benchmark_runs():
+    """``python -m benchmarks.packed_attention``: three arms, same log-probs, positive times (smoke, 1 pass)."""
+    from benchmarks.packed_attention import main
+    threads = torch.get_num_threads()
+    try:
+        res = main(["--iters", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res["max_logp_diff"] < 1e-4
+    assert all(res[k] > 0 for k in ("padded", "packed/repad", "packed/blockdiag"))
