@@ -1,9 +1,10 @@
 """Packed (padding-free) vs padded training forward+backward of the decoder on CPU, and the packed attention strategies.
 
-    python -m benchmarks.packed_attention [--iters 5] [--threads 2] [--seed 0]
+    python -m benchmarks.packed_attention [--iters 5] [--threads 2] [--seed 0] [--fixed]
 
 Tiny benchmark shape (hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 4096), B = 16 rows of a left-padded prompt
-(P ≤ 32) and a right-padded response (G ≤ 64), lengths drawn at random (prompt 4..P, response with a long tail: 1..G).
+(P ≤ 32) and a right-padded response (G ≤ 64), lengths drawn at random (prompt 4..P, response with a long tail: 1..G),
+or all full (``--fixed``: no padding, what packing costs when there is nothing to remove).
 Arms: "padded" ([B, P+G] with attention_mask), "packed/repad" ([1, N], q/k/v re-padded per sample for SDPA),
 "packed/blockdiag" ([1, N], one N×N block-diagonal causal mask). Time = median of ``iters`` forward+backward passes
 through the response log-probs (fused head), as one PPO minibatch runs them; the arms take turns.
@@ -17,10 +18,11 @@ import time
 import torch
 
 
-def make_batch(B: int, P: int, G: int, V: int, gen: torch.Generator):
-    """Left-padded prompts (4..P tokens) + right-padded responses (long tail, 1..G).  -> ids, attn, resp_ids, resp_mask"""
-    p_len = torch.randint(4, P + 1, (B,), generator=gen)
-    g_len = (torch.rand(B, generator=gen) ** 2 * G).long().clamp(1, G)  # median ≈ G/4, tail to G
+def make_batch(B: int, P: int, G: int, V: int, gen: torch.Generator, fixed: bool = False):
+    """Left-padded prompts (4..P tokens) + right-padded responses (long tail, 1..G); ``fixed``: every prompt P and every
+    response G tokens (no padding).  -> ids, attn, resp_ids, resp_mask"""
+    p_len = torch.full((B,), P) if fixed else torch.randint(4, P + 1, (B,), generator=gen)
+    g_len = torch.full((B,), G) if fixed else (torch.rand(B, generator=gen) ** 2 * G).long().clamp(1, G)  # median ≈ G/4
     ids = torch.randint(4, V, (B, P + G), generator=gen)
     t = torch.arange(P + G)
     attn = ((t[None] >= P - p_len[:, None]) & (t[None] < P + g_len[:, None])).long()
@@ -36,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fixed", action="store_true", help="no padding: every prompt P, every response G tokens")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -43,7 +46,7 @@ def main(argv=None):
     c = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                     num_attention_heads=4, num_key_value_heads=2, attn_impl="sdpa")
     model = CausalLM(c)
-    ids, attn, resp, mask = make_batch(B, P, G, c.vocab_size, torch.Generator().manual_seed(a.seed))
+    ids, attn, resp, mask = make_batch(B, P, G, c.vocab_size, torch.Generator().manual_seed(a.seed), a.fixed)
     pos = positions_from_mask(attn)
     print(f"B={B} P={P} G={G}: {int(attn.sum())} valid tokens of {attn.numel()} "
           f"(padding {1 - attn.float().mean().item():.1%})")
