@@ -12,9 +12,11 @@ from fastrlhf.engine.hybrid import HybridEngine, Rollout
 from fastrlhf.models.decoder import CausalLM, ModelConfig, ScoreModel
 from fastrlhf.stages.ppo_core import (ResponseBatch, make_experience, pack_rows, positions_from_mask, ppo_iteration,
                                       sequence_scores)
-from tests.helpers_models import randomize_
+from tests.helpers.models import randomize_
+from tests.helpers.tolerances import FP32_MODEL, assert_close
 
 V = 96
+APPROX = dict(rel=FP32_MODEL["rtol"], abs=FP32_MODEL["atol"])  # scalar statistics of fp32 model outputs
 FAMILIES = {  # name -> ModelConfig overrides
     "llama": {},
     "llama-eager": {"attn_impl": "eager"},
@@ -31,9 +33,7 @@ def _seed() -> int:
 def _close(got, want, what="", scale=2e-5):
     """fp32 equality up to rounding: relative 1e-4, absolute ``scale`` × the tensor's largest entry (a gradient entry
     is a sum of many terms, so its rounding scales with the tensor, not with the entry)."""
-    got, want = got.detach(), want.detach()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=scale * float(want.abs().max()) + 1e-12,
-                               msg=lambda m: f"{what}: {m}")
+    assert_close(got, want, rtol=FP32_MODEL["rtol"], atol=1e-12, atol_rel=scale, what=what)
 
 
 def _close_adam(got, want, what=""):
@@ -121,14 +121,14 @@ def test_packed_forwards_equal_padded(family):
                             h=rb.to_grid(h) * mask[..., None]))
     pad, packed = out
     for k in pad:
-        torch.testing.assert_close(packed[k], pad[k], rtol=1e-5, atol=1e-5, msg=lambda m: f"{k} (seed {seed}): {m}")
+        torch.testing.assert_close(packed[k], pad[k], **FP32_MODEL, msg=lambda m: f"{k} (seed {seed}): {m}")
     # invalid response tokens are exactly 0 when packed
     assert torch.equal(packed["lp"], packed["lp"] * mask)
     # the reward model's score standalone (pack=True) is the same
     ids, am = ro.sequences()
     with torch.no_grad():
         torch.testing.assert_close(sequence_scores(rm, ids, am, positions_from_mask(am), packed=True), pad["score"],
-                                   rtol=1e-5, atol=1e-5)
+                                   **FP32_MODEL)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window"])
@@ -157,8 +157,8 @@ def test_packed_losses_and_gradients_equal_padded(family):
         res.append((pg.detach(), vf.detach(), pm["clipfrac"], {n: p.grad.clone() for n, p in pol.named_parameters()},
                     {n: p.grad.clone() for n, p in val.named_parameters()}))
     (pg0, vf0, cf0, gp0, gv0), (pg1, vf1, cf1, gp1, gv1) = res
-    torch.testing.assert_close(pg1, pg0, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(vf1, vf0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pg1, pg0, **FP32_MODEL)
+    torch.testing.assert_close(vf1, vf0, **FP32_MODEL)
     torch.testing.assert_close(cf1, cf0)
     for grads1, grads0 in ((gp1, gp0), (gv1, gv0)):
         assert grads1.keys() == grads0.keys()
@@ -179,9 +179,9 @@ def test_make_experience_packed_equals_padded():
     pad = make_experience(ro, padding_free=False, **kw)
     packed = make_experience(ro, padding_free=True, **kw)
     for name in ("old_logprobs", "ref_logprobs", "old_values", "scores", "kl", "rewards", "advantages", "returns"):
-        torch.testing.assert_close(getattr(packed, name), getattr(pad, name), rtol=1e-5, atol=1e-5,
+        torch.testing.assert_close(getattr(packed, name), getattr(pad, name), **FP32_MODEL,
                                    msg=lambda m: f"{name} (seed {seed}): {m}")
-    torch.testing.assert_close(packed.ref_hidden, pad.ref_hidden * pad.mask[..., None], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.ref_hidden, pad.ref_hidden * pad.mask[..., None], **FP32_MODEL)
 
 
 def test_ppo_iteration_packed_equals_padded():
@@ -211,9 +211,9 @@ def test_ppo_iteration_packed_equals_padded():
     assert torch.equal(a.rollout.response_ids, b.rollout.response_ids)
     assert len(set(a.rollout.lengths.tolist())) > 1, "responses of one length: the test would not test packing"
     for name in ("old_logprobs", "ref_logprobs", "old_values", "scores", "advantages", "returns"):
-        torch.testing.assert_close(getattr(b.experience, name), getattr(a.experience, name), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(getattr(b.experience, name), getattr(a.experience, name), **FP32_MODEL)
     for k in ("policy_loss", "value_loss", "clipfrac", "approx_kl", "entropy", "kl_loss", "grad_norm"):
-        assert b.stats[k] == pytest.approx(a.stats[k], rel=1e-4, abs=1e-6), k
+        assert b.stats[k] == pytest.approx(a.stats[k], **APPROX), k
     for start, ma, mb in ((pol0, pol_a, pol_b), (val0, val_a, val_b)):  # the updates (weights − initial weights)
         for (n, p0), p, q in zip(start.named_parameters(), ma.parameters(), mb.parameters()):
             _close_adam(q - p0, p - p0, f"{n} (seed {seed})")
@@ -232,10 +232,10 @@ def test_grpo_packed_equals_padded():
     args = (ids, am, pos, ro.response_ids, 5)
     fwd = dict(temperature=0.8, forward_batch_size=4, autocast=torch.no_grad, mask=mask)
     lp = [batch_logprobs(ref, *args, **fwd, padding_free=pf) * mask for pf in (False, True)]
-    torch.testing.assert_close(lp[1], lp[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp[1], lp[0], **FP32_MODEL)
     kl = [batch_full_kl(pol0, ref, ids, am, pos, mask, 5, temperature=0.8, forward_batch_size=4,
                         autocast=torch.no_grad, padding_free=pf) for pf in (False, True)]
-    torch.testing.assert_close(kl[1], kl[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl[1], kl[0], **FP32_MODEL)
     adv = torch.randn(6, generator=torch.Generator().manual_seed(seed))
     out = []
     for pf in (False, True):
@@ -250,7 +250,7 @@ def test_grpo_packed_equals_padded():
         out.append((st, pol))
     (sa, pa), (sb, pb) = out
     for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy"):
-        assert sb[k] == pytest.approx(sa[k], rel=1e-4, abs=1e-6), k
+        assert sb[k] == pytest.approx(sa[k], **APPROX), k
     for (n, p0), p, q in zip(pol0.named_parameters(), pa.parameters(), pb.parameters()):
         _close(q - p0, p - p0, f"{n} (seed {seed})")
     assert any(not torch.equal(p, q) for p, q in zip(pa.parameters(), pol0.parameters()))  # the step moved the weights
@@ -273,7 +273,7 @@ def test_padding_free_switch(cls_path):
 
 @pytest.fixture(scope="module")
 def stage_ckpts(tmp_path_factory):
-    from tests.helpers_models import make_tiny_ppo_setup
+    from tests.helpers.models import make_tiny_ppo_setup
     return make_tiny_ppo_setup(tmp_path_factory.mktemp("packed"))
 
 
@@ -281,14 +281,14 @@ def _same_runs(rows_a, rows_b, keys):
     assert len(rows_a) == len(rows_b) > 0
     for ra, rb in zip(rows_a, rows_b):
         for k in keys:
-            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (k, ra["step"])
+            assert rb[k] == pytest.approx(ra[k], **APPROX), (k, ra["step"])
 
 
 def test_ppo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
     """``fastrlhf ppo`` with --padding_free on / off: the same logged metrics and the same trained weights."""
     from fastrlhf.models.hf_io import load_model
     from fastrlhf.stages.ppo import PPOConfig, train
-    from tests.helpers_models import RecordingLog
+    from tests.helpers.models import RecordingLog
     runs = {}
     for mode in ("off", "on"):
         log = RecordingLog()
@@ -309,7 +309,7 @@ def test_grpo_stage_padding_free_on_equals_off(stage_ckpts, tmp_path):
     """``fastrlhf grpo`` (reward model, reference with KL in the loss, μ = 2) with --padding_free on / off: the same
     logged metrics."""
     from fastrlhf.stages.grpo import GRPOConfig, train
-    from tests.helpers_models import RecordingLog
+    from tests.helpers.models import RecordingLog
     rows = {}
     for mode in ("off", "on"):
         log = RecordingLog()
@@ -343,8 +343,8 @@ def test_packed_flash_varlen_bookkeeping(monkeypatch):
         (lp.sum() + (v * v).sum()).backward()
         res.append((lp.detach(), v.detach(), [p.grad.clone() for p in (*pol.parameters(), *val.parameters())]))
     (lp0, v0, g0), (lp1, v1, g1) = res
-    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp1, lp0, **FP32_MODEL)
+    torch.testing.assert_close(v1, v0, **FP32_MODEL)
     for i, (a, b) in enumerate(zip(g0, g1)):
         _close(b, a, f"parameter {i} (seed {seed})")
 
