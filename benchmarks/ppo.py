@@ -245,9 +245,10 @@ def merge_rounds(results: list[dict], B: int, G: int) -> dict:
 # fastrlhf arm
 # ----------------------------------------------------------------------------------------------------------------------
 def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bool = True, seed: int = 0,
-                 old_logprobs: str = "recompute", lr: float = LR, workload: str = "fixed") -> dict:
+                 old_logprobs: str = "recompute", lr: float = LR, workload: str = "fixed",
+                 padding_free: bool = True) -> dict:
     """Warm-up + ``iters`` timed iterations of fastrlhf's PPO core (+ one profiled iteration). Returns the metrics
-    (``scores`` / ``kls``: per iteration, warm-up first). old_logprobs, lr: as the PPO stage's options."""
+    (``scores`` / ``kls``: per iteration, warm-up first). old_logprobs, lr, padding_free: as the PPO stage's options."""
     from fastrlhf.engine.hybrid import HybridEngine
     from fastrlhf.models.decoder import autocast_context
     from fastrlhf.models.hf_io import load_model
@@ -284,9 +285,10 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
     # the trainer's own iteration (ppo_core.ppo_iteration), with this benchmark's fixed settings
     sampling = dict(max_new_tokens=G, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos, pad_token_id=pad)
     experience = dict(gamma=GAMMA, lam=LAM, temperature=1.0, eos_token_id=eos, missing_eos_penalty=None,
-                      forward_batch_size=64, autocast=autocast, whiten_advantages=True, old_logprobs=old_logprobs)
+                      forward_batch_size=64, autocast=autocast, whiten_advantages=True, old_logprobs=old_logprobs,
+                      padding_free=padding_free)
     update = dict(epochs=S["epochs"], minibatch_size=S["minibatch"], clip_eps=CLIP, vf_clip_eps=VF_CLIP,
-                  temperature=1.0, max_grad_norm=1.0, autocast=autocast)
+                  temperature=1.0, max_grad_norm=1.0, autocast=autocast, padding_free=padding_free)
 
     def iteration(step: int) -> tuple[float, float, float]:
         _sync(device)
