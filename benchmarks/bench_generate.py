@@ -5,7 +5,7 @@
 Each test checks before it times, so it can fail: greedy decoding of the engine must equal transformers' greedy
 ``generate`` token for token on the same weights, and sampled rollouts must be well formed (G tokens, ids in range,
 finite log-probs ≤ 0). The CPU timings here are smoke numbers (few rounds, shared machine); the runner
-``benchmarks.generate`` is the benchmark.
+``benchmarks.run_generate`` is the benchmark.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from fastrlhf.engine.hybrid import HybridEngine
 
-from .generate import SHAPES, build_models
+from .run_generate import SHAPES, build_models
 
 ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
 SHAPE = SHAPES["smoke"]

@@ -7,7 +7,7 @@ compared with a float64 reference (forward outputs and, for fwd+bwd, input gradi
 ours must be within ``2 x (eager's own error) + 8 fp32 ulps of the reference's magnitude`` (the flash-attention rule:
 the kernel may be at most about twice as far from float64 as plain PyTorch in the same dtype; the ulp floor covers
 outputs where eager happens to be exact to the last bit), and within the same bound of eager itself.
-The CPU timings here are smoke numbers (few rounds, shared machine); the runner ``benchmarks.kernels`` is the benchmark.
+The CPU timings here are smoke numbers (few rounds, shared machine); the runner ``benchmarks.run_kernels`` is the benchmark.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from . import baselines as BL
-from . import kernels as R
+from . import run_kernels as kernels as R
 
 EPS32 = torch.finfo(torch.float32).eps
 ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)

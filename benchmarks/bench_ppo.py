@@ -1,11 +1,11 @@
-"""pytest-benchmark at the ``smoke`` shape: full PPO iterations of fastrlhf's trainer core (``benchmarks.ppo``).
+"""pytest-benchmark at the ``smoke`` shape: full PPO iterations of fastrlhf's trainer core (``benchmarks.run_ppo``).
 
     python -m pytest benchmarks/bench_ppo.py            (--benchmark-disable: checks only)
 
 The test checks what it times, so it can fail: the run must complete (warm-up + timed iterations), every rollout must
 have exactly G response tokens (no EOS stop), the time split must add up to the iteration time, and the losses, entropy,
 gradient norm, KL and reward-model score must be finite (entropy > 0, gradient norm > 0: the update really ran).
-The timing here is a smoke number (one round, shared machine); the runner ``python -m benchmarks.ppo`` is the benchmark.
+The timing here is a smoke number (one round, shared machine); the runner ``python -m benchmarks.run_ppo`` is the benchmark.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from .ppo import SHAPES, build_checkpoints, run_fastrlhf
+from .run_ppo import SHAPES, build_checkpoints, run_fastrlhf
 
 ITERS = 1  # warm-up + 1 timed iteration: a smoke check, not a measurement
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call (one H100 / H200): set-up, CUDA tests, kernels / generate / ppo / trl runners beside
-# their baselines, one summary table + raw logs in $OUT (see benchmarks/gpu_check.py for the stages and their limits).
+# their baselines, one summary table + raw logs in $OUT (see benchmarks/run_gpu_check.py for the stages and their limits).
 #
 #   bash benchmarks/gpu_check.sh [--dry-run] [--out DIR] [--budget-s 440] [--only STAGE ...]
 #
@@ -92,4 +92,4 @@ fi
   "$PY" -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>&1 | tail -1
   for m in trl liger_kernel datasets bitsandbytes; do "$PY" -c "import $m; print('$m', getattr($m, '__version__', '?'))" 2>&1 | tail -1; done
 } >> "$LOG" 2>&1
-exec "$PY" -m benchmarks.gpu_check --out "$OUTDIR" "$@"
+exec "$PY" -m benchmarks.run_gpu_check --out "$OUTDIR" "$@"

@@ -1,8 +1,8 @@
-"""benchmarks/grpo.py: the checkpoint both arms load, and both arms running end to end at the smoke shape (no timing
+"""benchmarks/run_grpo.py: the checkpoint both arms load, and both arms running end to end at the smoke shape (no timing
 is checked: unit tests never judge speed)."""
 import json
 
-from benchmarks.grpo import SHAPES, build_checkpoint, main, reward_chars
+from benchmarks.run_grpo import SHAPES, build_checkpoint, main, reward_chars
 from fastrlhf.models.hf_io import load_model, load_tokenizer
 from fastrlhf.runtime.data import load_prompts, tokenize_prompt
 from fastrlhf.tools import cli

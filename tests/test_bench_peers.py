@@ -1,4 +1,4 @@
-"""benchmarks/peers.py plumbing at the 'smoke' shape: both arms run, agree, and the fastrlhf arm calls our kernels.
+"""benchmarks/run_peers.py plumbing at the 'smoke' shape: both arms run, agree, and the fastrlhf arm calls our kernels.
 (Timings are the benchmark's job, not checked here.)"""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("verl", reason="veRL is part of the test install (README: pip install --no-deps verl==0.9.1)")
 pytest.importorskip("openrlhf", reason="OpenRLHF is part of the test install (README: pip install --no-deps ...)")
 
-from fastrlhf.benchmarks import peers  # noqa: E402
+from fastrlhf.benchmarks import run_peers as peers  # noqa: E402
 
 from tests.helpers.peers import import_openrlhf  # noqa: E402
 

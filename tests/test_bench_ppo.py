@@ -1,4 +1,4 @@
-"""benchmarks/ppo.py: the FLOP model behind its GFLOP/s and MFU columns, the time-split summary, the CSV writer."""
+"""benchmarks/run_ppo.py: the FLOP model behind its GFLOP/s and MFU columns, the time-split summary, the CSV writer."""
 from __future__ import annotations
 
 import csv
@@ -6,7 +6,7 @@ import csv
 import pytest
 import torch
 
-from benchmarks.ppo import (CSV_COLUMNS, SHAPES, _summary, _write_csv, build_checkpoints, merge_rounds, model_flops,
+from benchmarks.run_ppo import (CSV_COLUMNS, SHAPES, _summary, _write_csv, build_checkpoints, merge_rounds, model_flops,
                             run_fastrlhf)
 
 

@@ -1,10 +1,10 @@
-"""benchmarks/scale.py: the scale-out runner end to end at the smoke shape (a plain process and a 2-rank torchrun job
+"""benchmarks/run_scale.py: the scale-out runner end to end at the smoke shape (a plain process and a 2-rank torchrun job
 of the real PPO stage), its CSV rows and the efficiency arithmetic. Timings are printed, never asserted."""
 import csv
 
 import pytest
 
-from fastrlhf.benchmarks import scale
+from fastrlhf.benchmarks import run_scale as scale
 
 pytestmark = pytest.mark.distributed
 

@@ -1,4 +1,4 @@
-"""The kernel benchmark runner (benchmarks/kernels.py) end to end on CPU, and its timing / memory helpers.
+"""The kernel benchmark runner (benchmarks/run_kernels.py) end to end on CPU, and its timing / memory helpers.
 
 The runner's own timings are not checked (they are the benchmark's job); its plumbing is: every op yields a fastrlhf
 and an eager row, the CSV is well formed and appends, the error column is small, and the memory probe is exact.
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from fastrlhf.benchmarks import kernels as runner
+from fastrlhf.benchmarks import run_kernels as runner
 from fastrlhf.benchmarks.timing import bench, bench_interleaved, peak_extra_mib
 
 OPS_IN_CSV = {"logprobs", "linear_logprobs", "kl_full_vs_estimators", "gae+whiten", "ppo_loss+k3+value"}
@@ -155,7 +155,7 @@ def test_kernels_runner_plots_memory_against_nv(tmp_path):
 def test_generate_runner_fixed_and_realistic_with_plot(tmp_path, capsys):
     """Both workloads in one call (two providers, 3 runs): realistic rows carry their own shape tag, stop at EOS
     (shorter responses than G, padding > 0), fixed rows have every response G long and no padding; the PNG is drawn."""
-    from fastrlhf.benchmarks import generate as gen
+    from fastrlhf.benchmarks import run_generate as gen
     path, png = tmp_path / "gen.csv", tmp_path / "gen.png"
     assert gen.main(["--shape", "smoke", "--runs", "3", "--providers", "fastrlhf", "hf-dynamic", "--workload",
                      "fixed", "realistic", "--csv", str(path), "--plot", str(png)]) == 0
@@ -177,7 +177,7 @@ def test_generate_runner_fixed_and_realistic_with_plot(tmp_path, capsys):
 def test_ppo_runner_realistic_fastrlhf_arm_with_plot(tmp_path, capsys):
     """The PPO runner's fastrlhf arm on the realistic workload (1 timed iteration): lengths and padding reported,
     tokens/s over valid tokens, no FLOP rate (it counts fixed lengths), the phase picture drawn."""
-    from fastrlhf.benchmarks import ppo
+    from fastrlhf.benchmarks import run_ppo as ppo
     path, png = tmp_path / "ppo.csv", tmp_path / "ppo.png"
     assert ppo.main(["--shape", "smoke", "--iters", "1", "--arms", "fastrlhf", "--no-profile", "--workload",
                      "realistic", "--csv", str(path), "--plot", str(png)]) == 0

@@ -56,9 +56,9 @@ def test_sft_from_toml_config(tmp_path, capsys):
 
 def test_bench_dispatch(monkeypatch, capsys):
     seen = {}
-    fake = types.ModuleType("fastrlhf.benchmarks.fake")
+    fake = types.ModuleType("fastrlhf.benchmarks.run_fake")
     fake.main = lambda argv: seen.setdefault("argv", argv) and 0
-    monkeypatch.setitem(sys.modules, "fastrlhf.benchmarks.fake", fake)
+    monkeypatch.setitem(sys.modules, "fastrlhf.benchmarks.run_fake", fake)
     monkeypatch.setattr(cli, "bench_names", lambda: ["fake", "kernels"])
     assert cli.main(["bench", "fake", "--size", "3"]) == 0 and seen["argv"] == ["--size", "3"]
     assert cli.main(["bench", "nope"]) == 2
@@ -68,7 +68,7 @@ def test_bench_dispatch(monkeypatch, capsys):
 def test_real_bench_names():
     names = cli.bench_names()
     assert "kernels" in names and "generate" in names
-    assert "plots" not in names and "workload" not in names  # the runners' helpers, not runners
+    assert "plots" not in names and "workload" not in names and "timing" not in names  # helpers, not runners
 
 
 def test_selfcheck_table(capsys):

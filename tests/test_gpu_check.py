@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh / benchmarks.gpu_check: the one-call GPU check cannot rot on a CPU machine.
+"""benchmarks/gpu_check.sh / benchmarks.run_gpu_check: the one-call GPU check cannot rot on a CPU machine.
 
 The dry run parses every runner's exact flags with the runner's own parser, checks the shapes they name and that pytest
 collects the test selection; the stage machinery (time limits, the merged CSV, the summary) runs here on tiny stand-ins.
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrlhf.benchmarks import gpu_check as gc
+from fastrlhf.benchmarks import run_gpu_check as gc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def test_dry_run_rejects_a_bad_flag_or_shape(tmp_path):
     bad_flag = gc.Stage(st.name, (*st.argv, "--no-such-flag"), st.limit_s, st.min_s, st.runner, st.shapes)
     with pytest.raises(RuntimeError, match="rejects its flags"):
         gc.dry_run_stage(bad_flag)
-    bad_shape = gc.Stage("kernels", ("benchmarks.kernels", "--shape", "h200"), 10, 1, "benchmarks.kernels",
+    bad_shape = gc.Stage("kernels", ("benchmarks.run_kernels", "--shape", "h200"), 10, 1, "benchmarks.run_kernels",
                          {"shape": "SHAPES"})
     with pytest.raises(RuntimeError, match="rejects its flags"):  # argparse choices catch it first
         gc.dry_run_stage(bad_shape)
@@ -97,12 +97,12 @@ def test_linear_configs_runner_smoke(tmp_path):
     """The candidate configs run (interpreted Triton on CPU) and give the shipped config's log-probs."""
     out = tmp_path / "lc.csv"
     env = dict(_env(), TRITON_INTERPRET="1", FASTRLHF_KERNEL_BACKEND="triton")
-    p = subprocess.run([sys.executable, "-m", "benchmarks.linear_configs", "--shape", "smoke", "--device", "cpu",
+    p = subprocess.run([sys.executable, "-m", "benchmarks.run_linear_configs", "--shape", "smoke", "--device", "cpu",
                         "--rep-ms", "1", "--csv", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     rows = list(csv.DictReader(open(out)))
-    from fastrlhf.benchmarks.linear_configs import CANDIDATES
+    from fastrlhf.benchmarks.run_linear_configs import CANDIDATES
     assert {r["provider"] for r in rows} == set(CANDIDATES) and len(rows) == 3 * len(CANDIDATES)
     assert all(float(r["median"]) <= 1e-5 for r in rows if r["metric"] == "max_dlogp")
     assert all(float(r["median"]) > 0 for r in rows if r["metric"].endswith("_ms"))

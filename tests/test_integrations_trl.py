@@ -275,7 +275,7 @@ def test_grpo_trainer_same_losses_and_logprobs_with_apply(tiny_checkpoint, tmp_p
 @pytest.mark.slow
 @pytest.mark.skipif(not KNOWN, reason=f"TRL {trl.__version__} is not a version fastrlhf supports")
 def test_bench_trl_runs_at_smoke_shape(tmp_path, capsys):
-    from benchmarks.trl import CSV_COLUMNS, main
+    from benchmarks.run_trl import CSV_COLUMNS, main
 
     out_csv = tmp_path / "results.csv"
     assert main(["--shape", "smoke", "--steps", "1", "--warmup", "0", "--csv", str(out_csv)]) == 0

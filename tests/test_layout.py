@@ -162,7 +162,7 @@ def test_docs_stay_inside_the_repository():
              if f.suffix in (".py", ".md", ".sh", ".toml", ".cpp", ".h", ".txt", ".yaml", ".yml", ".sbatch")]
     docs = {str(f) for f in _tracked_text_files() if f.suffix == ".md"}
     names = {Path(d).name for d in docs}
-    written = {"summary.md"}  # a report benchmarks/gpu_check.py writes into its output folder
+    written = {"summary.md"}  # a report benchmarks/run_gpu_check.py writes into its output folder
     bad = []
     for rel in files:
         text = (ROOT / rel).read_text(encoding="utf-8", errors="replace")

@@ -354,8 +354,8 @@ def test_packed_flash_varlen_bookkeeping(monkeypatch):
 
 
 def test_packed_attention_benchmark_runs():
-    """``python -m benchmarks.packed_attention``: three arms, same log-probs, positive times (smoke, 1 pass)."""
-    from benchmarks.packed_attention import main
+    """``python -m benchmarks.run_packed_attention``: three arms, same log-probs, positive times (smoke, 1 pass)."""
+    from benchmarks.run_packed_attention import main
     threads = torch.get_num_threads()
     try:
         res = main(["--iters", "1", "--threads", "1"])

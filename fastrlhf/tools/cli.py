@@ -3,7 +3,7 @@
     fastrlhf sft | rm | ppo | grpo  train one stage (``--config run.yaml``, any field as ``--field value``; ``--help``)
     fastrlhf pipeline             all three stages on the built-in task (no arguments needed)
     fastrlhf generate | eval      sample from / evaluate a checkpoint
-    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.NAME.main(argv)
+    fastrlhf bench NAME [...]     benchmark runners: fastrlhf.benchmarks.run_NAME.main(argv)
     fastrlhf selfcheck            every kernel against its float64 reference, as a table
 
 Errors in user input (config, data, checkpoints, bad values) print one line naming the file/line/field and exit with
@@ -45,13 +45,12 @@ def usage() -> str:
 
 
 def bench_names() -> list[str]:
-    """Benchmark runners: modules of fastrlhf.benchmarks with a ``main`` (by file; nothing is imported to list them)."""
+    """Benchmark runners: the ``run_NAME`` modules of fastrlhf.benchmarks, listed as NAME (by file; nothing imported)."""
     try:
         pkg = importlib.import_module("fastrlhf.benchmarks")
     except ImportError:
         return []
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)
-                  if not m.name.startswith(("_", "bench_", "test_")) and m.name not in ("timing", "baselines", "plots", "workload"))
+    return sorted(m.name[len("run_"):] for m in pkgutil.iter_modules(pkg.__path__) if m.name.startswith("run_"))
 
 
 def _bench(argv: list[str]):
@@ -62,9 +61,9 @@ def _bench(argv: list[str]):
     name, rest = argv[0], argv[1:]
     if name not in names:
         raise _UsageError(f"bench: unknown benchmark '{name}' (available: {', '.join(names) or 'none'})")
-    mod = importlib.import_module(f"fastrlhf.benchmarks.{name}")
+    mod = importlib.import_module(f"fastrlhf.benchmarks.run_{name}")
     if not hasattr(mod, "main"):
-        raise _UsageError(f"bench: fastrlhf.benchmarks.{name} has no main(argv)")
+        raise _UsageError(f"bench: fastrlhf.benchmarks.run_{name} has no main(argv)")
     return mod.main(rest)
 
 

@@ -92,8 +92,8 @@ def configs():
                                    ones=("stride_xk", "stride_wk"), pipelined=True,
                                    div16=tuple(k for k in LAUNCH_DIV16 if k in sig), wgmma=dt != "float32",
                                    max_regs=MAX_REGS[kind]))
-    # the tile configs benchmarks/linear_configs.py times on the GPU against the shipped one: as launched, no spills
-    from fastrlhf.benchmarks.linear_configs import CANDIDATES
+    # the tile configs benchmarks/run_linear_configs.py times on the GPU against the shipped one: as launched, no spills
+    from fastrlhf.benchmarks.run_linear_configs import CANDIDATES
     for name, cfg in CANDIDATES.items():
         if cfg is None:
             continue

@@ -1,6 +1,6 @@
 """Decoder-layer variants side by side in one run: separate vs fused projections, and torch.compile of each block.
 
-    python -m benchmarks.decoder_layer [--shape tiny|smoke] [--threads 2] [--rep-ms 2000] [--compile] [--rmsnorm]
+    python -m benchmarks.run_decoder_layer [--shape tiny|smoke] [--threads 2] [--rep-ms 2000] [--compile] [--rmsnorm]
 
 Model: the generation benchmark's Qwen2-style ``tiny`` shape (hidden 256, 4 layers, 4 / 2 heads, MLP 768, vocab 4096),
 random weights, fp32. Two workloads:
@@ -146,7 +146,7 @@ def rmsnorm_cpu(shape: str = "tiny", rep_ms: float = 2000.0) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.decoder_layer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_decoder_layer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rep-ms", type=float, default=2000.0, help="time budget per arm and workload")

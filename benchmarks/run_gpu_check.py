@@ -2,7 +2,7 @@
 beside its baselines measured in the same run; one summary table and the raw logs in an output folder.
 
     bash benchmarks/gpu_check.sh [--out DIR] [--budget-s 440] [--dry-run]      (installs wheels, builds, then this)
-    python -m benchmarks.gpu_check [--out DIR] [--budget-s 440] [--dry-run]
+    python -m benchmarks.run_gpu_check [--out DIR] [--budget-s 440] [--dry-run]
 
 Stages (``STAGES``; each a fresh process with its own time limit, killed with its children when it runs over, so one
 slow stage cannot take the whole budget; a stage is skipped when less than its minimum is left):
@@ -10,14 +10,14 @@ slow stage cannot take the whole budget; a stage is skipped when less than its m
                 engine / model tests (CUDA graphs, flash-attn when importable) and the CUDA paths
                 (``tests/test_gpu_paths.py``: graphs over the engine's weight copies). The first compiled Triton launch
                 here also shows whether the driver loads the cubins of Triton's bundled ptxas (see gpu_check.sh).
-- ``kernels``   ``benchmarks.kernels`` at the ``h100`` shape, bf16: fastrlhf beside eager, TRL's and Liger's kernels.
-- ``linear_configs``  ``benchmarks.linear_configs``: candidate tile configs of the bf16 LM-head log-prob kernels
+- ``kernels``   ``benchmarks.run_kernels`` at the ``h100`` shape, bf16: fastrlhf beside eager, TRL's and Liger's kernels.
+- ``linear_configs``  ``benchmarks.run_linear_configs``: candidate tile configs of the bf16 LM-head log-prob kernels
                 against the shipped one (which to ship is decided from this).
-- ``generate``  ``benchmarks.generate`` at ``qwen2-0.5b``: the hybrid engine beside transformers' static-cache generate.
-- ``ppo``       ``benchmarks.ppo`` at ``qwen2-0.5b``: fastrlhf's PPO iteration beside TRL 0.29's PPOTrainer
+- ``generate``  ``benchmarks.run_generate`` at ``qwen2-0.5b``: the hybrid engine beside transformers' static-cache generate.
+- ``ppo``       ``benchmarks.run_ppo`` at ``qwen2-0.5b``: fastrlhf's PPO iteration beside TRL 0.29's PPOTrainer
                 (``--trl-path`` from ``FASTRLHF_TRL_PATH``, which gpu_check.sh sets when the wheels are there); one
                 timed iteration after one warm-up per arm (TRL's takes ~31 s on an H100).
-- ``trl``       ``benchmarks.trl`` at ``qwen2-0.5b``: TRL's GRPO trainer with and without fastrlhf's kernels.
+- ``trl``       ``benchmarks.run_trl`` at ``qwen2-0.5b``: TRL's GRPO trainer with and without fastrlhf's kernels.
 Left out to fit the budget (stated in the summary): torch.compile providers of the kernel runner (~30 s of compile per
 function) and transformers' dynamic-cache generate (~26 s per call at this shape).
 
@@ -65,20 +65,20 @@ def stages(out: Path) -> list[Stage]:
     return [
         Stage("tests", ("pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-m", "not distributed", *TEST_PATHS,
                         "--ignore-glob=tests/kernels/test_aot_*.py"), 90, 30),  # the AOT compiles run on CPU CI
-        Stage("kernels", ("benchmarks.kernels", "--shape", "h100", "--dtype", "bf16", "--ops", "logprobs", "linear",
+        Stage("kernels", ("benchmarks.run_kernels", "--shape", "h100", "--dtype", "bf16", "--ops", "logprobs", "linear",
                           "gae", "ppo", "--providers", "fastrlhf", "eager", "eager-lse", "trl", "liger",
                           "--warmup-ms", "25", "--rep-ms", "100", "--csv", csv_k), 90, 45,
-              runner="benchmarks.kernels", shapes={"shape": "SHAPES"}),
-        Stage("linear_configs", ("benchmarks.linear_configs", "--shape", "h100", "--device", "cuda", "--csv", csv_g),
-              40, 25, runner="benchmarks.linear_configs", shapes={"shape": "SHAPES"}),
-        Stage("generate", ("benchmarks.generate", "--shape", "qwen2-0.5b", "--device", "cuda", "--providers",
+              runner="benchmarks.run_kernels", shapes={"shape": "SHAPES"}),
+        Stage("linear_configs", ("benchmarks.run_linear_configs", "--shape", "h100", "--device", "cuda", "--csv", csv_g),
+              40, 25, runner="benchmarks.run_linear_configs", shapes={"shape": "SHAPES"}),
+        Stage("generate", ("benchmarks.run_generate", "--shape", "qwen2-0.5b", "--device", "cuda", "--providers",
                            "fastrlhf", "hf-static", "--runs", "3", "--csv", csv_g), 90, 45,
-              runner="benchmarks.generate", shapes={"shape": "SHAPES"}),
-        Stage("ppo", ("benchmarks.ppo", "--shape", "qwen2-0.5b", "--device", "cuda", "--iters", "1", "--arms",
+              runner="benchmarks.run_generate", shapes={"shape": "SHAPES"}),
+        Stage("ppo", ("benchmarks.run_ppo", "--shape", "qwen2-0.5b", "--device", "cuda", "--iters", "1", "--arms",
                       "fastrlhf", "trl", "--timeout", "100", "--csv", csv_g), 140, 60,
-              runner="benchmarks.ppo", shapes={"shape": "SHAPES"}),
-        Stage("trl", ("benchmarks.trl", "--shape", "qwen2-0.5b", "--device", "cuda", "--steps", "2", "--warmup", "1",
-                      "--csv", csv_g), 80, 40, runner="benchmarks.trl", shapes={"shape": "SHAPES"}),
+              runner="benchmarks.run_ppo", shapes={"shape": "SHAPES"}),
+        Stage("trl", ("benchmarks.run_trl", "--shape", "qwen2-0.5b", "--device", "cuda", "--steps", "2", "--warmup", "1",
+                      "--csv", csv_g), 80, 40, runner="benchmarks.run_trl", shapes={"shape": "SHAPES"}),
     ]
 
 
@@ -220,7 +220,7 @@ def _env_line() -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_gpu_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
     ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds for all stages together (default %(default)s)")
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
         return 0
     import torch
     if not torch.cuda.is_available():
-        print("benchmarks.gpu_check: no CUDA device (use --dry-run on a CPU machine)", file=sys.stderr)
+        print("benchmarks.run_gpu_check: no CUDA device (use --dry-run on a CPU machine)", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -1,6 +1,6 @@
 """GRPO step benchmark: fastrlhf's ``grpo`` stage beside TRL's GRPOTrainer (no vLLM), same model, shapes and n, one run.
 
-    python -m benchmarks.grpo [--shape tiny|qwen2-0.5b|smoke] [--iters 3] [--threads 2] [--arms fastrlhf,trl]
+    python -m benchmarks.run_grpo [--shape tiny|qwen2-0.5b|smoke] [--iters 3] [--threads 2] [--arms fastrlhf,trl]
     fastrlhf bench grpo ...            (the CLI calls ``main(argv)``)
 
 One step (both systems): Q prompts of P tokens, n completions of each (up to G tokens, sampling at T = 1), a Python
@@ -161,7 +161,7 @@ def _arm_subprocess(arm: str, shape: str, root: str, warmup: int, iters: int, th
     repo = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([repo] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    cmd = [sys.executable, "-m", "benchmarks.grpo", "--arm", arm, "--ckpt", root, "--json", out_json, "--shape", shape,
+    cmd = [sys.executable, "-m", "benchmarks.run_grpo", "--arm", arm, "--ckpt", root, "--json", out_json, "--shape", shape,
            "--warmup", str(warmup), "--iters", str(iters), "--threads", str(threads), "--device", device]
     try:
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=repo)

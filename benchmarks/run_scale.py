@@ -1,7 +1,7 @@
 """Scale-out benchmark: the real ``fastrlhf ppo`` stage as one plain process and under torchrun with N ranks (FSDP2),
 the same per-rank batch (weak scaling), all in one run.
 
-    python -m benchmarks.scale [--shape smoke|tiny|qwen2-0.5b] [--nproc 2 4 8] [--iters 3] [--threads-per-rank 1]
+    python -m benchmarks.run_scale [--shape smoke|tiny|qwen2-0.5b] [--nproc 2 4 8] [--iters 3] [--threads-per-rank 1]
                                [--response-lengths 32 64 128 256] [--plot PATH.png]
     fastrlhf bench scale ...            (the CLI calls ``main(argv)``)
 
@@ -18,7 +18,7 @@ seconds, each the max over ranks; response tokens summed over ranks); the first 
 - ``efficiency``   weak-scaling efficiency: resp_tok_s(N) / (N · resp_tok_s(plain)) — 1.0 is perfect scaling
 - ``peak_mem_gb``  CUDA: the largest ``max_memory_allocated`` of any rank (0 on CPU)
 On CPU every rank (and the plain process) gets ``--threads-per-rank`` threads, so N ranks use N times the cores of
-the plain arm, as N GPUs would. Models: the random Qwen2 checkpoints of ``benchmarks/ppo.py`` (policy; reward = value
+the plain arm, as N GPUs would. Models: the random Qwen2 checkpoints of ``benchmarks/run_ppo.py`` (policy; reward = value
 init), the embedded task's tokenizer (its ids index the first rows of the vocabulary) and the task's prompts.
 """
 from __future__ import annotations
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .generate import format_table, write_csv
-from .ppo import SHAPES, build_checkpoints
+from .run_generate import format_table, write_csv
+from .run_ppo import SHAPES, build_checkpoints
 from .timing import device_name, git_commit
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -113,7 +113,7 @@ def run(shape: str, device: str, nprocs: list[int], iters: int, threads: int, ti
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_scale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, smoke on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--nproc", type=int, nargs="+", default=None,

@@ -1,6 +1,6 @@
 """TRL's GRPO trainer with and without fastrlhf's kernels (``fastrlhf.integrations.trl.patched()``), in one run.
 
-    python -m benchmarks.trl [--shape tiny|smoke|qwen2-0.5b] [--steps 5] [--warmup 1] [--csv benchmarks/results.csv]
+    python -m benchmarks.run_trl [--shape tiny|smoke|qwen2-0.5b] [--steps 5] [--warmup 1] [--csv benchmarks/results.csv]
     fastrlhf bench trl ...                 (the CLI calls ``main(argv)``)
 
 Both arms train the same random checkpoint with the same seed, data and config; only the log-prob / entropy helpers TRL
@@ -196,7 +196,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.trl", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_trl", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per arm (median)")
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     try:
         import trl
     except ImportError:
-        print("benchmarks.trl: TRL is not installed (pip install trl)")
+        print("benchmarks.run_trl: TRL is not installed (pip install trl)")
         return 2
     from fastrlhf.integrations import trl as fast_trl
 
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         results["trl"] = run_arm(shape, ckpt, tok, prompts, os.path.join(tmp, "trl"), a.steps, a.warmup, device, a.seed)
         with fast_trl.patched() as patch:
             if not patch.applied:
-                print(f"benchmarks.trl: {patch.reason}")
+                print(f"benchmarks.run_trl: {patch.reason}")
                 return 2
             results["trl+fastrlhf"] = run_arm(shape, ckpt, tok, prompts, os.path.join(tmp, "fast"), a.steps, a.warmup,
                                               device, a.seed)

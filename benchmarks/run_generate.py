@@ -1,6 +1,6 @@
 """Generation benchmark: fastrlhf's HybridEngine beside transformers' ``generate`` on the same random model, in one run.
 
-    python -m benchmarks.generate [--shape tiny|qwen2-0.5b|smoke] [--runs 5] [--threads 2] [--csv benchmarks/results.csv]
+    python -m benchmarks.run_generate [--shape tiny|qwen2-0.5b|smoke] [--runs 5] [--threads 2] [--csv benchmarks/results.csv]
                                   [--workload fixed [realistic]] [--plot PATH.png]
     fastrlhf bench generate ...            (the CLI calls ``main(argv)``)
 
@@ -291,7 +291,7 @@ def write_csv(path: Path, rows: list[dict], meta: dict, suffix: str = "_generate
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--providers", nargs="+", default=[p for p in PROVIDERS if p != "fastrlhf-nocompact"],

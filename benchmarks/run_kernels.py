@@ -1,6 +1,6 @@
 """Kernel benchmark runner: fastrlhf.kernels beside the eager / compiled / peer implementations, in one run.
 
-    python -m benchmarks.kernels [--ops logprobs linear gae ppo] [--shape tiny|h100|smoke] [--csv benchmarks/results.csv]
+    python -m benchmarks.run_kernels [--ops logprobs linear gae ppo] [--shape tiny|h100|smoke] [--csv benchmarks/results.csv]
     fastrlhf bench kernels ...            (the CLI calls ``main(argv)``)
 
 For every (op, mode, provider) it measures: median / p20 / p80 time (CUDA: ``timing.bench``, do_bench per provider;
@@ -667,7 +667,7 @@ def format_memory_scaling(mem: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_kernels", description=__doc__.split("\n\n")[0])
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(BENCHES))
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: h100 on CUDA, tiny on CPU")
     ap.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),

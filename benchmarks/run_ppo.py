@@ -1,6 +1,6 @@
 """End-to-end PPO benchmark: full iterations of fastrlhf's trainer core beside TRL's PPOTrainer, same shapes, one run.
 
-    python -m benchmarks.ppo [--shape tiny|qwen2-0.5b|smoke] [--iters 4] [--threads 2] [--trl-path DIR] [--csv ...]
+    python -m benchmarks.run_ppo [--shape tiny|qwen2-0.5b|smoke] [--iters 4] [--threads 2] [--trl-path DIR] [--csv ...]
                              [--workload fixed|realistic] [--plot PATH.png]
     fastrlhf bench ppo ...            (the CLI calls ``main(argv)``)
 
@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import CSV_COLUMNS, format_table, write_csv
+from .run_generate import CSV_COLUMNS, format_table, write_csv
 from .timing import _quantile, check_choice, check_choices, device_name, git_commit
 from .workload import WORKLOADS, check_workload, length_stats, pad_fraction, response_lengths
 
@@ -321,7 +321,7 @@ def run_fastrlhf(shape: str, ckpt: dict, device: str, iters: int, *, profile: bo
                kl=last["kl"], **{k: last["stats"][k] for k in ("policy_loss", "value_loss", "entropy", "grad_norm",
                                                                "approx_kl")})
     if last["G"] != G and workload == "fixed":
-        raise RuntimeError(f"benchmarks/ppo.py: fastrlhf rollout has {last['G']} response tokens, expected {G}")
+        raise RuntimeError(f"benchmarks/run_ppo.py: fastrlhf rollout has {last['G']} response tokens, expected {G}")
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile
@@ -424,7 +424,7 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0, w
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          train_dataset=ds, value_model=vm, callbacks=[_Clock()])
     if args.batch_size != B:  # set by PPOTrainer: micro × accumulation × mini-batches × processes
-        raise RuntimeError(f"benchmarks/ppo.py: TRL batch size {args.batch_size} != B = {B}")
+        raise RuntimeError(f"benchmarks/run_ppo.py: TRL batch size {args.batch_size} != B = {B}")
     mem = _PeakMemory(device)
     trl_ppo_mod.batch_generation, trl_ppo_mod.masked_whiten = timed_gen, timed_whiten
     try:
@@ -437,7 +437,7 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0, w
         trl_ppo_mod.batch_generation, trl_ppo_mod.masked_whiten = real_gen, real_whiten
     n = len(marks["end"])
     if n != iters + 1 or len(marks["gen0"]) != n:
-        raise RuntimeError(f"benchmarks/ppo.py: TRL ran {n} steps / {len(marks['gen0'])} generations, expected {iters + 1}")
+        raise RuntimeError(f"benchmarks/run_ppo.py: TRL ran {n} steps / {len(marks['gen0'])} generations, expected {iters + 1}")
     starts = [t_start] + marks["end"][:-1]
     times = []
     for i in range(n):
@@ -454,9 +454,9 @@ def run_trl(shape: str, ckpt: dict, device: str, iters: int, *, seed: int = 0, w
 # ----------------------------------------------------------------------------------------------------------------------
 def _arm_subprocess(arm: str, shape: str, ckpt_root: str, device: str, iters: int, threads: int, profile: bool,
                     trl_path: str | None, timeout: float, workload: str = "fixed") -> dict:
-    """Run one arm in a fresh ``python -m benchmarks.ppo --arm ...`` process; returns its metrics (or {"error": ...})."""
+    """Run one arm in a fresh ``python -m benchmarks.run_ppo --arm ...`` process; returns its metrics (or {"error": ...})."""
     out_json = os.path.join(ckpt_root, f"{arm}.json")
-    cmd = [sys.executable, "-m", "benchmarks.ppo", "--arm", arm, "--ckpt", ckpt_root, "--json", out_json,
+    cmd = [sys.executable, "-m", "benchmarks.run_ppo", "--arm", arm, "--ckpt", ckpt_root, "--json", out_json,
            "--shape", shape, "--device", device, "--iters", str(iters), "--threads", str(threads),
            "--workload", workload]
     if not profile:
@@ -590,7 +590,7 @@ def _arm_main(a) -> int:
     else:
         ok, why = trl_importable()
         if not ok:
-            raise SystemExit(f"benchmarks/ppo.py --arm trl: {why}; install trl==0.29.1 into a folder "
+            raise SystemExit(f"benchmarks/run_ppo.py --arm trl: {why}; install trl==0.29.1 into a folder "
                              f"(pip install --no-deps --target DIR trl==0.29.1) and pass --trl-path DIR")
         res = run_trl(a.shape, ckpt, a.device, a.iters, workload=a.workload)
     res["threads"] = torch.get_num_threads()
@@ -600,7 +600,7 @@ def _arm_main(a) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ppo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_ppo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--iters", type=int, default=4, help="timed iterations after one warm-up (median)")

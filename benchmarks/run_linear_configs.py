@@ -1,6 +1,6 @@
 """Tile configurations of the bf16 fused LM-head log-prob kernels, timed against each other at one shape in one run.
 
-    python -m benchmarks.linear_configs [--shape h100|smoke] [--rep-ms 100] [--csv FILE]
+    python -m benchmarks.run_linear_configs [--shape h100|smoke] [--rep-ms 100] [--csv FILE]
 
 Why: compiled for sm_90, the forward uses 254 of 255 registers per thread in every tile shape tried (the online
 log-sum-exp epilogue over an fp32 tile), so the 8-warp 128×128 tile runs one CTA per SM and its epilogue does not
@@ -72,7 +72,7 @@ def run(shape: str, device: str, rep_ms: float = 100.0) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.linear_configs", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_linear_configs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="h100")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--rep-ms", type=float, default=100.0, help="do_bench time budget per measurement")

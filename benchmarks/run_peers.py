@@ -1,6 +1,6 @@
 """veRL's and OpenRLHF's own math for one PPO / GRPO step, on their functions and on ours (``integrations.<peer>.apply()``).
 
-    python -m benchmarks.peers [--peer verl openrlhf] [--algo ppo grpo] [--shape smoke|tiny|qwen2-0.5b]
+    python -m benchmarks.run_peers [--peer verl openrlhf] [--algo ppo grpo] [--shape smoke|tiny|qwen2-0.5b]
     fastrlhf bench peers ...                 (the CLI calls ``main(argv)``)
 
 One step = what the peer computes after the model forward, for one micro-batch whose logits [B, T, V] are given (a leaf
@@ -20,7 +20,7 @@ Shapes (B sequences × T response tokens, vocabulary V): ``smoke`` 4 × 16, V 25
 
 Prints per peer and algorithm the median step time of each arm (CPU: interleaved round robin, see benchmarks.timing),
 their ratio, the peak extra memory of one step, and the largest loss / gradient difference between the arms (a sanity
-check). Appends CSV rows (columns as benchmarks/trl.py). Timings taken on a loaded machine are not speed claims.
+check). Appends CSV rows (columns as benchmarks/run_trl.py). Timings taken on a loaded machine are not speed claims.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from .timing import bench, bench_interleaved, peak_extra_mib
-from .trl import DEFAULT_CSV, _commit, _device_name, _write_csv
+from .run_trl import DEFAULT_CSV, _commit, _device_name, _write_csv
 
 PEERS = ("verl", "openrlhf")
 ALGOS = ("ppo", "grpo")
@@ -205,7 +205,7 @@ def run_peer(peer: str, algos, shape: Shape, device: str, warmup_ms: float, rep_
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_peers", description=__doc__.split("\n\n")[0])
     ap.add_argument("--peer", nargs="+", default=list(PEERS), help="verl and/or openrlhf (default: both)")
     ap.add_argument("--algo", nargs="+", default=list(ALGOS), help="ppo and/or grpo (default: both)")
     ap.add_argument("--shape", default=None, help="smoke | tiny | qwen2-0.5b (default: qwen2-0.5b on CUDA, tiny on CPU)")
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
             version = importlib.metadata.version(peer)
             results = run_peer(peer, a.algo, shape, device, a.warmup_ms, a.rep_ms)
         except Exception as e:  # not installed, or its GPU-only imports missing: say so, go on with the other peer
-            print(f"benchmarks.peers: {peer}: cannot run ({type(e).__name__}: {e})")
+            print(f"benchmarks.run_peers: {peer}: cannot run ({type(e).__name__}: {e})")
             status = 2
             continue
         print(f"\n{peer} {version}, shape {shape_name} (B={shape.batch}, T={shape.resp_len}, V={shape.vocab}, "

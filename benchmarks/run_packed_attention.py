@@ -1,6 +1,6 @@
 """Packed (padding-free) vs padded training forward+backward of the decoder on CPU, and the packed attention strategies.
 
-    python -m benchmarks.packed_attention [--iters 5] [--threads 2] [--seed 0] [--fixed]
+    python -m benchmarks.run_packed_attention [--iters 5] [--threads 2] [--seed 0] [--fixed]
 
 Tiny benchmark shape (hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 4096), B = 16 rows of a left-padded prompt
 (P ≤ 32) and a right-padded response (G ≤ 64), lengths drawn at random (prompt 4..P, response with a long tail: 1..G),
@@ -66,7 +66,7 @@ def main(argv=None):
     diff = max(float((lp - lps["padded"]).abs().max()) for lp in lps.values())
     print(f"max |logp(arm) - logp(padded)| over valid tokens: {diff:.2e}")
     if diff > 1e-4:
-        raise SystemExit(f"benchmarks/packed_attention.py: the arms disagree (max |Δ logp| = {diff:.3g})")
+        raise SystemExit(f"benchmarks/run_packed_attention.py: the arms disagree (max |Δ logp| = {diff:.3g})")
     ts = {name: [] for name in arms}
     for i in range(a.iters + 1):  # round robin, so that a change of machine load hits every arm; pass 0 = warm-up
         for name, (pf, strat) in arms.items():

@@ -1,8 +1,8 @@
 """``old_logprobs: recompute`` vs ``rollout``: time of the experience step and effect on learning, same runs otherwise.
 
-    python -m benchmarks.old_logprobs [--shape smoke|tiny] [--iters 8] [--seeds 0 1 2] [--lr 1e-4] [--threads 2]
+    python -m benchmarks.run_old_logprobs [--shape smoke|tiny] [--iters 8] [--seeds 0 1 2] [--lr 1e-4] [--threads 2]
 
-For each seed, both modes run ``benchmarks.ppo.run_fastrlhf`` (the PPO stage's core: engine rollout, make_experience,
+For each seed, both modes run ``benchmarks.run_ppo.run_fastrlhf`` (the PPO stage's core: engine rollout, make_experience,
 ppo_update) on the same random checkpoints and prompts, alternately (recompute, rollout, recompute, ...) so that a
 drifting machine load hits both alike. Printed per mode: median experience seconds (steps 3-7: where rollout mode skips
 the old-policy forward) and seconds per iteration over all seeds' timed iterations, the mean reward-model score of the
@@ -19,7 +19,7 @@ import tempfile
 
 import torch
 
-from .ppo import SHAPES, build_checkpoints, run_fastrlhf
+from .run_ppo import SHAPES, build_checkpoints, run_fastrlhf
 from .timing import check_choice
 
 MODES = ("recompute", "rollout")
@@ -55,7 +55,7 @@ def format_results(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.old_logprobs", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run_old_logprobs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="smoke")
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
