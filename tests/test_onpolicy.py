@@ -101,19 +101,28 @@ def _tiny_rollout(ckpts, compute_dtype=None, temperature=1.0, **kw):
 
 
 def test_head_gets_the_compute_dtype_in_sampling_and_training(ckpts, monkeypatch):
-    """Under bf16 autocast (fp32 masters) both the engine's rollout log-probs and PPO's training log-probs call
-    linear_logprobs with bf16 hidden and weight (tensor cores, fp32 accumulation), never fp32 operands."""
-    seen = []
+    """Under bf16 autocast (fp32 masters) the engine's sampling head reads bf16 hidden and weight and returns fp32
+    logits, and PPO's training log-probs call linear_logprobs with bf16 operands (tensor cores, fp32 accumulation),
+    never fp32 operands; one head pass per decode step (the sampler's own log-prob, no second kernel call)."""
+    import fastrlhf.engine.hybrid as hybrid
+    seen, heads = [], []
     fn = LL._LinearLogProbs
-    real = fn.apply
+    real, real_logits = fn.apply, hybrid.head_logits
 
     def spy(x, w, *args):
         seen.append((x.dtype, w.dtype))
         return real(x, w, *args)
 
+    def spy_logits(h, w):
+        z = real_logits(h, w)
+        heads.append((kernels.head.compute_dtype(w), w.dtype, z.dtype))
+        return z
+
     monkeypatch.setattr(fn, "apply", spy)
+    monkeypatch.setattr(hybrid, "head_logits", spy_logits)
     policy, ro = _tiny_rollout(ckpts, compute_dtype=torch.bfloat16)
-    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}, seen  # the rollout's log-probs
+    assert heads and set(heads) == {(torch.bfloat16, torch.bfloat16, torch.float32)}, heads  # the rollout's head
+    assert not seen  # the sampled token's log-prob needs no second pass over the head
     seen.clear()
     ids, am = ro.sequences()
     with autocast_context("cpu", enabled=True):

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.engine.sampling import SamplingParams, sample
-from fastrlhf.kernels.head import compute_dtype, head_logits, head_logprobs
+from fastrlhf.kernels.head import compute_dtype, head_logits
 
 MEMORY_POLICIES = ("keep", "free")
 WINDOW_ROUND = 32  # eager decode attention reads the first ceil((slot + 1) / 32) * 32 cache slots
@@ -73,8 +73,8 @@ class Rollout:
     prompt_mask   [B, P] int64, 1 = real token
     response_ids  [B, G] int64, padded after EOS with the pad id (the EOS itself is kept and is a valid token)
     response_mask [B, G] int64, 1 = generated token up to and including EOS
-    logprobs      [B, G] fp32 log-probs of the sampled tokens under the sampling distribution (0 where masked); without
-                  top-k / top-p computed by the training head's kernel (``fastrlhf.kernels.head.head_logprobs``)
+    logprobs      [B, G] fp32 log-probs of the sampled tokens under the sampling distribution (0 where masked), from
+                  fp32 logits of the training head's operands (``fastrlhf.kernels.head.head_logits``)
     lengths       [B] int64, number of valid response tokens
     """
 
@@ -526,16 +526,12 @@ class HybridEngine:
     def _sample_head(self, h: Tensor, params: SamplingParams, u: Tensor | None):
         """(tokens [b], log-probs [b] fp32) from the last hidden states h [b, H], with the training head's numerics
         (``fastrlhf.kernels.head``): the sampler reads fp32 logits of the compute-dtype operands (never bf16-rounded
-        logits), and when it samples from the model's own distribution (τ > 0, no top-k / top-p) the token's log-prob
-        is ``head_logprobs`` — the fused kernel PPO's old / new log-probs use — so a rollout's log-probs are the ones a
-        teacher-forced forward recomputes (up to the KV-cache path of the hidden states). Cost: one more pass over the
-        head per decode step (2·b·H·V FLOPs, one read of W) for that log-prob."""
+        logits), one pass over the head per step; the token's log-prob z_y − LSE(z) comes from the max and Σexp the
+        sampler already has. It differs from the fused ``head_logprobs`` that PPO's forwards use only by the order of
+        the fp32 sums (~1e-7), far below what the KV-cache path of the hidden states leaves (docs/numerics.md)."""
         w = self.model.lm_head.weight
         w = w.to(compute_dtype(w))  # cast once per step (fp32 masters -> bf16 under autocast); a no-op below
-        tok, lp = sample(head_logits(h, w), params, u)
-        if not params.greedy and not params.filtered:
-            lp = head_logprobs(h, w, tok, temperature=params.temperature)
-        return tok, lp
+        return sample(head_logits(h, w), params, u)
 
     def _step(self, key: _StepKey, eos_t: Tensor) -> None:
         """One decode step on the static buffers of bucket ``key.bucket`` (graph-capturable: no host syncs, no
