@@ -25,9 +25,11 @@ def test_write_plots_writes_two_pngs(tmp_path, with_ptx):
         assert (tmp_path / "plots").joinpath(p.rsplit("/", 1)[-1]).stat().st_size > 5000
 
 
-def test_rolling_mean_closed_form():
-    assert pipeline._rolling([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], k=3) == pytest.approx([1, 1.5, 2, 3, 4, 5, 6])
-    assert pipeline._rolling([]) == []
+def test_kl_bins_partition_the_iterations_in_kl_order():
+    kl = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8]
+    bins = pipeline._kl_bins(kl, n=3)
+    assert bins == [[1, 5], [3, 0], [4, 6, 2]]
+    assert pipeline._kl_bins([0.2, 0.1], n=8) == [[1], [0]] and pipeline._kl_bins([]) == []
 
 
 def test_summary_table_names_every_finding():

@@ -312,9 +312,11 @@ def heldout_lm_loss(model, tok, path: str, device, batch_tokens: int = 512) -> f
     return evaluate(model, loader, device, autocast=device.type == "cuda")
 
 
-def _rolling(x: list[float], k: int = 5) -> list[float]:
-    """Trailing means over up to ``k`` points: y_i = mean(x[max(0, i−k+1) .. i])."""
-    return [sum(x[max(0, i - k + 1): i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(x))]
+def _kl_bins(kl: list[float], n: int = 8) -> list[list[int]]:
+    """Indices of ``kl`` sorted by value, cut into min(n, len) consecutive groups of (nearly) equal size."""
+    order = sorted(range(len(kl)), key=lambda i: kl[i])
+    n = min(n, len(order))
+    return [order[len(order) * j // n: len(order) * (j + 1) // n] for j in range(n)]
 
 
 def write_plots(s: dict, out: Path) -> dict:
@@ -334,9 +336,14 @@ def write_plots(s: dict, out: Path) -> dict:
         if not pts:
             continue
         label, ls = styles[name]
-        kl = _rolling([p["kl"] for p in pts])  # means over 5 iterations (one iteration's batch is noisy)
-        ax.plot(kl, _rolling([p["rm_score"] for p in pts]), ls, color="tab:blue", label=f"{label}: proxy (RM score)")
-        ax2.plot(kl, _rolling([p["judge_score"] for p in pts]), ls, color="tab:red", label=f"{label}: judge (labeler)")
+        kl, rm, jd = ([p[k] for p in pts] for k in ("kl", "rm_score", "judge_score"))
+        ax.scatter(kl, rm, s=4, color="tab:blue", alpha=0.25)
+        ax2.scatter(kl, jd, s=4, color="tab:red", alpha=0.25)
+        bins = _kl_bins(kl)  # the iterations in order of KL, in 8 groups of equal size: one mean point each
+        mean = lambda xs, b: sum(xs[i] for i in b) / len(b)  # noqa: E731
+        x = [mean(kl, b) for b in bins]
+        ax.plot(x, [mean(rm, b) for b in bins], ls, marker="o", ms=3, color="tab:blue", label=f"{label}: proxy (RM score)")
+        ax2.plot(x, [mean(jd, b) for b in bins], ls, marker="o", ms=3, color="tab:red", label=f"{label}: judge (labeler)")
     ax.set_xlabel("KL to the SFT policy (nats per sequence)")
     ax.set_ylabel("reward-model score (proxy)", color="tab:blue")
     ax2.set_ylabel("judge score (ground truth)", color="tab:red")
@@ -344,7 +351,7 @@ def write_plots(s: dict, out: Path) -> dict:
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower right")
-    ax.set_title("Over-optimisation: PPO's rollouts (means over 5 iterations)", fontsize=10)
+    ax.set_title("Over-optimisation: each dot one PPO iteration's rollouts; lines: means of 8 KL bins", fontsize=9)
     fig.tight_layout()
     paths["over_optimisation"] = str(out / "over_optimisation.png")
     fig.savefig(paths["over_optimisation"], dpi=110)
