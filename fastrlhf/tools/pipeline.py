@@ -268,7 +268,10 @@ def run(cfg: PipelineConfig) -> dict:
                         "lm_loss_ppo_ptx": lm_loss["ppo_ptx"], "ptx_coef": cfg.ptx.coef,
                         "final_kl_ppo_ptx": curves["ppo_ptx"][-1]["kl"] if curves["ppo_ptx"] else float("nan")})
     if cfg.plots:
-        summary["plots"] = write_plots(summary, root / "plots")
+        try:
+            summary["plots"] = write_plots(summary, root / "plots")
+        except ImportError:  # matplotlib is a dependency of fastrlhf; an install without it still gets the table
+            print("[fastrlhf pipeline] plots skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
     with open(root / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(format_summary(summary), flush=True)
