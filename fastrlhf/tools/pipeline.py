@@ -345,8 +345,10 @@ def write_plots(s: dict, out: Path) -> dict:
         bins = _kl_bins(kl)  # the iterations in order of KL, in 8 groups of equal size: one mean point each
         mean = lambda xs, b: sum(xs[i] for i in b) / len(b)  # noqa: E731
         x = [mean(kl, b) for b in bins]
-        ax.plot(x, [mean(rm, b) for b in bins], ls, marker="o", ms=3, color="tab:blue", label=f"{label}: proxy (RM score)")
-        ax2.plot(x, [mean(jd, b) for b in bins], ls, marker="o", ms=3, color="tab:red", label=f"{label}: judge (labeler)")
+        ax.plot(x, [mean(rm, b) for b in bins], ls, marker="o", ms=3, color="tab:blue",
+                label=f"{label}: proxy (RM score)")
+        ax2.plot(x, [mean(jd, b) for b in bins], ls, marker="o", ms=3, color="tab:red",
+                 label=f"{label}: judge (labeler)")
     ax.set_xlabel("KL to the SFT policy (nats per sequence)")
     ax.set_ylabel("reward-model score (proxy)", color="tab:blue")
     ax2.set_ylabel("judge score (ground truth)", color="tab:red")
@@ -362,13 +364,14 @@ def write_plots(s: dict, out: Path) -> dict:
 
     names = [k for k in ("sft", "ppo", "ppo_ptx") if f"lm_loss_{k}" in s]
     labels = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+    colors = {"sft": "gray", "ppo": "tab:blue", "ppo_ptx": "tab:green"}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.6))
-    a1.bar([labels[k] for k in names], [s[f"lm_loss_{k}"] for k in names], color=["gray", "tab:blue", "tab:green"][:len(names)])
+    a1.bar([labels[k] for k in names], [s[f"lm_loss_{k}"] for k in names], color=[colors[k] for k in names])
     a1.set_ylabel("held-out LM loss (nats/token)")
     a1.set_title("Alignment tax: pretraining-like text", fontsize=10)
     lo = min(s[f"lm_loss_{k}"] for k in names)
     a1.set_ylim(lo * 0.9, max(s[f"lm_loss_{k}"] for k in names) * 1.03)
-    a2.bar([labels[k] for k in names], [s[f"judge_score_{k}"] for k in names], color=["gray", "tab:blue", "tab:green"][:len(names)])
+    a2.bar([labels[k] for k in names], [s[f"judge_score_{k}"] for k in names], color=[colors[k] for k in names])
     a2.set_ylabel("judge score (held-out prompts)")
     a2.set_ylim(min(s[f"judge_score_{k}"] for k in names) * 0.9, 1.0)
     a2.set_title("What the labeler prefers", fontsize=10)
