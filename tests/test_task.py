@@ -30,8 +30,37 @@ def test_score_closed_form():
     assert task.score("count from 3 to 6", "3 4 5 6 7 8") == pytest.approx(4 / 6)
     assert task.score("what color is the sky", "") == 0.0
     assert task.score("reverse : cat dog", "dog cat") == 1.0
+    assert task.score("count from 4 to 7", "5 6 7") == 0.75            # shifted: one deletion (position match: 0)
+    assert task.score("count from 4 to 7", "4 5 7 6") == 0.5           # two substitutions
+    assert task.score("reverse : cat dog", "dog dog cat") == pytest.approx(2 / 3)  # one insertion
     with pytest.raises(ValueError):
         task.solve("tell me a joke")
+
+
+def test_word_edit_distance_against_brute_force():
+    """Levenshtein distance against the shortest edit script found by breadth-first search over single-word edits."""
+    rng = random.Random(0)
+    alphabet = ["a", "b", "c"]
+
+    def bfs(a, b):
+        seen, frontier, d = {tuple(a)}, [tuple(a)], 0
+        while tuple(b) not in seen:
+            nxt = []
+            for w in frontier:
+                edits = [w[:i] + w[i + 1:] for i in range(len(w))]
+                edits += [w[:i] + (x,) + w[i:] for i in range(len(w) + 1) for x in alphabet]
+                edits += [w[:i] + (x,) + w[i + 1:] for i in range(len(w)) for x in alphabet if x != w[i]]
+                for e in edits:
+                    if e not in seen and len(e) <= max(len(a), len(b)):
+                        seen.add(e)
+                        nxt.append(e)
+            frontier, d = nxt, d + 1
+        return d
+
+    for _ in range(60):
+        a = [rng.choice(alphabet) for _ in range(rng.randint(0, 4))]
+        b = [rng.choice(alphabet) for _ in range(rng.randint(0, 4))]
+        assert task.word_edit_distance(a, b) == bfs(a, b) == task.word_edit_distance(b, a), (a, b)
 
 
 def test_labeler_noise_rate_and_ranking():

@@ -189,8 +189,10 @@ def _ptx_iterator(cfg: PPOConfig, tokenizer, max_len: int, device):
     return batches(), loss
 
 
-def train(cfg: PPOConfig, *, log=None) -> dict:
-    """Run PPO; returns a summary dict (final metrics, checkpoint path). ``log``: an optional MetricsLogger."""
+def train(cfg: PPOConfig, *, log=None, on_iteration=None) -> dict:
+    """Run PPO; returns a summary dict (final metrics, checkpoint path). ``log``: an optional MetricsLogger.
+    ``on_iteration(step, rollout, experience, metrics)``: called after each iteration's metrics (e.g. to score the
+    rollouts with another judge); ``step`` counts from 1."""
     check_ranges(cfg)
     for name in ("policy", "reward_model", "prompts"):
         if not getattr(cfg, name):
@@ -372,6 +374,8 @@ def train(cfg: PPOConfig, *, log=None) -> dict:
             metrics = distributed.reduce_metrics(metrics, sum_keys=("tokens_per_s",),
                                        max_keys=("peak_mem_gb", "time/generate", "time/experience", "time/train",
                                                  "logprob_mismatch_max"))
+            if on_iteration is not None:
+                on_iteration(step + 1, rollout, exp, metrics)
             kl_ctl.update(seq_kl, cfg.batch_size * env.world_size)  # β for the next iteration's rewards
             if book.record(step, metrics, stop_now=distributed.any_rank(bool(stop))):  # Ctrl-C: all ranks save, stop
                 break

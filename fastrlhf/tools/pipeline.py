@@ -5,7 +5,14 @@ Data flow (InstructGPT Fig. 2, at toy scale; every arrow goes through the same j
     labeler demonstrations ──► sft.jsonl ──► [1. SFT] ──► SFT policy
     SFT policy samples K responses per prompt ──► labeler ranks them ──► rm.jsonl ──► [2. RM] ──► reward model
     SFT policy + reward model + ppo_prompts.jsonl ──► [3. PPO] ──► PPO policy
-    [4. eval] PPO vs SFT on held-out prompts: the labeler's judge score and the win rate of PPO over SFT
+                                    + ptx.jsonl (γ × LM loss) ──► [3b. PPO-ptx] ──► PPO-ptx policy
+    [4. eval] PPO (and PPO-ptx) vs SFT on held-out prompts: the labeler's judge score and the win rate over SFT
+              (wins + ½ ties); the held-out LM loss on pretraining-like text (lm_eval.jsonl): the alignment tax
+    plots/over_optimisation.png: proxy RM score and judge score of each PPO iteration's rollouts against their KL
+    plots/alignment_tax.png: held-out LM loss and judge score of SFT, PPO and PPO-ptx
+
+"Pretraining-like text" at this scale: labeler demonstrations (imperfect ones included, as in sft.jsonl) of prompts
+that no stage trains on; the tiny model's only "pretraining" is SFT on such text.
 
 With no arguments it runs a preset sized for ≤ 5 minutes on 2 CPU cores. Every field can be overridden (``--help``).
 
@@ -29,7 +36,7 @@ class TaskSection:
 
     n_sft: int = param(2000, "labeler demonstrations for SFT", ge=2)
     demo_noise: float = param(0.3, "fraction of imperfect demonstrations (as human ones are)", ge=0, le=1)
-    n_rm_prompts: int = param(1500, "prompts whose K SFT samples the labeler ranks", ge=2)
+    n_rm_prompts: int = param(3000, "prompts whose K SFT samples the labeler ranks", ge=2)
     k: int = param(8, "responses ranked per prompt (K, 2..9; InstructGPT: 4..9)", ge=2, le=9)
     n_ppo_prompts: int = param(1024, "PPO / GRPO prompts", ge=1)
     n_eval: int = param(1024, "held-out prompts for the final evaluation", ge=1)
@@ -56,13 +63,25 @@ class PipeRM:
 class PipePPO:
     """Stage 3 of the pipeline with --rl ppo."""
 
-    iterations: int = param(40, "PPO iterations", ge=1, flat="ppo_iterations")
+    iterations: int = param(80, "PPO iterations", ge=1, flat="ppo_iterations")
     batch: int = param(64, "PPO rollouts per iteration", ge=1, flat="ppo_batch")
     minibatch: int = param(32, "PPO rollouts per optimizer step", ge=1, flat="ppo_minibatch")
     lr: float = param(1e-4, "PPO policy learning rate", gt=0, flat="ppo_lr")
     value_lr: float = param(1e-3, "PPO value learning rate", gt=0)
-    kl_coef: float = param(0.1, "β, the per-token KL penalty", ge=0)
+    kl_coef: float = param(0.1, "β, the per-token KL penalty (the start value when kl_target > 0)", ge=0)
+    kl_target: float = param(0.0, "adapt β toward this KL (nats per sequence; 0 = fixed β)", ge=0)
     missing_eos_penalty: float = param(2.0, "score penalty for responses that hit max_new_tokens without EOS", ge=0)
+
+
+@dataclass
+class PipePtx:
+    """PPO-ptx (InstructGPT): a second PPO run with γ × the LM loss on pretraining-like text mixed into each update, and
+    the alignment tax: the held-out LM loss on that kind of text for SFT, PPO and PPO-ptx."""
+
+    coef: float = param(1.0, "γ of PPO-ptx (0 = no PPO-ptx run)", ge=0, flat="ptx_coef")
+    n_docs: int = param(2000, "pretraining-like documents for the ptx term (labeler demonstrations of other prompts)",
+                        ge=1)
+    n_lm_eval: int = param(500, "held-out documents for the LM loss (the alignment tax)", ge=1)
 
 
 @dataclass
@@ -99,6 +118,8 @@ class PipelineConfig:
     rm: PipeRM = section(PipeRM, "stage 2: reward model")
     ppo: PipePPO = section(PipePPO, "stage 3: PPO")
     grpo: PipeGRPO = section(PipeGRPO, "stage 3 with --rl grpo: GRPO")
+    ptx: PipePtx = section(PipePtx, "PPO-ptx and the alignment tax (--rl ppo)")
+    plots: bool = param(True, "PNG plots (over-optimisation, alignment tax) in output_dir/plots")
 
 
 def _banner(msg: str) -> None:
@@ -110,7 +131,7 @@ def run(cfg: PipelineConfig) -> dict:
     from fastrlhf.stages.eval import reward_scores, sample_responses, win_rate
     from fastrlhf.models.hf_io import load_model, load_tokenizer
     from fastrlhf.runtime.device import resolve_device
-    from fastrlhf.stages.ppo import PPOConfig, train as train_ppo
+    from fastrlhf.stages.ppo import train as train_ppo
     from fastrlhf.stages.reward import RewardConfig, train as train_rm
     from fastrlhf.stages.sft import SFTConfig, train as train_sft
     from fastrlhf.runtime.checkpoint import CheckpointError
@@ -143,6 +164,10 @@ def run(cfg: PipelineConfig) -> dict:
     task.write_prompts(str(data / "rm_prompts.jsonl"), cfg.task.n_rm_prompts, seed=cfg.seed + 1)
     task.write_prompts(str(data / "ppo_prompts.jsonl"), cfg.task.n_ppo_prompts, seed=cfg.seed + 2)
     task.write_prompts(str(data / "eval_prompts.jsonl"), cfg.task.n_eval, seed=cfg.seed + 3)
+    if cfg.rl == "ppo":  # pretraining-like text: labeler demonstrations of other prompts (ptx term; held-out LM loss)
+        task.write_sft_data(str(data / "ptx.jsonl"), cfg.ptx.n_docs, seed=cfg.seed + 1000, noise=cfg.task.demo_noise)
+        task.write_sft_data(str(data / "lm_eval.jsonl"), cfg.ptx.n_lm_eval, seed=cfg.seed + 2000,
+                            noise=cfg.task.demo_noise)
     times["data"] = time.perf_counter() - t0
 
     # 1. SFT on the labeler's demonstrations
@@ -178,32 +203,41 @@ def run(cfg: PipelineConfig) -> dict:
     rm_path = rm["checkpoint"]
     times["rm"] = time.perf_counter() - t0
 
-    # 3. PPO against the reward model with the per-token KL penalty to the SFT policy
-    _banner("3/4 PPO against the reward model (KL penalty to the SFT policy)")
+    # 3. PPO against the reward model with the per-token KL penalty to the SFT policy (3b: PPO-ptx, the same run with
+    #    γ × the LM loss on pretraining-like text in each update); each iteration's rollouts are also judged by the
+    #    labeler, for the over-optimisation curve (proxy RM score and judge score against KL)
+    _banner("3/4 PPO against the reward model (KL penalty to the SFT policy)"
+            + (f", then PPO-ptx (γ = {cfg.ptx.coef:g})" if cfg.ptx.coef > 0 else ""))
     t0 = time.perf_counter()
-    ppo = train_ppo(PPOConfig(policy=sft_path, reward_model=rm_path, prompts=str(data / "ppo_prompts.jsonl"),
-                              output_dir=str(root / "ppo"), seed=cfg.seed, device=cfg.device,
-                              iterations=cfg.ppo.iterations, batch_size=cfg.ppo.batch,
-                              minibatch_size=cfg.ppo.minibatch, max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, lr=cfg.ppo.lr, value_lr=cfg.ppo.value_lr,
-                              kl_coef=cfg.ppo.kl_coef, missing_eos_penalty=cfg.ppo.missing_eos_penalty, log_every=4,
-                              overwrite=cfg.overwrite))
-    if ppo["interrupted"]:
-        return ppo
-    ppo_path = ppo["checkpoint"]
+    judge = task.Labeler(seed=cfg.seed)
+    curves: dict[str, list[dict]] = {}
+    ckpts = {"sft": sft_path, "rm": rm_path}
+    for name, ptx in (("ppo", 0.0), ("ppo_ptx", cfg.ptx.coef)):
+        if name == "ppo_ptx" and ptx <= 0:
+            continue
+        curves[name] = []
+        ppo = train_ppo(_ppo_config(cfg, root / name, sft_path, rm_path, data, ptx),
+                        on_iteration=_curve_recorder(curves[name], tok, judge))
+        if ppo["interrupted"]:
+            return ppo
+        ckpts[name] = ppo["checkpoint"]
+        if name == "ppo":
+            final = ppo["final"]
     times["ppo"] = time.perf_counter() - t0
 
-    # 4. evaluation on held-out prompts: the labeler's judge (the stand-in for human preference) and the RM
-    _banner("4/4 evaluation on held-out prompts: PPO vs SFT")
+    # 4. evaluation on held-out prompts: the labeler's judge (the stand-in for human preference) and the RM; the
+    #    held-out LM loss on pretraining-like text (the alignment tax)
+    _banner("4/4 evaluation on held-out prompts: PPO vs SFT" + (", PPO-ptx vs SFT" if "ppo_ptx" in ckpts else ""))
     t0 = time.perf_counter()
     eval_prompts = task.instructions(cfg.task.n_eval, seed=cfg.seed + 3)
-    judge = task.Labeler(seed=cfg.seed)
-    outs, judged = {}, {}
-    for name, path in (("sft", sft_path), ("ppo", ppo_path)):
-        model = load_model(path, head="lm", device=device)
+    policies = [k for k in ("sft", "ppo", "ppo_ptx") if k in ckpts]
+    outs, judged, lm_loss = {}, {}, {}
+    for name in policies:
+        model = load_model(ckpts[name], head="lm", device=device)
         outs[name] = [r[0] for r in sample_responses(model, tok, eval_prompts, max_new_tokens=cfg.max_new_tokens,
                                                      temperature=cfg.temperature, seed=cfg.seed + 99)]
         judged[name] = [judge.judge(p, o) for p, o in zip(eval_prompts, outs[name])]
+        lm_loss[name] = heldout_lm_loss(model, tok, str(data / "lm_eval.jsonl"), device)
         del model
     rm_model = load_model(rm_path, head="score", device=device).eval()
     rm_sft = reward_scores(rm_model, tok, eval_prompts, outs["sft"]).tolist()
@@ -212,7 +246,6 @@ def run(cfg: PipelineConfig) -> dict:
     times["eval"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_all
 
-    final = ppo["final"]
     summary = {
         "judge_score_sft": sum(judged["sft"]) / len(judged["sft"]),
         "judge_score_ppo": sum(judged["ppo"]) / len(judged["ppo"]),
@@ -222,15 +255,131 @@ def run(cfg: PipelineConfig) -> dict:
         "rm_heldout_accuracy": rm.get("eval_accuracy", float("nan")),
         "sft_heldout_loss": sft.get("eval_loss", float("nan")),
         "final_kl": final.get("kl", float("nan")),
-        "times_s": times, "checkpoints": {"sft": sft_path, "rm": rm_path, "ppo": ppo_path},
-        "device": str(device),
+        "lm_loss_sft": lm_loss["sft"], "lm_loss_ppo": lm_loss["ppo"],
+        "times_s": times, "checkpoints": ckpts, "device": str(device),
+        "curves": curves,
         "examples": [{"prompt": p, "sft": a, "ppo": b} for p, a, b in
                      list(zip(eval_prompts, outs["sft"], outs["ppo"]))[:4]],
     }
+    if "ppo_ptx" in ckpts:
+        wx = win_rate(judged["ppo_ptx"], judged["sft"])
+        summary.update({"judge_score_ppo_ptx": sum(judged["ppo_ptx"]) / len(judged["ppo_ptx"]),
+                        "win_rate_ppo_ptx_over_sft": wx["win_rate"], "win_rate_ppo_ptx_ci95": wx["ci95"],
+                        "lm_loss_ppo_ptx": lm_loss["ppo_ptx"], "ptx_coef": cfg.ptx.coef,
+                        "final_kl_ppo_ptx": curves["ppo_ptx"][-1]["kl"] if curves["ppo_ptx"] else float("nan")})
+    if cfg.plots:
+        try:
+            summary["plots"] = write_plots(summary, root / "plots")
+        except ImportError:  # matplotlib is a dependency of fastrlhf; an install without it still gets the table
+            print("[fastrlhf pipeline] plots skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
     with open(root / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _ppo_config(cfg: PipelineConfig, out: Path, sft_path: str, rm_path: str, data: Path, ptx_coef: float):
+    """The PPO stage's config of the pipeline (PPO, or PPO-ptx when ``ptx_coef`` > 0)."""
+    from fastrlhf.stages.ppo import PPOConfig
+
+    return PPOConfig(policy=sft_path, reward_model=rm_path, prompts=str(data / "ppo_prompts.jsonl"),
+                     output_dir=str(out), seed=cfg.seed, device=cfg.device, iterations=cfg.ppo.iterations,
+                     batch_size=cfg.ppo.batch, minibatch_size=cfg.ppo.minibatch, max_new_tokens=cfg.max_new_tokens,
+                     temperature=cfg.temperature, lr=cfg.ppo.lr, value_lr=cfg.ppo.value_lr, kl_coef=cfg.ppo.kl_coef,
+                     adaptive_kl=cfg.ppo.kl_target > 0, kl_target=cfg.ppo.kl_target or 6.0,
+                     kl_horizon=cfg.ppo.batch * 10, missing_eos_penalty=cfg.ppo.missing_eos_penalty,
+                     ptx_coef=ptx_coef, ptx_data=str(data / "ptx.jsonl") if ptx_coef > 0 else "", log_every=4,
+                     overwrite=cfg.overwrite)
+
+
+def _curve_recorder(points: list, tok, judge):
+    """A PPO ``on_iteration`` hook appending {iteration, kl, rm_score, judge_score} of each iteration's rollouts:
+    KL to the SFT policy (nats per sequence), the proxy reward (RM score) and the labeler's judge score."""
+    def record(step, rollout, exp, metrics):
+        prompts = tok.batch_decode(rollout.prompt_ids.tolist(), skip_special_tokens=True)
+        outs = [tok.decode(r[: int(n)].tolist(), skip_special_tokens=True).strip()
+                for r, n in zip(rollout.response_ids, rollout.lengths)]
+        scores = [judge.judge(p.strip(), o) for p, o in zip(prompts, outs)]
+        points.append({"iteration": step, "kl": metrics["kl"], "rm_score": metrics["score"],
+                       "judge_score": sum(scores) / len(scores)})
+    return record
+
+
+def heldout_lm_loss(model, tok, path: str, device, batch_tokens: int = 512) -> float:
+    """Token-mean NLL (nats/token) of the response tokens of the documents in ``path`` (SFT-format jsonl)."""
+    from fastrlhf.runtime.data import PackedLoader, load_sft, tokenize_sft
+    from fastrlhf.stages.sft import evaluate
+
+    samples, _ = tokenize_sft(load_sft(path), tok, model.config.max_position_embeddings)
+    loader = PackedLoader(samples, batch_tokens, tok.pad_token_id, seed=0)
+    return evaluate(model, loader, device, autocast=device.type == "cuda")
+
+
+def _kl_bins(kl: list[float], n: int = 8) -> list[list[int]]:
+    """Indices of ``kl`` sorted by value, cut into min(n, len) consecutive groups of (nearly) equal size."""
+    order = sorted(range(len(kl)), key=lambda i: kl[i])
+    n = min(n, len(order))
+    return [order[len(order) * j // n: len(order) * (j + 1) // n] for j in range(n)]
+
+
+def write_plots(s: dict, out: Path) -> dict:
+    """Two PNGs (matplotlib, Agg): the over-optimisation curve (Gao et al. 2022: proxy RM score and judge score of
+    each PPO iteration's rollouts against their KL to the SFT policy) and the alignment tax (held-out LM loss on
+    pretraining-like text and judge score of SFT, PPO and PPO-ptx). Returns {name: path}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax2 = ax.twinx()
+    styles = {"ppo": ("PPO", "-"), "ppo_ptx": ("PPO-ptx", "--")}
+    for name, pts in s["curves"].items():
+        if not pts:
+            continue
+        label, ls = styles[name]
+        kl, rm, jd = ([p[k] for p in pts] for k in ("kl", "rm_score", "judge_score"))
+        ax.scatter(kl, rm, s=4, color="tab:blue", alpha=0.25)
+        ax2.scatter(kl, jd, s=4, color="tab:red", alpha=0.25)
+        bins = _kl_bins(kl)  # the iterations in order of KL, in 8 groups of equal size: one mean point each
+        mean = lambda xs, b: sum(xs[i] for i in b) / len(b)  # noqa: E731
+        x = [mean(kl, b) for b in bins]
+        ax.plot(x, [mean(rm, b) for b in bins], ls, marker="o", ms=3, color="tab:blue",
+                label=f"{label}: proxy (RM score)")
+        ax2.plot(x, [mean(jd, b) for b in bins], ls, marker="o", ms=3, color="tab:red",
+                 label=f"{label}: judge (labeler)")
+    ax.set_xlabel("KL to the SFT policy (nats per sequence)")
+    ax.set_ylabel("reward-model score (proxy)", color="tab:blue")
+    ax2.set_ylabel("judge score (ground truth)", color="tab:red")
+    ax2.axhline(s["judge_score_sft"], color="tab:red", lw=0.8, ls=":", label="SFT judge score")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower right")
+    ax.set_title("Over-optimisation: each dot one PPO iteration's rollouts; lines: means of 8 KL bins", fontsize=9)
+    fig.tight_layout()
+    paths["over_optimisation"] = str(out / "over_optimisation.png")
+    fig.savefig(paths["over_optimisation"], dpi=110)
+    plt.close(fig)
+
+    names = [k for k in ("sft", "ppo", "ppo_ptx") if f"lm_loss_{k}" in s]
+    labels = {"sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
+    colors = {"sft": "gray", "ppo": "tab:blue", "ppo_ptx": "tab:green"}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.6))
+    a1.bar([labels[k] for k in names], [s[f"lm_loss_{k}"] for k in names], color=[colors[k] for k in names])
+    a1.set_ylabel("held-out LM loss (nats/token)")
+    a1.set_title("Alignment tax: pretraining-like text", fontsize=10)
+    lo = min(s[f"lm_loss_{k}"] for k in names)
+    a1.set_ylim(lo * 0.9, max(s[f"lm_loss_{k}"] for k in names) * 1.03)
+    a2.bar([labels[k] for k in names], [s[f"judge_score_{k}"] for k in names], color=[colors[k] for k in names])
+    a2.set_ylabel("judge score (held-out prompts)")
+    a2.set_ylim(min(s[f"judge_score_{k}"] for k in names) * 0.9, 1.0)
+    a2.set_title("What the labeler prefers", fontsize=10)
+    fig.tight_layout()
+    paths["alignment_tax"] = str(out / "alignment_tax.png")
+    fig.savefig(paths["alignment_tax"], dpi=110)
+    plt.close(fig)
+    return paths
 
 
 def _run_grpo(cfg: PipelineConfig, root: Path, data: Path, device, sft: dict, times: dict, t_all: float) -> dict:
@@ -303,6 +452,15 @@ def format_summary(s: dict) -> str:
         ("RM held-out pairwise accuracy", f"{s['rm_heldout_accuracy']:.3f}"),
         ("SFT held-out loss (nats/token)", f"{s['sft_heldout_loss']:.3f}"),
         ("final KL to the reference (nats/seq)", f"{s['final_kl']:.3f}"),
+    ]
+    if "judge_score_ppo_ptx" in s:
+        rows += [
+            (f"PPO-ptx (γ = {s['ptx_coef']:g}): judge score, win rate over SFT",
+             f"{s['judge_score_ppo_ptx']:.3f}, {s['win_rate_ppo_ptx_over_sft']:.3f} ± {s['win_rate_ppo_ptx_ci95']:.3f}"),
+        ]
+    tax = " / ".join(f"{s[k]:.3f}" for k in ("lm_loss_sft", "lm_loss_ppo", "lm_loss_ppo_ptx") if k in s)
+    rows += [
+        ("alignment tax: held-out LM loss SFT / PPO" + (" / PPO-ptx" if "lm_loss_ppo_ptx" in s else ""), tax),
         ("wall time: data / SFT / RM / PPO / eval", " / ".join(f"{t[k]:.1f}s" for k in ("data", "sft", "rm", "ppo", "eval"))),
         ("wall time: total", f"{t['total']:.1f}s on {s['device']}"),
     ]
@@ -310,6 +468,8 @@ def format_summary(s: dict) -> str:
     lines = ["", "fastrlhf pipeline: summary", "-" * (w + 30)] + [f"{a:<{w}}  {b}" for a, b in rows]
     for ex in s["examples"]:
         lines.append(f"  {ex['prompt']!r}: SFT {ex['sft']!r} | PPO {ex['ppo']!r}")
+    for name, path in s.get("plots", {}).items():
+        lines.append(f"plot ({name.replace('_', '-')}): {path}")
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ Instructions (all generated from a seed; answers are words separated by spaces):
 The labeler (``Labeler``) knows the right answer of every instruction. It
   - writes SFT demonstrations, a stated fraction of them imperfect (a word dropped, doubled or swapped), as human ones are;
   - ranks K samples of the SFT policy per prompt by ``score`` (equal scores are ties) to make the reward-model data;
-  - judges final outputs: ``score(prompt, output)`` in [0, 1] = matching positions / max(len(output), len(answer)).
+  - judges final outputs: ``score(prompt, output)`` in [0, 1] = 1 − word edit distance / max(len(output), len(answer)).
 All data goes through the same jsonl files a user's data would.
 """
 from __future__ import annotations
@@ -129,13 +129,24 @@ def solve(instruction: str) -> str:
     raise ValueError(f"not an instruction of the embedded task: {instruction!r}")
 
 
+def word_edit_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance between two word lists: the fewest word insertions, deletions and substitutions."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))  # delete, insert, substitute
+        prev = cur
+    return prev[-1]
+
+
 def score(instruction: str, output: str) -> float:
-    """Judge score in [0, 1]: words equal at the same position / max(len(output), len(answer)) (0 for an empty output)."""
+    """Judge score in [0, 1]: 1 − word edit distance(output, answer) / max(len(output), len(answer)) (0 for an empty
+    output). A shifted answer ("5 6 7" for "4 5 6 7") keeps its partial credit (0.75), unlike position matching."""
     ref, out = solve(instruction).split(), output.split()
     if not out:
         return 0.0
-    hits = sum(a == b for a, b in zip(ref, out))
-    return hits / max(len(ref), len(out))
+    return 1.0 - word_edit_distance(ref, out) / max(len(ref), len(out))
 
 
 def perturb(answer: str, rng: random.Random) -> str:
