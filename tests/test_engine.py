@@ -168,6 +168,21 @@ def test_sample_distribution_and_filtering():
     assert kept(2, 0.99) == [0, 1]  # top-k first, then top-p within the kept set
 
 
+def test_sampled_logprob_is_exact_at_a_large_vocabulary():
+    """The engine takes the sampled token's log-prob from the sampler (one pass over the head per step), so it must be
+    as exact as the fused kernel at a real vocabulary (V = 65536): within fp32 rounding of the result against float64,
+    4 · eps32 · (1 + |log p|), also with top-k."""
+    V, B = 65536, 8
+    logits = torch.randn(B, V) * 2
+    u = torch.rand(B)
+    for params in (SamplingParams(1.0), SamplingParams(0.7), SamplingParams(1.0, top_k=30000)):
+        tok, lp = sample(logits, params, u)
+        z = filter_logits(logits.double() / params.temperature, params.top_k, params.top_p)
+        want = torch.log_softmax(z, -1).gather(-1, tok[:, None])[:, 0]
+        bound = 4 * torch.finfo(torch.float32).eps * (1 + want.abs())
+        assert ((lp.double() - want).abs() <= bound).all(), (params, float((lp.double() - want).abs().max()))
+
+
 def test_sampling_params_validation():
     for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match="sampling"):
