@@ -8,46 +8,11 @@ G new tokens, S KV-cache slots (≥ P + G), V vocabulary, H hidden size.
         rollout = engine.generate(prompts, max_new_tokens=256, temperature=1.0, eos_token_id=eos, seed=0)
     ... train on rollout (the optimizer updates the same parameters in place) ...
 
-``generation()`` switches the model to inference (eval mode, ``torch.no_grad`` — not ``inference_mode``, whose tensors
-could not be used by autograd afterwards —, gradient checkpointing off), makes sure a static KV cache of
-max_batch_size × max_seq_len exists (reused when big enough, grown otherwise) and on exit restores every module's
-train/eval flag and the gradient-checkpointing setting, then keeps or frees the cache (``memory_policy``).
-
-``generate()`` (one rollout):
- 1. left-pads the prompts into [B, P] and draws the rollout's random numbers ([B, G] uniforms) from a seeded generator,
- 2. prefills the whole prompt batch in one forward (writes KV slots 0..P−1, samples the first token from the last position),
- 3. decodes one token per step: the step reads its input token from a slot-aligned token buffer, writes K/V at slot
-    ``cache_pos``, samples, and appends; every tensor it touches is a static buffer, so on CUDA the step is captured once
-    per (batch bucket, sampling params) as a ``torch.cuda.CUDAGraph`` and afterwards each step is one ``replay()``.
-    Finished rows emit pad with log-prob 0. The host looks at the "done" flags only every ``check_every`` steps (one
-    sync per check, none per token); there it stops when every row is done, and (``compact``) when the live rows fit a
-    smaller batch bucket it moves them there: their KV-cache rows, decode state and random numbers are gathered into
-    rows 0..n−1 of that bucket's static buffers (its own CUDA graph), so finished rows stop costing decode steps. The
-    prefill is never re-run; the results are scattered back to the original row order at the end.
-    Without CUDA graphs (``compact``), attention reads only the cache slots written so far: the prefill and every decode
-    step see a window of the first slots (rounded up to a multiple of ``WINDOW_ROUND``). With graphs the slot count is
-    static; flash-attn's ``cache_seqlens`` already limits its reads to the written slots.
- 4. returns a ``Rollout`` with fresh tensors, trimmed to the longest response.
-
-Graphs are reused across rollouts: they read the weights through their addresses, and the optimizer updates the weights
-in place, so a new policy needs no re-capture. They are dropped when the KV cache is re-allocated (grown or freed). All
-graphs of an engine allocate from one shared CUDA memory pool, which is safe in any replay order because a step leaves
-nothing alive in the pool (its results go to the static buffers) and steps never run at the same time; they are captured
-on a stream of the model's device.
-
-Low-precision weight copies: with ``compute_dtype`` below the parameters' dtype (bf16 autocast over fp32 masters),
-autocast would re-cast every matrix of every ``nn.Linear`` on every decode step (read fp32, write and re-read bf16).
-Instead the engine keeps one ``compute_dtype`` copy of each ``nn.Linear`` weight, refreshed in place (``copy_``, same
-addresses, so captured graphs stay valid) once at the start of each ``generate`` call, and the Linear modules read it
-for that call. Autocast stays on, so every op sees the same dtypes as before and the results are the same: casting a
-bf16 weight to bf16 is a no-op, and the copy rounds exactly as autocast's cast would. Embedding lookups keep the fp32
-table (also when the LM head is tied to it: only the head's matmul reads the copy).
-
-Multi-process: ``weight_gather`` (an object with ``mode``, a context manager ``__call__()`` and ``all_done(done)``, e.g.
-``runtime.distributed.GenerationGather``) unshards a sharded (FSDP2) model; ``generate`` enters it once per rollout
-(around prefill + all decode steps), never per step. Without one, the weights are local and nothing is gathered. A
-sharded policy decodes without CUDA graphs: a graph would capture FSDP's hooks and the addresses of gathered parameters
-that resharding frees.
+``generation()`` switches to inference (eval mode, no_grad, no gradient checkpointing) over a static KV cache;
+``generate()`` prefills once and decodes one token per step on static buffers (on CUDA one captured graph per batch
+bucket), compacts the live rows into smaller buckets as rows finish, and returns a ``Rollout``. The full design (graph
+reuse and memory pool, low-precision weight copies, compaction, the used-slot window, sharded models) is in
+docs/engine.md.
 """
 from __future__ import annotations
 
