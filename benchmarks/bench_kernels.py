@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from . import baselines as BL
-from . import run_kernels as kernels as R
+from . import run_kernels as R
 
 EPS32 = torch.finfo(torch.float32).eps
 ROUNDS = dict(rounds=3, iterations=1, warmup_rounds=1)
