@@ -93,10 +93,3 @@ def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, scaling: float) -> tupl
     freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # [B, T, D/2]: p * inv_freq_i
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
     return emb.cos() * scaling, emb.sin() * scaling
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, T, D]; cos/sin [B, T, D]. (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) on the two halves."""
-    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
