@@ -55,7 +55,7 @@ class PipeSFT:
 class PipeRM:
     """Stage 2 of the pipeline (--rl ppo)."""
 
-    epochs: int = param(2, "reward-model epochs", ge=1, flat="rm_epochs")
+    epochs: int = param(3, "reward-model epochs", ge=1, flat="rm_epochs")
     lr: float = param(1e-3, "reward-model learning rate", gt=0, flat="rm_lr")
 
 
