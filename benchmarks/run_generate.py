@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime as _dt
 import os
 import statistics
@@ -58,7 +57,7 @@ import time
 from pathlib import Path
 
 import torch
-from .timing import check_choice, check_choices, device_name, git_commit
+from .timing import append_csv, check_choice, check_choices, device_name, git_commit
 from .workload import WORKLOADS
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
@@ -271,23 +270,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], meta: dict, suffix: str = "_generate") -> Path:
-    """Append rows to ``path``; header written when new. If ``path`` exists with another header (another benchmark's
-    columns), the rows go to ``<stem><suffix>.csv`` beside it instead of misaligning the file; returns the path used."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="") as fh:
-            header = next(csv.reader(fh), None)
-        if header != CSV_COLUMNS:
-            return write_csv(path.with_name(path.stem + suffix + path.suffix), rows, meta, suffix)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **r, "median": f"{r['median']:.6g}"})
-    return path
+    """Append rows to ``path`` (``timing.append_csv``: another runner's file is left alone, rows go beside it)."""
+    return append_csv(path, rows, CSV_COLUMNS, meta=meta, suffix=suffix)
 
 
 def main(argv=None) -> int:

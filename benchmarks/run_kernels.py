@@ -34,7 +34,6 @@ inductor needs ~30 s to compile each function; ask with --providers), trl, liger
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import sys
@@ -45,7 +44,8 @@ from typing import Callable
 import torch
 
 from . import baselines as BL
-from .timing import bench, bench_interleaved, check_choice, check_choices, device_name, git_commit, peak_extra_mib
+from .timing import (append_csv, bench, bench_interleaved, check_choice, check_choices, device_name, git_commit,
+                     peak_extra_mib)
 
 CSV_COLUMNS = ["date", "device", "op", "mode", "provider", "shape", "median_ms", "p20_ms", "p80_ms", "throughput", "unit",
                "pct_ceiling", "peak_extra_mib", "max_abs_err", "torch", "triton", "commit"]
@@ -582,36 +582,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], meta: dict) -> Path:
-    """Append rows to ``path`` (header written when the file is new or empty). If ``path`` already holds another
-    runner's columns (benchmarks/results.csv is shared by the runners), the rows go to ``<stem>_kernels.csv`` beside it
-    instead of misaligning the file. Returns the path written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="") as fh:
-            header = next(csv.reader(fh), None)
-        if header != CSV_COLUMNS:
-            path = path.with_name(f"{path.stem}_kernels{path.suffix or '.csv'}")
-            return write_csv(path, rows, meta) if not path.exists() or _header(path) == CSV_COLUMNS else _refuse(path)
-    new = not path.exists() or path.stat().st_size == 0
-    with open(path, "a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow({**meta, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
-    return path
-
-
-def _header(path: Path):
-    if path.stat().st_size == 0:
-        return CSV_COLUMNS
-    with open(path, newline="") as fh:
-        return next(csv.reader(fh), None)
-
-
-def _refuse(path: Path):
-    raise ValueError(f"{path}: existing CSV header is not the kernel runner's {CSV_COLUMNS}; pass another --csv path")
+    """Append rows to ``path`` (``timing.append_csv``: another runner's file is left alone, rows go to
+    ``<stem>_kernels.csv`` beside it). Returns the path written."""
+    return append_csv(path, rows, CSV_COLUMNS, meta=meta, suffix="_kernels")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ Prints a table (device and TRL version named) and appends one CSV row per measur
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import statistics
@@ -39,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .timing import append_csv
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -178,21 +179,9 @@ def _device_name(device: str) -> str:
     return f"cpu ({torch.get_num_threads()} threads, load {load:.1f})"
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
-    p = Path(path)
-    if p.exists() and p.stat().st_size:
-        with p.open() as fh:
-            header = next(csv.reader(fh), [])
-        if header != CSV_COLUMNS:
-            raise ValueError(f"{p}: header {header} differs from {CSV_COLUMNS}; pass another --csv")
-        mode = "a"
-    else:
-        mode = "w"
-    with p.open(mode, newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
-        if mode == "w":
-            w.writeheader()
-        w.writerows(rows)
+def _write_csv(path: str, rows: list[dict]) -> Path:
+    """Append rows to ``path`` (``timing.append_csv``: another runner's file is left alone, rows go beside it)."""
+    return append_csv(path, rows, CSV_COLUMNS, suffix="_trl")
 
 
 def main(argv=None) -> int:

@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -184,3 +186,29 @@ def check_choices(flag: str, values, allowed) -> None:
     bad = [v for v in values if v not in allowed]
     if bad:
         raise ValueError(f"--{flag} {bad}: expected some of {list(allowed)}")
+
+
+def _csv_header(path: Path):
+    with open(path, newline="") as fh:
+        return next(csv.reader(fh), None)
+
+
+def append_csv(path, rows: list[dict], columns: list[str], *, meta: dict | None = None, suffix: str) -> Path:
+    """Append ``rows`` (each merged over ``meta``; floats written as %.6g) to the CSV ``path`` with header ``columns``,
+    written when the file is new or empty. ``benchmarks/results.csv`` is shared by the runners: a file holding another
+    runner's columns is left alone and the rows go to ``<stem><suffix>.csv`` beside it; if that one holds other columns
+    too, ValueError names it. Returns the path written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0 and _csv_header(path) != columns:
+        path = path.with_name(f"{path.stem}{suffix}{path.suffix or '.csv'}")
+        if path.exists() and path.stat().st_size > 0 and _csv_header(path) != columns:
+            raise ValueError(f"{path}: existing CSV header is not {columns}; pass another --csv path")
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**(meta or {}), **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}})
+    return path
