@@ -18,20 +18,25 @@ def _check(out, ref, dtype, what):
     assert_close(out, ref, ref.abs().max(), dtype, what)
 
 
-@pytest.mark.parametrize("F", [37, 64, 2100])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_matches_float64(F, dtype, device):
-    lead = pick((2, 3), (8, 512))
-    gu = (torch.randn(*lead, 2 * F, device=device) * 3).to(dtype).requires_grad_()
+def _check_fused(gu, dtype):
+    """swiglu of the fused [.., 2F] input (Triton kernel) and its gradient against swiglu_ref in float64."""
+    gu = gu.requires_grad_()
     with kernels.backend("triton"):
         y = swiglu(gu)
-    g = torch.randn(y.shape, device=device).to(dtype)
+    g = torch.randn(y.shape, device=gu.device).to(dtype)
     y.backward(g)
     gu64 = gu.detach().double().requires_grad_()
     y64 = swiglu_ref(gu64)
     y64.backward(g.double())
     _check(y, y64, dtype, "y")
     _check(gu.grad, gu64.grad, dtype, "dgu")
+
+
+@pytest.mark.parametrize("F", [37, 64, 2100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_float64(F, dtype, device):
+    lead = pick((2, 3), (8, 512))
+    _check_fused((torch.randn(*lead, 2 * F, device=device) * 3).to(dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,15 +61,7 @@ def test_two_tensors_strided_match_float64(dtype, device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real shapes need CUDA (the interpreter is too slow)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_real_shape_qwen2_05b(dtype):
-    gu = (torch.randn(8, 512, 2 * 4864, device="cuda") * 3).to(dtype).requires_grad_()
-    y = swiglu(gu)
-    g = torch.randn(y.shape, device="cuda").to(dtype)
-    y.backward(g)
-    gu64 = gu.detach().double().requires_grad_()
-    y64 = swiglu_ref(gu64)
-    y64.backward(g.double())
-    _check(y, y64, dtype, "y")
-    _check(gu.grad, gu64.grad, dtype, "dgu")
+    _check_fused((torch.randn(8, 512, 2 * 4864, device="cuda") * 3).to(dtype), dtype)
 
 
 def test_cpu_path_is_the_llama_mlp_activation():
