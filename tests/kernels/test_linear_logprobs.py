@@ -4,8 +4,10 @@ Tolerance rule: our max-abs error against float64 (on float64 copies of the same
 plain PyTorch in the input dtype + a small atol. Plain PyTorch = ``hidden @ weight.T (+ b)`` in the input dtype (bf16 logits
 for bf16 inputs, as TRL/verl do), then an fp32 log-softmax; its gradients come back through the same dtype's matmuls.
 atol: values 2e-5 (a different fp32 summation order over V terms of O(log V) values); gradients: a gradient is a sum of
-G·W or G·X products where G = g·p·(…) with p = exp(z − LSE); 1 ulp of max|z| in fp32 moves p by 2⁻²³·max|z| relatively, so
-the atol is 2⁻²³·max|z|·max|grad| + half an ulp of the written gradient for 16-bit outputs (2⁻⁸ bf16, 2⁻¹¹ fp16)·max|grad|.
+G·W or G·X products where G = g·p·(…) with p = exp(z − LSE). Each fp32 rounding on the way (z, LSE, log p = z − LSE, the
+exp, log p + H, the products and the sums over V or N) can move G by up to u·max|z| relative to the largest gradient
+(u = 2⁻²⁴); about a dozen of them stack, and the worst seen over 12,000 random fp32 cases (H = 16..128) was 10 u. So the
+atol is 16 u·max|z|·max|grad| (2⁻²⁰) + half an ulp of the written gradient for 16-bit outputs (2⁻⁸ bf16, 2⁻¹¹ fp16)·max|grad|.
 """
 import importlib
 import re
@@ -19,6 +21,7 @@ from tests.conftest import ON_CUDA, pick
 LL = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
 BACKENDS = ("triton", "torch")
 VAL_ATOL = 2e-5
+GRAD_FP32_ROUNDINGS = 16 * 2.0**-24  # see the module docstring
 GRAD_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -86,7 +89,7 @@ def check_against_ref(hidden, weight, b, labels, tau, be):
             assert o is None
             continue
         assert o.dtype == like.dtype and o.shape == like.shape
-        atol = (GRAD_ULP[like.dtype] + 2.0**-23 * z_max) * r.abs().max().item()
+        atol = (GRAD_ULP[like.dtype] + GRAD_FP32_ROUNDINGS * z_max) * r.abs().max().item()
         err, base = _err(o, r), _err(p, r)
         assert err <= 2 * base + atol, f"{name}: err {err:.3g} > 2×plain {base:.3g} + {atol:.3g}"
     return ours
