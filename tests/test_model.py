@@ -18,7 +18,7 @@ from fastrlhf.models.hf_io import config_from_tokenizer_check, load_model, load_
 from fastrlhf.models.attention import HAVE_FLASH
 from fastrlhf.models.rope import rope_init
 from tests.helpers.models import PAD_ID, make_tiny_checkpoint, make_tiny_hf_model, tiny_tokenizer
-from tests.helpers.tolerances import EXACT
+from tests.helpers.tolerances import EXACT, FP32
 
 ATOL = 2e-5
 FAMILIES = ["llama", "qwen2", "mistral"]
@@ -535,3 +535,18 @@ def test_tokenizer_without_pad_gets_eos(tmp_path):
     assert loaded.pad_token_id == loaded.eos_token_id == 2
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("cached", (True, False))
+def test_masked_sdpa_equal_heads_matches_native_gqa(cached):
+    """The CUDA-only masked path (query heads folded into the query axis for decode; k/v repeated in training) equals
+    SDPA with native GQA on the same mask, checked here on CPU so it is covered without a GPU."""
+    from fastrlhf.models.attention import masked_sdpa_equal_heads
+    B, Hq, Hkv, T, S, D = 3, 6, 2, (1 if cached else 7), 9, 8
+    q, k, v = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    mask = torch.rand(B, 1, T, S) > 0.3
+    mask[..., 0] = True  # every query sees at least one key
+    ours = masked_sdpa_equal_heads(q, k, v, mask, 0.3, cached)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                           scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(ours.double(), ref, **FP32)

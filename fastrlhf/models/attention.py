@@ -182,18 +182,30 @@ def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, slidin
     elif mask is None:  # plain causal: SDPA's flash backend, which takes GQA natively
         gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
-    else:  # masked: the memory-efficient backend, which (torch <= 2.11) has no GQA, so give it equal head counts
-        Hkv = k.shape[1]
-        rep = Hq // Hkv
-        if rep > 1 and meta.cached:  # decode: fold the rep query heads of a group into the query axis (the cache
-            qf = q.reshape(B, Hkv, rep * T, D)  # is never copied): [B, Hkv, rep*T, D], row r*T + t = head g*rep + r
-            mf = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * T, mask.shape[-1])
-            o = F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale).reshape(B, Hq, T, D)
-        else:  # training with padding / packing: k, v repeated per query head
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    elif q.device.type == "cpu":  # masked on CPU: SDPA's CPU kernel takes the mask and GQA together (never a k/v copy)
+        gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    else:
+        o = masked_sdpa_equal_heads(q, k, v, mask, scale, meta.cached)
     return o.transpose(1, 2)
+
+
+def masked_sdpa_equal_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cached: bool) -> Tensor:
+    """Masked SDPA for CUDA's memory-efficient backend, which (torch <= 2.11) has no GQA: q [B, Hq, T, D], k/v
+    [B, Hkv, S, D], mask [B|1, 1, T, S] bool -> [B, Hq, T, D], with equal head counts handed to SDPA.
+
+    Decode (``cached``): the rep = Hq/Hkv query heads of a group fold into the query axis, so the cache is never
+    copied: [B, Hkv, rep·T, D], row r·T + t = head g·rep + r. Training: k and v repeated per query head."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    rep = Hq // Hkv
+    if rep > 1 and cached:
+        qf = q.reshape(B, Hkv, rep * T, D)
+        mf = mask[:, :, None].expand(-1, -1, rep, -1, -1).reshape(mask.shape[0], 1, rep * T, mask.shape[-1])
+        return F.scaled_dot_product_attention(qf, k, v, attn_mask=mf, scale=scale).reshape(B, Hq, T, D)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def _attend_repadded(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, mask: Tensor | None) -> Tensor:
