@@ -1,0 +1,33 @@
+"""The GEMM-floor runner (benchmarks/run_floor.py): its GEMM list has the iteration's FLOPs, and it runs end to end."""
+import pytest
+
+from fastrlhf.benchmarks import run_floor, run_ppo
+
+
+@pytest.mark.parametrize("shape", ("smoke", "tiny", "qwen2-0.5b"))
+def test_gemm_list_has_the_iterations_flops(shape):
+    """Per phase, the listed GEMMs + attention = run_ppo.model_flops (computed independently, by formula)."""
+    mf = run_ppo.model_flops(shape)
+    per_phase = run_floor.gemms(shape)
+    gemm = {p: run_floor.gemm_flops(c) for p, c in per_phase.items()}
+    assert sum(gemm.values()) + mf["attention"] == pytest.approx(mf["total"], rel=1e-12)
+    for p in run_floor.PHASES:
+        assert 0 < gemm[p] < mf[p]  # each phase also has attention FLOPs
+    # the backward of each training GEMM: twice its forward FLOPs
+    tr = per_phase["training"]
+    fwd = sum(2.0 * M * K * N * c for (lay, M, K, N), c in tr.items() if lay == "nt")
+    assert gemm["training"] == pytest.approx(3 * fwd, rel=1e-12)
+
+
+def test_runner_prints_a_floor(capsys):
+    assert run_floor.main(["--shape", "smoke", "--rep-ms", "0", "--threads", "1", "--baseline-s", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "| total |" in out and "at most" in out
+    res = run_floor.measure("smoke", "cpu", rep_ms=0.0)
+    assert all(res[p]["floor_s"] > 0 for p in (*run_floor.PHASES, "total"))
+    assert res["total"]["floor_s"] == pytest.approx(sum(res[p]["floor_s"] for p in run_floor.PHASES))
+
+
+def test_bad_flag_value_is_refused():
+    with pytest.raises(ValueError, match="--shape"):
+        run_floor.main(["--shape", "huge"])
