@@ -139,3 +139,51 @@ def test_graceful_interrupt_sets_flag_then_restores_handler():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_resume_state_written_with_separate_projections(tmp_path):
+    """A training state saved before q/k/v and gate/up were fused (HF's separate projections) resumes into the fused
+    model: the weights are the parts' rows, and the next AdamW step (moments and step count carried over) moves the
+    fused weights exactly as it moves the old model's parts."""
+    from fastrlhf.models.decoder import GATE_UP_PARTS, QKV_PARTS, _merge_hf_keys, split_fused_state, unfuse_projections
+    from fastrlhf.runtime.optim import make_adamw
+    torch.manual_seed(0)
+    ids = torch.randint(0, 32, (2, 6))
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(ids).float().pow(2).mean().backward()
+        opt.step()
+
+    old = tiny()
+    unfuse_projections(old, ["q_proj", "gate_proj"])
+    old_opt = make_adamw(old, lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        step(old, old_opt)
+    (tmp_path / ck.STATE_DIR).mkdir()
+    ck.save_training_state(tmp_path / ck.STATE_DIR, {"policy": (old, old_opt)})
+
+    new = tiny()
+    new_opt = make_adamw(new, lr=1e-2, weight_decay=0.1)
+    ck.load_training_state(tmp_path, {"policy": (new, new_opt)})
+    assert new.model.layers[0].self_attn.fused and new.model.layers[0].mlp.fused
+    sd_old, sd_new = old.state_dict(), split_fused_state(new.state_dict(), new.config)
+    assert sd_old.keys() == sd_new.keys()
+    for k in sd_old:
+        assert torch.equal(sd_old[k], sd_new[k]), k
+    # the same gradient for both (the old model's parts, concatenated for the fused weights): one more AdamW step
+    grads = {n: torch.randn_like(p) for n, p in old.named_parameters()}
+    for n, p in old.named_parameters():
+        p.grad = grads[n].clone()
+    g_new = dict(grads)
+    for name in [n for n in g_new if n.endswith("q_proj.weight") or n.endswith("gate_proj.weight")]:
+        prefix = name.rsplit(".", 2)[0] + "."
+        attn = "q_proj" in name
+        _merge_hf_keys(g_new, prefix, *(("qkv_proj", QKV_PARTS) if attn else ("gate_up_proj", GATE_UP_PARTS)))
+    for n, p in new.named_parameters():
+        p.grad = g_new[n].clone()
+    old_opt.step()
+    new_opt.step()
+    sd_new = split_fused_state(new.state_dict(), new.config)
+    for k, v in old.state_dict().items():
+        assert torch.equal(sd_new[k], v), k

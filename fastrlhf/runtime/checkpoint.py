@@ -232,11 +232,16 @@ def load_training_state(checkpoint, trained: dict[str, tuple], legacy: dict[str,
 
     from fastrlhf.runtime.safe_state import SafeLoadPlanner, SafeStateReader, StateRefused, read_metadata, refusal
     try:
-        read_metadata(path)  # checked here first, so that a refusal is reported as it is (DCP wraps its errors)
+        md = read_metadata(path)  # checked here first, so that a refusal is reported as it is (DCP wraps its errors)
     except (StateRefused, OSError) as e:
         raise CheckpointError(str(e) if isinstance(e, StateRefused) else f"{path}: cannot read .metadata ({e})") from None
+    saved = set(md.state_dict_metadata)
+    live, twins = {}, {}
+    for name, (m, opt) in trained.items():
+        twins[name] = _unfused_twin(path, name, m, opt, saved)
+        live[name] = twins[name] or (m, opt)
     state = {name: {"model": get_model_state_dict(m), "optim": get_optimizer_state_dict(m, opt)}
-             for name, (m, opt) in trained.items()}
+             for name, (m, opt) in live.items()}
     try:
         with _single_process_quiet():
             dcp.load(state, storage_reader=SafeStateReader(str(path)), planner=SafeLoadPlanner())
@@ -246,8 +251,69 @@ def load_training_state(checkpoint, trained: dict[str, tuple], legacy: dict[str,
         why = str(cause) if isinstance(cause, StateRefused) else refusal(cause)
         raise CheckpointError(f"{path}: cannot load the training state: {why}") from None
     for name, (m, opt) in trained.items():
-        set_model_state_dict(m, state[name]["model"])
-        set_optimizer_state_dict(m, opt, state[name]["optim"])
+        if twins[name] is None:
+            set_model_state_dict(m, state[name]["model"])
+            set_optimizer_state_dict(m, opt, state[name]["optim"])
+        else:
+            _fuse_from_twin(m, opt, *twins[name], state[name])
+
+
+def _unfused_twin(path: Path, name: str, model, opt, saved: set):
+    """(twin model, twin optimizer) when the checkpoint holds ``name``'s model with HF's separate q/k/v and gate/up
+    projections (written before the projections were fused) and ``model`` has them fused: a copy of ``model`` with
+    those projections split, and an optimizer of the same kind and groups over it, to load the old state into.
+    None when the checkpoint's names match ``model``'s."""
+    from fastrlhf.models.decoder import GATE_UP_PARTS, QKV_PARTS, unfuse_projections
+    fused = [k for k in model.state_dict() if k.endswith((".qkv_proj.weight", ".gate_up_proj.weight"))]
+    if not fused or f"{name}.model.{fused[0]}" in saved:
+        return None
+    base = fused[0].rpartition(".qkv_proj.")[0] or fused[0].rpartition(".gate_up_proj.")[0]
+    if not any(k.startswith(f"{name}.model.{base}.") and ("q_proj" in k or "gate_proj" in k) for k in saved):
+        return None  # some other mismatch: DCP reports it
+    if distributed.world_size() > 1:
+        raise CheckpointError(f"{path}: written before fastrlhf fused the q/k/v and gate/up projections; resume it "
+                              "once in a single process (it is converted on load), then scale out again")
+    import copy
+    twin = copy.deepcopy(model)
+    unfuse_projections(twin, QKV_PARTS + GATE_UP_PARTS)
+    names = {id(p): n for n, p in model.named_parameters()}
+    twin_params = dict(twin.named_parameters())
+    groups = []
+    for g in opt.param_groups:
+        ps = []
+        for p in g["params"]:
+            module, _, kind = names[id(p)].rpartition(".")  # e.g. model.layers.0.self_attn.qkv_proj, weight
+            head, _, proj = module.rpartition(".")
+            parts = {"qkv_proj": QKV_PARTS, "gate_up_proj": GATE_UP_PARTS}.get(proj, (proj,))
+            ps += [twin_params[f"{head}.{q}.{kind}".lstrip(".")] for q in parts]
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ps})
+    return twin, type(opt)(groups)  # every group carries all its hyperparameters
+
+
+def _fuse_from_twin(model, opt, twin, twin_opt, loaded: dict) -> None:
+    """Copy the state loaded into the unfused twin into ``model`` / ``opt``: weights through the model's own load hook
+    (which concatenates HF's parts), and each fused parameter's optimizer tensors concatenated the same way (rows q,
+    k, v; gate, up), scalars such as AdamW's step taken from the first part."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    from fastrlhf.models.decoder import GATE_UP_PARTS, QKV_PARTS
+    twin.load_state_dict(loaded["model"])
+    model.load_state_dict(twin.state_dict())
+    old = loaded["optim"]
+    new = get_optimizer_state_dict(model, opt)
+    for fqn in new["state"]:
+        head, _, kind = fqn.rpartition(".")
+        base, _, proj = head.rpartition(".")
+        parts = {"qkv_proj": QKV_PARTS, "gate_up_proj": GATE_UP_PARTS}.get(proj)
+        if parts is None:
+            new["state"][fqn] = old["state"][fqn]
+            continue
+        states = [old["state"][f"{base}.{q}.{kind}"] for q in parts]
+        new["state"][fqn] = {k: torch.cat([st[k] for st in states]) if torch.is_tensor(v) and v.dim() > 0 else v
+                             for k, v in states[0].items()}
+    for g_new, g_old in zip(new["param_groups"], old["param_groups"]):
+        g_new.update({k: v for k, v in g_old.items() if k != "params"})
+    set_optimizer_state_dict(model, opt, new)
 
 
 def list_checkpoints(run_dir) -> list[Path]:
