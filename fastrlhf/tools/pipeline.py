@@ -63,10 +63,10 @@ class PipeRM:
 class PipePPO:
     """Stage 3 of the pipeline with --rl ppo."""
 
-    iterations: int = param(80, "PPO iterations", ge=1, flat="ppo_iterations")
+    iterations: int = param(120, "PPO iterations", ge=1, flat="ppo_iterations")
     batch: int = param(64, "PPO rollouts per iteration", ge=1, flat="ppo_batch")
     minibatch: int = param(32, "PPO rollouts per optimizer step", ge=1, flat="ppo_minibatch")
-    lr: float = param(1e-4, "PPO policy learning rate", gt=0, flat="ppo_lr")
+    lr: float = param(5e-5, "PPO policy learning rate", gt=0, flat="ppo_lr")
     value_lr: float = param(1e-3, "PPO value learning rate", gt=0)
     kl_coef: float = param(0.1, "β, the per-token KL penalty (the start value when kl_target > 0)", ge=0)
     kl_target: float = param(0.0, "adapt β toward this KL (nats per sequence; 0 = fixed β)", ge=0)
