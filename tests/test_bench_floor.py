@@ -31,3 +31,20 @@ def test_runner_prints_a_floor(capsys):
 def test_bad_flag_value_is_refused():
     with pytest.raises(ValueError, match="--shape"):
         run_floor.main(["--shape", "huge"])
+
+
+@pytest.mark.parametrize("shape", ("smoke", "tiny"))
+def test_grpo_step_gemms(shape):
+    """GRPO's step (μ = 1, β = 0): generation as the decode loop of B = Q·n rows, no experience forwards, training one
+    forward (+ twice its FLOPs in backward) of the policy body over B·(P + G) tokens and its head on B·G."""
+    from fastrlhf.benchmarks import run_grpo
+    S = run_grpo.SHAPES[shape]
+    m = S["model"]
+    B, P, G, L, H, V = S["Q"] * S["n"], S["P"], S["G"], m["num_hidden_layers"], m["hidden_size"], m["vocab_size"]
+    body = 2.0 * L * sum(i * o for i, o in run_floor.linears(m))  # per token
+    head = 2.0 * H * V
+    flops = {p: run_floor.gemm_flops(c) for p, c in run_floor.gemms(shape, "grpo").items()}
+    assert flops["generation"] == pytest.approx(B * (P * body + head) + B * (G - 1) * (body + head), rel=1e-12)
+    assert flops["experience"] == 0
+    assert flops["training"] == pytest.approx(3 * (B * (P + G) * body + B * G * head), rel=1e-12)
+    assert run_floor.main(["--stage", "grpo", "--shape", "smoke", "--rep-ms", "0", "--threads", "1"]) == 0
