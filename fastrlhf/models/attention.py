@@ -179,12 +179,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, slidin
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~mask, float("-inf"))
         o = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
-    elif mask is None:  # plain causal: SDPA's flash backend, which takes GQA natively
-        gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
-    elif q.device.type == "cpu":  # masked on CPU: SDPA's CPU kernel takes the mask and GQA together (never a k/v copy)
-        gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
+    elif mask is None or q.device.type == "cpu":  # plain causal (SDPA's flash backend), or any mask on CPU (its CPU
+        gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}  # kernel takes the mask): GQA native, never a k/v copy
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **gqa)
     else:
         o = masked_sdpa_equal_heads(q, k, v, mask, scale, meta.cached)
     return o.transpose(1, 2)

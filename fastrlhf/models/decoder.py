@@ -250,25 +250,28 @@ class MLP(nn.Module):
 
 
 QKV_PARTS, GATE_UP_PARTS = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+FUSED_PARTS = {"qkv_proj": QKV_PARTS, "gate_up_proj": GATE_UP_PARTS}  # fused module -> HF's modules, in row order
+
+
+def part_names(key: str) -> list[str]:
+    """HF's names for the rows of a fused parameter, in row order ("…self_attn.qkv_proj.weight" -> […q_proj.weight,
+    …k_proj.weight, …v_proj.weight]); ``[key]`` for any other name."""
+    module, _, kind = key.rpartition(".")
+    base, _, proj = module.rpartition(".")
+    parts = FUSED_PARTS.get(proj)
+    return [key] if parts is None else [f"{base}.{p}.{kind}".lstrip(".") for p in parts]
 
 
 def split_fused_state(state: dict, c: ModelConfig) -> dict:
     """A state dict with the fused projections split back into HF's names (qkv_proj -> q/k/v_proj, gate_up_proj ->
     gate/up_proj, weight and bias rows); other keys (and already separate projections) unchanged, order kept."""
     q, kv, f = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size
+    sizes = {"qkv_proj": [q, kv, kv], "gate_up_proj": [f, f]}
     out = {}
     for k, v in state.items():
-        head, _, kind = k.rpartition(".")
-        if head.endswith(".qkv_proj"):
-            parts, sizes = QKV_PARTS, [q, kv, kv]
-        elif head.endswith(".gate_up_proj"):
-            parts, sizes = GATE_UP_PARTS, [f, f]
-        else:
-            out[k] = v
-            continue
-        base = head.rpartition(".")[0]
-        for name, t in zip(parts, v.split(sizes, dim=0)):
-            out[f"{base}.{name}.{kind}"] = t
+        names = part_names(k)
+        rows = v.split(sizes[k.rpartition(".")[0].rpartition(".")[2]], dim=0) if len(names) > 1 else [v]
+        out.update(zip(names, rows))
     return out
 
 

@@ -255,21 +255,18 @@ def load_training_state(checkpoint, trained: dict[str, tuple], legacy: dict[str,
             set_model_state_dict(m, state[name]["model"])
             set_optimizer_state_dict(m, opt, state[name]["optim"])
         else:
-            _fuse_from_twin(m, opt, *twins[name], state[name])
+            _fuse_from_twin(m, opt, state[name])
 
 
 def _unfused_twin(path: Path, name: str, model, opt, saved: set):
     """(twin model, twin optimizer) when the checkpoint holds ``name``'s model with HF's separate q/k/v and gate/up
     projections (written before the projections were fused) and ``model`` has them fused: a copy of ``model`` with
     those projections split, and an optimizer of the same kind and groups over it, to load the old state into.
-    None when the checkpoint's names match ``model``'s."""
-    from fastrlhf.models.decoder import GATE_UP_PARTS, QKV_PARTS, unfuse_projections
-    fused = [k for k in model.state_dict() if k.endswith((".qkv_proj.weight", ".gate_up_proj.weight"))]
-    if not fused or f"{name}.model.{fused[0]}" in saved:
+    None when the checkpoint's names match ``model``'s (any other mismatch is DCP's to report)."""
+    from fastrlhf.models.decoder import GATE_UP_PARTS, QKV_PARTS, part_names, unfuse_projections
+    fused = [k for k in model.state_dict() if len(part_names(k)) > 1]
+    if not fused or not all(f"{name}.model.{p}" in saved for p in part_names(fused[0])):
         return None
-    base = fused[0].rpartition(".qkv_proj.")[0] or fused[0].rpartition(".gate_up_proj.")[0]
-    if not any(k.startswith(f"{name}.model.{base}.") and ("q_proj" in k or "gate_proj" in k) for k in saved):
-        return None  # some other mismatch: DCP reports it
     if distributed.world_size() > 1:
         raise CheckpointError(f"{path}: written before fastrlhf fused the q/k/v and gate/up projections; resume it "
                               "once in a single process (it is converted on load), then scale out again")
@@ -278,37 +275,24 @@ def _unfused_twin(path: Path, name: str, model, opt, saved: set):
     unfuse_projections(twin, QKV_PARTS + GATE_UP_PARTS)
     names = {id(p): n for n, p in model.named_parameters()}
     twin_params = dict(twin.named_parameters())
-    groups = []
-    for g in opt.param_groups:
-        ps = []
-        for p in g["params"]:
-            module, _, kind = names[id(p)].rpartition(".")  # e.g. model.layers.0.self_attn.qkv_proj, weight
-            head, _, proj = module.rpartition(".")
-            parts = {"qkv_proj": QKV_PARTS, "gate_up_proj": GATE_UP_PARTS}.get(proj, (proj,))
-            ps += [twin_params[f"{head}.{q}.{kind}".lstrip(".")] for q in parts]
-        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": ps})
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [twin_params[n] for p in g["params"] for n in part_names(names[id(p)])]}
+              for g in opt.param_groups]
     return twin, type(opt)(groups)  # every group carries all its hyperparameters
 
 
-def _fuse_from_twin(model, opt, twin, twin_opt, loaded: dict) -> None:
+def _fuse_from_twin(model, opt, loaded: dict) -> None:
     """Copy the state loaded into the unfused twin into ``model`` / ``opt``: weights through the model's own load hook
     (which concatenates HF's parts), and each fused parameter's optimizer tensors concatenated the same way (rows q,
     k, v; gate, up), scalars such as AdamW's step taken from the first part."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    from fastrlhf.models.decoder import GATE_UP_PARTS, QKV_PARTS
-    twin.load_state_dict(loaded["model"])
-    model.load_state_dict(twin.state_dict())
+    from fastrlhf.models.decoder import part_names
+    model.load_state_dict(loaded["model"])
     old = loaded["optim"]
     new = get_optimizer_state_dict(model, opt)
     for fqn in new["state"]:
-        head, _, kind = fqn.rpartition(".")
-        base, _, proj = head.rpartition(".")
-        parts = {"qkv_proj": QKV_PARTS, "gate_up_proj": GATE_UP_PARTS}.get(proj)
-        if parts is None:
-            new["state"][fqn] = old["state"][fqn]
-            continue
-        states = [old["state"][f"{base}.{q}.{kind}"] for q in parts]
+        states = [old["state"][n] for n in part_names(fqn)]
         new["state"][fqn] = {k: torch.cat([st[k] for st in states]) if torch.is_tensor(v) and v.dim() > 0 else v
                              for k, v in states[0].items()}
     for g_new, g_old in zip(new["param_groups"], old["param_groups"]):
