@@ -14,7 +14,8 @@ TRL arm — ``trl.GRPOTrainer`` with per_device_train_batch_size = Q·n, num_gen
 steps_per_generation 1, loss_type "dapo" (token-mean), scale_rewards "group", constant learning rate and
 gradient checkpointing off (TRL's GRPOConfig turns it on by default; fastrlhf's stage has it off); a step is one trainer step
 (generation inside it), timed by a callback.
-Each arm runs in a fresh process (``--threads`` torch threads). Both sample EOS with probability ≈ 1/V per token, so a
+Each arm runs in a fresh process (``--threads`` torch threads); the fastrlhf arm also prints the medians of its
+generate / score / train split. Both sample EOS with probability ≈ 1/V per token, so a
 few rows stop early; the table reports the mean completion length of each. Metric: median s/step after ``--warmup``
 steps, and completion tokens per second. Nothing here is a result: the numbers belong in RESULTS.md only when
 measured on a quiet machine.
@@ -108,7 +109,9 @@ def run_fastrlhf(shape: str, ck: dict, warmup: int, iters: int, device: str) -> 
                          clip_eps_low=CLIP, clip_eps_high=CLIP, kl_coef=0.0, mu=1, loss_agg="token-mean",
                          device=device, plots=False, keep_checkpoints=1), log=_Log())
     step_s = [r["time/generate"] + r["time/score"] + r["time/train"] for r in rows]
-    return _summary(step_s, [r["response_length"] * S["Q"] * S["n"] for r in rows], warmup)
+    out = _summary(step_s, [r["response_length"] * S["Q"] * S["n"] for r in rows], warmup)
+    out["split_s"] = {k: statistics.median(r[f"time/{k}"] for r in rows[warmup:]) for k in ("generate", "score", "train")}
+    return out
 
 
 def run_trl(shape: str, ck: dict, warmup: int, iters: int, device: str) -> dict:
@@ -184,6 +187,9 @@ def format_table(shape: str, results: dict[str, dict]) -> str:
             lines.append(f"| {arm} | error: {res['error'][:200]} | | |")
         else:
             lines.append(f"| {arm} | {res['s_per_step']:.4g} | {res['tok_s']:.4g} | {res['completion_tokens']:.1f} |")
+    split = results.get("fastrlhf", {}).get("split_s")
+    if split:
+        lines.append("fastrlhf time split (medians, s): " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
     ok = [a for a in ARMS if a in results and "error" not in results[a]]
     if len(ok) == 2:
         lines.append(f"speed-up of fastrlhf over TRL (s/step): "

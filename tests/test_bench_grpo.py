@@ -2,6 +2,8 @@
 is checked: unit tests never judge speed)."""
 import json
 
+import pytest
+
 from benchmarks.run_grpo import SHAPES, build_checkpoint, main, reward_chars
 from fastrlhf.models.hf_io import load_model, load_tokenizer
 from fastrlhf.runtime.data import load_prompts, tokenize_prompt
@@ -33,3 +35,6 @@ def test_both_arms_run_at_the_smoke_shape(tmp_path, capsys):
         # every completion has 1..G tokens
         assert S["Q"] * S["n"] <= res[arm]["completion_tokens"] <= S["Q"] * S["n"] * S["G"]
     assert "speed-up of fastrlhf over TRL" in text and res["trl"]["trl_version"].startswith("1.")
+    split = res["fastrlhf"]["split_s"]  # the step is the sum of its generate / score / train split
+    assert sum(split.values()) == pytest.approx(res["fastrlhf"]["s_per_step"], rel=1e-9)
+    assert "fastrlhf time split" in text
