@@ -128,3 +128,11 @@ def pad_fraction(prompt_lens: list[int], resp_lens: list[int], width: int) -> fl
     1 − (Σ prompt + Σ response tokens) / (B·width)."""
     B = len(prompt_lens)
     return 1.0 - (sum(prompt_lens) + sum(resp_lens)) / (B * width) if B and width else 0.0
+
+
+def sample_response_lengths(B: int, G: int, generator: torch.Generator) -> list[int]:
+    """B response lengths (EOS included) from the realistic workload's hazard h = ``eos_hazard(G)``, capped at G:
+    L = ⌈log u / log(1 − h)⌉ for u uniform in (0, 1), so that P(L > k) = (1 − h)^k."""
+    h = eos_hazard(G)
+    u = torch.rand(B, generator=generator, dtype=torch.float64).clamp_(min=1e-300)
+    return torch.ceil(torch.log(u) / math.log1p(-h)).clamp_(1, G).long().tolist()

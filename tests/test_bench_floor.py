@@ -48,3 +48,62 @@ def test_grpo_step_gemms(shape):
     assert flops["experience"] == 0
     assert flops["training"] == pytest.approx(3 * (B * (P + G) * body + B * G * head), rel=1e-12)
     assert run_floor.main(["--stage", "grpo", "--shape", "smoke", "--rep-ms", "0", "--threads", "1"]) == 0
+
+
+def test_fixed_floor_has_a_decode_chain_column(capsys):
+    """The chain floor replaces the G − 1 per-shape decode steps by G − 1 timed chains; nothing else moves."""
+    res = run_floor.measure("smoke", "cpu", rep_ms=0.0)
+    extra = res["generation"]["chain_s"] - res["generation"]["floor_s"]
+    assert res["total"]["chain_s"] == pytest.approx(res["total"]["floor_s"] + extra)
+    assert res["generation"]["chain_s"] > 0
+    assert run_floor.main(["--shape", "smoke", "--rep-ms", "0", "--threads", "1", "--baseline-tok-s", "100"]) == 0
+    assert "decode as a chain" in capsys.readouterr().out
+
+
+def test_sampled_response_lengths_follow_the_hazard():
+    """P(L > k) = (1 − h)^k for k < G, every length in [1, G] (20,000 draws; 5-sigma binomial bounds)."""
+    import math
+
+    import torch
+    from fastrlhf.benchmarks.workload import eos_hazard, sample_response_lengths
+    G, n = 64, 20_000
+    lens = torch.tensor(sample_response_lengths(n, G, torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))))
+    assert int(lens.min()) >= 1 and int(lens.max()) <= G
+    h = eos_hazard(G)
+    for k in (1, 4, 16, 32, 63):
+        p = (1 - h) ** k
+        assert abs(float((lens > k).double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n) + 1e-9, k
+    assert int((lens == G).sum()) > 0  # the cap is reached (6.25% of rows)
+
+
+@pytest.mark.parametrize("stage", run_floor.STAGES)
+def test_realistic_floor_counts_every_live_row_step(stage, capsys):
+    """Each row is live for L − 1 decode steps, so Σ rows·steps over the decode_rows table = mean Σ (L − 1) per
+    batch; the padding-free forwards carry the batches' mean token counts."""
+    batches = run_floor.realistic_batches("smoke", stage, rollouts=50, seed=3)
+    res = run_floor.realistic("smoke", "cpu", rep_ms=0.0, stage=stage, rollouts=50, seed=3)
+    row_steps = sum(b * c for b, c in res["decode_rows"].items())
+    assert row_steps == pytest.approx(sum(sum(n - 1 for n in r) for _, r in batches) / 50, rel=1e-12)
+    assert res["response_tokens"] == round(sum(sum(r) for _, r in batches) / 50)
+    assert all(res[p]["floor_s"] > 0 for p in ("generation", "training", "total"))
+    assert run_floor.main(["--stage", stage, "--shape", "smoke", "--rep-ms", "0", "--threads", "1", "--workload", "realistic",
+                          "--rollouts", "20", "--baseline-s", "1", "--baseline-tok-s", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "response tok/s" in out and "at most" in out
+
+
+def test_padding_free_gemms_scale_with_the_token_counts():
+    """gemms(tokens=...) runs the prefill on the prompt tokens and every forward on the given counts (PPO, smoke)."""
+    tk = {"prompt": 17, "all": 41, "response": 24}
+    per_phase = run_floor.gemms("smoke", "ppo", tk)
+    m = run_ppo.SHAPES["smoke"]["model"]
+    L, H, V = m["num_hidden_layers"], m["hidden_size"], m["vocab_size"]
+    B, E, mb = run_ppo.SHAPES["smoke"]["B"], run_ppo.SHAPES["smoke"]["epochs"], run_ppo.SHAPES["smoke"]["minibatch"]
+    body = 2.0 * L * sum(i * o for i, o in run_floor.linears(m))
+    head = 2.0 * H * V
+    per_epoch = B // mb
+    assert run_floor.gemm_flops(per_phase["generation"]) == pytest.approx(17 * body + B * head, rel=1e-12)
+    assert run_floor.gemm_flops(per_phase["experience"]) == pytest.approx(4 * 41 * body + 2 * 24 * head, rel=1e-12)
+    steps = E * per_epoch
+    want = 3 * steps * (2 * round(41 / per_epoch) * body + round(24 / per_epoch) * head)
+    assert run_floor.gemm_flops(per_phase["training"]) == pytest.approx(want, rel=1e-12)
