@@ -217,6 +217,41 @@ def realistic(shape: str, device: str, dtype=torch.float32, rep_ms: float = 100.
     return _gflops(res)
 
 
+def floor_of(shape: str, stage: str = "ppo", workload: str = "fixed", device: str = "cpu", dtype=torch.float32,
+             rep_ms: float = 100.0) -> dict:
+    """The floors a runner compares with (decode as chains): {"generation_s", "total_s", "response_tokens"} of one
+    batch (realistic: the mean over simulated batches)."""
+    if workload == "fixed":
+        res = measure(shape, device, dtype, rep_ms, stage)
+        _, B, _, G, _, _ = _stage_shape(shape, stage)
+        return {"generation_s": res["generation"]["chain_s"], "total_s": res["total"]["chain_s"], "response_tokens": B * G}
+    res = realistic(shape, device, dtype, rep_ms, stage)
+    return {"generation_s": res["generation"]["floor_s"], "total_s": res["total"]["floor_s"],
+            "response_tokens": res["response_tokens"]}
+
+
+def floor_note(floor: dict, what: str, *, peer: float | None, ours: float | None, rate: bool = False) -> str:
+    """One line for a runner's ``--floor``: ``what`` is "generation" or "total"; ``peer`` / ``ours`` are seconds per
+    batch, or response tokens/s of generation when ``rate``. Reports peer / floor (the most any engine doing these
+    GEMMs could gain over the peer here) and ours / floor."""
+    f = floor[f"{what}_s"]
+    if rate:
+        f_rate = floor["response_tokens"] / f
+        head = f"GEMM floor, {what}, measured in this run: {f_rate:.0f} response tok/s ({f:.3f} s per batch)"
+        gain = None if not peer else f_rate / peer
+        ours_x = None if not ours else f_rate / ours
+    else:
+        head = f"GEMM floor, {what}, measured in this run: {f:.3f} s"
+        gain = None if not peer else peer / f
+        ours_x = None if not ours else ours / f
+    parts = [head]
+    if gain is not None:
+        parts.append(f"the peer leaves at most {gain:.2f}x to any engine doing these GEMMs through torch here")
+    if ours_x is not None:
+        parts.append(f"fastrlhf takes {ours_x:.2f}x the floor's time")
+    return "; ".join(parts)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fastrlhf bench floor", description=__doc__.split("\n")[0])
     ap.add_argument("--stage", default="ppo", help="ppo (run_ppo's iteration) | grpo (run_grpo's step)")

@@ -288,6 +288,8 @@ def main(argv=None) -> int:
                     help="fixed: P-token prompts, exactly G new tokens; realistic: prompt lengths over P/8..P, EOS "
                          "hazard built into the weights (benchmarks/workload.py). Several: run each in turn")
     ap.add_argument("--plot", default=None, metavar="PATH.png", help="draw tokens/s per provider and workload")
+    ap.add_argument("--floor", action="store_true", help="also time the generation's GEMM floor in this run "
+                    "(benchmarks/run_floor.py, decode as chains) and print what it leaves against hf-dynamic")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     tps: dict[str, dict[str, float]] = {}
@@ -310,6 +312,11 @@ def main(argv=None) -> int:
         tps[workload] = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
         lens[workload] = {p: f"p50 {get(p, 'resp_len_p50'):.0f}/p90 {get(p, 'resp_len_p90'):.0f}"
                           for p in tps[workload]} if workload != "fixed" else {}
+        if a.floor:
+            from .run_floor import floor_note, floor_of
+            fl = floor_of(info["shape"], "ppo", workload, info["device"], getattr(torch, info["dtype"]))
+            print(floor_note(fl, "generation", peer=tps[workload].get("hf-dynamic"), ours=tps[workload].get("fastrlhf"),
+                             rate=True))
         if not a.no_csv:
             used = write_csv(Path(a.csv), rows, meta)
             print(f"appended {len(rows)} rows to {used}")

@@ -88,6 +88,24 @@ def _summary(step_s: list[float], tokens: list[float], warmup: int) -> dict:
             "steps_s": step_s}
 
 
+def merge_rounds(runs: list[dict], warmup: int) -> dict:
+    """One arm's rounds pooled: the median over every timed step of every round (and of the rounds' split medians);
+    the first error if any round failed."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return bad[0]
+    if len(runs) == 1:
+        return runs[0]
+    steps = [x for r in runs for x in r["steps_s"][warmup:]]
+    med = statistics.median(steps)
+    out = dict(runs[-1], s_per_step=med, steps_s=[x for r in runs for x in r["steps_s"]], rounds=len(runs),
+               completion_tokens=statistics.mean(r["completion_tokens"] for r in runs))
+    out["tok_s"] = out["completion_tokens"] / med
+    if all("split_s" in r for r in runs):
+        out["split_s"] = {k: statistics.median(r["split_s"][k] for r in runs) for k in runs[0]["split_s"]}
+    return out
+
+
 def run_fastrlhf(shape: str, ck: dict, warmup: int, iters: int, device: str) -> dict:
     """``warmup + iters`` iterations of the grpo stage; per-step time = its generate + score + train split."""
     from fastrlhf.stages.grpo import GRPOConfig, train
@@ -205,6 +223,10 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=3, help="timed steps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per arm")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the arms this many times (fresh processes each; "
+                    "their timed steps pooled), so that a drifting machine load hits both alike")
+    ap.add_argument("--floor", action="store_true", help="also time the step's GEMM floor in this run "
+                    "(benchmarks/run_floor.py --stage grpo, decode as chains) and print what it leaves against TRL")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per arm")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)   # internal: run one arm in this process
@@ -214,8 +236,8 @@ def main(argv=None) -> int:
     check_choice("device", a.device, ("cpu", "cuda"))
     arms = [x for x in a.arms.split(",") if x]
     check_choices("arms", arms, ARMS)
-    if a.iters < 1 or a.warmup < 0:
-        raise SystemExit("fastrlhf bench grpo: --iters must be >= 1 and --warmup >= 0")
+    if a.iters < 1 or a.warmup < 0 or a.rounds < 1:
+        raise SystemExit("fastrlhf bench grpo: --iters and --rounds must be >= 1 and --warmup >= 0")
     if a.arm:  # one arm, in this (fresh) process
         torch.set_num_threads(a.threads)
         ck = {"policy": os.path.join(a.ckpt, "policy"), "prompts": os.path.join(a.ckpt, "prompts.jsonl")}
@@ -225,12 +247,23 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_grpo_ckpt_") as root:
         build_checkpoint(a.shape, root)
-        results = {arm: _arm_subprocess(arm, a.shape, root, a.warmup, a.iters, a.threads, a.device, a.timeout)
-                   for arm in arms}
+        rounds: dict[str, list[dict]] = {arm: [] for arm in arms}
+        for _ in range(a.rounds):
+            for arm in arms:
+                if not (rounds[arm] and "error" in rounds[arm][-1]):
+                    rounds[arm].append(_arm_subprocess(arm, a.shape, root, a.warmup, a.iters, a.threads, a.device,
+                                                       a.timeout))
+        results = {arm: merge_rounds(runs, a.warmup) for arm, runs in rounds.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device: {device_name(a.device)}, {a.threads} threads per arm, load average {load:.2f}, "
           f"commit {git_commit()}")
     print(format_table(a.shape, results))
+    if a.floor:
+        from .run_floor import floor_note, floor_of
+        fl = floor_of(a.shape, "grpo", "fixed", a.device, torch.bfloat16 if a.device == "cuda" else torch.float32)
+        f, t = results.get("fastrlhf", {}), results.get("trl", {})
+        print(floor_note(fl, "generation", peer=None, ours=f.get("split_s", {}).get("generate")))
+        print(floor_note(fl, "total", peer=t.get("s_per_step"), ours=f.get("s_per_step")))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"shape": a.shape, "results": results, "load": load}, fh, indent=2)

@@ -619,6 +619,8 @@ def main(argv=None) -> int:
                     help="fixed: P-token prompts, exactly G response tokens; realistic: prompt lengths over P/8..P, "
                          "EOS hazard 1-0.5^(4/G) built into the policy's weights (benchmarks/workload.py)")
     ap.add_argument("--plot", default=None, metavar="PATH.png", help="draw the time split per phase and arm")
+    ap.add_argument("--floor", action="store_true", help="also time the iteration's GEMM floor in this run "
+                    "(benchmarks/run_floor.py, decode as chains) and print what it leaves against TRL")
     # internal: one arm in this process (the runner starts these)
     ap.add_argument("--arm", choices=list(ARMS), help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -649,6 +651,13 @@ def main(argv=None) -> int:
     if results.get("fastrlhf", {}).get("peak_mem_how"):
         print(f"peak memory: {results['fastrlhf']['peak_mem_how']}")
     print(side_by_side(results, info["device"]))
+    if a.floor:
+        from .run_floor import floor_note, floor_of
+        fl = floor_of(info["shape"], "ppo", a.workload, info["device"],
+                      torch.bfloat16 if info["device"] == "cuda" else torch.float32)
+        f, t = results.get("fastrlhf", {}), results.get("trl", {})
+        for what, key in (("generation", "gen_s"), ("total", "s_per_iter")):
+            print(floor_note(fl, what, peer=t.get(key), ours=f.get(key)))
     print(format_table(rows))
     prof = results.get("fastrlhf", {}).get("profile_table")
     if prof:

@@ -107,3 +107,11 @@ def test_padding_free_gemms_scale_with_the_token_counts():
     steps = E * per_epoch
     want = 3 * steps * (2 * round(41 / per_epoch) * body + round(24 / per_epoch) * head)
     assert run_floor.gemm_flops(per_phase["training"]) == pytest.approx(want, rel=1e-12)
+
+
+def test_generation_floor_uses_the_generate_runners_shapes():
+    """``run_generate --floor`` takes the generation floor of run_ppo's shape of the same name: they must agree."""
+    from fastrlhf.benchmarks import run_generate
+    for name, S in run_generate.SHAPES.items():
+        P = run_ppo.SHAPES[name]
+        assert (S["model"], S["B"], S["P"], S["G"]) == (P["model"], P["B"], P["P"], P["G"]), name

@@ -25,7 +25,7 @@ def test_checkpoint_prompts_are_P_tokens_for_both_tokenizers(tmp_path):
 def test_both_arms_run_at_the_smoke_shape(tmp_path, capsys):
     assert "grpo" in cli.bench_names()
     out = tmp_path / "r.json"
-    rc = main(["--shape", "smoke", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out)])
+    rc = main(["--shape", "smoke", "--warmup", "0", "--iters", "1", "--threads", "1", "--json", str(out), "--floor"])
     text = capsys.readouterr().out
     res = json.loads(out.read_text())["results"]
     assert rc == 0, res
@@ -38,3 +38,16 @@ def test_both_arms_run_at_the_smoke_shape(tmp_path, capsys):
     split = res["fastrlhf"]["split_s"]  # the step is the sum of its generate / score / train split
     assert sum(split.values()) == pytest.approx(res["fastrlhf"]["s_per_step"], rel=1e-9)
     assert "fastrlhf time split" in text
+    assert "GEMM floor, total, measured in this run" in text and "the peer leaves at most" in text
+
+
+def test_rounds_pool_every_timed_step():
+    """--rounds: one arm's rounds pooled (warm-up steps dropped per round); an error in any round wins."""
+    from fastrlhf.benchmarks.run_grpo import merge_rounds
+    r1 = {"steps_s": [9.0, 1.0, 3.0], "completion_tokens": 10.0, "split_s": {"generate": 0.4, "train": 0.6}}
+    r2 = {"steps_s": [8.0, 2.0, 5.0], "completion_tokens": 20.0, "split_s": {"generate": 0.6, "train": 1.0}}
+    m = merge_rounds([r1, r2], warmup=1)
+    assert m["s_per_step"] == pytest.approx(2.5) and m["rounds"] == 2  # median of 1, 3, 2, 5
+    assert m["completion_tokens"] == 15.0 and m["tok_s"] == pytest.approx(6.0)
+    assert m["split_s"] == {"generate": pytest.approx(0.5), "train": pytest.approx(0.8)}
+    assert merge_rounds([r1, {"error": "exit 1"}], warmup=1) == {"error": "exit 1"}

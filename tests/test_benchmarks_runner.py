@@ -158,8 +158,10 @@ def test_generate_runner_fixed_and_realistic_with_plot(tmp_path, capsys):
     from fastrlhf.benchmarks import run_generate as gen
     path, png = tmp_path / "gen.csv", tmp_path / "gen.png"
     assert gen.main(["--shape", "smoke", "--runs", "3", "--providers", "fastrlhf", "hf-dynamic", "--workload",
-                     "fixed", "realistic", "--csv", str(path), "--plot", str(png)]) == 0
-    assert "realistic workload" in capsys.readouterr().out
+                     "fixed", "realistic", "--csv", str(path), "--plot", str(png), "--floor"]) == 0
+    out = capsys.readouterr().out
+    assert "realistic workload" in out
+    assert out.count("GEMM floor, generation, measured in this run") == 2 and "the peer leaves at most" in out
     assert _is_png(png)
     G = gen.SHAPES["smoke"]["G"]
     _, rows = _read(path)
@@ -180,7 +182,8 @@ def test_ppo_runner_realistic_fastrlhf_arm_with_plot(tmp_path, capsys):
     from fastrlhf.benchmarks import run_ppo as ppo
     path, png = tmp_path / "ppo.csv", tmp_path / "ppo.png"
     assert ppo.main(["--shape", "smoke", "--iters", "1", "--arms", "fastrlhf", "--no-profile", "--workload",
-                     "realistic", "--csv", str(path), "--plot", str(png)]) == 0
+                     "realistic", "--csv", str(path), "--plot", str(png), "--floor"]) == 0
+    assert "GEMM floor, total, measured in this run" in capsys.readouterr().out
     assert _is_png(png)
     _, rows = _read(path)
     got = {r["metric"]: float(r["median"]) for r in rows if r["shape"] == "smoke/realistic"}
