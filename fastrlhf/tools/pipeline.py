@@ -56,7 +56,7 @@ class PipeRM:
     """Stage 2 of the pipeline (--rl ppo)."""
 
     epochs: int = param(3, "reward-model epochs", ge=1, flat="rm_epochs")
-    lr: float = param(1e-3, "reward-model learning rate", gt=0, flat="rm_lr")
+    lr: float = param(5e-4, "reward-model learning rate", gt=0, flat="rm_lr")
 
 
 @dataclass
