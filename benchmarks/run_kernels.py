@@ -27,6 +27,10 @@ Ops (shapes: ``SHAPES``; notation B batch, T time, V vocabulary, H hidden, N tok
 - ``decoder``   (opt-in: ``--ops decoder``) the decoder-layer ops, fwd+bwd each, in the compute dtype: RMSNorm [N, H],
   RoPE of q [N, Hq, D] and k [N, Hkv, D] (read from a fused QKV output), SwiGLU of a fused gate/up output [N, 2F];
   ``eager`` is the model's PyTorch code (the ``*_ref``). Bytes: inputs read + outputs written, forward and backward.
+- ``adamw``     (opt-in: ``--ops adamw``) one AdamW step over a decoder's parameter shapes (fp32 masters):
+  ``fastrlhf`` is ``runtime.optim.make_adamw`` (torch's fused kernel on CPU and CUDA), ``eager`` torch's default
+  multi-tensor (foreach) AdamW. Error: the parameters after one step from the same state against a float64 AdamW step.
+  Bytes: parameter, gradient and both moments read, parameter and moments written (7 × 4 bytes per parameter).
 On CPU ``fastrlhf`` is the kernels' CPU path (backend "auto" -> PyTorch / C++); on CUDA it is the Triton kernels.
 Providers: fastrlhf, eager (+ eager-lse, eager-rowloop variants for logprobs), compile (default on CUDA only: on CPU
 inductor needs ~30 s to compile each function; ask with --providers), trl, liger (CUDA only, when importable).
@@ -58,11 +62,13 @@ DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
 # (tiny: N·V crosses the CPU path's 256 MiB chunk budget at both N, as the h100 shape does on the GPU).
 SHAPES = {
     "h100": dict(logits=(32, 512, 151936), linear=(16384, 896, 151936), linear_mem=(896, (4096, 16384)),
-                 kl=(8192, 896, 151936), gae=(64, 1024), ppo=(64, 1024), decoder=(16384, 896, 4864, 14, 2, 64)),
+                 kl=(8192, 896, 151936), gae=(64, 1024), ppo=(64, 1024), decoder=(16384, 896, 4864, 14, 2, 64),
+                 adamw=(24, 896, 4864, 14, 2, 64, 151936)),
     "tiny": dict(logits=(4, 64, 32001), linear=(1024, 256, 32001), linear_mem=(64, (2048, 6144)),
-                 kl=(512, 256, 32001), gae=(64, 1024), ppo=(64, 1024), decoder=(2048, 256, 704, 4, 2, 64)),
+                 kl=(512, 256, 32001), gae=(64, 1024), ppo=(64, 1024), decoder=(2048, 256, 704, 4, 2, 64),
+                 adamw=(4, 256, 768, 4, 2, 64, 4096)),
     "smoke": dict(logits=(2, 16, 4099), linear=(128, 64, 4099), linear_mem=(64, (64, 256)), kl=(64, 64, 4099),
-                  gae=(8, 256), ppo=(8, 256), decoder=(64, 64, 96, 4, 2, 16)),
+                  gae=(8, 256), ppo=(8, 256), decoder=(64, 64, 96, 4, 2, 16), adamw=(2, 64, 128, 4, 2, 16, 512)),
 }
 GAMMA, LAM, TAU = 1.0, 0.95, 1.0
 CLIP_EPS, KL_COEF, VF_CLIP = 0.2, 0.001, 0.2
@@ -553,8 +559,48 @@ def bench_decoder(ctx: Ctx) -> None:
         flush(ctx)
 
 
+def bench_adamw(ctx: Ctx) -> None:
+    """One AdamW step over an L-layer decoder's parameters (tied head): ``make_adamw`` (fused) vs torch's foreach."""
+    from fastrlhf.runtime.optim import make_adamw
+    L, H, F, hq, hkv, D, V = SHAPES[ctx.shape]["adamw"]
+    dev = ctx.device
+    shapes = [(V, H), (H,)] + [((hq + 2 * hkv) * D, H), (H, hq * D), (2 * F, H), (H, F), (H,), (H,)] * L
+    init = [torch.randn(sh, device=dev) * 0.02 for sh in shapes]
+    grads = [torch.randn(sh, device=dev) * 1e-3 for sh in shapes]
+    hp = dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+
+    def model(dtype=torch.float32):
+        m = torch.nn.ParameterList([torch.nn.Parameter(t.to(dtype).clone()) for t in init])
+        for p_, g in zip(m, grads):
+            p_.grad = g.to(dtype).clone()
+        return m
+
+    ref = model(torch.float64)  # one float64 step from the same state: the reference parameters
+    torch.optim.AdamW([{"params": [p_ for p_ in ref if p_.dim() >= 2], "weight_decay": hp["weight_decay"]},
+                       {"params": [p_ for p_ in ref if p_.dim() < 2], "weight_decay": 0.0}], lr=hp["lr"],
+                      betas=hp["betas"], eps=hp["eps"], foreach=False).step()
+    n = sum(t.numel() for t in init)
+    shape = f"{L} layers H={H} F={F} V={V}: {n / 1e6:.2f}M fp32 params"
+    mods = {"fastrlhf": model(), "eager": model()}
+    opts = {"fastrlhf": make_adamw(mods["fastrlhf"], lr=hp["lr"], weight_decay=hp["weight_decay"], betas=hp["betas"],
+                                   eps=hp["eps"]),
+            "eager": torch.optim.AdamW([{"params": [p_ for p_ in mods["eager"] if p_.dim() >= 2],
+                                         "weight_decay": hp["weight_decay"]},
+                                        {"params": [p_ for p_ in mods["eager"] if p_.dim() < 2], "weight_decay": 0.0}],
+                                       lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], foreach=True)}
+    for prov in ("fastrlhf", "eager"):
+        if ctx.wants(prov):
+            def step(o=opts[prov], m=mods[prov]):
+                o.step()
+                return [p_.detach() for p_ in m]
+            measure(ctx, "adamw", "step", prov, shape, step,
+                    lambda out: max((a.double() - b.detach()).abs().max().item() for a, b in zip(out, ref)),
+                    nbytes=7 * 4 * n, no_grad=True)
+    flush(ctx)
+
+
 BENCHES = {"logprobs": bench_logprobs, "linear": bench_linear, "kl": bench_kl, "gae": bench_gae, "ppo": bench_ppo,
-           "decoder": bench_decoder}
+           "decoder": bench_decoder, "adamw": bench_adamw}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

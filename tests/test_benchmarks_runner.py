@@ -235,3 +235,13 @@ def test_realistic_workload_lengths_follow_the_hazard():
     assert G / 4 - 3 <= st["median"] <= G / 4 + 3, st
     assert 0.83 * G - 6 <= st["p90"] <= G, st
     assert wl.pad_fraction([2, 4], [1, 3], 5) == pytest.approx(1 - 10 / 10) and wl.pad_fraction([2], [1], 5) == 0.4
+
+
+def test_kernels_runner_adamw_step_matches_float64(capsys):
+    """--ops adamw: make_adamw's step and torch's foreach step, both within fp32 rounding of a float64 AdamW step (an
+    update is ~lr = 1e-3, so a wrong step shows far above the 1e-6 bound)."""
+    ctx = runner.run(["adamw"], "smoke", device="cpu", warmup_ms=0, rep_ms=0)
+    rows = {r["provider"]: r for r in ctx.rows if r["op"] == "adamw"}
+    assert set(rows) == {"fastrlhf", "eager"}, ctx.skipped
+    for r in rows.values():
+        assert r["max_abs_err"] < 1e-6 and r["median_ms"] > 0

@@ -22,8 +22,8 @@ def adamw_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def make_adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=ADAM_BETAS, eps: float = ADAM_EPS):
     """AdamW with weight decay on matrices only (``adamw_groups``), torch's fused kernel (one pass over each tensor) on
-    CPU and CUDA floating-point parameters, else torch's default. The fused CPU kernel runs an AdamW step 4-5x faster
-    than the multi-tensor one (4.2M fp32 parameters, 2 threads: ~4 vs ~17 ms) and agrees with it to float rounding."""
+    CPU and CUDA floating-point parameters, else torch's default. Same math as the multi-tensor kernel, other float
+    rounding; speed: ``python -m benchmarks.run_kernels --ops adamw`` (benchmarks/RESULTS.md)."""
     groups = adamw_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
