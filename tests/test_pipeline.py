@@ -23,7 +23,7 @@ def summary(tmp_path_factory):
 
 def test_ppo_beats_sft_on_the_judge(summary):
     """InstructGPT's headline at toy scale: the labeler prefers PPO's samples over SFT's (1024 held-out prompts, one
-    sample each at T=1). Seeds 0-6 measured with the defaults (1 thread): win rates 0.573-0.662, wins 2.2-7.4× the
+    sample each at T=1). Seeds 0-6 measured with the defaults (1 thread): win rates 0.580-0.646, wins 2.5-5.8× the
     losses (benchmarks/RESULTS.md); asserted with room, since one seed's exact outcome is machine-dependent."""
     assert summary["judge_score_ppo"] > summary["judge_score_sft"]
     assert summary["win_rate_ppo_over_sft"] > 0.5
