@@ -289,7 +289,8 @@ def main(argv=None) -> int:
                          "hazard built into the weights (benchmarks/workload.py). Several: run each in turn")
     ap.add_argument("--plot", default=None, metavar="PATH.png", help="draw tokens/s per provider and workload")
     ap.add_argument("--floor", action="store_true", help="also time the generation's GEMM floor in this run "
-                    "(benchmarks/run_floor.py, decode as chains) and print what it leaves against hf-dynamic")
+                    "(benchmarks/run_floor.py, decode as chains) and print what it leaves against transformers' "
+                    "generate (hf-dynamic, else hf-static)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     tps: dict[str, dict[str, float]] = {}
@@ -315,8 +316,8 @@ def main(argv=None) -> int:
         if a.floor:
             from .run_floor import floor_note, floor_of
             fl = floor_of(info["shape"], "ppo", workload, info["device"], getattr(torch, info["dtype"]))
-            print(floor_note(fl, "generation", peer=tps[workload].get("hf-dynamic"), ours=tps[workload].get("fastrlhf"),
-                             rate=True))
+            peer = tps[workload].get("hf-dynamic", tps[workload].get("hf-static"))  # transformers' generate
+            print(floor_note(fl, "generation", peer=peer, ours=tps[workload].get("fastrlhf"), rate=True))
         if not a.no_csv:
             used = write_csv(Path(a.csv), rows, meta)
             print(f"appended {len(rows)} rows to {used}")

@@ -13,7 +13,8 @@ slow stage cannot take the whole budget; a stage is skipped when less than its m
 - ``kernels``   ``benchmarks.run_kernels`` at the ``h100`` shape, bf16: fastrlhf beside eager, TRL's and Liger's kernels.
 - ``linear_configs``  ``benchmarks.run_linear_configs``: candidate tile configs of the bf16 LM-head log-prob kernels
                 against the shipped one (which to ship is decided from this).
-- ``generate``  ``benchmarks.run_generate`` at ``qwen2-0.5b``: the hybrid engine beside transformers' static-cache generate.
+- ``generate``  ``benchmarks.run_generate`` at ``qwen2-0.5b``: the hybrid engine beside transformers' static-cache generate
+  (``--floor``: the generation's GEMM floor, decode as chains, timed in the same run).
 - ``ppo``       ``benchmarks.run_ppo`` at ``qwen2-0.5b``: fastrlhf's PPO iteration beside TRL 0.29's PPOTrainer
                 (``--trl-path`` from ``FASTRLHF_TRL_PATH``, which gpu_check.sh sets when the wheels are there); one
                 timed iteration after one warm-up per arm (TRL's takes ~31 s on an H100).
@@ -72,10 +73,10 @@ def stages(out: Path) -> list[Stage]:
         Stage("linear_configs", ("benchmarks.run_linear_configs", "--shape", "h100", "--device", "cuda", "--csv", csv_g),
               40, 25, runner="benchmarks.run_linear_configs", shapes={"shape": "SHAPES"}),
         Stage("generate", ("benchmarks.run_generate", "--shape", "qwen2-0.5b", "--device", "cuda", "--providers",
-                           "fastrlhf", "hf-static", "--runs", "3", "--csv", csv_g), 90, 45,
+                           "fastrlhf", "hf-static", "--runs", "3", "--floor", "--csv", csv_g), 90, 45,
               runner="benchmarks.run_generate", shapes={"shape": "SHAPES"}),
         Stage("ppo", ("benchmarks.run_ppo", "--shape", "qwen2-0.5b", "--device", "cuda", "--iters", "1", "--arms",
-                      "fastrlhf", "trl", "--timeout", "100", "--csv", csv_g), 140, 60,
+                      "fastrlhf", "trl", "--timeout", "100", "--floor", "--csv", csv_g), 140, 60,
               runner="benchmarks.run_ppo", shapes={"shape": "SHAPES"}),
         Stage("trl", ("benchmarks.run_trl", "--shape", "qwen2-0.5b", "--device", "cuda", "--steps", "2", "--warmup", "1",
                       "--csv", csv_g), 80, 40, runner="benchmarks.run_trl", shapes={"shape": "SHAPES"}),
