@@ -172,3 +172,46 @@ def test_lora_policy_reference_is_the_adapter_disabled(ckpts, tmp_path):
     again = train(_cfg(ckpts, tmp_path / "lora", iterations=3, lora_rank=4, lora_alpha=8.0, lr=3e-3, resume="auto"),
                   log=RecordingLog())
     assert again["history"][0]["step"] == 3
+
+
+def _tiny_experience(ckpts, seed: int):
+    policy = load_model(ckpts["policy"], head="lm")
+    value = load_model(ckpts["rm"], head="score")
+    rm = load_model(ckpts["rm"], head="score")
+    eng = HybridEngine(policy)
+    with eng.generation():
+        ro = eng.generate([[1, 8, 9], [1, 11, 12, 13], [1, 20]], max_new_tokens=5, eos_token_id=2, pad_token_id=0,
+                          seed=seed)
+    exp = make_experience(ro, policy=policy, ref_policy=policy, reward_model=rm, value_model=value, kl_coef=0.0,
+                          gamma=1.0, lam=0.95, temperature=1.0, eos_token_id=2, missing_eos_penalty=None,
+                          forward_batch_size=8, autocast=torch.no_grad)
+    return policy, value, exp
+
+
+def test_policy_backward_runs_before_the_value_forward(ckpts):
+    """Peak memory holds one model's activations: by the time the value model's forward starts, the policy's
+    backward has filled its gradients (so its graph is freed), in every minibatch."""
+    import contextlib
+    policy, value, exp = _tiny_experience(ckpts, seed=7)
+    seen = []
+    value.register_forward_pre_hook(lambda m, a: seen.append(policy.lm_head_weight.grad is not None))
+    ppo_update(exp, policy=policy, value_model=value, policy_opt=torch.optim.SGD(policy.parameters(), lr=0.0),
+               value_opt=torch.optim.SGD(value.parameters(), lr=0.0), epochs=2, minibatch_size=2, clip_eps=0.2,
+               vf_clip_eps=0.2, temperature=1.0, max_grad_norm=1.0, autocast=contextlib.nullcontext)
+    assert seen == [True] * 4, seen  # 2 epochs × 2 minibatches (3 rollouts in chunks of 2)
+
+
+def test_non_finite_value_loss_stops_before_any_weight_moves(ckpts):
+    """A NaN in the value targets: FloatingPointError before either optimizer steps (the policy's backward already
+    ran, but no weight changed)."""
+    import contextlib
+    policy, value, exp = _tiny_experience(ckpts, seed=8)
+    exp.returns[0, 0] = float("nan")
+    before = [p.detach().clone() for p in list(policy.parameters()) + list(value.parameters())]
+    with pytest.raises(FloatingPointError, match="non-finite PPO loss"):
+        ppo_update(exp, policy=policy, value_model=value, policy_opt=torch.optim.Adam(policy.parameters(), lr=1e-2),
+                   value_opt=torch.optim.Adam(value.parameters(), lr=1e-2), epochs=1, minibatch_size=3,
+                   clip_eps=0.2, vf_clip_eps=0.2, temperature=1.0, max_grad_norm=1.0,
+                   autocast=contextlib.nullcontext)
+    after = list(policy.parameters()) + list(value.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after))

@@ -413,20 +413,24 @@ def ppo_update(exp: Experience, *, policy, value_model, policy_opt, value_opt, e
                                                       mb.mask, agg, norm, temperature=temperature, batch=rb)
                     pg_loss = pg_loss + kl_loss_coef * term
                     stats["kl_loss"].append(kl_mean)
-                values = rb.values(value_model)
-                vf_loss, vf_metrics = kernels.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
-                                                       clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
                 loss_pi = pg_loss
                 if ptx_batches is not None and ptx_coef > 0:
                     ptx = ptx_loss_fn(policy, next(ptx_batches))
                     loss_pi = loss_pi + ptx_coef * ptx
                     stats["ptx_loss"].append(ptx.detach())
-            # the one host sync per minibatch: a non-finite loss must stop before it reaches the weights
-            if distributed.any_rank(not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach()))):
-                raise FloatingPointError(f"non-finite PPO loss (policy {float(loss_pi):.4g}, value {float(vf_loss):.4g})")
+            # separate parameter sets, so one backward per model: the policy's activations are freed before the value
+            # model's forward (peak memory holds one model's activations, not both); gradients are the same
             policy_opt.zero_grad(set_to_none=True)
             value_opt.zero_grad(set_to_none=True)
-            (loss_pi + vf_loss).backward()  # separate parameter sets: one backward fills both
+            loss_pi.backward()
+            with autocast():
+                values = rb.values(value_model)
+                vf_loss, vf_metrics = kernels.ppo_value_loss(values, mb.old_values, mb.returns, mb.mask,
+                                                       clip_eps=vf_clip_eps, agg=agg, normalizer=norm)
+            vf_loss.backward()
+            # the one host sync per minibatch, before any optimizer step: a non-finite loss never reaches the weights
+            if distributed.any_rank(not bool(torch.isfinite(loss_pi.detach() + vf_loss.detach()))):
+                raise FloatingPointError(f"non-finite PPO loss (policy {float(loss_pi):.4g}, value {float(vf_loss):.4g})")
             if max_grad_norm is not None:
                 gn = torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], max_grad_norm)
                 torch.nn.utils.clip_grad_norm_([p for p in value_model.parameters() if p.requires_grad], max_grad_norm)
