@@ -39,7 +39,6 @@ speed-up the floor leaves.
 from __future__ import annotations
 
 import argparse
-import math
 from collections import Counter
 
 import torch
@@ -77,7 +76,7 @@ def gemms(shape: str, stage: str = "ppo", tokens: dict | None = None) -> dict[st
     stage "ppo": ``run_ppo``'s iteration (shapes from ``run_ppo.SHAPES``). stage "grpo": ``run_grpo``'s step (shapes
     from ``run_grpo.SHAPES``): B = Q·n completions generated, no experience forwards (μ = 1 and β = 0: the old
     log-probs are the update's own forward, no reference model), one forward and backward of the policy.
-    ``tokens`` (padding-free work, e.g. ``realistic_tokens``): {"prompt": prompt tokens of the batch, "all": prompt +
+    ``tokens`` (padding-free work, as ``realistic`` passes): {"prompt": prompt tokens of the batch, "all": prompt +
     response tokens, "response": response tokens}; then the prefill and every forward run on those counts and the
     decode steps are left out (``realistic`` times them as chains). None = the fixed shape: B·P, B·(P + G), B·G and
     G − 1 decode steps of B rows."""
@@ -170,8 +169,8 @@ def _gflops(res: dict) -> dict:
 
 
 def measure(shape: str, device: str, dtype=torch.float32, rep_ms: float = 100.0, stage: str = "ppo") -> dict:
-    """Fixed shape: phase -> {"flops", "floor_s", "gflops"} plus "total"; and "chain_s" on "generation" and "total":
-    the same floor with the G − 1 decode steps timed as ``decode_chain`` instead of shape by shape."""
+    """Fixed shape: phase -> {"flops", "floor_s", "gflops"} plus "total"; "chain_s" on "generation" and "total" (the
+    same floor with the G − 1 decode steps timed as ``decode_chain`` instead of shape by shape); "response_tokens"."""
     m, B, P, G, _, _ = _stage_shape(shape, stage)
     res = _floors(gemms(shape, stage), device, dtype, rep_ms)
     timed = res.pop("_timed")
@@ -180,6 +179,7 @@ def measure(shape: str, device: str, dtype=torch.float32, rep_ms: float = 100.0,
     chain = (G - 1) * (decode_chain(m, B, device, dtype, rep_ms) - hot_step)  # what the chain adds to the decode
     res["generation"]["chain_s"] = res["generation"]["floor_s"] + chain
     res["total"]["chain_s"] = res["total"]["floor_s"] + chain
+    res["response_tokens"] = B * G
     return _gflops(res)
 
 
@@ -221,13 +221,14 @@ def floor_of(shape: str, stage: str = "ppo", workload: str = "fixed", device: st
              rep_ms: float = 100.0) -> dict:
     """The floors a runner compares with (decode as chains): {"generation_s", "total_s", "response_tokens"} of one
     batch (realistic: the mean over simulated batches)."""
-    if workload == "fixed":
-        res = measure(shape, device, dtype, rep_ms, stage)
-        _, B, _, G, _, _ = _stage_shape(shape, stage)
-        return {"generation_s": res["generation"]["chain_s"], "total_s": res["total"]["chain_s"], "response_tokens": B * G}
-    res = realistic(shape, device, dtype, rep_ms, stage)
-    return {"generation_s": res["generation"]["floor_s"], "total_s": res["total"]["floor_s"],
+    res = (measure if workload == "fixed" else realistic)(shape, device, dtype, rep_ms, stage)
+    return {"generation_s": tightest(res, "generation"), "total_s": tightest(res, "total"),
             "response_tokens": res["response_tokens"]}
+
+
+def tightest(res: dict, phase: str) -> float:
+    """The tighter floor of ``phase`` in a ``measure`` / ``realistic`` result: decode as chains where timed so."""
+    return res[phase].get("chain_s", res[phase]["floor_s"])
 
 
 def floor_note(floor: dict, what: str, *, peer: float | None, ours: float | None, rate: bool = False) -> str:
@@ -291,15 +292,13 @@ def main(argv=None) -> int:
     for p in (*PHASES, "total"):
         r = res[p]
         if r["flops"]:
-            chain = f" {r.get('chain_s', r['floor_s']):.3f} |" if fixed else ""
+            chain = f" {tightest(res, p):.3f} |" if fixed else ""
             print(f"| {p} | {r['flops'] / 1e9:.1f} | {r['floor_s']:.3f} |{chain} {r['gflops']:.0f} |")
     if a.stage == "ppo" and fixed:
         mf = model_flops(shape)
         print(f"(model FLOPs with attention: {mf['total'] / 1e9:.1f} GFLOP; attention {mf['attention'] / 1e9:.1f})")
-    floor = res["total"].get("chain_s", res["total"]["floor_s"])
-    gen = res["generation"].get("chain_s", res["generation"]["floor_s"])
-    _, B, _, G, _, _ = _stage_shape(shape, a.stage)
-    resp = res["response_tokens"] if not fixed else B * G  # response tokens of one batch
+    floor, gen = tightest(res, "total"), tightest(res, "generation")
+    resp = res["response_tokens"]  # of one batch
     if not fixed:
         steps = sum(res["decode_rows"].values())
         print(f"per batch: {resp} response tokens, {steps:.1f} decode steps; floor {resp / gen:.0f} response tok/s "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .timing import check_choice, check_choices, device_name, git_commit
+from .timing import alternate, check_choice, check_choices, device_name, git_commit
 
 ARMS = ("fastrlhf", "trl")
 # model: Llama config fields; Q prompts of P tokens, n completions each of up to G tokens
@@ -247,12 +247,8 @@ def main(argv=None) -> int:
         return 0
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_grpo_ckpt_") as root:
         build_checkpoint(a.shape, root)
-        rounds: dict[str, list[dict]] = {arm: [] for arm in arms}
-        for _ in range(a.rounds):
-            for arm in arms:
-                if not (rounds[arm] and "error" in rounds[arm][-1]):
-                    rounds[arm].append(_arm_subprocess(arm, a.shape, root, a.warmup, a.iters, a.threads, a.device,
-                                                       a.timeout))
+        rounds = alternate(arms, a.rounds, lambda arm, _: _arm_subprocess(arm, a.shape, root, a.warmup, a.iters,
+                                                                          a.threads, a.device, a.timeout))
         results = {arm: merge_rounds(runs, a.warmup) for arm, runs in rounds.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device: {device_name(a.device)}, {a.threads} threads per arm, load average {load:.2f}, "

@@ -561,7 +561,7 @@ def bench_decoder(ctx: Ctx) -> None:
 
 def bench_adamw(ctx: Ctx) -> None:
     """One AdamW step over an L-layer decoder's parameters (tied head): ``make_adamw`` (fused) vs torch's foreach."""
-    from fastrlhf.runtime.optim import make_adamw
+    from fastrlhf.runtime.optim import adamw_groups, make_adamw
     L, H, F, hq, hkv, D, V = SHAPES[ctx.shape]["adamw"]
     dev = ctx.device
     shapes = [(V, H), (H,)] + [((hq + 2 * hkv) * D, H), (H, hq * D), (2 * F, H), (H, F), (H,), (H,)] * L
@@ -575,19 +575,14 @@ def bench_adamw(ctx: Ctx) -> None:
             p_.grad = g.to(dtype).clone()
         return m
 
+    adam = dict(lr=hp["lr"], betas=hp["betas"], eps=hp["eps"])
     ref = model(torch.float64)  # one float64 step from the same state: the reference parameters
-    torch.optim.AdamW([{"params": [p_ for p_ in ref if p_.dim() >= 2], "weight_decay": hp["weight_decay"]},
-                       {"params": [p_ for p_ in ref if p_.dim() < 2], "weight_decay": 0.0}], lr=hp["lr"],
-                      betas=hp["betas"], eps=hp["eps"], foreach=False).step()
+    torch.optim.AdamW(adamw_groups(ref, hp["weight_decay"]), **adam, foreach=False).step()
     n = sum(t.numel() for t in init)
     shape = f"{L} layers H={H} F={F} V={V}: {n / 1e6:.2f}M fp32 params"
     mods = {"fastrlhf": model(), "eager": model()}
-    opts = {"fastrlhf": make_adamw(mods["fastrlhf"], lr=hp["lr"], weight_decay=hp["weight_decay"], betas=hp["betas"],
-                                   eps=hp["eps"]),
-            "eager": torch.optim.AdamW([{"params": [p_ for p_ in mods["eager"] if p_.dim() >= 2],
-                                         "weight_decay": hp["weight_decay"]},
-                                        {"params": [p_ for p_ in mods["eager"] if p_.dim() < 2], "weight_decay": 0.0}],
-                                       lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], foreach=True)}
+    opts = {"fastrlhf": make_adamw(mods["fastrlhf"], weight_decay=hp["weight_decay"], **adam),
+            "eager": torch.optim.AdamW(adamw_groups(mods["eager"], hp["weight_decay"]), **adam, foreach=True)}
     for prov in ("fastrlhf", "eager"):
         if ctx.wants(prov):
             def step(o=opts[prov], m=mods[prov]):

@@ -67,7 +67,7 @@ from pathlib import Path
 import torch
 
 from .run_generate import CSV_COLUMNS, format_table, write_csv
-from .timing import _quantile, check_choice, check_choices, device_name, git_commit
+from .timing import _quantile, alternate, check_choice, check_choices, device_name, git_commit
 from .workload import WORKLOADS, check_workload, length_stats, pad_fraction, response_lengths
 
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
@@ -534,15 +534,10 @@ def run(shape: str | None = None, device: str | None = None, iters: int = 4, thr
     check_workload(workload)
     S = SHAPES[shape]
     flops = model_flops(shape)
-    per_round: dict[str, list[dict]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_ppo_") as root:
         build_checkpoints(shape, root, seed=seed, workload=workload)
-        for r in range(rounds):
-            for arm in arms:
-                if per_round[arm] and "error" in per_round[arm][-1]:
-                    continue
-                per_round[arm].append(_arm_subprocess(arm, shape, root, device, iters, threads, profile and r == 0,
-                                                      trl_path, timeout, workload))
+        per_round = alternate(arms, rounds, lambda arm, r: _arm_subprocess(
+            arm, shape, root, device, iters, threads, profile and r == 0, trl_path, timeout, workload))
     results = {a: merge_rounds(per_round[a], S["B"], S["G"]) for a in arms}
     rows = []
     for arm in arms:

@@ -92,6 +92,18 @@ def bench_interleaved(fns: list[Callable[[], object]], *, warmup_ms: float = 25.
     return [Timing(statistics.median(t), _quantile(t, 0.2), _quantile(t, 0.8), len(t)) for t in times]
 
 
+def alternate(arms, rounds: int, run_one: Callable[[str, int], dict]) -> dict[str, list[dict]]:
+    """Run every arm ``rounds`` times, alternating (A B A B ...) so that a drifting machine load hits them alike:
+    arm -> its results in round order. ``run_one(arm, round)`` returns a dict; an arm whose last result has an
+    "error" key is not run again."""
+    out: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for r in range(rounds):
+        for arm in arms:
+            if not (out[arm] and "error" in out[arm][-1]):
+                out[arm].append(run_one(arm, r))
+    return out
+
+
 def peak_extra_mib(fn: Callable[[], object], device: str) -> float:
     """Peak bytes (MiB) torch allocated during one ``fn()`` call above what was live before it (see module doc)."""
     if device == "cuda":

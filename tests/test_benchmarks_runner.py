@@ -245,3 +245,16 @@ def test_kernels_runner_adamw_step_matches_float64(capsys):
     assert set(rows) == {"fastrlhf", "eager"}, ctx.skipped
     for r in rows.values():
         assert r["max_abs_err"] < 1e-6 and r["median_ms"] > 0
+
+
+def test_alternate_runs_arms_in_turn_and_stops_a_failed_arm():
+    """timing.alternate: A B A B order, results per arm in round order, no reruns of an arm after an error."""
+    from fastrlhf.benchmarks.timing import alternate
+    calls = []
+
+    def run_one(arm, r):
+        calls.append((arm, r))
+        return {"error": "boom"} if (arm == "b" and r == 0) else {"round": r}
+    out = alternate(["a", "b"], 3, run_one)
+    assert calls == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+    assert out == {"a": [{"round": 0}, {"round": 1}, {"round": 2}], "b": [{"error": "boom"}]}
