@@ -459,3 +459,65 @@ def test_compaction_sampling_same_rollout_as_without(model, check_every):
         torch.testing.assert_close(x.logprobs, b.logprobs, atol=1e-5, rtol=0)
     ref = logprobs_from_logits_ref(teacher_forced_logits(model, a), a.response_ids).float()
     assert (ref - a.logprobs).mul(a.response_mask).abs().max() < ATOL_LOGP
+
+
+# ---------------------------------------------------------------------------------------------------- oneDNN GEMMs
+needs_onednn = pytest.mark.skipif(not __import__("fastrlhf.kernels.onednn_linear", fromlist=["x"]).available(),
+                                  reason="this torch build has no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_onednn_gemms_same_rollout_as_torch_gemms(model, temperature):
+    """onednn=True (packed weights for every linear and the head) against onednn=False (F.linear): the same tokens and
+    log-probs up to fp32 summation order; the packed copies are made per call and no module keeps an override."""
+    prompts = ragged_prompts(6, seed=21)
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=5)
+    out = {}
+    for flag in (False, True):
+        eng = HybridEngine(model, onednn=flag)
+        assert eng.use_onednn is flag
+        with eng.generation():
+            out[flag] = eng.generate(prompts, **kw)
+        assert (eng.stats["pack_s"] > 0) is flag
+    assert torch.equal(out[True].response_ids, out[False].response_ids)
+    torch.testing.assert_close(out[True].logprobs, out[False].logprobs, atol=ATOL_LOGP, rtol=0)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    # and the packed copies follow weight updates between calls
+    eng = HybridEngine(model, onednn=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    with eng.generation():
+        moved = eng.generate(prompts, **kw)
+    assert not torch.equal(moved.response_ids, out[True].response_ids)
+    with HybridEngine(model, onednn=False).generation() as ref_eng:
+        ref = ref_eng.generate(prompts, **kw)
+    assert torch.equal(moved.response_ids, ref.response_ids)
+
+
+@needs_onednn
+def test_onednn_overrides_removed_after_an_error_and_custom_forwards_kept(model, monkeypatch):
+    """An exception inside generate leaves no packed override behind; a linear whose instance already has its own
+    forward is not touched."""
+    own = model.model.layers[0].mlp.down_proj
+    marker = own.forward = lambda x: torch.nn.functional.linear(x, own.weight, own.bias)
+    eng = HybridEngine(model, onednn=True)
+    with eng.generation():
+        eng.generate(ragged_prompts(2, seed=3), max_new_tokens=3, temperature=0)
+        monkeypatch.setattr(eng, "_sample_head", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            eng.generate(ragged_prompts(2, seed=3), max_new_tokens=3, temperature=0)
+    assert own.__dict__["forward"] is marker
+    del own.forward
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert eng._head_packed is None
+
+
+def test_onednn_option_validation(model):
+    with pytest.raises(ValueError, match="onednn='yes'"):
+        HybridEngine(model, onednn="yes")
+    with pytest.raises(ValueError, match="compile_step is on"):
+        HybridEngine(model, onednn=True, compile_step=True)
+    assert not HybridEngine(model, compile_step=True).use_onednn  # auto steps aside for torch.compile
+    assert not HybridEngine(model, onednn=False).use_onednn

@@ -17,6 +17,7 @@ docs/engine.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fastrlhf.engine.sampling import SamplingParams, sample
+from fastrlhf.kernels import onednn_linear
 from fastrlhf.kernels.head import compute_dtype, head_logits
 
 MEMORY_POLICIES = ("keep", "free")
@@ -143,11 +145,16 @@ class HybridEngine:
         ``compile_step`` (each batch / slot shape would recompile) nor a ``weight_gather``.
     weight_gather: how a sharded model is gathered for one rollout (see the module docstring); None or mode "local" =
         the weights are local.
+    onednn: eager CPU decoding with fp32 weights: pack every ``nn.Linear`` weight (and the head) once per ``generate``
+        call into oneDNN's blocked layout and run the prefill and decode GEMMs through it
+        (``fastrlhf.kernels.onednn_linear``; same product, another fp32 summation order). "auto" (default): when the
+        torch build has oneDNN and the model runs eagerly on CPU in fp32 without ``compile_step`` or a
+        ``weight_gather``; True: required (raises where it can't be used); False: ``F.linear``.
     """
 
     def __init__(self, model, *, memory_policy: str = "keep", cuda_graphs="auto", batch_buckets=None,
                  compute_dtype: torch.dtype | None = None, compile_step: bool = False, check_every: int = 8,
-                 weight_gather=None, compact: bool = True):
+                 weight_gather=None, compact: bool = True, onednn="auto"):
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"HybridEngine(memory_policy={memory_policy!r}): expected one of {MEMORY_POLICIES}")
         if cuda_graphs not in ("auto", True, False):
@@ -162,6 +169,8 @@ class HybridEngine:
                 raise ValueError(f"HybridEngine(batch_buckets={batch_buckets!r}): expected positive batch sizes")
         if int(check_every) < 1:
             raise ValueError(f"HybridEngine(check_every={check_every}): must be >= 1")
+        if onednn not in ("auto", True, False):
+            raise ValueError(f"HybridEngine(onednn={onednn!r}): expected 'auto', True or False")
         self.model = model
         self.memory_policy = memory_policy
         self.batch_buckets = batch_buckets
@@ -186,11 +195,22 @@ class HybridEngine:
         self._compiled = None  # torch.compile(self._step), made on first use
         self._compiled_keys: set = set()
         self.stats = {"capture_s": 0.0, "captures": 0, "cache_allocs": 0, "compile_s": 0.0, "compactions": 0,
-                      "row_steps": 0}  # row_steps: decode steps × bucket rows run (what compaction saves)
+                      "row_steps": 0, "pack_s": 0.0}  # row_steps: decode steps × bucket rows run (what compaction saves)
         self._pool = None  # the CUDA graphs' shared memory pool (torch.cuda.graph_pool_handle), made at first capture
         # compute_dtype copies of the nn.Linear weights: {module: copy} (see the module docstring); None = not used
         self._lowp: dict | None = {} if (self.weight_gather is None and compute_dtype is not None
                                           and compute_dtype != next(model.parameters()).dtype) else None
+        why_not = (None if self.device.type == "cpu" else f"the model is on {self.device}",
+                   None if onednn_linear.available() else "this torch build has no oneDNN",
+                   None if p.dtype == torch.float32 and self._lowp is None and compute_dtype in (None, torch.float32)
+                   else "it packs fp32 weights only (compute_dtype / weights are not fp32)",
+                   None if not self.compile_step else "compile_step is on",
+                   None if self.weight_gather is None else "the weights are gathered per rollout (weight_gather)")
+        why_not = next((w for w in why_not if w is not None), None)
+        if onednn is True and why_not is not None:
+            raise ValueError(f"HybridEngine(onednn=True): can't pack the weights for oneDNN: {why_not}")
+        self.use_onednn = onednn is not False and why_not is None
+        self._head_packed: Tensor | None = None  # the packed head weight inside _packed_weights(), else None
 
     # ------------------------------------------------------------------------------------------------ mode switching
     @contextlib.contextmanager
@@ -313,6 +333,31 @@ class HybridEngine:
             for m, w in swapped:
                 m._parameters["weight"] = w
 
+    @contextlib.contextmanager
+    def _packed_weights(self, rows: int):
+        """Inside (``use_onednn``): every plain ``nn.Linear`` computes through a oneDNN-packed copy of its weight, made
+        now (the weights change between rollouts, never inside one), and ``_sample_head`` reads the packed head.
+        Modules whose class or instance defines its own forward are left alone; the copies are dropped on exit."""
+        if not self.use_onednn:
+            yield
+            return
+        t0 = time.perf_counter()
+        swapped = []
+        try:
+            for m in self.model.modules():
+                if type(m) is not torch.nn.Linear or "forward" in m.__dict__:
+                    continue
+                packed = onednn_linear.pack(m.weight, rows)
+                m.forward = functools.partial(onednn_linear.linear, packed=packed, bias=m.bias)
+                swapped.append(m)
+            self._head_packed = onednn_linear.pack(self.model.lm_head.weight, rows)
+            self.stats["pack_s"] += time.perf_counter() - t0
+            yield
+        finally:
+            self._head_packed = None
+            for m in swapped:
+                del m.forward
+
     def _autocast(self):
         p = next(self.model.parameters())
         if self.compute_dtype is None or self.compute_dtype == p.dtype:
@@ -361,7 +406,8 @@ class HybridEngine:
         eos_t = torch.tensor(eos or [-1], device=self.device)
         compact = self.compact and not self.compile_step and self.weight_gather is None
         window = compact and not self.use_graphs
-        with torch.no_grad(), self._device_ctx(), self.gather_weights(), self._autocast(), self._lowp_weights():
+        with (torch.no_grad(), self._device_ctx(), self.gather_weights(), self._autocast(), self._lowp_weights(),
+              self._packed_weights(b)):
             step = self._decode_fn(key) if G > 1 else None
             # 1. reset the decode state: prompt at slots 0..P−1, idle bucket rows done from the start
             buf.tokens.fill_(pad)
@@ -494,6 +540,8 @@ class HybridEngine:
         logits), one pass over the head per step; the token's log-prob z_y − LSE(z) comes from the max and Σexp the
         sampler already has. It differs from the fused ``head_logprobs`` that PPO's forwards use only by the order of
         the fp32 sums (~1e-7), far below what the KV-cache path of the hidden states leaves (docs/numerics.md)."""
+        if self._head_packed is not None:  # fp32 weights on CPU: the same fp32 product through oneDNN
+            return sample(onednn_linear.linear(h, self._head_packed), params, u)
         w = self.model.lm_head.weight
         w = w.to(compute_dtype(w))  # cast once per step (fp32 masters -> bf16 under autocast); a no-op below
         return sample(head_logits(h, w), params, u)

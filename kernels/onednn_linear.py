@@ -1,0 +1,51 @@
+"""y = x·Wᵀ + b on CPU through oneDNN with W packed once into oneDNN's blocked layout (inference only).
+
+Notation: N rows (any leading shape), K in-features, M out-features, W [M, K].
+
+Why. torch's fp32 ``F.linear`` on CPU calls the BLAS it was built with (MKL in the official wheels). For the skinny GEMMs
+of a decode step (N = the batch, a few dozen rows) oneDNN's matmul over a weight reordered once into its blocked
+layout reads W faster, and on some x86 CPUs MKL's fp32 path is far from the machine's peak: on the AMD EPYC (AVX-512)
+of ``benchmarks/RESULTS.md`` a 32×256 by 256×1536 product takes about half the time of ``F.linear``. The engine packs
+every ``nn.Linear`` once per rollout (W changes after every optimizer step, never inside a rollout) and reuses the
+packed copies for the prefill and every decode step.
+
+``pack`` / ``linear`` use the ATen ops oneDNN registers (``torch.ops.mkldnn``), the same ones torch.compile's CPU
+backend emits for frozen linears. The math is the same product; only the fp32 summation order differs from
+``F.linear`` (tests bound both against ``linear_ref`` in float64). No autograd: training keeps ``F.linear``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def available() -> bool:
+    """Whether this torch build has oneDNN with the packed-linear ops (the official x86 and aarch64 CPU wheels do)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    return bool(torch.backends.mkldnn.is_available() and ops is not None and hasattr(ops, "_linear_pointwise")
+                and hasattr(ops, "_reorder_linear_weight"))
+
+
+def pack(weight: Tensor, batch_hint: int | None = None) -> Tensor:
+    """W [M, K] fp32 on CPU -> W in oneDNN's blocked layout (an opaque ``torch._mkldnn`` tensor, a copy: later changes
+    to ``weight`` do not reach it). ``batch_hint``: the number of rows N the layout is tuned for (any N works)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2:
+        raise ValueError(f"onednn_linear.pack: expected a 2-D fp32 CPU weight, got {weight.dtype} "
+                         f"{list(weight.shape)} on {weight.device}")
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+
+
+def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x [..., K] fp32 CPU, ``packed`` from ``pack`` (W [M, K]), bias [M] or None -> x·Wᵀ + b [..., M] fp32.
+    Inference only: raises if autograd would need to flow through it."""
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("onednn_linear.linear has no backward: call it under torch.no_grad() (training uses F.linear)")
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"onednn_linear.linear: expected fp32 CPU input, got {x.dtype} on {x.device}")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None if bias is None else bias.detach(), "none", [], "")
+
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The reference y = x·Wᵀ + b in x's dtype (tests call it in float64)."""
+    y = x @ weight.to(x.dtype).t()
+    return y if bias is None else y + bias.to(x.dtype)
