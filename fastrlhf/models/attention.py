@@ -82,9 +82,13 @@ class AttnMeta:
     cache_seqlens: Tensor | None = None
     cache_leftpad: Tensor | None = None
     cached: bool = False                # keys come from a KV cache (S slots, usually S >> T)
-    # packed on SDPA: q/k/v re-padded per sample into [n, H, Tmax, D] (right padding) around the attention call only
-    pad_index: Tensor | None = None     # [N] int64: row-major slot b·Tmax + (t − cu[b]) of each packed token
+    # packed on SDPA: q/k/v re-padded per sample into [n, H, Tmax, D] (right padding) around the attention call only.
+    # Samples are lists of packed tokens: sample s is the tokens seq_index[cu[s]:cu[s+1]] (seq_index None = the
+    # identity, samples are contiguous); with shared prompts a prompt's tokens belong to each sample of its group.
+    pad_index: Tensor | None = None     # [L] int64: row-major slot s·Tmax + (j − cu[s]) of each sample position j
     pad_rows: tuple[int, int] = (0, 0)  # (n samples, Tmax longest sample)
+    pad_src: Tensor | None = None       # [L] packed token at each sample position (None = the identity, L = N)
+    pad_take: Tensor | None = None      # [N] the slot each packed token's output is read from (None = pad_index)
 
 
 def _causal(q_slot: Tensor, k_slot: Tensor, window: int | None) -> Tensor:
@@ -96,12 +100,15 @@ def _causal(q_slot: Tensor, k_slot: Tensor, window: int | None) -> Tensor:
 
 
 def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = None, cache_pos: Tensor | None = None,
-               S: int | None = None, cu_seqlens: Tensor | None = None, window: int | None = None,
-               need_window: bool = False) -> AttnMeta:
+               S: int | None = None, cu_seqlens: Tensor | None = None, seq_index: Tensor | None = None,
+               window: int | None = None, need_window: bool = False) -> AttnMeta:
     """Masks for one forward.
     - kv cache: ``cache_pos`` [T] slots of the queries, ``attention_mask`` [B, S] valid cache slots.
     - packed: ``cu_seqlens`` [n+1] over N = T tokens of one row; block-diagonal causal (SDPA: q/k/v re-padded per
       sample around the attention call, ``_attend_repadded``; eager: the block-diagonal mask).
+    - packed with shared prompts: ``seq_index`` [L] lists each sample's packed tokens in order (a prompt's tokens
+      appear once per sample of its group) and ``cu_seqlens`` [n+1] cuts it; each sample is causal over its own list.
+      Always re-padded per sample (every impl; flash-attn's varlen kernels take contiguous samples only).
     - padded: ``attention_mask`` [B, T] (either side); causal and key-valid. A query row with no valid key (a pad
       query before any real token) may attend to itself, so no row is empty (its output is ignored by callers)."""
     meta = AttnMeta(impl=impl, window=window if need_window else None)
@@ -125,20 +132,29 @@ def build_meta(impl: str, T: int, device, *, attention_mask: Tensor | None = Non
         return meta
     if cu_seqlens is not None:  # ---- packed sequences
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
-        if impl == "flash":
+        if impl == "flash" and seq_index is None:
             meta.cu_seqlens, meta.max_seqlen = cu, int((cu[1:] - cu[:-1]).max().item())
             return meta
-        tok = torch.arange(T, device=device)
-        seg = torch.bucketize(tok, cu[1:].long(), right=True)  # [N] sample id of each token
-        if impl == "sdpa" and PACKED_SDPA == "repad":  # per-sample re-padding: no mask, or a window over [Tmax, Tmax]
+        if seq_index is not None or (impl == "sdpa" and PACKED_SDPA == "repad"):
+            # per-sample re-padding: no mask, or a window over [Tmax, Tmax]
+            pos = torch.arange(int(cu[-1]), device=device)  # [L] positions in the concatenated samples
+            seg = torch.bucketize(pos, cu[1:].long(), right=True)  # [L] sample of each position
             lens = cu[1:] - cu[:-1]
             tmax = int(lens.max().item())
+            meta.impl = "eager" if impl == "eager" else "sdpa"
             meta.pad_rows = (lens.numel(), tmax)
-            meta.pad_index = seg * tmax + (tok - cu.long()[seg])
+            meta.pad_index = seg * tmax + (pos - cu.long()[seg])
+            if seq_index is not None:
+                src = seq_index.to(device=device, dtype=torch.long)
+                meta.pad_src = src  # a token's output: its first slot (the same in every sample that holds it)
+                meta.pad_take = torch.full((T,), len(lens) * tmax, dtype=torch.long,  # n·Tmax = no slot yet
+                                           device=device).scatter_reduce_(0, src, meta.pad_index, "amin")
             if need_window:
                 t = torch.arange(tmax, device=device)
                 meta.mask_window = _causal(t, t, window)[None, None]
             return meta
+        tok = torch.arange(T, device=device)
+        seg = torch.bucketize(tok, cu[1:].long(), right=True)  # [N] sample id of each token
         same = seg[:, None] == seg[None, :]
         for w in wins:
             setattr(meta, "mask" if w is None else "mask_window", (_causal(tok, tok, w) & same)[None, None])
@@ -171,20 +187,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, slidin
     if meta.pad_index is not None:
         return _attend_repadded(q, k, v, meta, scale, mask)
     B, Hq, T, D = q.shape
-    if meta.impl == "eager":  # softmax(q k^T * scale + mask) v, in fp32 for the softmax
-        rep = Hq // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
-        s = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, T, S]
-        if mask is None:
-            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~mask, float("-inf"))
-        o = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if meta.impl == "eager":
+        o = _eager(q, k, v, mask, scale)
     elif mask is None or q.device.type == "cpu":  # plain causal (SDPA's flash backend), or any mask on CPU (its CPU
         gqa = {"enable_gqa": True} if Hq != k.shape[1] else {}  # kernel takes the mask): GQA native, never a k/v copy
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, **gqa)
     else:
         o = masked_sdpa_equal_heads(q, k, v, mask, scale, meta.cached)
     return o.transpose(1, 2)
+
+
+def _eager(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale + mask) v with the softmax in fp32: q [B, Hq, T, D], k/v [B, Hkv, S, D], mask [B|1, 1, T, S]
+    bool or None (causal) -> [B, Hq, T, D]."""
+    T, rep = q.shape[2], q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B, Hq, S, D]
+    s = (q @ k.transpose(-1, -2)) * scale  # [B, Hq, T, S]
+    if mask is None:
+        mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
+    s = s.masked_fill(~mask, float("-inf"))
+    return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
 def masked_sdpa_equal_heads(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, cached: bool) -> Tensor:
@@ -212,25 +234,33 @@ def _attend_repadded(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: flo
     the N packed tokens. Right padding makes plain causal attention exact for the valid queries (a sample's pad keys
     lie after all of its valid queries), so SDPA runs with ``is_causal`` (its fused CPU/CUDA kernel, GQA native) and no
     mask: n·Tmax² scores instead of the N² of a block-diagonal mask over the packed row. A pad query's output is
-    dropped when the result is unpadded (so it gets no gradient)."""
+    dropped when the result is unpadded (so it gets no gradient).
+    Shared prompts (``meta.pad_src``): a prompt token is copied into every sample of its group (the copies' gradients
+    add up in backward), and its output is read from one of them (all are equal: a prompt token sees only its
+    prompt)."""
     n, tmax = meta.pad_rows
-    idx = meta.pad_index
+    idx, src = meta.pad_index, meta.pad_src
 
     def repad(x: Tensor) -> Tensor:  # [1, H, N, D] -> [n, H, Tmax, D]
         flat = x[0].transpose(0, 1)  # [N, H, D]
+        if src is not None:
+            flat = flat.index_select(0, src)  # [L, H, D] the samples' tokens in order
         return flat.new_zeros(n * tmax, *flat.shape[1:]).index_copy(0, idx, flat).view(
             n, tmax, *flat.shape[1:]).transpose(1, 2)
 
     Hq, Hkv = q.shape[1], k.shape[1]
     qp, kp, vp = repad(q), repad(k), repad(v)
-    if mask is None:
+    take = meta.pad_take if meta.pad_take is not None else idx
+    if meta.impl == "eager":
+        o = _eager(qp, kp, vp, mask, scale)
+    elif mask is None:
         gqa = {"enable_gqa": True} if Hq != Hkv else {}
         o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, **gqa)  # [n, Hq, Tmax, D]
     else:  # sliding window [1, 1, Tmax, Tmax] (causal included): the masked backend, k/v repeated per query head
         if Hq != Hkv:
             kp, vp = kp.repeat_interleave(Hq // Hkv, dim=1), vp.repeat_interleave(Hq // Hkv, dim=1)
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
-    return o.transpose(1, 2).reshape(n * tmax, Hq, -1).index_select(0, idx)[None]  # [1, N, Hq, D]
+    return o.transpose(1, 2).reshape(n * tmax, Hq, -1).index_select(0, take)[None]  # [1, N, Hq, D]
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, meta: AttnMeta, scale: float, window: int | None) -> Tensor:

@@ -324,12 +324,14 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 kv_cache: StaticKVCache | None = None, cache_pos: Tensor | None = None,
-                cu_seqlens: Tensor | None = None) -> Tensor:
+                cu_seqlens: Tensor | None = None, seq_index: Tensor | None = None) -> Tensor:
         """input_ids [B, T] -> hidden [B, T, H] after the final norm.
         - training/scoring: ``attention_mask`` [B, T] (1 = real token, padding on either side), causal attention;
           default positions = cumsum(mask) - 1.
         - packed: B = 1, ``cu_seqlens`` [n+1] (int32 cumulative lengths); positions restart per sample, no attention
           across samples.
+        - packed with shared prompts: also ``seq_index`` [L]: sample s is the tokens ``seq_index[cu[s]:cu[s+1]]`` (a
+          prompt stored once, listed in each sample that continues it); ``position_ids`` [1, N] required.
         - kv cache: ``cache_pos`` [T] slots to write, ``attention_mask`` [B, S] valid cache slots, ``position_ids``
           [B, T] (required); a query at slot s sees valid keys at slots <= s."""
         c, (B, T), dev = self.config, input_ids.shape, input_ids.device
@@ -338,6 +340,8 @@ class Decoder(nn.Module):
         if cu_seqlens is not None and (B != 1 or kv_cache is not None or attention_mask is not None):
             raise ValueError(f"fastrlhf/models/decoder.py: cu_seqlens needs input_ids [1, N] and no kv_cache/attention_mask; "
                              f"got input_ids {(B, T)}")
+        if seq_index is not None and (cu_seqlens is None or position_ids is None):
+            raise ValueError("fastrlhf/models/decoder.py: seq_index needs cu_seqlens and position_ids")
         if position_ids is None:
             if cu_seqlens is not None:
                 cu = cu_seqlens.to(dev).long()
@@ -354,7 +358,7 @@ class Decoder(nn.Module):
         need_w = any(c.uses_window(i) for i in range(c.num_hidden_layers))
         meta = build_meta(impl, T, dev, attention_mask=attention_mask, cache_pos=cache_pos,
                           S=kv_cache.max_seq if kv_cache is not None else None, cu_seqlens=cu_seqlens,
-                          window=c.sliding_window, need_window=need_w)
+                          seq_index=seq_index, window=c.sliding_window, need_window=need_w)
         inv_freq = self.inv_freq
         if (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type")) == "dynamic":
             inv_freq = dynamic_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling["factor"],

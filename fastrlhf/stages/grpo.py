@@ -81,6 +81,8 @@ class GRPOConfig:
     padding_free: str = param("auto", "run the RM, old / reference forwards and every minibatch on the valid tokens "
                               "only, packed (flash-attn varlen on CUDA): auto | on (auto = on) | off (padded rows; same "
                               "results)", choices=("auto", "on", "off"))
+    share_prompts: bool = param(True, "padding-free forwards store each prompt once for its n completions (the "
+                                "linear layers skip n − 1 copies of it; same results up to float rounding)")
     sampling: SamplingSection = section(SamplingSection, "completion sampling")
     run: RunSection = section(RunSection, "output folder, device, checkpoints, logging, resume", output_dir="runs/grpo")
 
@@ -207,7 +209,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             mask = rollout.response_mask.float()  # [B, G]
             packed = cfg.padding_free != "off"  # auto = on
             fwd = dict(temperature=cfg.sampling.temperature, forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                       padding_free=packed, mask=mask)
+                       padding_free=packed, share_prompts=cfg.share_prompts, mask=mask)
             # 3. rewards: weighted Python functions of (prompt, completion text) + the reward model's score
             completions = decode_completions(tokenizer, rollout.response_ids, rollout.lengths)
             reward = torch.zeros(B, dtype=torch.float32)
@@ -232,7 +234,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
             ref_lp = batch_logprobs(ref, *args, **fwd) * mask if ref is not None and not full_in_loss else None
             ref_h = (batch_response_hidden(ref, input_ids, attention_mask, position_ids, P,
                                            forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                                           mask=mask, padding_free=packed)
+                                           mask=mask, padding_free=packed, share_prompts=cfg.share_prompts)
                      if full_in_loss else None)  # [B, G, H]: the exact KL in the loss needs the reference's states
             policy.train()
             # 5. KL in the reward: r −= β Σ_t KL_t (the sampled tokens under the current policy vs the reference)
@@ -243,7 +245,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                     kl_tok = batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, P,
                                            temperature=cfg.sampling.temperature,
                                            forward_batch_size=cfg.forward_batch_size, autocast=autocast,
-                                           padding_free=packed)
+                                           padding_free=packed, share_prompts=cfg.share_prompts)
                     policy.train()
                 else:
                     cur_lp = old_lp if old_lp is not None else batch_logprobs(policy, *args, **fwd) * mask
@@ -262,7 +264,7 @@ def train(cfg: GRPOConfig, *, log=None) -> dict:
                                 kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator if cfg.kl_in == "loss" and not full_in_loss else "k3",
                                 agg=cfg.loss_agg,
                                 temperature=cfg.sampling.temperature, max_grad_norm=cfg.max_grad_norm or None,
-                                autocast=autocast, generator=gen, padding_free=packed,
+                                autocast=autocast, generator=gen, padding_free=packed, share_prompts=cfg.share_prompts,
                                 ref_head_weight=ref.lm_head_weight if full_in_loss else None)
             t3 = time.perf_counter()
             group_std = reward.view(Q, n).std(1)

@@ -168,17 +168,18 @@ class GroupBatch:
 @torch.no_grad()
 def batch_logprobs(model, input_ids, attention_mask, position_ids, response_ids, prompt_len: int, *, temperature: float,
                    forward_batch_size: int, autocast, context=None, mask: torch.Tensor | None = None,
-                   padding_free: bool = False) -> torch.Tensor:
+                   padding_free: bool = False, share_prompts: bool = True) -> torch.Tensor:
     """Response log-probs of a frozen forward (old policy or reference), in chunks.  -> [B, G] fp32.
 
     padding_free: each chunk's forward on its valid tokens only, packed (needs ``mask`` [B, G], the valid response
-    tokens; the result is then 0 elsewhere)."""
+    tokens; the result is then 0 elsewhere); share_prompts: a chunk's rows of one prompt store it once."""
     if padding_free and mask is None:
         raise ValueError("batch_logprobs: padding_free needs mask [B, G] (the valid response tokens)")
     out = []
     for sl in _chunks(input_ids.shape[0], forward_batch_size):
         rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], response_ids[sl],
-                                 mask[sl] if mask is not None else None, prompt_len, padding_free=padding_free)
+                                 mask[sl] if mask is not None else None, prompt_len, padding_free=padding_free,
+                                 share_prompts=share_prompts)
         with autocast(), (context() if context is not None else contextlib.nullcontext()):
             out.append(rb.logprobs(model, temperature=temperature))
     return torch.cat(out)
@@ -186,7 +187,8 @@ def batch_logprobs(model, input_ids, attention_mask, position_ids, response_ids,
 
 @torch.no_grad()
 def batch_response_hidden(model, input_ids, attention_mask, position_ids, prompt_len: int, *, forward_batch_size: int,
-                          autocast, mask: torch.Tensor | None = None, padding_free: bool = False) -> torch.Tensor:
+                          autocast, mask: torch.Tensor | None = None, padding_free: bool = False,
+                          share_prompts: bool = True) -> torch.Tensor:
     """Response hidden states of a frozen forward (the reference, for the full-KL loss term), in chunks.  -> [B, G, H]
 
     padding_free: each chunk's forward on its valid tokens only, packed (needs ``mask`` [B, G]; 0 at invalid tokens)."""
@@ -195,7 +197,8 @@ def batch_response_hidden(model, input_ids, attention_mask, position_ids, prompt
     out = []
     for sl in _chunks(input_ids.shape[0], forward_batch_size):
         rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], input_ids[sl, prompt_len:],
-                                 mask[sl] if mask is not None else None, prompt_len, padding_free=padding_free)
+                                 mask[sl] if mask is not None else None, prompt_len, padding_free=padding_free,
+                                 share_prompts=share_prompts)
         with autocast():
             out.append(rb.to_grid(rb.hidden(model)))
     return torch.cat(out)
@@ -203,14 +206,15 @@ def batch_response_hidden(model, input_ids, attention_mask, position_ids, prompt
 
 @torch.no_grad()
 def batch_full_kl(policy, ref, input_ids, attention_mask, position_ids, mask, prompt_len: int, *, temperature: float,
-                  forward_batch_size: int, autocast, padding_free: bool = True) -> torch.Tensor:
+                  forward_batch_size: int, autocast, padding_free: bool = True,
+                  share_prompts: bool = True) -> torch.Tensor:
     """Exact per-token KL(π ‖ π_ref) over the whole vocabulary (``kernels.head.head_kl``: both models' response hidden
     states and heads, no [B, G, V] logits), in chunks.  mask [B, G] -> [B, G] fp32, 0 where mask = 0.
     padding_free: the forwards on the valid tokens only, packed."""
     out = []
     for sl in _chunks(input_ids.shape[0], forward_batch_size):
         rb = ResponseBatch.build(input_ids[sl], attention_mask[sl], position_ids[sl], input_ids[sl, prompt_len:],
-                                 mask[sl], prompt_len, padding_free=padding_free)
+                                 mask[sl], prompt_len, padding_free=padding_free, share_prompts=share_prompts)
         with autocast():
             h, h_ref = rb.hidden(policy), rb.hidden(ref)
             out.append(rb.full_kl(h, policy.lm_head_weight, h_ref, ref.lm_head_weight, temperature=temperature))
@@ -221,7 +225,7 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
                 clip_eps_high: float, kl_coef: float, kl_estimator: str, agg: str, temperature: float,
                 max_grad_norm: float | None, autocast: Callable[[], contextlib.AbstractContextManager],
                 generator: torch.Generator | None = None, ref_head_weight: torch.Tensor | None = None,
-                padding_free: bool = True) -> dict[str, float]:
+                padding_free: bool = True, share_prompts: bool = True) -> dict[str, float]:
     """μ passes over ``batch`` in shuffled minibatches of ``minibatch_size`` completions, one optimizer step each.
 
     Loss per token: max(−A ρ, −A clip(ρ, 1 − ε_low, 1 + ε_high)) (+ β·KL(estimator) against the reference when
@@ -230,6 +234,8 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
     minibatch) old = logp.detach(), so ρ = 1 and the gradient is the policy gradient −A ∇logp.
     Data parallel: the denominator of ``agg`` is the sum over ranks / world (FSDP averages the gradients).
     padding_free: each minibatch's forward and backward on its valid tokens only, packed (same loss and gradients).
+    share_prompts: packed, a minibatch's completions of one prompt store it once (same loss and gradients up to float
+    rounding; the linear layers skip n − 1 copies of each prompt).
     """
     B = batch.input_ids.shape[0]
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy",
@@ -245,7 +251,7 @@ def grpo_update(batch: GroupBatch, *, policy, optimizer, mu: int, minibatch_size
             norm = distributed.all_reduce_sum(kernels.default_denominator(mb.mask, agg)) / distributed.world_size()
             with autocast():
                 rb = ResponseBatch.build(mb.input_ids, mb.attention_mask, mb.position_ids, mb.response_ids, mb.mask,
-                                         mb.prompt_len, padding_free=padding_free)
+                                         mb.prompt_len, padding_free=padding_free, share_prompts=share_prompts)
                 h = rb.hidden(policy)  # [b, G, H], packed: [M, H]
                 logp, ent = rb.logprobs(policy, temperature=temperature, return_entropy=True, hidden=h)
                 old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()

@@ -147,10 +147,14 @@ class Packed:
     src: torch.Tensor | None = None  # [M] packed index of the state that predicts each valid response token
     dst: torch.Tensor | None = None  # [M] its index b·G + t in the flattened [B, G] response grid
     labels: torch.Tensor | None = None  # [M] the valid response tokens
+    seq_index: torch.Tensor | None = None  # shared prompts: [L] each row's packed tokens in order, cut by cu_seqlens
 
     def kwargs(self) -> dict:
         """The decoder's packed-forward keyword arguments (input ids separate)."""
-        return {"position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens}
+        kw = {"position_ids": self.position_ids, "cu_seqlens": self.cu_seqlens}
+        if self.seq_index is not None:
+            kw["seq_index"] = self.seq_index
+        return kw
 
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """Per-response-token values [M, ...] -> [B, G, ...], 0 at invalid tokens (differentiable)."""
@@ -163,11 +167,20 @@ class Packed:
         return x.reshape(-1, *x.shape[2:]).index_select(0, self.dst)
 
 
-def pack_rows(input_ids, attention_mask, position_ids, response_mask=None, prompt_len: int = 0) -> Packed:
+def pack_rows(input_ids, attention_mask, position_ids, response_mask=None, prompt_len: int = 0, *,
+              share_prompts: bool = False) -> Packed:
     """Pack the valid (mask = 1) tokens of [B, T] rows into [1, N]; with ``response_mask`` [B, G] (G = T − P, P =
     ``prompt_len``) also locate the responses: response token t of row b is predicted by the state at row position
-    P − 1 + t, which must be a valid token (true for left-padded prompts of ≥ 1 token and prefix response masks)."""
+    P − 1 + t, which must be a valid token (true for left-padded prompts of ≥ 1 token and prefix response masks).
+
+    share_prompts: rows whose prompts (columns :P, ids and mask) are equal store that prompt once (GRPO's n
+    completions of one prompt); see :func:`_pack_shared`. Same results up to float rounding, fewer tokens."""
     B, T = attention_mask.shape
+    if share_prompts and response_mask is not None and prompt_len > 0 and B > 1:
+        key = input_ids[:, :prompt_len].masked_fill(attention_mask[:, :prompt_len] == 0, -1)  # [B, P]
+        _, group = torch.unique(key, dim=0, return_inverse=True)  # [B] prompt id of each row
+        if int(group.max()) + 1 < B:
+            return _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_len, group)
     valid = attention_mask.bool().reshape(-1)  # [B·T]
     index = valid.nonzero().squeeze(1)  # [N] flat positions of the valid tokens
     lens = attention_mask.bool().sum(-1)  # [B]
@@ -183,6 +196,43 @@ def pack_rows(input_ids, attention_mask, position_ids, response_mask=None, promp
         pk.dst = b * G + t
         pk.labels = input_ids[b, prompt_len + t]
     return pk
+
+
+def _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_len: int, group) -> Packed:
+    """``pack_rows`` with rows of one prompt sharing it: ``group`` [B] the prompt id of each row.
+
+    Layout [1, N]: for each prompt (in order of its first row), its valid tokens once, then the valid response tokens
+    of each of its rows (row order). A prompt token attends only to its prompt (causal), so its states are the same for
+    every row of the group; a response token attends to its row's prompt and its own earlier tokens. The decoder sees
+    each row as the list ``seq_index`` of its packed tokens (prompt, then response; ``cu_seqlens`` cuts the lists, the
+    rows' valid lengths as without sharing): the linear layers run on N = Σ_prompts P_q + Σ_rows G_b tokens instead of
+    Σ_rows (P_b + G_b), and only attention sees the prompt once per row. Rows are the samples, in their order, so
+    ``last``, ``src``, ``dst`` and ``labels`` mean what they mean unshared."""
+    B, T = attention_mask.shape
+    P, dev = prompt_len, attention_mask.device
+    am = attention_mask.bool()
+    rows = torch.arange(B, device=dev)
+    group = group.to(dev)
+    first = torch.full((int(group.max()) + 1,), B, device=dev).scatter_reduce(0, group, rows, "amin")  # [Q] first row
+    lead = first[group]  # [B] the row whose prompt tokens are stored for each row's group
+    keep = am.clone()
+    keep[:, :P] &= (lead == rows)[:, None]  # a prompt's tokens once, in its first row
+    order = torch.sort(lead * B + rows).indices  # [B] rows grouped by prompt (first rows' order), then by row
+    kept = keep[order].reshape(-1)  # [B·T] in packed order
+    rank = torch.full((B, T), -1, dtype=torch.long, device=dev)
+    rank[order] = ((kept.long().cumsum(0) - 1).masked_fill(~kept, -1)).view(B, T)  # packed index at each kept (b, t)
+    seq = torch.cat([rank[lead, :P], rank[:, P:]], dim=1)  # [B, T] row b's tokens: its prompt (shared), its response
+    index = kept.nonzero().squeeze(1)  # [N] positions in the reordered grid
+    flat_rows = order[index // T]
+    cols = index % T
+    lens = am.sum(-1)  # [B]
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # [B+1]
+    seq_index = seq[am]  # [L] row-major: each row's valid positions in order
+    G = response_mask.shape[1]
+    b, t = response_mask.bool().nonzero(as_tuple=True)  # [M] each
+    return Packed(input_ids=input_ids[flat_rows, cols][None], position_ids=position_ids[flat_rows, cols][None],
+                  cu_seqlens=cu, last=seq_index[cu[1:].long() - 1], shape=(B, G), src=seq[b, P - 1 + t],
+                  dst=b * G + t, labels=input_ids[b, P + t], seq_index=seq_index)
 
 
 @dataclass
@@ -202,8 +252,11 @@ class ResponseBatch:
 
     @classmethod
     def build(cls, input_ids, attention_mask, position_ids, response_ids, mask, prompt_len: int, *,
-              padding_free: bool = True) -> "ResponseBatch":
-        pk = pack_rows(input_ids, attention_mask, position_ids, mask, prompt_len) if padding_free else None
+              padding_free: bool = True, share_prompts: bool = True) -> "ResponseBatch":
+        """padding_free: pack the valid tokens (``pack_rows``); share_prompts: and store a prompt once for the rows
+        that continue it."""
+        pk = (pack_rows(input_ids, attention_mask, position_ids, mask, prompt_len, share_prompts=share_prompts)
+              if padding_free else None)
         return cls(input_ids, attention_mask, position_ids, response_ids, mask, prompt_len, pk)
 
     @property
