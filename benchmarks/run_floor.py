@@ -19,7 +19,9 @@ backward use: forward x·Wᵀ [N, in]·[in, out] ("nt"), dX = dY·W [N, out]·[o
 Each distinct GEMM is timed with torch (median, ``timing.bench``) and multiplied by how often the iteration runs it.
 
 The sum is a lower bound for any trainer that does this iteration's FLOPs through torch's GEMMs in that dtype on this
-machine: attention, norms, activations, sampling, the optimizer and all framework overhead count as zero. The score and
+machine: attention, norms, activations, sampling, the optimizer and all framework overhead count as zero. It is the
+peer's work through ``F.linear``'s BLAS: fastrlhf's oneDNN decode GEMMs and shared prompts (docs/benchmarks.md) do
+less, so its time can fall below it. The score and
 value heads (out = 1) are left out. ``--baseline-s`` (a peer's measured s/iteration, same shape, same machine) prints
 the largest speed-up over it that the floor leaves: baseline / floor.
 

@@ -252,7 +252,7 @@ class ResponseBatch:
 
     @classmethod
     def build(cls, input_ids, attention_mask, position_ids, response_ids, mask, prompt_len: int, *,
-              padding_free: bool = True, share_prompts: bool = True) -> "ResponseBatch":
+              padding_free: bool = True, share_prompts: bool = False) -> "ResponseBatch":
         """padding_free: pack the valid tokens (``pack_rows``); share_prompts: and store a prompt once for the rows
         that continue it."""
         pk = (pack_rows(input_ids, attention_mask, position_ids, mask, prompt_len, share_prompts=share_prompts)
