@@ -1,6 +1,7 @@
 """GRPO step benchmark: fastrlhf's ``grpo`` stage beside TRL's GRPOTrainer (no vLLM), same model, shapes and n, one run.
 
     python -m benchmarks.run_grpo [--shape tiny|qwen2-0.5b|smoke] [--iters 3] [--threads 2] [--arms fastrlhf,trl]
+                                  [--workload fixed|realistic] [--rounds R] [--floor]
     fastrlhf bench grpo ...            (the CLI calls ``main(argv)``)
 
 One step (both systems): Q prompts of P tokens, n completions of each (up to G tokens, sampling at T = 1), a Python
@@ -15,8 +16,10 @@ steps_per_generation 1, loss_type "dapo" (token-mean), scale_rewards "group", co
 gradient checkpointing off (TRL's GRPOConfig turns it on by default; fastrlhf's stage has it off); a step is one trainer step
 (generation inside it), timed by a callback.
 Each arm runs in a fresh process (``--threads`` torch threads); the fastrlhf arm also prints the medians of its
-generate / score / train split. Both sample EOS with probability ≈ 1/V per token, so a
-few rows stop early; the table reports the mean completion length of each. Metric: median s/step after ``--warmup``
+generate / score / train split. ``--workload fixed``: both sample EOS with probability ≈ 1/V per token, so a few rows
+stop early; ``realistic``: prompts of varied length and the EOS hazard of ``benchmarks.workload`` in the weights
+(completions end at EOS with a long tail; each arm draws its own, so the rates are compared too). The table reports
+the mean completion length of each. Metric: median s/step after ``--warmup``
 steps, and completion tokens per second. Nothing here is a result: the numbers belong in RESULTS.md only when
 measured on a quiet machine.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 import torch
 
 from .timing import alternate, check_choice, check_choices, device_name, git_commit
+from .workload import WORKLOADS
 
 ARMS = ("fastrlhf", "trl")
 # model: Llama config fields; Q prompts of P tokens, n completions each of up to G tokens
@@ -54,13 +58,17 @@ def reward_chars(prompts, completions, **kwargs) -> list[float]:
     return [len(c) / 100.0 for c in completions]
 
 
-def build_checkpoint(shape: str, root: str | Path, seed: int = 0) -> dict:
+def build_checkpoint(shape: str, root: str | Path, seed: int = 0, workload: str = "fixed") -> dict:
     """``root/policy``: a random LlamaForCausalLM with a word-level tokenizer of V tokens (w0.., <pad>, <eos>) (with a
     Qwen2 config, transformers' AutoTokenizer would swap in Qwen2's byte-level pre-tokenizer);
-    ``root/prompts.jsonl``: 64 prompts of P words."""
+    ``root/prompts.jsonl``: 64 prompts of P words. ``realistic`` (``benchmarks.workload``): prompt lengths uniform over
+    [⌈P/8⌉, P] and the EOS hazard 1 − 0.5^(4/G) built into the policy's weights (median completion G/4, a long tail)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from .workload import check_workload, eos_hazard, install_eos_hazard, prompt_lengths
+
+    check_workload(workload)
     S = SHAPES[shape]
     V = S["model"]["vocab_size"]
     root = Path(root)
@@ -72,12 +80,17 @@ def build_checkpoint(shape: str, root: str | Path, seed: int = 0) -> dict:
     cfg = LlamaConfig(**S["model"], max_position_embeddings=4096, tie_word_embeddings=True, pad_token_id=V - 2,
                       eos_token_id=V - 1, bos_token_id=V - 1)
     torch.manual_seed(seed)
-    LlamaForCausalLM(cfg).save_pretrained(root / "policy")
+    model = LlamaForCausalLM(cfg)
+    if workload == "realistic":
+        install_eos_hazard(model, V - 1, eos_hazard(S["G"]), seed=seed)
+    model.save_pretrained(root / "policy")
     tok.save_pretrained(root / "policy")
     g = torch.Generator().manual_seed(seed + 1)
+    rows = torch.randint(0, V - 2, (64, S["P"]), generator=g).tolist()
+    lens = prompt_lengths(64, S["P"], g) if workload == "realistic" else [S["P"]] * 64
     with open(root / "prompts.jsonl", "w") as fh:
-        for row in torch.randint(0, V - 2, (64, S["P"]), generator=g).tolist():
-            fh.write(json.dumps({"prompt": " ".join(f"w{i}" for i in row)}) + "\n")
+        for row, n in zip(rows, lens):
+            fh.write(json.dumps({"prompt": " ".join(f"w{i}" for i in row[:n])}) + "\n")
     return {"policy": str(root / "policy"), "prompts": str(root / "prompts.jsonl")}
 
 
@@ -195,9 +208,10 @@ def _arm_subprocess(arm: str, shape: str, root: str, warmup: int, iters: int, th
         return json.load(fh)
 
 
-def format_table(shape: str, results: dict[str, dict]) -> str:
+def format_table(shape: str, results: dict[str, dict], workload: str = "fixed") -> str:
     S = SHAPES[shape]
-    lines = [f"GRPO step, shape {shape}: Q={S['Q']} prompts × n={S['n']}, P={S['P']}, G≤{S['G']}, "
+    P = f"P={S['P']}" if workload == "fixed" else f"P in [{-(-S['P'] // 8)}, {S['P']}] (realistic: EOS hazard)"
+    lines = [f"GRPO step, shape {shape}: Q={S['Q']} prompts × n={S['n']}, {P}, G≤{S['G']}, "
              f"{S['model']['num_hidden_layers']} layers, H={S['model']['hidden_size']}, V={S['model']['vocab_size']}",
              "| arm | s/step (median) | completion tok/s | completion tokens/step |", "|---|---|---|---|"]
     for arm, res in results.items():
@@ -212,6 +226,9 @@ def format_table(shape: str, results: dict[str, dict]) -> str:
     if len(ok) == 2:
         lines.append(f"speed-up of fastrlhf over TRL (s/step): "
                      f"{results['trl']['s_per_step'] / results['fastrlhf']['s_per_step']:.2f}x")
+        if workload != "fixed":  # the arms draw their own completions: compare the rates too
+            lines.append(f"speed-up of fastrlhf over TRL (completion tok/s): "
+                         f"{results['fastrlhf']['tok_s'] / results['trl']['tok_s']:.2f}x")
     return "\n".join(lines)
 
 
@@ -227,6 +244,8 @@ def main(argv=None) -> int:
                     "their timed steps pooled), so that a drifting machine load hits both alike")
     ap.add_argument("--floor", action="store_true", help="also time the step's GEMM floor in this run "
                     "(benchmarks/run_floor.py --stage grpo, decode as chains) and print what it leaves against TRL")
+    ap.add_argument("--workload", default="fixed", help="fixed: P-token prompts, EOS ≈ never; realistic: prompt lengths "
+                    "over P/8..P, EOS hazard 1-0.5^(4/G) in the policy's weights (benchmarks/workload.py)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per arm")
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--arm", default="", help=argparse.SUPPRESS)   # internal: run one arm in this process
@@ -234,6 +253,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     check_choice("shape", a.shape, SHAPES)
     check_choice("device", a.device, ("cpu", "cuda"))
+    check_choice("workload", a.workload, WORKLOADS)
     arms = [x for x in a.arms.split(",") if x]
     check_choices("arms", arms, ARMS)
     if a.iters < 1 or a.warmup < 0 or a.rounds < 1:
@@ -246,23 +266,23 @@ def main(argv=None) -> int:
             json.dump(res, fh)
         return 0
     with tempfile.TemporaryDirectory(prefix="fastrlhf_bench_grpo_ckpt_") as root:
-        build_checkpoint(a.shape, root)
+        build_checkpoint(a.shape, root, workload=a.workload)
         rounds = alternate(arms, a.rounds, lambda arm, _: _arm_subprocess(arm, a.shape, root, a.warmup, a.iters,
                                                                           a.threads, a.device, a.timeout))
         results = {arm: merge_rounds(runs, a.warmup) for arm, runs in rounds.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device: {device_name(a.device)}, {a.threads} threads per arm, load average {load:.2f}, "
           f"commit {git_commit()}")
-    print(format_table(a.shape, results))
+    print(format_table(a.shape, results, a.workload))
     if a.floor:
         from .run_floor import floor_note, floor_of
-        fl = floor_of(a.shape, "grpo", "fixed", a.device, torch.bfloat16 if a.device == "cuda" else torch.float32)
+        fl = floor_of(a.shape, "grpo", a.workload, a.device, torch.bfloat16 if a.device == "cuda" else torch.float32)
         f, t = results.get("fastrlhf", {}), results.get("trl", {})
         print(floor_note(fl, "generation", peer=None, ours=f.get("split_s", {}).get("generate")))
         print(floor_note(fl, "total", peer=t.get("s_per_step"), ours=f.get("s_per_step")))
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"shape": a.shape, "results": results, "load": load}, fh, indent=2)
+            json.dump({"shape": a.shape, "workload": a.workload, "results": results, "load": load}, fh, indent=2)
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -51,3 +51,28 @@ def test_rounds_pool_every_timed_step():
     assert m["completion_tokens"] == 15.0 and m["tok_s"] == pytest.approx(6.0)
     assert m["split_s"] == {"generate": pytest.approx(0.5), "train": pytest.approx(0.8)}
     assert merge_rounds([r1, {"error": "exit 1"}], warmup=1) == {"error": "exit 1"}
+
+
+def test_realistic_checkpoint_varies_prompts_and_ends_responses_early(tmp_path):
+    """--workload realistic: prompt lengths over [⌈P/8⌉, P] (not all equal), and the policy's built-in EOS hazard ends
+    sampled completions early (median near G/4) where the fixed checkpoint runs them to G."""
+    import torch
+
+    from fastrlhf.engine.hybrid import HybridEngine
+    S = SHAPES["tiny"]
+    lens, medians = {}, {}
+    for workload in ("fixed", "realistic"):
+        ck = build_checkpoint("tiny", tmp_path / workload, workload=workload)
+        tok = load_tokenizer(ck["policy"])
+        prompts = [tokenize_prompt(tok, ex.prompt, ex.source) for ex in load_prompts(ck["prompts"])]
+        lens[workload] = sorted({len(p) for p in prompts})
+        eng = HybridEngine(load_model(ck["policy"], head="lm"))
+        with eng.generation():
+            r = eng.generate(prompts[:32], max_new_tokens=S["G"], eos_token_id=tok.eos_token_id, seed=0)
+        medians[workload] = float(r.lengths.float().median())
+    assert lens["fixed"] == [S["P"]]
+    assert len(lens["realistic"]) > 5 and min(lens["realistic"]) >= -(-S["P"] // 8) and max(lens["realistic"]) <= S["P"]
+    assert medians["fixed"] == S["G"]
+    assert S["G"] / 8 <= medians["realistic"] <= S["G"] / 2
+    with pytest.raises(ValueError, match="--workload 'typical'"):
+        main(["--workload", "typical"])
