@@ -13,6 +13,7 @@ from fastrlhf.models.decoder import CausalLM, ModelConfig, ScoreModel
 from fastrlhf.stages.ppo_core import (ResponseBatch, make_experience, pack_rows, positions_from_mask, ppo_iteration,
                                       sequence_scores)
 from tests.helpers.models import randomize_
+from tests.helpers.packed import response_outputs, same_grpo_updates
 from tests.helpers.tolerances import FP32_MODEL, assert_close
 
 V = 96
@@ -113,15 +114,7 @@ def test_packed_forwards_equal_padded(family):
     pol, ref, rm, val = _models(seed, **FAMILIES[family])
     ro = _rollout(6, 7, 9, seed)
     mask = ro.response_mask.float()
-    out = []
-    with torch.no_grad():
-        for rb in _batches(ro):
-            h, h_ref = rb.hidden(pol), rb.hidden(ref)
-            lp, ent = rb.logprobs(pol, temperature=0.7, return_entropy=True, hidden=h)
-            out.append(dict(lp=lp * mask, ent=ent * mask, val=rb.values(val) * mask, score=rb.scores(rm),
-                            kl=rb.full_kl(h, pol.lm_head_weight, h_ref, ref.lm_head_weight, temperature=0.7) * mask,
-                            h=rb.to_grid(h) * mask[..., None]))
-    pad, packed = out
+    pad, packed = (response_outputs(rb, pol, ref, val, rm, mask) for rb in _batches(ro))
     for k in pad:
         torch.testing.assert_close(packed[k], pad[k], **FP32_MODEL, msg=lambda m: f"{k} (seed {seed}): {m}")
     # invalid response tokens are exactly 0 when packed
@@ -226,7 +219,7 @@ def test_ppo_iteration_packed_equals_padded():
 def test_grpo_packed_equals_padded():
     """GRPO's frozen forwards (old / reference log-probs, full KL) and one pass of grpo_update (2 minibatches, KL in the
     loss): the same log-probs, statistics and updated weights either way."""
-    from fastrlhf.stages.grpo_core import GroupBatch, batch_full_kl, batch_logprobs, grpo_update
+    from fastrlhf.stages.grpo_core import GroupBatch, batch_full_kl, batch_logprobs
     seed = _seed()
     pol0, ref, _, _ = _models(seed, model_type="qwen2")
     ro = _rollout(6, 5, 7, seed)
@@ -241,23 +234,10 @@ def test_grpo_packed_equals_padded():
                         autocast=torch.no_grad, padding_free=pf) for pf in (False, True)]
     torch.testing.assert_close(kl[1], kl[0], **FP32_MODEL)
     adv = torch.randn(6, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for pf in (False, True):
-        pol = copy.deepcopy(pol0)
-        opt = torch.optim.SGD(pol.parameters(), lr=0.1)
-        batch = GroupBatch(input_ids=ids, attention_mask=am, position_ids=pos, response_ids=ro.response_ids, mask=mask,
-                           advantages=adv, old_logprobs=lp[0] - 0.05 * mask, ref_logprobs=lp[0], prompt_len=5)
-        st = grpo_update(batch, policy=pol, optimizer=opt, mu=1, minibatch_size=3, clip_eps_low=0.2, clip_eps_high=0.28,
-                         kl_coef=0.1, kl_estimator="k3", agg="seq-mean-token-mean", temperature=0.8,
-                         max_grad_norm=None, autocast=torch.enable_grad, generator=torch.Generator().manual_seed(seed),
-                         padding_free=pf)
-        out.append((st, pol))
-    (sa, pa), (sb, pb) = out
-    for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy"):
-        assert sb[k] == pytest.approx(sa[k], **APPROX), k
-    for (n, p0), p, q in zip(pol0.named_parameters(), pa.parameters(), pb.parameters()):
-        _close_update(q, p, p0, f"{n} (seed {seed})")
-    assert any(not torch.equal(p, q) for p, q in zip(pa.parameters(), pol0.parameters()))  # the step moved the weights
+    batch = GroupBatch(input_ids=ids, attention_mask=am, position_ids=pos, response_ids=ro.response_ids, mask=mask,
+                       advantages=adv, old_logprobs=lp[0] - 0.05 * mask, ref_logprobs=lp[0], prompt_len=5)
+    same_grpo_updates(pol0, batch, [dict(padding_free=False), dict(padding_free=True)], seed, minibatch_size=3,
+                      agg="seq-mean-token-mean")
 
 
 @pytest.mark.parametrize("cls_path", ["fastrlhf.stages.ppo:PPOConfig", "fastrlhf.stages.grpo:GRPOConfig"])

@@ -1,7 +1,6 @@
 """Packed forwards with shared prompts (GRPO's n completions of one prompt store it once) equal the padded forwards:
 layout, log-probs, entropies, values, scores, full KL, every gradient, a grpo_update and the GRPO stage. Fresh random
 groups each run (prompt lengths, response lengths down to 0, rows shuffled so a group's rows are not adjacent)."""
-import copy
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from fastrlhf.models.attention import build_meta
 from fastrlhf.models.decoder import CausalLM, ModelConfig, ScoreModel
 from fastrlhf.stages.ppo_core import ResponseBatch, pack_rows, positions_from_mask
 from tests.helpers.models import randomize_
+from tests.helpers.packed import response_outputs, same_grpo_updates
 from tests.helpers.tolerances import FP32_MODEL, assert_close
 
 V = 96
@@ -104,15 +104,7 @@ def test_shared_forwards_equal_padded(family):
     pol, ref, val = _models(seed, **FAMILIES[family])
     ro = _grouped_rollout(3, 4, 6, 7, seed)
     mask = ro.response_mask.float()
-    out = []
-    with torch.no_grad():
-        for rb in _batches(ro):
-            h, h_ref = rb.hidden(pol), rb.hidden(ref)
-            lp, ent = rb.logprobs(pol, temperature=0.7, return_entropy=True, hidden=h)
-            out.append(dict(lp=lp * mask, ent=ent * mask, val=rb.values(val) * mask, score=rb.scores(val),
-                            kl=rb.full_kl(h, pol.lm_head_weight, h_ref, ref.lm_head_weight, temperature=0.7) * mask,
-                            h=rb.to_grid(h) * mask[..., None]))
-    pad, _, shared = out
+    pad, _, shared = (response_outputs(rb, pol, ref, val, val, mask) for rb in _batches(ro))
     assert _batches(ro)[2].packed.seq_index is not None
     for k in pad:
         torch.testing.assert_close(shared[k], pad[k], **FP32_MODEL, msg=lambda m: f"{k} (seed {seed}): {m}")
@@ -153,7 +145,7 @@ def test_shared_gradients_equal_unshared(family):
 def test_grpo_update_shared_equals_unshared():
     """One pass of grpo_update in 2 minibatches (a group's rows split between them; KL in the loss): the same statistics
     and updated weights with and without shared prompts, and the old / reference log-probs in chunks."""
-    from fastrlhf.stages.grpo_core import GroupBatch, batch_logprobs, grpo_update
+    from fastrlhf.stages.grpo_core import GroupBatch, batch_logprobs
     seed = _seed()
     pol0, ref, _ = _models(seed, model_type="qwen2")
     ro = _grouped_rollout(2, 4, 5, 7, seed, min_len=1)
@@ -164,24 +156,10 @@ def test_grpo_update_shared_equals_unshared():
     lp = [batch_logprobs(ref, ids, am, pos, ro.response_ids, 5, **fwd, share_prompts=sh) * mask for sh in (False, True)]
     torch.testing.assert_close(lp[1], lp[0], **FP32_MODEL)
     adv = torch.randn(8, generator=torch.Generator().manual_seed(seed))
-    out = []
-    for sh in (False, True):
-        pol = copy.deepcopy(pol0)
-        opt = torch.optim.SGD(pol.parameters(), lr=0.1)
-        batch = GroupBatch(input_ids=ids, attention_mask=am, position_ids=pos, response_ids=ro.response_ids, mask=mask,
-                           advantages=adv, old_logprobs=lp[0] - 0.05 * mask, ref_logprobs=lp[0], prompt_len=5)
-        st = grpo_update(batch, policy=pol, optimizer=opt, mu=1, minibatch_size=4, clip_eps_low=0.2, clip_eps_high=0.28,
-                         kl_coef=0.1, kl_estimator="k3", agg="token-mean", temperature=0.8, max_grad_norm=None,
-                         autocast=torch.enable_grad, generator=torch.Generator().manual_seed(seed), padding_free=True,
-                         share_prompts=sh)
-        out.append((st, pol))
-    (sa, pa), (sb, pb) = out
-    for k in ("policy_loss", "clipfrac", "approx_kl", "kl", "entropy"):
-        assert sb[k] == pytest.approx(sa[k], rel=FP32_MODEL["rtol"], abs=FP32_MODEL["atol"]), k
-    for (n, p0), p, q in zip(pol0.named_parameters(), pa.parameters(), pb.parameters()):
-        assert_close(q - p0.detach(), p - p0.detach(), rtol=FP32_MODEL["rtol"], atol=2.0**-23 * float(p0.detach().abs().max()),
-                     atol_rel=2e-5, what=f"{n} (seed {seed})")
-    assert any(not torch.equal(p, q) for p, q in zip(pa.parameters(), pol0.parameters()))
+    batch = GroupBatch(input_ids=ids, attention_mask=am, position_ids=pos, response_ids=ro.response_ids, mask=mask,
+                       advantages=adv, old_logprobs=lp[0] - 0.05 * mask, ref_logprobs=lp[0], prompt_len=5)
+    same_grpo_updates(pol0, batch, [dict(share_prompts=False), dict(share_prompts=True)], seed, minibatch_size=4,
+                      agg="token-mean", padding_free=True)
 
 
 def test_seq_index_routes_to_repadded_attention_and_needs_positions():
