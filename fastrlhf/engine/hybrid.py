@@ -335,22 +335,28 @@ class HybridEngine:
 
     @contextlib.contextmanager
     def _packed_weights(self, rows: int):
-        """Inside (``use_onednn``): every plain ``nn.Linear`` computes through a oneDNN-packed copy of its weight, made
-        now (the weights change between rollouts, never inside one), and ``_sample_head`` reads the packed head.
-        Modules whose class or instance defines its own forward are left alone; the copies are dropped on exit."""
+        """Inside (``use_onednn``): every plain ``nn.Linear`` with an fp32 CPU weight computes through a oneDNN-packed
+        copy of it, made now (the weights change between rollouts, never inside one), and ``_sample_head`` reads the
+        packed head. Modules whose class or instance defines its own forward, or whose weight is not fp32 on CPU, are
+        left alone; the copies are dropped on exit."""
         if not self.use_onednn:
             yield
             return
+
+        def packable(w: Tensor) -> bool:
+            return w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
+
         t0 = time.perf_counter()
         swapped = []
         try:
             for m in self.model.modules():
-                if type(m) is not torch.nn.Linear or "forward" in m.__dict__:
+                if type(m) is not torch.nn.Linear or "forward" in m.__dict__ or not packable(m.weight):
                     continue
                 packed = onednn_linear.pack(m.weight, rows)
                 m.forward = functools.partial(onednn_linear.linear, packed=packed, bias=m.bias)
                 swapped.append(m)
-            self._head_packed = onednn_linear.pack(self.model.lm_head.weight, rows)
+            head = self.model.lm_head.weight
+            self._head_packed = onednn_linear.pack(head, rows) if packable(head) else None
             self.stats["pack_s"] += time.perf_counter() - t0
             yield
         finally:
