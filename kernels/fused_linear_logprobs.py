@@ -21,6 +21,8 @@ Design (sizes quoted for N=16384, H=896, V=151936, bf16: 2·N·H·V = 4.46 TFLOP
   written in place by the GEMM (out=); ≈ 0.35 GiB at that shape, and no term grows with N·V. If
   N·min(V, 2048)·bytes > budget, tokens are chunked too and dW goes through a [V, H] fp32 buffer.
 - CPU auto/"torch": the same chunked algorithm with PyTorch ops in place of the two Triton kernels (fp32 math per chunk).
+  When the whole [N, V] fp32 logits fit in ``CPU_KEEP_BYTES`` (32 MiB) and a gradient is needed, the forward keeps its
+  logit chunks and the backward reads them instead of recomputing: the same values, one GEMM of four saved.
 - Labels < 0 give logp = 0 and no gradient through logp; labels ≥ V raise ValueError on CPU (not checked on CUDA: they
   behave like ignored labels: logp = 0, no logp gradient).
 """
@@ -40,6 +42,9 @@ from .logprobs import check_labels, logprobs_from_logits_ref
 # Backward chunk budget: bytes of G (input dtype) per chunk; CPU-path fp32 temporaries use the same element count × 4 B.
 CHUNK_BYTES = 256 * 2**20
 CPU_CHUNK_BYTES = 16 * 2**20  # the CPU path keeps ~3 fp32 temporaries per chunk; small chunks stay in cache
+# CPU path, training: when all N·V fp32 logits fit in this many bytes, the forward keeps its logit chunks for the
+# backward, which then skips recomputing them (one GEMM of four); above it the backward recomputes, as on CUDA
+CPU_KEEP_BYTES = 32 * 2**20
 MIN_V_CHUNK = 2048  # narrowest vocab chunk before token chunking kicks in
 
 # (BLOCK_N, BLOCK_V, BLOCK_K, num_warps, num_stages): the only configs the launcher picks (see ``launch_config``).
@@ -230,8 +235,9 @@ def _logits_chunk_torch(xc, wv, bv, inv_tau):
     return z.mul_(inv_tau)
 
 
-def _fwd_torch(x, w, b, y, inv_tau):
-    """CPU path: the same token × vocab chunk loop, merging (m, s, t) across vocab chunks like the kernel's tiles."""
+def _fwd_torch(x, w, b, y, inv_tau, kept: dict | None = None):
+    """CPU path: the same token × vocab chunk loop, merging (m, s, t) across vocab chunks like the kernel's tiles.
+    ``kept``: a dict that receives each chunk's logits z [n_c, v_c] fp32 under its (n0, v0), for the backward."""
     N, V = x.shape[0], w.shape[0]
     n_c, v_c = _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES))
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
@@ -247,6 +253,8 @@ def _fwd_torch(x, w, b, y, inv_tau):
         for v0 in range(0, V, v_c):
             v1 = min(V, v0 + v_c)
             z = _logits_chunk_torch(x[n0:n1], w[v0:v1], None if b is None else b[v0:v1], inv_tau)
+            if kept is not None:
+                kept[n0, v0] = z
             mc = z.max(dim=1).values
             d = z - mc[:, None]  # z − m_chunk
             e = d.exp()
@@ -301,8 +309,13 @@ def _dz_triton(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
     return g
 
 
-def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
-    log_p = _logits_chunk_torch(xc, wv, bv, inv_tau).sub_(lse[:, None])  # log p = z − LSE, z = (x·Wᵀ + b)/τ
+def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau, z=None):
+    """G for one chunk (CPU path); ``z``: the chunk's logits kept by the forward (else recomputed, the same GEMM)."""
+    if z is None:
+        z = _logits_chunk_torch(xc, wv, bv, inv_tau)  # z = (x·Wᵀ + b)/τ
+        log_p = z.sub_(lse[:, None])  # log p = z − LSE
+    else:
+        log_p = z.sub(lse[:, None])  # the kept z stays as it is (a second backward reads it again)
     p = log_p.exp()
     g_lp = torch.where(yc >= 0, g_lp, 0.0)  # ignored labels: no gradient through logp
     # dz = −g·p − g_H·p(log p + H), reusing the log p buffer: (log p + H)·(−g_H·p) − g·p
@@ -314,13 +327,15 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
     return (dz * inv_tau).to(xc.dtype)  # G = ∂L/∂z / τ
 
 
-def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need):
-    """x [N, H], w [V, H], b [V]|None, y/lse/ent/g_lp/g_h [N] → (dx [N, H], dw [V, H], db [V]) (None where not needed)."""
+def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need, kept=None):
+    """x [N, H], w [V, H], b [V]|None, y/lse/ent/g_lp/g_h [N] → (dx [N, H], dw [V, H], db [V]) (None where not needed).
+    ``kept``: the CPU forward's logit chunks by (n0, v0), or None (recompute)."""
     dz_fn = _dz_triton if triton_path else _dz_torch
 
     def dz_chunk(n0, n1, v0, v1):
+        z = {} if kept is None else {"z": kept[n0, v0]}
         return dz_fn(x[n0:n1], w[v0:v1], None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
-                     g_lp[n0:n1], g_h[n0:n1], v0, inv_tau)
+                     g_lp[n0:n1], g_h[n0:n1], v0, inv_tau, **z)
 
     return head_backward(x, w, b, dz_chunk, triton_path, need)
 
@@ -370,12 +385,14 @@ def head_backward(x, w, b, dz_chunk, triton_path, need):
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, y, inv_tau, triton_path):
+    def forward(ctx, x, w, b, y, inv_tau, triton_path, keep):
+        ctx.kept = {} if keep else None  # CPU, training, logits small: the backward reuses the forward's logits
         if x.shape[0] == 0:  # no tokens: empty outputs (and zero gradients)
             logp = lse = ent = x.new_zeros(0, dtype=torch.float32)
         else:
             with no_autocast(x):
-                logp, lse, ent = (_fwd_triton if triton_path else _fwd_torch)(x, w, b, y, inv_tau)
+                logp, lse, ent = (_fwd_triton(x, w, b, y, inv_tau) if triton_path
+                                  else _fwd_torch(x, w, b, y, inv_tau, ctx.kept))
         ctx.save_for_backward(x, w, b, y, lse, ent)
         ctx.inv_tau, ctx.triton_path = inv_tau, triton_path
         return logp, ent
@@ -388,8 +405,8 @@ class _LinearLogProbs(torch.autograd.Function):
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         with no_autocast(x):
-            dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need)
-        return dx, dw, db, None, None, None
+            dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need, ctx.kept)
+        return dx, dw, db, None, None, None, None
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -423,7 +440,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     triton_path = use_triton(hidden)
     if triton_path and bias is not None:
         bias = bias.contiguous()
-    logp, ent = _LinearLogProbs.apply(x, weight, bias, y, 1.0 / float(temperature), triton_path)
+    keep = (not triton_path and torch.is_grad_enabled() and x.shape[0] * V * 4 <= CPU_KEEP_BYTES
+            and any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
+    logp, ent = _LinearLogProbs.apply(x, weight, bias, y, 1.0 / float(temperature), triton_path, keep)
     logp, ent = logp.view(lead), ent.view(lead)
     return (logp, ent) if return_entropy else logp
 

@@ -247,7 +247,7 @@ def test_unchecked_out_of_range_labels_act_as_ignored(triton_path, device):
     """What CUDA does with labels ≥ V (not checked there): like ignored labels (bypasses the CPU-side check)."""
     x = torch.randn(3, 16, device=device, requires_grad=True)
     w = torch.randn(40, 16, device=device)
-    lp, h = LL._LinearLogProbs.apply(x, w, None, torch.tensor([5, 40, 1000], device=device), 1.0, triton_path)
+    lp, h = LL._LinearLogProbs.apply(x, w, None, torch.tensor([5, 40, 1000], device=device), 1.0, triton_path, False)
     lp.sum().backward()
     assert (lp[1:] == 0).all() and lp[0] < 0
     assert (x.grad[1:] == 0).all() and (x.grad[0] != 0).all()
@@ -266,8 +266,8 @@ def test_chunk_products_accumulate_in_fp32(be, device, monkeypatch):
     monkeypatch.setattr(LL, "CPU_CHUNK_BYTES", N * 64 * 4)
     chunks = []
     for name in ("_dz_triton", "_dz_torch"):
-        def rec(*a, _f=getattr(LL, name)):
-            g = _f(*a)
+        def rec(*a, _f=getattr(LL, name), **kw):
+            g = _f(*a, **kw)
             chunks.append((a[1], g))  # (W chunk, G chunk)
             return g
         monkeypatch.setattr(LL, name, rec)
@@ -281,3 +281,40 @@ def test_chunk_products_accumulate_in_fp32(be, device, monkeypatch):
     ref = sum(g.double() @ w.double() for w, g in chunks)
     moved = (x.grad != ref.to(torch.bfloat16)).double().mean().item()
     assert moved <= 0.01, f"{moved:.1%} of dX differ from the once-rounded exact sum: chunk products rounded first?"
+
+
+def test_cpu_backward_reuses_the_forward_logits_when_small(monkeypatch):
+    """CPU path, training, N·V·4 ≤ CPU_KEEP_BYTES: the backward reads the forward's logit chunks (no recompute GEMM),
+    with the same gradients as recomputing them (bitwise: the same GEMM on the same operands), also for a second
+    backward through a retained graph; without a gradient (or above the budget) nothing is kept."""
+    calls = []
+    real = LL._logits_chunk_torch
+    monkeypatch.setattr(LL, "_logits_chunk_torch", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(LL, "CPU_CHUNK_BYTES", 4 * 24 * 40)  # 2 vocab chunks of 40 at N = 24, V = 80
+    hidden, weight, b, labels = _inputs((4, 6), 16, 80, torch.float32, "cpu")
+    g_lp, g_h = torch.randn(4, 6), torch.randn(4, 6)
+    out = {}
+    for budget in (2**30, 0):  # keep, recompute
+        monkeypatch.setattr(LL, "CPU_KEEP_BYTES", budget)
+        calls.clear()
+        x, w, bb = (t.detach().clone().requires_grad_() for t in (hidden, weight, b))
+        with backend("torch"):
+            lp, h = linear_logprobs(x, w, labels, bias=bb, temperature=0.8, return_entropy=True)
+        fwd_calls = len(calls)
+        ((lp * g_lp).sum() + (h * g_h).sum()).backward(retain_graph=True)
+        grads = [t.grad.clone() for t in (x, w, bb)]
+        assert len(calls) == (fwd_calls if budget else 2 * fwd_calls) and fwd_calls == 2
+        for t in (x, w, bb):
+            t.grad = None
+        ((lp * g_lp).sum() + (h * g_h).sum()).backward()
+        assert all(torch.equal(t.grad, g) for t, g in zip((x, w, bb), grads))  # the kept logits were not changed
+        out[budget] = (lp.detach(), h.detach(), grads)
+    (lp1, h1, g1), (lp0, h0, g0) = out[2**30], out[0]
+    assert torch.equal(lp1, lp0) and torch.equal(h1, h0)
+    assert all(torch.equal(a, c) for a, c in zip(g1, g0))
+    with torch.no_grad(), backend("torch"):
+        ctx_keep = []
+        monkeypatch.setattr(LL._LinearLogProbs, "forward",
+                            staticmethod(lambda ctx, *a: ctx_keep.append(a[-1]) or (torch.zeros(24), torch.zeros(24))))
+        linear_logprobs(hidden.requires_grad_(), weight, labels, bias=b, return_entropy=True)
+    assert ctx_keep == [False]
