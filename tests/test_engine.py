@@ -521,3 +521,48 @@ def test_onednn_option_validation(model):
         HybridEngine(model, onednn=True, compile_step=True)
     assert not HybridEngine(model, compile_step=True).use_onednn  # auto steps aside for torch.compile
     assert not HybridEngine(model, onednn=False).use_onednn
+
+
+# ---------------------------------------------------------------------------------------------------- shared prefill
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_repeated_prompts_prefill_once_with_the_same_rollout(model, monkeypatch, temperature):
+    """GRPO-style rows (each prompt n times, in any order): the prefill runs on the distinct prompts only, and the
+    rollout is the one of a prefill over every row (same tokens; log-probs up to fp32 summation order)."""
+    import fastrlhf.engine.hybrid as hybrid
+    base = ragged_prompts(3, seed=31)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(int(torch.randint(2**31, ()))))
+    prompts = [base[i % 3] for i in order.tolist()]
+    kw = dict(max_new_tokens=10, temperature=temperature, seed=7, eos_token_id=EOS_ID)
+    batches = []
+    real = model.hidden_states
+
+    def spy(ids, **k):
+        batches.append(ids.shape)
+        return real(ids, **k)
+
+    monkeypatch.setattr(model, "hidden_states", spy)
+    eng = HybridEngine(model)
+    with eng.generation():
+        shared = eng.generate(prompts, **kw)
+    assert batches[0][0] == 3 and all(b[0] <= 12 and b[1] == 1 for b in batches[1:])
+    monkeypatch.setattr(hybrid, "_distinct_rows", lambda ids, mask: (None, None))
+    batches.clear()
+    with eng.generation():
+        every = eng.generate(prompts, **kw)
+    assert batches[0][0] == 12
+    assert torch.equal(shared.response_ids, every.response_ids) and torch.equal(shared.lengths, every.lengths)
+    torch.testing.assert_close(shared.logprobs, every.logprobs, atol=ATOL_LOGP, rtol=0)
+    # and the rows of one prompt were sampled independently
+    if temperature > 0:
+        rows = [i for i, p in enumerate(prompts) if p == base[0]]
+        assert len({tuple(shared.response_ids[i].tolist()) for i in rows}) > 1
+
+
+def test_distinct_rows():
+    from fastrlhf.engine.hybrid import _distinct_rows
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [9, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])  # row 3 = row 0 once padding is ignored
+    first, group = _distinct_rows(ids, mask)
+    assert ids[first][group].masked_fill(mask == 0, -1).tolist() == ids.masked_fill(mask == 0, -1).tolist()
+    assert sorted(first.tolist()) == [0, 1] and group[0] == group[2] == group[3] != group[1]
+    assert _distinct_rows(ids[:2], mask[:2]) == (None, None) and _distinct_rows(ids[:1], mask[:1]) == (None, None)

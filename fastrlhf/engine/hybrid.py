@@ -424,12 +424,20 @@ class HybridEngine:
             buf.done.fill_(True)
             if not params.greedy:  # uniform for the token after slot P−1+i, i = 0..G−1 (drawn in [B, G] order)
                 buf.uniform[:B, P - 1:P - 1 + G] = torch.rand(B, G, generator=gen, device=self.device)
-            # 2. prefill: one forward over the whole prompt batch, sample the first new token (slot P)
+            # 2. prefill: one forward over the distinct prompts (GRPO's n samples of a prompt share it: its K/V rows are
+            #    copied to every row that repeats it), then sample the first new token (slot P) for every row
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P] position ids under left padding
-            h = self.model.hidden_states(ids, position_ids=pos, attention_mask=buf.mask[:B, :P] if window else buf.mask[:B],
+            first, group = _distinct_rows(ids, mask)  # [U] a row of each distinct prompt, [B] each row's prompt
+            am = buf.mask[:, :P] if window else buf.mask
+            h = self.model.hidden_states(ids if first is None else ids[first],
+                                         position_ids=pos if first is None else pos[first],
+                                         attention_mask=am[:B] if first is None else am[first],
                                          kv_cache=self.cache.window(P) if window else self.cache,
-                                         cache_pos=torch.arange(P, device=self.device))
-            tok, lp = self._sample_head(h[:, -1], params, buf.uniform[:B, P - 1] if not params.greedy else None)
+                                         cache_pos=torch.arange(P, device=self.device))[:, -1]  # [U, H]
+            if first is not None:
+                self.cache.keep_rows(group, P)  # row b's prompt K/V from prefill row group[b]
+                h = h.index_select(0, group)  # [B, H]
+            tok, lp = self._sample_head(h, params, buf.uniform[:B, P - 1] if not params.greedy else None)
             buf.tokens[:B, P] = tok
             buf.logp[:B, P] = lp
             buf.done[:B] = (tok[:, None] == eos_t).any(-1)
@@ -650,6 +658,21 @@ class HybridEngine:
         self.stats["capture_s"] += time.perf_counter() - t0
         self.stats["captures"] += 1
         return graph
+
+
+def _distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Rows of left-padded prompts ids / mask [B, P] that repeat another row: (first [U], group [B]) with ``first[g]``
+    the first row of the g-th distinct prompt and ``group[b]`` the prompt of row b; (None, None) when all B differ."""
+    B = ids.shape[0]
+    if B < 2:
+        return None, None
+    _, group = torch.unique(ids.masked_fill(mask == 0, -1), dim=0, return_inverse=True)  # [B] in 0..U−1
+    U = int(group.max()) + 1
+    if U == B:
+        return None, None
+    rows = torch.arange(B, device=ids.device)
+    first = torch.full((U,), B, device=ids.device).scatter_reduce(0, group, rows, "amin")
+    return first, group
 
 
 def _as_eos(eos_token_id) -> tuple[int, ...]:

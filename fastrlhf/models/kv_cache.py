@@ -66,8 +66,9 @@ class StaticKVCache:
         return CacheWindow(self, slots)
 
     def keep_rows(self, rows: Tensor, slots: int) -> None:
-        """Move rows ``rows`` [n] (ascending bucket rows) to rows 0..n−1, slots 0..slots−1, in every layer (a gather
-        then an in-place copy: the buffers keep their addresses)."""
+        """Rows 0..n−1, slots 0..slots−1, become rows ``rows`` [n] (any rows, repeats allowed: compaction keeps the live
+        rows, a shared prefill copies a prompt to each row that repeats it), in every layer (a gather then an in-place
+        copy: the buffers keep their addresses)."""
         n = rows.shape[0]
         for buf in self.k + self.v:
             buf[:n, :, :slots] = buf[:, :, :slots].index_select(0, rows)
