@@ -15,6 +15,8 @@ backend emits for frozen linears. The math is the same product; only the fp32 su
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -49,3 +51,21 @@ def linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """The reference y = x·Wᵀ + b in x's dtype (tests call it in float64)."""
     y = x @ weight.to(x.dtype).t()
     return y if bias is None else y + bias.to(x.dtype)
+
+
+def _count_flops() -> None:
+    """Make ``torch.utils.flop_counter.FlopCounterMode`` count these GEMMs (2·N·M·K per call), as it counts
+    ``aten.mm``, so that FLOP profiles of a run stay complete when the engine decodes through oneDNN."""
+    from torch.utils import flop_counter
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or op.default in flop_counter.flop_registry:
+        return
+
+    def flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(out_shape) * x_shape[-1]  # every output element is a K-long dot product
+
+    flop_counter.register_flop_formula(op)(flops)
+
+
+if available():
+    _count_flops()

@@ -59,3 +59,14 @@ def test_refuses_autograd_and_bad_inputs():
     for bad in (w.double(), w[None], w.to(torch.bfloat16)):
         with pytest.raises(ValueError, match="2-D fp32 CPU weight"):
             pack(bad)
+
+
+def test_flop_counter_counts_it():
+    """FlopCounterMode counts 2·N·M·K per call, as for aten.mm (FLOP profiles stay complete)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    packed = pack(torch.randn(24, 16))
+    with FlopCounterMode(display=False) as fc:
+        linear(torch.randn(3, 5, 16), packed)
+        torch.randn(15, 16) @ torch.randn(16, 24)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    assert counts["mkldnn._linear_pointwise"] == counts["aten.mm"] == 2 * 15 * 24 * 16
