@@ -22,6 +22,8 @@ Providers:
                    its compile time is in ``setup_s``). On CUDA the graphs already remove the per-op overhead.
 - ``fastrlhf-nocompact``  the engine with ``compact=False`` (finished rows keep their batch rows, attention reads every
                    cache slot): what compaction saves (not run by default)
+- ``fastrlhf-noonednn``  CPU only: the engine with ``onednn=False`` (``F.linear``'s BLAS for the decode GEMMs instead
+                   of oneDNN with packed weights): what the GEMM backend gives (not run by default)
 - ``hf-dynamic``   transformers ``generate`` with its default dynamic cache
 - ``hf-static``    transformers ``generate(cache_implementation="static")`` (on CUDA transformers also compiles the
                    forward with torch.compile automatically: that is the "+ compile" baseline of docs/benchmarks.md)
@@ -62,7 +64,7 @@ from .workload import WORKLOADS
 
 CSV_COLUMNS = ["date", "device", "bench", "shape", "provider", "metric", "median", "unit", "torch", "commit"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results.csv"
-PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static", "fastrlhf-nocompact")
+PROVIDERS = ("fastrlhf", "fastrlhf-compile", "hf-dynamic", "hf-static", "fastrlhf-nocompact", "fastrlhf-noonednn")
 
 # model: Qwen2 config fields; run: batch B, prompt P, new tokens G
 SHAPES = {
@@ -171,8 +173,8 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
 
     with stack:
         for provider in providers:
-            if provider == "fastrlhf-compile" and device == "cuda":
-                continue  # on CUDA the graphs already remove the per-op overhead
+            if provider in ("fastrlhf-compile", "fastrlhf-noonednn") and device == "cuda":
+                continue  # on CUDA the graphs already remove the per-op overhead; oneDNN is a CPU library
             if provider == "fastrlhf":
                 # peak memory of a first rollout from scratch (cache + buffers + graphs), on a throw-away engine
                 def first_rollout():
@@ -186,7 +188,8 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
             if provider.startswith("fastrlhf"):
                 eng = engines[provider] = HybridEngine(ours, memory_policy="keep",
                                                        compile_step=provider == "fastrlhf-compile",
-                                                       compact=provider != "fastrlhf-nocompact")
+                                                       compact=provider != "fastrlhf-nocompact",
+                                                       onednn=False if provider == "fastrlhf-noonednn" else "auto")
                 stack.enter_context(eng.generation(max_batch_size=B, max_seq_len=Pw + G))
                 full = (lambda e, p: lambda: ours_gen(e, p, G))(eng, provider)
                 one = (lambda e, p: lambda: ours_gen(e, p, 1))(eng, provider)
@@ -252,7 +255,7 @@ def run(shape: str | None = None, device: str | None = None, runs: int = 5, prov
 
     # speed-up of fastrlhf end to end over each baseline, same run
     tps = {r["provider"]: r["median"] for r in rows if r["metric"] == "tokens_per_s"}
-    for ours_p in ("fastrlhf", "fastrlhf-compile", "fastrlhf-nocompact"):
+    for ours_p in ("fastrlhf", "fastrlhf-compile", "fastrlhf-nocompact", "fastrlhf-noonednn"):
         for p in ("hf-dynamic", "hf-static"):
             if ours_p in tps and p in tps:
                 add(ours_p, f"speedup_vs_{p}", tps[ours_p] / tps[p], "x")
@@ -278,7 +281,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.run_generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: qwen2-0.5b on CUDA, tiny on CPU")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    ap.add_argument("--providers", nargs="+", default=[p for p in PROVIDERS if p != "fastrlhf-nocompact"],
+    ap.add_argument("--providers", nargs="+", default=[p for p in PROVIDERS if p not in ("fastrlhf-nocompact",
+                                                                                       "fastrlhf-noonednn")],
                     choices=list(PROVIDERS))
     ap.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median; >= 3)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the reference CPU runs: 2)")

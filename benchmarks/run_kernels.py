@@ -343,7 +343,8 @@ def bench_linear(ctx: Ctx) -> None:
 def linear_memory_scaling(ctx: Ctx, V: int, known: dict | None = None) -> None:
     """Peak extra memory of fwd+bwd at two N (one measured call each; one warm call per provider first): the eager
     baseline grows with
-    N·V (it holds [N, V] logits and their fp32 copies), ours should grow only with N·H (the hidden gradient).
+    N·V (it holds [N, V] logits and their fp32 copies), ours should grow only with N·H (the hidden gradient; on CPU
+    once the N·V fp32 logits pass the 32 MiB that the backward may keep, ``CPU_KEEP_BYTES``).
     ``known``: {(provider, N): MiB} already measured at the same H (the timed shape), not measured again."""
     H, ns = SHAPES[ctx.shape]["linear_mem"]
     res = dict(known or {})

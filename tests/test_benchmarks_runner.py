@@ -123,6 +123,7 @@ def test_linear_memory_scaling_eager_grows_ours_bounded(monkeypatch):
     shrunk so that the smoke shape is chunked, grows only with N·H (the hidden gradient): < 1 byte per N·V element."""
     ll = importlib.import_module("fastrlhf.kernels.fused_linear_logprobs")
     monkeypatch.setattr(ll, "CHUNK_BYTES", 2**20)  # 1 MiB: the N=256 smoke case is chunked
+    monkeypatch.setattr(ll, "CPU_KEEP_BYTES", 0)  # and its logits are not kept for the backward (they would fit)
     ctx = runner.Ctx(device="cpu", shape="smoke", dtype=torch.float32, providers=("fastrlhf", "eager"),
                      warmup_ms=0, rep_ms=0)
     runner.linear_memory_scaling(ctx, V=4099)
@@ -174,6 +175,18 @@ def test_generate_runner_fixed_and_realistic_with_plot(tmp_path, capsys):
     B = gen.SHAPES["smoke"]["B"]
     assert got[("smoke", "fastrlhf", "decode_row_steps")] == B * (G - 1)  # nothing to compact: every row runs G tokens
     assert got[("smoke/realistic", "fastrlhf", "decode_row_steps")] < B * (G - 1)  # rows stop, buckets shrink
+
+
+def test_generate_runner_onednn_ab(tmp_path):
+    """fastrlhf-noonednn (the engine on F.linear) runs beside fastrlhf (oneDNN on CPU): the same work, both timed."""
+    from fastrlhf.benchmarks import run_generate as gen
+    path = tmp_path / "gen.csv"
+    assert gen.main(["--shape", "smoke", "--runs", "2", "--providers", "fastrlhf", "fastrlhf-noonednn",
+                     "--workload", "fixed", "--csv", str(path)]) == 0
+    _, rows = _read(path)
+    got = {(r["provider"], r["metric"]): float(r["median"]) for r in rows}
+    for p in ("fastrlhf", "fastrlhf-noonednn"):
+        assert got[(p, "tokens_per_s")] > 0 and got[(p, "resp_len_p50")] == gen.SHAPES["smoke"]["G"]
 
 
 def test_ppo_runner_realistic_fastrlhf_arm_with_plot(tmp_path, capsys):
