@@ -181,7 +181,7 @@ def test_generate_runner_onednn_ab(tmp_path):
     """fastrlhf-noonednn (the engine on F.linear) runs beside fastrlhf (oneDNN on CPU): the same work, both timed."""
     from fastrlhf.benchmarks import run_generate as gen
     path = tmp_path / "gen.csv"
-    assert gen.main(["--shape", "smoke", "--runs", "2", "--providers", "fastrlhf", "fastrlhf-noonednn",
+    assert gen.main(["--shape", "smoke", "--runs", "3", "--providers", "fastrlhf", "fastrlhf-noonednn",
                      "--workload", "fixed", "--csv", str(path)]) == 0
     _, rows = _read(path)
     got = {(r["provider"], r["metric"]): float(r["median"]) for r in rows}
