@@ -56,8 +56,6 @@ def test_rounds_pool_every_timed_step():
 def test_realistic_checkpoint_varies_prompts_and_ends_responses_early(tmp_path):
     """--workload realistic: prompt lengths over [⌈P/8⌉, P] (not all equal), and the policy's built-in EOS hazard ends
     sampled completions early (median near G/4) where the fixed checkpoint runs them to G."""
-    import torch
-
     from fastrlhf.engine.hybrid import HybridEngine
     S = SHAPES["tiny"]
     lens, medians = {}, {}
