@@ -66,7 +66,7 @@ def build_checkpoint(shape: str, root: str | Path, seed: int = 0, workload: str 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from .workload import check_workload, eos_hazard, install_eos_hazard, prompt_lengths
+    from .workload import check_workload, eos_hazard, install_eos_hazard, make_prompts
 
     check_workload(workload)
     S = SHAPES[shape]
@@ -86,11 +86,9 @@ def build_checkpoint(shape: str, root: str | Path, seed: int = 0, workload: str 
     model.save_pretrained(root / "policy")
     tok.save_pretrained(root / "policy")
     g = torch.Generator().manual_seed(seed + 1)
-    rows = torch.randint(0, V - 2, (64, S["P"]), generator=g).tolist()
-    lens = prompt_lengths(64, S["P"], g) if workload == "realistic" else [S["P"]] * 64
     with open(root / "prompts.jsonl", "w") as fh:
-        for row, n in zip(rows, lens):
-            fh.write(json.dumps({"prompt": " ".join(f"w{i}" for i in row[:n])}) + "\n")
+        for row in make_prompts(64, S["P"], V, workload, g):
+            fh.write(json.dumps({"prompt": " ".join(f"w{i}" for i in row)}) + "\n")
     return {"policy": str(root / "policy"), "prompts": str(root / "prompts.jsonl")}
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastrlhf.engine.hybrid import HybridEngine, Rollout
-from fastrlhf.kernels import logprobs_from_logits_ref
+from fastrlhf.kernels import logprobs_from_logits_ref, onednn_linear
 from fastrlhf.models.hf_io import load_model
 from fastrlhf.engine.sampling import SamplingParams, filter_logits, sample
 from tests.helpers.models import EOS_ID, PAD_ID, make_tiny_checkpoint
@@ -462,8 +462,7 @@ def test_compaction_sampling_same_rollout_as_without(model, check_every):
 
 
 # ---------------------------------------------------------------------------------------------------- oneDNN GEMMs
-needs_onednn = pytest.mark.skipif(not __import__("fastrlhf.kernels.onednn_linear", fromlist=["x"]).available(),
-                                  reason="this torch build has no oneDNN")
+needs_onednn = pytest.mark.skipif(not onednn_linear.available(), reason="this torch build has no oneDNN")
 
 
 @needs_onednn
@@ -545,7 +544,7 @@ def test_repeated_prompts_prefill_once_with_the_same_rollout(model, monkeypatch,
     with eng.generation():
         shared = eng.generate(prompts, **kw)
     assert batches[0][0] == 3 and all(b[0] <= 12 and b[1] == 1 for b in batches[1:])
-    monkeypatch.setattr(hybrid, "_distinct_rows", lambda ids, mask: (None, None))
+    monkeypatch.setattr(hybrid, "distinct_rows", lambda ids, mask: (None, None))
     batches.clear()
     with eng.generation():
         every = eng.generate(prompts, **kw)
@@ -559,10 +558,10 @@ def test_repeated_prompts_prefill_once_with_the_same_rollout(model, monkeypatch,
 
 
 def test_distinct_rows():
-    from fastrlhf.engine.hybrid import _distinct_rows
+    from fastrlhf.engine.hybrid import distinct_rows
     ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 5, 6], [9, 5, 6]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1], [0, 1, 1]])  # row 3 = row 0 once padding is ignored
-    first, group = _distinct_rows(ids, mask)
+    first, group = distinct_rows(ids, mask)
     assert ids[first][group].masked_fill(mask == 0, -1).tolist() == ids.masked_fill(mask == 0, -1).tolist()
     assert sorted(first.tolist()) == [0, 1] and group[0] == group[2] == group[3] != group[1]
-    assert _distinct_rows(ids[:2], mask[:2]) == (None, None) and _distinct_rows(ids[:1], mask[:1]) == (None, None)
+    assert distinct_rows(ids[:2], mask[:2]) == (None, None) and distinct_rows(ids[:1], mask[:1]) == (None, None)

@@ -202,7 +202,7 @@ class HybridEngine:
                                           and compute_dtype != next(model.parameters()).dtype) else None
         why_not = (None if self.device.type == "cpu" else f"the model is on {self.device}",
                    None if onednn_linear.available() else "this torch build has no oneDNN",
-                   None if p.dtype == torch.float32 and self._lowp is None and compute_dtype in (None, torch.float32)
+                   None if p.dtype == torch.float32 and compute_dtype in (None, torch.float32)
                    else "it packs fp32 weights only (compute_dtype / weights are not fp32)",
                    None if not self.compile_step else "compile_step is on",
                    None if self.weight_gather is None else "the weights are gathered per rollout (weight_gather)")
@@ -349,14 +349,14 @@ class HybridEngine:
         t0 = time.perf_counter()
         swapped = []
         try:
-            for m in self.model.modules():
-                if type(m) is not torch.nn.Linear or "forward" in m.__dict__ or not packable(m.weight):
+            head = self.model.lm_head
+            for m in self.model.modules():  # the head is not called as a module here: _sample_head reads its weight
+                if m is head or type(m) is not torch.nn.Linear or "forward" in m.__dict__ or not packable(m.weight):
                     continue
                 packed = onednn_linear.pack(m.weight, rows)
                 m.forward = functools.partial(onednn_linear.linear, packed=packed, bias=m.bias)
                 swapped.append(m)
-            head = self.model.lm_head.weight
-            self._head_packed = onednn_linear.pack(head, rows) if packable(head) else None
+            self._head_packed = onednn_linear.pack(head.weight, rows) if packable(head.weight) else None
             self.stats["pack_s"] += time.perf_counter() - t0
             yield
         finally:
@@ -427,7 +427,7 @@ class HybridEngine:
             # 2. prefill: one forward over the distinct prompts (GRPO's n samples of a prompt share it: its K/V rows are
             #    copied to every row that repeats it), then sample the first new token (slot P) for every row
             pos = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, P] position ids under left padding
-            first, group = _distinct_rows(ids, mask)  # [U] a row of each distinct prompt, [B] each row's prompt
+            first, group = distinct_rows(ids, mask)  # [U] a row of each distinct prompt, [B] each row's prompt
             am = buf.mask[:, :P] if window else buf.mask
             h = self.model.hidden_states(ids if first is None else ids[first],
                                          position_ids=pos if first is None else pos[first],
@@ -660,9 +660,10 @@ class HybridEngine:
         return graph
 
 
-def _distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    """Rows of left-padded prompts ids / mask [B, P] that repeat another row: (first [U], group [B]) with ``first[g]``
-    the first row of the g-th distinct prompt and ``group[b]`` the prompt of row b; (None, None) when all B differ."""
+def distinct_rows(ids: Tensor, mask: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """Rows of prompts ids / mask [B, P] (padding ignored) that repeat another row: (first [U], group [B]) with
+    ``first[g]`` the first row of the g-th distinct prompt and ``group[b]`` the prompt of row b; (None, None) when all
+    B differ. One host sync. The engine's shared prefill and the packed forwards' shared prompts both group by it."""
     B = ids.shape[0]
     if B < 2:
         return None, None

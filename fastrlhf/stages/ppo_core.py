@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 from fastrlhf import kernels
+from fastrlhf.engine.hybrid import distinct_rows
 from fastrlhf.kernels.head import head_kl, head_logprobs
 from fastrlhf.runtime import distributed
 
@@ -176,11 +177,10 @@ def pack_rows(input_ids, attention_mask, position_ids, response_mask=None, promp
     share_prompts: rows whose prompts (columns :P, ids and mask) are equal store that prompt once (GRPO's n
     completions of one prompt); see :func:`_pack_shared`. Same results up to float rounding, fewer tokens."""
     B, T = attention_mask.shape
-    if share_prompts and response_mask is not None and prompt_len > 0 and B > 1:
-        key = input_ids[:, :prompt_len].masked_fill(attention_mask[:, :prompt_len] == 0, -1)  # [B, P]
-        _, group = torch.unique(key, dim=0, return_inverse=True)  # [B] prompt id of each row
-        if int(group.max()) + 1 < B:
-            return _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_len, group)
+    if share_prompts and response_mask is not None and prompt_len > 0:
+        first, group = distinct_rows(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+        if first is not None:
+            return _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_len, first, group)
     valid = attention_mask.bool().reshape(-1)  # [B·T]
     index = valid.nonzero().squeeze(1)  # [N] flat positions of the valid tokens
     lens = attention_mask.bool().sum(-1)  # [B]
@@ -198,8 +198,9 @@ def pack_rows(input_ids, attention_mask, position_ids, response_mask=None, promp
     return pk
 
 
-def _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_len: int, group) -> Packed:
-    """``pack_rows`` with rows of one prompt sharing it: ``group`` [B] the prompt id of each row.
+def _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_len: int, first, group) -> Packed:
+    """``pack_rows`` with rows of one prompt sharing it: ``first`` [Q] the first row of each prompt, ``group`` [B] the
+    prompt of each row (``distinct_rows``).
 
     Layout [1, N]: for each prompt (in order of its first row), its valid tokens once, then the valid response tokens
     of each of its rows (row order). A prompt token attends only to its prompt (causal), so its states are the same for
@@ -212,8 +213,6 @@ def _pack_shared(input_ids, attention_mask, position_ids, response_mask, prompt_
     P, dev = prompt_len, attention_mask.device
     am = attention_mask.bool()
     rows = torch.arange(B, device=dev)
-    group = group.to(dev)
-    first = torch.full((int(group.max()) + 1,), B, device=dev).scatter_reduce(0, group, rows, "amin")  # [Q] first row
     lead = first[group]  # [B] the row whose prompt tokens are stored for each row's group
     keep = am.clone()
     keep[:, :P] &= (lead == rows)[:, None]  # a prompt's tokens once, in its first row
