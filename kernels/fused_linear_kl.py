@@ -23,8 +23,8 @@ import triton.language as tl
 from ._backend import use_triton
 from ._lse import M_INIT, max_sum_update
 from ._utils import check_float, no_autocast
-from .fused_linear_logprobs import (CHUNK_BYTES, CPU_CHUNK_BYTES, _chunks, _logits_chunk_torch, _logits_tile, dot_precision,
-                              head_backward, num_vocab_splits)
+from .fused_linear_logprobs import (_logits_chunk_torch, _logits_tile, cpu_chunks, dot_precision, head_backward,
+                                    num_vocab_splits)
 
 
 # Two logits tiles (policy and reference) are live at once, so the tiles are half the log-prob kernel's in V: as
@@ -148,7 +148,7 @@ def _fwd_triton(x, w, xr, wr, inv_tau):
 def _fwd_torch(x, w, xr, wr, inv_tau):
     """CPU path: token × vocab chunks in fp32; each chunk's stats are merged into the running ones like a split."""
     N, V = x.shape[0], w.shape[0]
-    n_c, v_c = _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES) // 3)  # three fp32 chunk buffers live at once
+    n_c, v_c = cpu_chunks(N, V, buffers=3)  # three fp32 chunk buffers live at once
     kl = torch.empty(N, dtype=torch.float32, device=x.device)
     lse, mu = torch.empty_like(kl), torch.empty_like(kl)
     for n0 in range(0, N, n_c):

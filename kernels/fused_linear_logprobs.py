@@ -41,7 +41,11 @@ from .logprobs import check_labels, logprobs_from_logits_ref
 
 # Backward chunk budget: bytes of G (input dtype) per chunk; CPU-path fp32 temporaries use the same element count × 4 B.
 CHUNK_BYTES = 256 * 2**20
-CPU_CHUNK_BYTES = 16 * 2**20  # the CPU path keeps ~3 fp32 temporaries per chunk; small chunks stay in cache
+# CPU path: fp32 logits per chunk. Small chunks stay in cache and reuse the heap's free blocks (glibc maps a fresh,
+# zero-filled block for each large one): at the tiny benchmark head (N 2048, H 256, V 4096, 2 threads) 2 MiB chunks
+# of 512 vocab columns take 0.72-0.77× the time of 16 MiB chunks of 2048, forward and backward alike (RESULTS.md)
+CPU_CHUNK_BYTES = 2 * 2**20
+CPU_MIN_V_CHUNK = 512  # CPU: prefer all tokens × a narrow vocab chunk (dW of a chunk complete in one GEMM)
 # CPU path, training: when all N·V fp32 logits fit in this many bytes, the forward keeps its logit chunks for the
 # backward, which then skips recomputing them (one GEMM of four); above it the backward recomputes, as on CUDA
 CPU_KEEP_BYTES = 32 * 2**20
@@ -196,17 +200,23 @@ def _linear_dz_kernel(
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _chunks(N: int, V: int, elem_bytes: int, budget: int | None = None) -> tuple[int, int]:
+def _chunks(N: int, V: int, elem_bytes: int, budget: int | None = None, min_v: int | None = None) -> tuple[int, int]:
     """(n_c, v_c): chunk of tokens × vocab with n_c·v_c·elem_bytes ≤ budget (default CHUNK_BYTES; at least 1 × 1).
 
-    Prefer all N tokens at once (then dW of a vocab chunk is complete in one GEMM); chunk tokens only if N·min(V, 2048)
-    elements do not fit.
+    Prefer all N tokens at once (then dW of a vocab chunk is complete in one GEMM); chunk tokens only if
+    N·min(V, min_v) elements do not fit (min_v: default MIN_V_CHUNK).
     """
     max_elems = max(1, (CHUNK_BYTES if budget is None else budget) // elem_bytes)
-    if N * min(V, MIN_V_CHUNK) <= max_elems:
+    min_v = MIN_V_CHUNK if min_v is None else min_v
+    if N * min(V, min_v) <= max_elems:
         return max(N, 1), max(1, min(V, max_elems // max(N, 1)))
-    v_c = min(V, MIN_V_CHUNK)
+    v_c = min(V, min_v)
     return max(1, max_elems // v_c), v_c
+
+
+def cpu_chunks(N: int, V: int, buffers: int = 1) -> tuple[int, int]:
+    """(n_c, v_c) of the CPU path: ``buffers`` fp32 chunk buffers live at once within ``CPU_CHUNK_BYTES``."""
+    return _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES) // buffers, min(MIN_V_CHUNK, CPU_MIN_V_CHUNK))
 
 
 # ---------------------------------------------------------------- forward
@@ -239,7 +249,7 @@ def _fwd_torch(x, w, b, y, inv_tau, kept: dict | None = None):
     """CPU path: the same token × vocab chunk loop, merging (m, s, t) across vocab chunks like the kernel's tiles.
     ``kept``: a dict that receives each chunk's logits z [n_c, v_c] fp32 under its (n0, v0), for the backward."""
     N, V = x.shape[0], w.shape[0]
-    n_c, v_c = _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES))
+    n_c, v_c = cpu_chunks(N, V)
     logp = torch.empty(N, dtype=torch.float32, device=x.device)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp)
@@ -345,8 +355,7 @@ def head_backward(x, w, b, dz_chunk, triton_path, need):
     v0, v1)`` ([n1−n0, v1−v0], x's dtype, = ∂L/∂(x·Wᵀ + b)), then dX += G·W_chunk, dW_chunk = Gᵀ·X, db += Σ_n G (fp32
     accumulation). x [N, H], w [V, H], b [V]|None; need = (dx, dw, db) flags → (dx, dw, db) (None where not needed)."""
     N, V = x.shape[0], w.shape[0]
-    n_c, v_c = (_chunks(N, V, x.element_size()) if triton_path
-                else _chunks(N, V, 4, min(CHUNK_BYTES, CPU_CHUNK_BYTES)))
+    n_c, v_c = _chunks(N, V, x.element_size()) if triton_path else cpu_chunks(N, V)
     need_dx, need_dw, need_db = need
     dx32 = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_dx else None
     one_token_chunk = n_c >= N
