@@ -496,6 +496,22 @@ def test_onednn_gemms_same_rollout_as_torch_gemms(model, temperature):
 
 
 @needs_onednn
+def test_onednn_packs_every_projection_and_the_head(model, monkeypatch):
+    """Every projection of the model (the models' ``Linear``, an ``nn.Linear`` subclass that says it is plain) and the
+    head are packed once per generate call: a subclass must not fall back to the unpacked GEMMs."""
+    from fastrlhf.engine import hybrid
+    packed = []
+    real = hybrid.onednn_linear.pack
+    monkeypatch.setattr(hybrid.onednn_linear, "pack", lambda w, rows=None: packed.append(w) or real(w, rows))
+    projections = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    assert projections and all(type(m) is not torch.nn.Linear for m in projections)
+    with HybridEngine(model, onednn=True).generation() as eng:
+        eng.generate(ragged_prompts(3, seed=2), max_new_tokens=3, seed=1)
+    assert len(packed) == len(projections) + 1
+    assert {id(w) for w in packed} == {id(m.weight) for m in projections} | {id(model.lm_head.weight)}
+
+
+@needs_onednn
 def test_onednn_overrides_removed_after_an_error_and_custom_forwards_kept(model, monkeypatch):
     """An exception inside generate leaves no packed override behind; a linear whose instance already has its own
     forward is not touched."""

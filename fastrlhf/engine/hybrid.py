@@ -29,6 +29,12 @@ from fastrlhf.kernels import onednn_linear
 from fastrlhf.kernels.head import compute_dtype, head_logits
 
 MEMORY_POLICIES = ("keep", "free")
+
+
+def _plain_linear(m: torch.nn.Module) -> bool:
+    """An ``nn.Linear`` computing exactly x·Wᵀ + b: the class itself, or a subclass that says so (``plain_linear``,
+    e.g. ``fastrlhf.models.linear.Linear``, which only picks another GEMM library)."""
+    return type(m) is torch.nn.Linear or (isinstance(m, torch.nn.Linear) and getattr(type(m), "plain_linear", False))
 WINDOW_ROUND = 32  # eager decode attention reads the first ceil((slot + 1) / 32) * 32 cache slots
 
 
@@ -351,7 +357,7 @@ class HybridEngine:
         try:
             head = self.model.lm_head
             for m in self.model.modules():  # the head is not called as a module here: _sample_head reads its weight
-                if m is head or type(m) is not torch.nn.Linear or "forward" in m.__dict__ or not packable(m.weight):
+                if m is head or not _plain_linear(m) or "forward" in m.__dict__ or not packable(m.weight):
                     continue
                 packed = onednn_linear.pack(m.weight, rows)
                 m.forward = functools.partial(onednn_linear.linear, packed=packed, bias=m.bias)

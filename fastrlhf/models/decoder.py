@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fastrlhf.models.kv_cache import StaticKVCache
+from fastrlhf.models.linear import Linear
 from fastrlhf.models.attention import ATTN_IMPLS, attend, build_meta, resolve_impl
 from fastrlhf.kernels import rms_norm, rope, swiglu
 from fastrlhf.models.rope import dynamic_inv_freq, rope_cos_sin, rope_init, rope_kind
@@ -151,7 +152,7 @@ def _split_linear(fused: nn.Linear, sizes: list[int]) -> list[nn.Linear]:
     out, start = [], 0
     w, b = fused.weight, fused.bias
     for n in sizes:
-        lin = nn.Linear(fused.in_features, n, bias=b is not None, device=w.device, dtype=w.dtype)
+        lin = Linear(fused.in_features, n, bias=b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w[start:start + n])
             if b is not None:
@@ -188,8 +189,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.sliding = layer, c.uses_window(layer)
         self.nq, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.qkv_proj = nn.Linear(c.hidden_size, (self.nq + 2 * self.nkv) * self.d, bias=c.attention_bias)
-        self.o_proj = nn.Linear(self.nq * self.d, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
+        self.qkv_proj = Linear(c.hidden_size, (self.nq + 2 * self.nkv) * self.d, bias=c.attention_bias)
+        self.o_proj = Linear(self.nq * self.d, c.hidden_size, bias=c.attention_bias and c.model_type == "llama")
         self.register_load_state_dict_pre_hook(_fuse_on_load)
 
     @property
@@ -228,8 +229,8 @@ class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.f = c.intermediate_size
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * self.f, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_up_proj = Linear(c.hidden_size, 2 * self.f, bias=False)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, bias=False)
         self.register_load_state_dict_pre_hook(_fuse_on_load)
 
     @property
