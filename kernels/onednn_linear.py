@@ -17,7 +17,10 @@ Training (``train_linear``): the same op on the plain weight (oneDNN reorders it
     y = x·Wᵀ + b  (oneDNN);   dX = dY·W  (oneDNN, on Wᵀ made contiguous);   dW = dYᵀ·X,  db = Σ_rows dY  (torch's BLAS)
 On the EPYC of RESULTS.md the forward and dX products of the tiny model's projections (2-3 k rows) take 0.7-0.8× the
 time of MKL's, while MKL stays faster for dW (ad hoc, 2 threads); a GRPO update then takes about 0.94× the time
-(RESULTS.md). ``fastrlhf.models.linear.Linear`` uses it for fp32 CPU weights.
+(RESULTS.md). Small products lose: each call reorders the plain weight and sets up its primitive, about 0.1-0.25 ms
+at these sizes, so below ``TRAIN_MIN_MACS`` multiply-adds per call (N·K·M) ``F.linear`` is faster (ad hoc: 640×64 by
+64×192 took 710 vs 470 µs forward + backward, 1024×256 by 256×512 6.9 vs 7.3 ms, 2176×256 by 256×1536 36 vs 43 ms).
+``fastrlhf.models.linear.Linear`` uses it for fp32 CPU weights at or above that size.
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"onednn_linear.linear: expected fp32 CPU input, got {x.dtype} on {x.device}")
     return torch.ops.mkldnn._linear_pointwise(x, packed, None if bias is None else bias.detach(), "none", [], "")
+
+
+TRAIN_MIN_MACS = 1 << 27  # N·K·M of one call (~134M): smaller products run faster through F.linear (see above)
 
 
 def _onednn_mm(x2: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:

@@ -114,9 +114,9 @@ def test_train_linear_only_the_needed_gradients_and_bad_inputs():
 
 
 def test_model_linear_uses_onednn_on_fp32_cpu_and_f_linear_elsewhere(monkeypatch):
-    """``fastrlhf.models.linear.Linear``: the oneDNN path for plain fp32 CPU tensors (same values as ``F.linear`` up to
-    fp32 summation order, same gradients likewise), ``F.linear`` under CPU autocast, for 1-D inputs and when switched
-    off (then bitwise ``F.linear``)."""
+    """``fastrlhf.models.linear.Linear``: the oneDNN path for plain fp32 CPU tensors from ``TRAIN_MIN_MACS``
+    multiply-adds on (same values as ``F.linear`` up to fp32 summation order, same gradients likewise), ``F.linear``
+    below that size, under CPU autocast, for 1-D inputs and when switched off (then bitwise ``F.linear``)."""
     import torch.nn.functional as F
     from fastrlhf.models.linear import Linear
     calls = []
@@ -124,6 +124,8 @@ def test_model_linear_uses_onednn_on_fp32_cpu_and_f_linear_elsewhere(monkeypatch
     monkeypatch.setattr(onednn_linear, "train_linear", lambda *a: calls.append(1) or real(*a))
     lin = Linear(32, 48, bias=True)
     x = torch.randn(2, 9, 32, requires_grad=True)
+    assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias)) and calls == []  # 27,648 multiply-adds: too small
+    monkeypatch.setattr(onednn_linear, "TRAIN_MIN_MACS", 2 * 9 * 32 * 48)
     y = lin(x)
     assert calls == [1]
     y_ref = F.linear(x, lin.weight, lin.bias)
