@@ -15,8 +15,8 @@ backend emits for frozen linears. The math is the same product; only the fp32 su
 
 Training (``train_linear``): the same op on the plain weight (oneDNN reorders it inside the call), differentiable:
     y = x·Wᵀ + b  (oneDNN);   dX = dY·W  (oneDNN, on Wᵀ made contiguous);   dW = dYᵀ·X,  db = Σ_rows dY  (torch's BLAS)
-On the EPYC of RESULTS.md the forward and dX products of the tiny model's projections (2-3 k rows) take 0.7-0.8× the
-time of MKL's, while MKL stays faster for dW (ad hoc, 2 threads); a GRPO update then takes about 0.94× the time
+On the EPYC of RESULTS.md the forward and dX products of the tiny model's projections (2-3 k rows) take 0.65-0.8× the
+time of MKL's, while MKL stays faster for dW (ad hoc, 2 threads); a GRPO update then takes 0.94-0.98× the time
 (RESULTS.md). Small products lose: each call reorders the plain weight and sets up its primitive, about 0.1-0.25 ms
 at these sizes, so below ``TRAIN_MIN_MACS`` multiply-adds per call (N·K·M) ``F.linear`` is faster (ad hoc: 640×64 by
 64×192 took 710 vs 470 µs forward + backward, 1024×256 by 256×512 6.9 vs 7.3 ms, 2176×256 by 256×1536 36 vs 43 ms).
