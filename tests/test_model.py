@@ -18,7 +18,7 @@ from fastrlhf.models.hf_io import config_from_tokenizer_check, load_model, load_
 from fastrlhf.models.attention import HAVE_FLASH
 from fastrlhf.models.rope import rope_init
 from tests.helpers.models import PAD_ID, make_tiny_checkpoint, make_tiny_hf_model, tiny_tokenizer
-from tests.helpers.tolerances import EXACT, FP32
+from tests.helpers.tolerances import EXACT, FP32, FP32_MODEL
 
 ATOL = 2e-5
 FAMILIES = ["llama", "qwen2", "mistral"]
@@ -550,3 +550,34 @@ def test_masked_sdpa_equal_heads_matches_native_gqa(cached):
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
                                                            scale=0.3, enable_gqa=True)
     torch.testing.assert_close(ours.double(), ref, **FP32)
+
+
+# ------------------------------------------------------------------------------------------- oneDNN projections
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_onednn_projections_match_f_linear_in_training(tmp_path, family, monkeypatch):
+    """The whole model in training with every projection on oneDNN (``TRAIN_MIN_MACS`` at 0, so these tiny products
+    take it) against ``F.linear``: the same logits and every parameter's gradient up to fp32 summation order
+    (left-padded batch; Qwen2's q/k/v biases included)."""
+    from fastrlhf.kernels import onednn_linear
+    from fastrlhf.models.linear import Linear
+    if not onednn_linear.available():
+        pytest.skip("this torch build has no oneDNN")
+    path = make_tiny_checkpoint(tmp_path, family, "lm", False, tokenizer=False)
+    model = load_model(path).train()
+    assert any(isinstance(m, Linear) for m in model.modules())
+    ids, mask = _batch(3, 9, "left")
+    calls = []
+    real = onednn_linear.train_linear
+    monkeypatch.setattr(onednn_linear, "train_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(onednn_linear, "TRAIN_MIN_MACS", 0)
+    out = {}
+    for flag in (False, True):
+        monkeypatch.setattr(Linear, "onednn", flag)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids, attention_mask=mask, position_ids=_positions(mask))
+        (logits.float().logsumexp(-1) * mask).sum().backward()
+        out[flag] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) > 0
+    torch.testing.assert_close(out[True][0], out[False][0], **FP32)
+    for name, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], g, **FP32_MODEL, msg=lambda m, n=name: f"{n}: {m}")
