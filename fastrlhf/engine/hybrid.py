@@ -29,13 +29,13 @@ from fastrlhf.kernels import onednn_linear
 from fastrlhf.kernels.head import compute_dtype, head_logits
 
 MEMORY_POLICIES = ("keep", "free")
+WINDOW_ROUND = 32  # eager decode attention reads the first ceil((slot + 1) / 32) * 32 cache slots
 
 
 def _plain_linear(m: torch.nn.Module) -> bool:
     """An ``nn.Linear`` computing exactly x·Wᵀ + b: the class itself, or a subclass that says so (``plain_linear``,
     e.g. ``fastrlhf.models.linear.Linear``, which only picks another GEMM library)."""
     return type(m) is torch.nn.Linear or (isinstance(m, torch.nn.Linear) and getattr(type(m), "plain_linear", False))
-WINDOW_ROUND = 32  # eager decode attention reads the first ceil((slot + 1) / 32) * 32 cache slots
 
 
 @dataclass
