@@ -53,22 +53,22 @@ def linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
         raise RuntimeError("onednn_linear.linear has no backward: call it under torch.no_grad() (training uses F.linear)")
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"onednn_linear.linear: expected fp32 CPU input, got {x.dtype} on {x.device}")
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None if bias is None else bias.detach(), "none", [], "")
+    return _onednn_mm(x, packed, None if bias is None else bias.detach())
 
 
 TRAIN_MIN_MACS = 1 << 27  # N·K·M of one call (~134M): smaller products run faster through F.linear (see above)
 
 
-def _onednn_mm(x2: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """x2 [N, K] · wᵀ (+ bias) through oneDNN; w [M, K] plain (row-major) fp32."""
-    return torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")
+def _onednn_mm(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """x [..., K] · wᵀ (+ bias) through oneDNN; w [M, K] packed (``pack``) or plain row-major fp32."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 class _TrainLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [N, K]
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x2 if weight.requires_grad else None, weight)  # X only for dW (a frozen W needs none)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
         y = _onednn_mm(x2, weight.detach(), None if bias is None else bias.detach())  # y = x·Wᵀ + b   [N, M]
         return y.view(*x.shape[:-1], weight.shape[0])
