@@ -45,7 +45,7 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, t: torch.Tensor):
 
     M = max_i m_i;  s = Σ_i e^{m_i − M}·s_i;  t = Σ_i e^{m_i − M}·(t_i + (m_i − M)·s_i);  LSE = M + log s;  H = log s − t/s.
     """
-    big_m = m.max(dim=0).values
+    big_m = m.amax(dim=0)
     a = torch.exp(m - big_m)  # e^{m_i − M}
     s_tot = (a * s).sum(dim=0)
     t_tot = (a * (t + (m - big_m) * s)).sum(dim=0)

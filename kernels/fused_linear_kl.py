@@ -159,7 +159,7 @@ def _fwd_torch(x, w, xr, wr, inv_tau):
             z = _logits_chunk_torch(x[n0:n1], w[v0:v1], None, inv_tau)  # z = x·Wᵀ/τ
             zr = _logits_chunk_torch(xr[n0:n1], wr[v0:v1], None, inv_tau)  # z_ref = x_ref·W_refᵀ/τ
             diff = z - zr  # z − z_ref
-            mc, mrc = z.max(dim=1).values, zr.max(dim=1).values
+            mc, mrc = z.amax(dim=1), zr.amax(dim=1)
             e = z.sub_(mc[:, None]).exp_()  # e^{z − m_chunk}
             sc = e.sum(1)  # Σ e^{z − m}
             ac = e.mul_(diff).sum(1)  # Σ e^{z − m}(z − z_ref)
@@ -175,7 +175,7 @@ def _fwd_torch(x, w, xr, wr, inv_tau):
 
 def _merge_stats(m, s, a, mr, sr):
     """Merge stats [S, N] into one (m, s, a, m_ref, s_ref) [N] (the rescaling of the kernel's tile update)."""
-    big_m, big_mr = m.max(dim=0).values, mr.max(dim=0).values
+    big_m, big_mr = m.amax(dim=0), mr.amax(dim=0)
     w, wr = torch.exp(m - big_m), torch.exp(mr - big_mr)  # e^{m_i − M}
     return big_m, (w * s).sum(0), (w * a).sum(0), big_mr, (wr * sr).sum(0)
 

@@ -242,7 +242,7 @@ def _logits_chunk_torch(xc, wv, bv, inv_tau):
     z = xc.float() @ wv.float().t()
     if bv is not None:
         z += bv.float()
-    return z.mul_(inv_tau)
+    return z if inv_tau == 1.0 else z.mul_(inv_tau)  # τ = 1: z/τ = z exactly, no pass over the chunk
 
 
 def _fwd_torch(x, w, b, y, inv_tau, kept: dict | None = None):
@@ -265,7 +265,7 @@ def _fwd_torch(x, w, b, y, inv_tau, kept: dict | None = None):
             z = _logits_chunk_torch(x[n0:n1], w[v0:v1], None if b is None else b[v0:v1], inv_tau)
             if kept is not None:
                 kept[n0, v0] = z
-            mc = z.max(dim=1).values
+            mc = z.amax(dim=1)  # (amax: the max without its argmax, ~10× faster on CPU)
             d = z - mc[:, None]  # z − m_chunk
             e = d.exp()
             stats = merge_stats(m, s, t, mc, e.sum(1), (d * e).sum(1))
@@ -334,7 +334,7 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau, z=None):
     hit = (local >= 0) & (local < wv.shape[0])
     rows = torch.arange(xc.shape[0], device=xc.device)[hit]
     dz[rows, local[hit]] += g_lp[hit]  # + g·onehot(y)
-    return (dz * inv_tau).to(xc.dtype)  # G = ∂L/∂z / τ
+    return (dz if inv_tau == 1.0 else dz.mul_(inv_tau)).to(xc.dtype)  # G = ∂L/∂z / τ (τ = 1: no pass)
 
 
 def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need, kept=None):

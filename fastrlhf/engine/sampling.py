@@ -87,10 +87,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor |
         return tokens, logprobs_from_logits(logits, tokens)
     if uniform is None:
         raise ValueError("sample: `uniform` [B] is required when temperature > 0")
-    z = logits.float() / params.temperature  # z = logits / τ   [B, V] fp32
+    z = logits.float()
+    if params.temperature != 1.0:  # z = logits / τ   [B, V] fp32 (τ = 1: exactly the logits, no pass over [B, V])
+        z = z / params.temperature
     if params.filtered:
         z = filter_logits(z, params.top_k, params.top_p)
-    z_max = z.max(dim=-1, keepdim=True).values  # [B, 1], finite: the most likely token is always kept
+    z_max = z.amax(dim=-1, keepdim=True)  # [B, 1], finite: the most likely token is always kept
     cdf = torch.cumsum(torch.exp(z - z_max), dim=-1)  # unnormalised CDF: Σ_{j≤v} exp(z_j − max z)   [B, V]
     total = cdf[:, -1:]  # Σ_v exp(z_v − max z)   [B, 1]
     # inverse CDF: first v with CDF(v) > u · total; removed tokens add 0 to the CDF and so are never chosen
