@@ -10,7 +10,8 @@ cos / sin get no gradient (they are functions of the positions). Outputs are con
 
 Triton: one program per token rotates all Hq query and Hkv key heads of that token ([heads, D/2] tiles); q and k may be
 strided views (e.g. slices of a fused QKV projection [N, (Hq + 2·Hkv)·D]); the backward is the same kernel with the
-transposed rotation. CPU: ``rope_ref`` (cos / sin cast to x's dtype first, as the Llama family does).
+transposed rotation. CPU: ``rope_cpu``, the values of ``rope_ref`` bit for bit (cos / sin cast to x's dtype first, as the
+Llama family does) without its cat / neg copies; in training, its transposed rotation is the backward.
 """
 from __future__ import annotations
 
@@ -56,6 +57,53 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
         return x * c + _rotate_half(x) * s  # y = x ⊙ cos + rotate_half(x) ⊙ sin
 
     return rot(q), rot(k)
+
+
+def _rotate_cpu(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """The CPU rotation: x [..., H, D], c / s [..., 1, D] in x's dtype -> y [..., H, D] contiguous.
+
+    Forward: y₁ = x₁ cos₁ − x₂ sin₁, y₂ = x₂ cos₂ + x₁ sin₂; ``transpose`` (the backward, x = the gradient g):
+    ∂x₁ = g₁ cos₁ + g₂ sin₂, ∂x₂ = g₂ cos₂ − g₁ sin₁. Three products and two in-place updates of the halves, the same
+    roundings as ``rope_ref`` and its autograd (a − b = a + (−b) exactly), without the cat / neg copies."""
+    h = x.shape[-1] // 2
+    y = x * c  # x ⊙ cos
+    y1, y2 = y[..., :h], y[..., h:]  # views: updated in place
+    if transpose:
+        y1.add_(x[..., h:] * s[..., h:])  # ∂x₁ = g₁ cos₁ + g₂ sin₂
+        y2.sub_(x[..., :h] * s[..., :h])  # ∂x₂ = g₂ cos₂ − g₁ sin₁
+    else:
+        y1.sub_(x[..., h:] * s[..., :h])  # y₁ = x₁ cos₁ − x₂ sin₁
+        y2.add_(x[..., :h] * s[..., h:])  # y₂ = x₂ cos₂ + x₁ sin₂
+    return y
+
+
+def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)  # [..., 1, D]: the same for every head
+
+
+def rope_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False):
+    """The CPU path without autograd: (q_rot, k_rot) = (``_rotate_cpu`` of q, of k), bitwise ``rope_ref``'s values."""
+    cq, sq = _tables(cos, sin, q.dtype)
+    ck, sk = (cq, sq) if k.dtype == q.dtype else _tables(cos, sin, k.dtype)
+    return _rotate_cpu(q, cq, sq, transpose), _rotate_cpu(k, ck, sk, transpose)
+
+
+class _RopeCpu(torch.autograd.Function):
+    """CPU training: ``rope_cpu`` forward, the transposed rotation as the backward (no autograd graph of copies)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.q_shape, ctx.q_dtype, ctx.k_shape, ctx.k_dtype = q.shape, q.dtype, k.shape, k.dtype
+        return rope_cpu(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        gq = torch.zeros(ctx.q_shape, dtype=ctx.q_dtype, device=cos.device) if gq is None else gq
+        gk = torch.zeros(ctx.k_shape, dtype=ctx.k_dtype, device=cos.device) if gk is None else gk
+        gq, gk = rope_cpu(gq, gk, cos, sin, transpose=True)
+        return gq, gk, None, None
 
 
 @triton.jit
@@ -145,11 +193,13 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
     q: [..., Hq, D], k: [..., Hkv, D] (same leading dims, e.g. [B, T] or packed [N]; any strides with a unit-stride D);
     cos, sin: [..., D] one row per token. Returns (q_rot [..., Hq, D], k_rot [..., Hkv, D]) in q's / k's dtype.
-    CUDA: the Triton kernel (under ``torch.compile``: the PyTorch code); CPU: ``rope_ref``.
+    CUDA: the Triton kernel (under ``torch.compile``: the PyTorch code); CPU: ``rope_cpu`` (``rope_ref``'s values).
     """
     _check_args(q, k, cos, sin)
     if use_triton(q) and not torch.compiler.is_compiling():
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             return rope_triton(q, k, cos, sin)  # inference (the decode step): no autograd node
         return _Rope.apply(q, k, cos, sin)
-    return rope_ref(q, k, cos, sin)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not torch.compiler.is_compiling():
+        return _RopeCpu.apply(q, k, cos, sin)
+    return rope_cpu(q, k, cos, sin)

@@ -21,8 +21,8 @@ def _tables(pos, D, theta=10000.0):
     return rope_cos_sin(inv.to(pos.device), pos, scale)  # [..., D] fp32 each
 
 
-def _check_rope(q, k, cos, sin, dtype, what):
-    with kernels.backend("triton"):
+def _check_rope(q, k, cos, sin, dtype, what, backend="triton"):
+    with kernels.backend(backend):
         qo, ko = rope(q, k, cos, sin)
     gq = torch.randn(qo.shape, device=q.device).to(dtype)
     gk = torch.randn(ko.shape, device=q.device).to(dtype)
@@ -96,6 +96,35 @@ def test_real_shape_qwen2_05b(dtype):
     k = torch.randn(B, T, hkv, D, device="cuda").to(dtype).requires_grad_()
     cos, sin = _tables(torch.arange(T, device="cuda")[None].expand(B, T), D)
     _check_rope(q, k, cos, sin, dtype, "real")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_matches_float64_and_rope_refs_bits(dtype):
+    """The CPU path (``rope_cpu``; in training its transposed rotation as the backward) on strided slices of a fused
+    QKV: bit for bit ``rope_ref`` with torch's autograd in the same dtype, and in fp32 within the bound of float64.
+    (In bf16 the CPU path rounds the tables and each product to bf16, as the Llama family does: that is the tables
+    test below, not the one-rounding bound of the kernel.)"""
+    B, T, hq, hkv, D = 3, 7, 6, 2, 16
+    qkv = torch.randn(B, T, hq + 2 * hkv, D).to(dtype)
+    cos, sin = _tables(torch.randint(0, 3000, (B, T)), D)
+    q = qkv[:, :, :hq].detach().requires_grad_()
+    k = qkv[:, :, hq:hq + hkv].detach().requires_grad_()
+    if dtype == torch.float32:
+        _check_rope(q, k, cos, sin, dtype, "cpu", backend="torch")
+    with kernels.backend("torch"):
+        qo, ko = rope(q, k, cos, sin)
+    gq, gk = torch.randn(qo.shape).to(dtype), torch.randn(ko.shape).to(dtype)
+    grads = []
+    for fn in (rope, rope_ref):
+        q2, k2 = q.detach().requires_grad_(), k.detach().requires_grad_()
+        with kernels.backend("torch"):
+            a, b = fn(q2, k2, cos, sin)
+        ((a * gq).sum() + (b * gk).sum()).backward()
+        grads.append((a, b, q2.grad, k2.grad))
+    for x, y in zip(*grads):
+        assert torch.equal(x, y)
+    with torch.no_grad(), kernels.backend("torch"):
+        assert all(torch.equal(x, y) for x, y in zip(rope(q, k, cos, sin), grads[1][:2]))
 
 
 def test_cpu_path_casts_the_tables_like_the_llama_family():
