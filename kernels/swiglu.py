@@ -127,6 +127,28 @@ class _SwiGLU(torch.autograd.Function):
         return da, db
 
 
+class _SwiGLUFusedCpu(torch.autograd.Function):
+    """CPU training, fused input: ``swiglu_ref``'s ops, and a backward that writes [∂L/∂a | ∂L/∂b] into one buffer
+    (autograd of ``chunk`` would build the halves apart and then copy them together)."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        a, b = gu.chunk(2, dim=-1)
+        s = F.silu(a)  # σ(a)·a
+        ctx.save_for_backward(gu, s)
+        return s * b
+
+    @staticmethod
+    def backward(ctx, g):
+        gu, s = ctx.saved_tensors
+        F_ = s.shape[-1]
+        dgu = torch.empty(gu.shape, dtype=gu.dtype, device=gu.device)
+        torch.mul(g, s, out=dgu[..., F_:])  # ∂L/∂b = g ⊙ silu(a)
+        # ∂L/∂a = silu'(a) ⊙ (g ⊙ b)
+        torch.ops.aten.silu_backward.grad_input(g * gu[..., F_:], gu[..., :F_], grad_input=dgu[..., :F_])
+        return dgu
+
+
 def _check_args(gate, up) -> None:
     check_float("swiglu: gate", gate)
     if up is None:
@@ -144,7 +166,8 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
 
     ``swiglu(gu)``: gu [..., 2F] = [gate | up] (a fused gate/up projection's output) -> [..., F];
     ``swiglu(gate, up)``: gate, up [..., F] (same dtype) -> [..., F]. fp32/bf16/fp16, output in the inputs' dtype.
-    CUDA: the Triton kernels (under ``torch.compile``: the PyTorch code); CPU: ``swiglu_ref``.
+    CUDA: the Triton kernels (under ``torch.compile``: the PyTorch code); CPU: ``swiglu_ref`` (in training with the fused
+    input, its ops with a backward that writes both halves of the gradient into one buffer).
     """
     _check_args(gate, up)
     if use_triton(gate) and not torch.compiler.is_compiling():
@@ -154,4 +177,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
         if up is None:
             return _SwiGLUFused.apply(gate)
         return _SwiGLU.apply(gate, up)
+    if up is None and torch.is_grad_enabled() and gate.requires_grad and not torch.compiler.is_compiling():
+        return _SwiGLUFusedCpu.apply(gate)
     return swiglu_ref(gate, up)

@@ -64,6 +64,26 @@ def test_fused_real_shape_qwen2_05b(dtype):
     _check_fused((torch.randn(8, 512, 2 * 4864, device="cuda") * 3).to(dtype), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_training_path_matches_float64_and_swiglu_refs_bits(dtype):
+    """CPU, fused input, gradient wanted: the autograd Function with the one-buffer backward is within the bound of
+    float64, and bit for bit ``swiglu_ref`` with torch's autograd in the same dtype."""
+    gu = (torch.randn(5, 3, 2 * 37) * 3).to(dtype).requires_grad_()
+    y = swiglu(gu)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "MulBackward0"  # the Function, not the ref's graph
+    g = torch.randn(y.shape).to(dtype)
+    y.backward(g)
+    gu64 = gu.detach().double().requires_grad_()
+    y64 = swiglu_ref(gu64)
+    y64.backward(g.double())
+    _check(y, y64, dtype, "y")
+    _check(gu.grad, gu64.grad, dtype, "dgu")
+    gu2 = gu.detach().requires_grad_()
+    y2 = swiglu_ref(gu2)
+    y2.backward(g)
+    assert torch.equal(y, y2) and torch.equal(gu.grad, gu2.grad)
+
+
 def test_cpu_path_is_the_llama_mlp_activation():
     gu = torch.randn(3, 2 * 19).bfloat16()
     assert torch.equal(swiglu(gu), torch.nn.functional.silu(gu[:, :19]) * gu[:, 19:])
