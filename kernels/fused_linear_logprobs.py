@@ -320,16 +320,19 @@ def _dz_triton(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau):
 
 
 def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau, z=None):
-    """G for one chunk (CPU path); ``z``: the chunk's logits kept by the forward (else recomputed, the same GEMM)."""
+    """G for one chunk (CPU path); ``z``: the chunk's logits kept by the forward (else recomputed, the same GEMM);
+    ``g_h`` None: the entropy gets no gradient (its term is skipped, not multiplied by zero)."""
     if z is None:
         z = _logits_chunk_torch(xc, wv, bv, inv_tau)  # z = (x·Wᵀ + b)/τ
         log_p = z.sub_(lse[:, None])  # log p = z − LSE
     else:
         log_p = z.sub(lse[:, None])  # the kept z stays as it is (a second backward reads it again)
-    p = log_p.exp()
     g_lp = torch.where(yc >= 0, g_lp, 0.0)  # ignored labels: no gradient through logp
-    # dz = −g·p − g_H·p(log p + H), reusing the log p buffer: (log p + H)·(−g_H·p) − g·p
-    dz = log_p.add_(ent[:, None]).mul_(p).mul_(-g_h[:, None]).sub_(p.mul_(g_lp[:, None]))
+    if g_h is None:  # dz = −g·p, in the log p buffer
+        dz = log_p.exp_().mul_(-g_lp[:, None])
+    else:  # dz = −g·p − g_H·p(log p + H), reusing the log p buffer: (log p + H)·(−g_H·p) − g·p
+        p = log_p.exp()
+        dz = log_p.add_(ent[:, None]).mul_(p).mul_(-g_h[:, None]).sub_(p.mul_(g_lp[:, None]))
     local = yc - v_start
     hit = (local >= 0) & (local < wv.shape[0])
     rows = torch.arange(xc.shape[0], device=xc.device)[hit]
@@ -339,13 +342,13 @@ def _dz_torch(xc, wv, bv, yc, lse, ent, g_lp, g_h, v_start, inv_tau, z=None):
 
 def _backward(x, w, b, y, lse, ent, g_lp, g_h, inv_tau, triton_path, need, kept=None):
     """x [N, H], w [V, H], b [V]|None, y/lse/ent/g_lp/g_h [N] → (dx [N, H], dw [V, H], db [V]) (None where not needed).
-    ``kept``: the CPU forward's logit chunks by (n0, v0), or None (recompute)."""
+    ``kept``: the CPU forward's logit chunks by (n0, v0), or None (recompute); g_h None (CPU path): no entropy gradient."""
     dz_fn = _dz_triton if triton_path else _dz_torch
 
     def dz_chunk(n0, n1, v0, v1):
         z = {} if kept is None else {"z": kept[n0, v0]}
         return dz_fn(x[n0:n1], w[v0:v1], None if b is None else b[v0:v1], y[n0:n1], lse[n0:n1], ent[n0:n1],
-                     g_lp[n0:n1], g_h[n0:n1], v0, inv_tau, **z)
+                     g_lp[n0:n1], None if g_h is None else g_h[n0:n1], v0, inv_tau, **z)
 
     return head_backward(x, w, b, dz_chunk, triton_path, need)
 
@@ -396,6 +399,7 @@ class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, y, inv_tau, triton_path, keep):
         ctx.kept = {} if keep else None  # CPU, training, logits small: the backward reuses the forward's logits
+        ctx.set_materialize_grads(False)  # an output without a gradient (usually the entropy) arrives as None
         if x.shape[0] == 0:  # no tokens: empty outputs (and zero gradients)
             logp = lse = ent = x.new_zeros(0, dtype=torch.float32)
         else:
@@ -411,7 +415,10 @@ class _LinearLogProbs(torch.autograd.Function):
         x, w, b, y, lse, ent = ctx.saved_tensors
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
         g_logp = torch.where((y >= 0) & (y < w.shape[0]), g_logp, 0.0).contiguous()  # ignored (or, on CUDA, unchecked ≥ V)
-        g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.float().contiguous()
+        if g_ent is not None:
+            g_ent = g_ent.float().contiguous()
+        elif ctx.triton_path:  # the kernel reads a gradient; the CPU path skips the entropy term (``_dz_torch``)
+            g_ent = torch.zeros_like(lse)
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         with no_autocast(x):
             dx, dw, db = _backward(x, w, b, y, lse, ent, g_logp, g_ent, ctx.inv_tau, ctx.triton_path, need, ctx.kept)

@@ -35,12 +35,13 @@ def _inputs(lead, H, V, dtype, device, bias=True, ignore_frac=0.2, w_scale=None)
 
 
 def _run(fn, hidden, weight, b, labels, tau, g_lp, g_h):
-    """fwd + bwd with upstream grads (g_lp, g_h) through (logp, entropy) → (logp, entropy, dhidden, dweight, dbias)."""
+    """fwd + bwd with upstream grads (g_lp, g_h) through (logp, entropy) → (logp, entropy, dhidden, dweight, dbias).
+    g_lp or g_h None: that output is left out of the loss (it gets no gradient at all)."""
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     bb = b.detach().clone().requires_grad_() if b is not None else None
     lp, h = fn(x, w, bb, labels, tau)
-    (lp * g_lp + h * g_h).sum().backward()
+    sum((out * g).sum() for out, g in ((lp, g_lp), (h, g_h)) if g is not None).backward()
     return lp.detach(), h.detach(), x.grad, w.grad, (bb.grad if bb is not None else None)
 
 
@@ -64,9 +65,10 @@ def _err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def check_against_ref(hidden, weight, b, labels, tau, be):
-    g_lp = torch.randn(labels.shape, device=hidden.device)
-    g_h = torch.randn(labels.shape, device=hidden.device)
+def check_against_ref(hidden, weight, b, labels, tau, be, grads=("logp", "entropy")):
+    """``grads``: the outputs in the loss (the others get no gradient, as an entropy kept only as a metric)."""
+    g_lp = torch.randn(labels.shape, device=hidden.device) if "logp" in grads else None
+    g_h = torch.randn(labels.shape, device=hidden.device) if "entropy" in grads else None
     with backend(be):
         ours = _run(_ours, hidden, weight, b, labels, tau, g_lp, g_h)
     plain = _run(_plain, hidden, weight, b, labels, tau, g_lp, g_h)
@@ -102,6 +104,17 @@ def test_matches_float64_ref(be, dtype, bias, device):
     lead, H, V = pick(((2, 5), 40, 1000), ((4, 512), 896, 151936))
     hidden, weight, b, labels = _inputs(lead, H, V, dtype, device, bias=bias)
     check_against_ref(hidden, weight, b, labels, 0.8, be)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("grads", (("logp",), ("entropy",)))
+def test_one_output_in_the_loss_matches_float64_ref(be, dtype, grads, device):
+    """Only log p (the RL losses; the entropy is a metric) or only the entropy has a gradient: the CPU path then skips
+    the other term of ∂L/∂z instead of multiplying it by zero."""
+    lead, H, V = pick(((3, 7), 40, 1000), ((4, 512), 896, 151936))
+    hidden, weight, b, labels = _inputs(lead, H, V, dtype, device)
+    check_against_ref(hidden, weight, b, labels, 0.9, be, grads)
 
 
 @pytest.mark.parametrize("be", BACKENDS)
