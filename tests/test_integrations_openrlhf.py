@@ -99,7 +99,10 @@ def test_compute_approx_kl_equals_OpenRLHF(patch, monkeypatch, est, unbiased, wi
         got = PPO_ACTOR.compute_approx_kl(a1, base, log_probs_old=old if with_old else None, **kw)
     assert n["kl_penalty"] == (2 if unbiased else 1) and patch.calls["compute_approx_kl"] == 1
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the forward value is the estimator itself (OpenRLHF's straight-through sum (value + s) − s rounds it by up to an
+    # ulp of value + s, s = w·r²/2 up to ~10³ here; ours adds s − s = 0 exactly): compare with its unbiased=False value
+    value = ORIG["compute_approx_kl"](a0.detach(), base.float(), kl_estimator=est, unbiased_gradient=False)
+    torch.testing.assert_close(got, value, atol=1e-5, rtol=1e-5)
     g = torch.randn(4, 12)
     (want * g).sum().backward()
     (got * g).sum().backward()

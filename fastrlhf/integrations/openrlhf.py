@@ -86,7 +86,7 @@ def compute_approx_kl(log_probs, log_probs_base, log_probs_old=None, kl_estimato
     else:  # w = min(π_θ / π_old, clip), detached
         w = (log_probs.detach().float() - log_probs_old.float()).exp().clamp(max=_is_weight_clip())
     surrogate = w * kernels.kl_penalty(log_probs, log_probs_base, estimator="k2")   # w · r²/2: the reverse-KL gradient
-    return value.detach() + surrogate - surrogate.detach()
+    return value.detach() + (surrogate - surrogate.detach())  # the value exactly (s − s = 0), the surrogate's gradient
 
 
 def log_probs_from_logits(logits, labels, temperature=1.0):
