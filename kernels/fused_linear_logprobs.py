@@ -268,7 +268,7 @@ def _fwd_torch(x, w, b, y, inv_tau, kept: dict | None = None):
             mc = z.amax(dim=1)  # (amax: the max without its argmax, ~10× faster on CPU)
             d = z - mc[:, None]  # z − m_chunk
             e = d.exp()
-            stats = merge_stats(m, s, t, mc, e.sum(1), (d * e).sum(1))
+            stats = merge_stats(m, s, t, mc, e.sum(1), d.mul_(e).sum(1))  # Σ e, Σ d·e (d's buffer reused)
             m, s, t = stats
             local = yc - v0
             hit = (local >= 0) & (local < v1 - v0)
