@@ -59,16 +59,16 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     return rot(q), rot(k)
 
 
-def _rotate_cpu(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+def _rotate_cpu(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, backward: bool = False) -> torch.Tensor:
     """The CPU rotation: x [..., H, D], c / s [..., 1, D] in x's dtype -> y [..., H, D] contiguous.
 
-    Forward: y₁ = x₁ cos₁ − x₂ sin₁, y₂ = x₂ cos₂ + x₁ sin₂; ``transpose`` (the backward, x = the gradient g):
+    Forward: y₁ = x₁ cos₁ − x₂ sin₁, y₂ = x₂ cos₂ + x₁ sin₂; ``backward`` (the transposed rotation, x = the gradient g):
     ∂x₁ = g₁ cos₁ + g₂ sin₂, ∂x₂ = g₂ cos₂ − g₁ sin₁. Three products and two in-place updates of the halves, the same
     roundings as ``rope_ref`` and its autograd (a − b = a + (−b) exactly), without the cat / neg copies."""
     h = x.shape[-1] // 2
     y = x * c  # x ⊙ cos
     y1, y2 = y[..., :h], y[..., h:]  # views: updated in place
-    if transpose:
+    if backward:
         y1.add_(x[..., h:] * s[..., h:])  # ∂x₁ = g₁ cos₁ + g₂ sin₂
         y2.sub_(x[..., :h] * s[..., :h])  # ∂x₂ = g₂ cos₂ − g₁ sin₁
     else:
@@ -81,29 +81,12 @@ def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[t
     return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)  # [..., 1, D]: the same for every head
 
 
-def rope_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False):
-    """The CPU path without autograd: (q_rot, k_rot) = (``_rotate_cpu`` of q, of k), bitwise ``rope_ref``'s values."""
+def rope_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
+    """The CPU path without autograd: (q_rot, k_rot) = (``_rotate_cpu`` of q, of k), bitwise ``rope_ref``'s values;
+    backward=True applies the transposed rotation."""
     cq, sq = _tables(cos, sin, q.dtype)
     ck, sk = (cq, sq) if k.dtype == q.dtype else _tables(cos, sin, k.dtype)
-    return _rotate_cpu(q, cq, sq, transpose), _rotate_cpu(k, ck, sk, transpose)
-
-
-class _RopeCpu(torch.autograd.Function):
-    """CPU training: ``rope_cpu`` forward, the transposed rotation as the backward (no autograd graph of copies)."""
-
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        ctx.q_shape, ctx.q_dtype, ctx.k_shape, ctx.k_dtype = q.shape, q.dtype, k.shape, k.dtype
-        return rope_cpu(q, k, cos, sin)
-
-    @staticmethod
-    def backward(ctx, gq, gk):
-        cos, sin = ctx.saved_tensors
-        gq = torch.zeros(ctx.q_shape, dtype=ctx.q_dtype, device=cos.device) if gq is None else gq
-        gk = torch.zeros(ctx.k_shape, dtype=ctx.k_dtype, device=cos.device) if gk is None else gk
-        gq, gk = rope_cpu(gq, gk, cos, sin, transpose=True)
-        return gq, gk, None, None
+    return _rotate_cpu(q, cq, sq, backward), _rotate_cpu(k, ck, sk, backward)
 
 
 @triton.jit
@@ -173,19 +156,22 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 
 class _Rope(torch.autograd.Function):
+    """``rotate`` (``rope_triton`` or ``rope_cpu``) forward; the same function's transposed rotation as the backward."""
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
+    def forward(ctx, q, k, cos, sin, rotate):
         ctx.save_for_backward(cos, sin)
+        ctx.rotate = rotate
         ctx.q_shape, ctx.q_dtype, ctx.k_shape, ctx.k_dtype = q.shape, q.dtype, k.shape, k.dtype
-        return rope_triton(q, k, cos, sin)
+        return rotate(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, gq, gk):
         cos, sin = ctx.saved_tensors
         gq = torch.zeros(ctx.q_shape, dtype=ctx.q_dtype, device=cos.device) if gq is None else gq
         gk = torch.zeros(ctx.k_shape, dtype=ctx.k_dtype, device=cos.device) if gk is None else gk
-        gq, gk = rope_triton(gq, gk, cos, sin, backward=True)
-        return gq, gk, None, None
+        gq, gk = ctx.rotate(gq, gk, cos, sin, backward=True)
+        return gq, gk, None, None, None
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -199,7 +185,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     if use_triton(q) and not torch.compiler.is_compiling():
         if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
             return rope_triton(q, k, cos, sin)  # inference (the decode step): no autograd node
-        return _Rope.apply(q, k, cos, sin)
+        return _Rope.apply(q, k, cos, sin, rope_triton)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not torch.compiler.is_compiling():
-        return _RopeCpu.apply(q, k, cos, sin)
+        return _Rope.apply(q, k, cos, sin, rope_cpu)  # training: the transposed rotation as the backward
     return rope_cpu(q, k, cos, sin)

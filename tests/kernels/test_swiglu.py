@@ -18,10 +18,11 @@ def _check(out, ref, dtype, what):
     assert_close(out, ref, ref.abs().max(), dtype, what)
 
 
-def _check_fused(gu, dtype):
-    """swiglu of the fused [.., 2F] input (Triton kernel) and its gradient against swiglu_ref in float64."""
+def _check_fused(gu, dtype, backend="triton"):
+    """swiglu of the fused [.., 2F] input (Triton kernel, or the CPU path: backend "torch") and its gradient against
+    swiglu_ref in float64. Returns (y, the upstream gradient); gu.grad holds the gradient."""
     gu = gu.requires_grad_()
-    with kernels.backend("triton"):
+    with kernels.backend(backend):
         y = swiglu(gu)
     g = torch.randn(y.shape, device=gu.device).to(dtype)
     y.backward(g)
@@ -30,6 +31,7 @@ def _check_fused(gu, dtype):
     y64.backward(g.double())
     _check(y, y64, dtype, "y")
     _check(gu.grad, gu64.grad, dtype, "dgu")
+    return y, g
 
 
 @pytest.mark.parametrize("F", [37, 64, 2100])
@@ -68,16 +70,9 @@ def test_fused_real_shape_qwen2_05b(dtype):
 def test_cpu_training_path_matches_float64_and_swiglu_refs_bits(dtype):
     """CPU, fused input, gradient wanted: the autograd Function with the one-buffer backward is within the bound of
     float64, and bit for bit ``swiglu_ref`` with torch's autograd in the same dtype."""
-    gu = (torch.randn(5, 3, 2 * 37) * 3).to(dtype).requires_grad_()
-    y = swiglu(gu)
-    assert y.grad_fn is not None and type(y.grad_fn).__name__ != "MulBackward0"  # the Function, not the ref's graph
-    g = torch.randn(y.shape).to(dtype)
-    y.backward(g)
-    gu64 = gu.detach().double().requires_grad_()
-    y64 = swiglu_ref(gu64)
-    y64.backward(g.double())
-    _check(y, y64, dtype, "y")
-    _check(gu.grad, gu64.grad, dtype, "dgu")
+    gu = (torch.randn(5, 3, 2 * 37) * 3).to(dtype)
+    y, g = _check_fused(gu, dtype, backend="torch")
+    assert type(y.grad_fn).__name__ != "MulBackward0"  # the Function, not the ref's graph
     gu2 = gu.detach().requires_grad_()
     y2 = swiglu_ref(gu2)
     y2.backward(g)
