@@ -268,11 +268,12 @@ def _fwd_torch(x, w, b, y, inv_tau, kept: dict | None = None):
             mc = z.amax(dim=1)  # (amax: the max without its argmax, ~10× faster on CPU)
             d = z - mc[:, None]  # z − m_chunk
             e = d.exp()
-            stats = merge_stats(m, s, t, mc, e.sum(1), d.mul_(e).sum(1))  # Σ e, Σ d·e (d's buffer reused)
-            m, s, t = stats
+            m, s, t = merge_stats(m, s, t, mc, e.sum(1), d.mul_(e).sum(1))  # Σ e, Σ d·e (d's buffer reused)
+            del d, e
             local = yc - v0
             hit = (local >= 0) & (local < v1 - v0)
             zy = torch.where(hit, z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1), zy)  # z[y]
+            del z  # at most three tiles live at once: z, d, e (the next chunk's z is allocated after these are freed)
         log_s = torch.log(s)
         lse[n0:n1] = m + log_s  # LSE = m + log s
         ent[n0:n1] = log_s - t / s  # H = log s − t/s
