@@ -49,11 +49,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)  # (x₁, x₂) -> (−x₂, x₁)
 
 
+def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)  # [..., 1, D]: the same for every head
+
+
 def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Plain PyTorch (float64 in the tests; the CPU path). q [..., Hq, D], k [..., Hkv, D], cos / sin [..., D] ->
-    (q_rot, k_rot) in q's / k's dtype."""
+    """Plain PyTorch (float64 in the tests; the values of the CPU path). q [..., Hq, D], k [..., Hkv, D], cos / sin
+    [..., D] -> (q_rot, k_rot) in q's / k's dtype."""
     def rot(x):
-        c, s = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # [..., 1, D]: the same for every head
+        c, s = _tables(cos, sin, x.dtype)
         return x * c + _rotate_half(x) * s  # y = x ⊙ cos + rotate_half(x) ⊙ sin
 
     return rot(q), rot(k)
@@ -75,10 +79,6 @@ def _rotate_cpu(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, backward: boo
         y1.sub_(x[..., h:] * s[..., :h])  # y₁ = x₁ cos₁ − x₂ sin₁
         y2.add_(x[..., :h] * s[..., h:])  # y₂ = x₂ cos₂ + x₁ sin₂
     return y
-
-
-def _tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    return cos.unsqueeze(-2).to(dtype), sin.unsqueeze(-2).to(dtype)  # [..., 1, D]: the same for every head
 
 
 def rope_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
@@ -182,10 +182,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     CUDA: the Triton kernel (under ``torch.compile``: the PyTorch code); CPU: ``rope_cpu`` (``rope_ref``'s values).
     """
     _check_args(q, k, cos, sin)
-    if use_triton(q) and not torch.compiler.is_compiling():
-        if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-            return rope_triton(q, k, cos, sin)  # inference (the decode step): no autograd node
-        return _Rope.apply(q, k, cos, sin, rope_triton)
+    rotate = rope_triton if use_triton(q) and not torch.compiler.is_compiling() else rope_cpu
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad) and not torch.compiler.is_compiling():
-        return _Rope.apply(q, k, cos, sin, rope_cpu)  # training: the transposed rotation as the backward
-    return rope_cpu(q, k, cos, sin)
+        return _Rope.apply(q, k, cos, sin, rotate)  # training: the transposed rotation as the backward
+    return rotate(q, k, cos, sin)  # inference (the decode step) or traced by torch.compile: no autograd Function

@@ -170,13 +170,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
     input, its ops with a backward that writes both halves of the gradient into one buffer).
     """
     _check_args(gate, up)
-    if use_triton(gate) and not torch.compiler.is_compiling():
-        if not (torch.is_grad_enabled() and (gate.requires_grad or (up is not None and up.requires_grad))):
+    compiling = torch.compiler.is_compiling()
+    train = torch.is_grad_enabled() and (gate.requires_grad or (up is not None and up.requires_grad)) and not compiling
+    if use_triton(gate) and not compiling:
+        if not train:
             F_ = gate.shape[-1] // 2  # inference (the decode step): no autograd node
             return swiglu_fwd_triton(gate[..., :F_], gate[..., F_:]) if up is None else swiglu_fwd_triton(gate, up)
         if up is None:
             return _SwiGLUFused.apply(gate)
         return _SwiGLU.apply(gate, up)
-    if up is None and torch.is_grad_enabled() and gate.requires_grad and not torch.compiler.is_compiling():
+    if train and up is None:
         return _SwiGLUFusedCpu.apply(gate)
     return swiglu_ref(gate, up)
