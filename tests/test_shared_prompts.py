@@ -38,11 +38,12 @@ def _models(seed: int, **kw):
 
 
 def _grouped_rollout(Q: int, n: int, P: int, G: int, seed: int, min_len: int = 0) -> Rollout:
-    """Q prompts (1..P tokens, left-padded) × n responses each (min_len..G tokens), rows in a random order."""
+    """Q distinct prompts (1..P tokens, left-padded) × n responses each (min_len..G tokens), rows in a random order."""
     g = torch.Generator().manual_seed(seed)
     p_len = torch.randint(1, P + 1, (Q,), generator=g)
     pm = (torch.arange(P)[None] >= P - p_len[:, None]).long()
     prompts = torch.randint(3, V, (Q, P), generator=g) * pm
+    prompts[:, -1] = 3 + torch.randperm(V - 3, generator=g)[:Q]  # distinct prompts: equal ones would be stored once
     B = Q * n
     g_len = torch.randint(min_len, G + 1, (B,), generator=g)
     g_len[-1] = G
