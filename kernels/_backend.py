@@ -5,7 +5,8 @@
   are defined (the tests set it in ``conftest.py``); the interpreter runs the very same kernel code, slowly.
 - ``"torch"``: always the PyTorch / C++ path (also on CUDA, e.g. to compare against).
 
-Select with ``FASTRLHF_KERNEL_BACKEND`` or ``set_backend(...)`` / ``with backend(...):``.
+Select with ``FASTRLHF_KERNEL_BACKEND`` (read once, at the first kernel call) or ``set_backend(...)`` /
+``with backend(...):``.
 """
 from __future__ import annotations
 
@@ -19,11 +20,17 @@ _VALID = ("auto", "triton", "torch")
 _state = threading.local()
 
 
+_env_default: str | None = None  # FASTRLHF_KERNEL_BACKEND, read once at the first kernel call (a decode step makes ~20)
+
+
 def _default() -> str:
-    name = os.environ.get("FASTRLHF_KERNEL_BACKEND", "auto")
-    if name not in _VALID:
-        raise ValueError(f"FASTRLHF_KERNEL_BACKEND={name!r}: expected one of {_VALID}")
-    return name
+    global _env_default
+    if _env_default is None:
+        name = os.environ.get("FASTRLHF_KERNEL_BACKEND", "auto")
+        if name not in _VALID:
+            raise ValueError(f"FASTRLHF_KERNEL_BACKEND={name!r}: expected one of {_VALID}")
+        _env_default = name
+    return _env_default
 
 
 def get_backend() -> str:

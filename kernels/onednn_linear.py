@@ -61,7 +61,7 @@ TRAIN_MIN_MACS = 1 << 27  # N·K·M of one call (~134M): smaller products run fa
 
 def _onednn_mm(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """x [..., K] · wᵀ (+ bias) through oneDNN; w [M, K] packed (``pack``) or plain row-major fp32."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.default(x, w, bias, "none", [], "")  # the overload: no packet lookup
 
 
 class _TrainLinear(torch.autograd.Function):

@@ -9,7 +9,7 @@ G new tokens, S KV-cache slots (≥ P + G), V vocabulary, H hidden size.
     ... train on rollout (the optimizer updates the same parameters in place) ...
 
 ``generation()`` switches to inference (eval mode, no_grad, no gradient checkpointing) over a static KV cache;
-``generate()`` prefills once and decodes one token per step on static buffers (on CUDA one captured graph per batch
+``generate()`` (under ``torch.inference_mode``; its ``Rollout`` is made outside it) prefills once and decodes one token per step on static buffers (on CUDA one captured graph per batch
 bucket), compacts the live rows into smaller buckets as rows finish, and returns a ``Rollout``. The full design (graph
 reuse and memory pool, low-precision weight copies, compaction, the used-slot window, sharded models) is in
 docs/engine.md.
@@ -418,7 +418,7 @@ class HybridEngine:
         eos_t = torch.tensor(eos or [-1], device=self.device)
         compact = self.compact and not self.compile_step and self.weight_gather is None
         window = compact and not self.use_graphs
-        with (torch.no_grad(), self._device_ctx(), self.gather_weights(), self._autocast(), self._lowp_weights(),
+        with (self._grad_off(), self._device_ctx(), self.gather_weights(), self._autocast(), self._lowp_weights(),
               self._packed_weights(b)):
             step = self._decode_fn(key) if G > 1 else None
             # 1. reset the decode state: prompt at slots 0..P−1, idle bucket rows done from the start
@@ -471,21 +471,28 @@ class HybridEngine:
                         self._maybe_compact(live, (~done).nonzero().flatten(), P + n)
             finally:
                 self._slots = None
-            # 4. the rollout: fresh tensors (the buffers are reused by the next call), rows in their original order
             tokens, logp = live.results(P + n)
-            resp = tokens[:, P:P + n]
-            is_eos = (resp[..., None] == eos_t).any(-1)
-            valid = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before this token
-            lengths = valid.sum(-1)
-            g = int(lengths.max()) if n > 0 else 0
-            valid = valid[:, :g]
-            return Rollout(
-                prompt_ids=ids.clone(), prompt_mask=mask.clone(),
-                response_ids=resp[:, :g].masked_fill(~valid, pad),
-                response_mask=valid.long(),
-                logprobs=logp[:, P:P + g].masked_fill(~valid, 0.0),
-                lengths=lengths,
-            )
+        # 4. the rollout: fresh tensors (the buffers are reused by the next call), rows in their original order, made
+        #    outside inference mode (so the training forwards may save them for backward)
+        resp = tokens[:, P:P + n]
+        is_eos = (resp[..., None] == eos_t).any(-1)
+        valid = (is_eos.long().cumsum(-1) - is_eos.long()) == 0  # no EOS strictly before this token
+        lengths = valid.sum(-1)
+        g = int(lengths.max()) if n > 0 else 0
+        valid = valid[:, :g]
+        return Rollout(
+            prompt_ids=ids.clone(), prompt_mask=mask.clone(),
+            response_ids=resp[:, :g].masked_fill(~valid, pad),
+            response_mask=valid.long(),
+            logprobs=logp[:, P:P + g].masked_fill(~valid, 0.0),
+            lengths=lengths,
+        )
+
+    def _grad_off(self):
+        """The decode's autograd switch: ``torch.inference_mode`` (no version counters or view tracking: about 1 µs less
+        per op, some 300 ops per eager decode step), or ``no_grad`` with a ``weight_gather`` (its gathered parameters
+        must stay usable by training)."""
+        return torch.no_grad() if self.weight_gather is not None else torch.inference_mode()
 
     def _compact_bucket(self, n: int) -> int:
         """The bucket for n live rows: the graph buckets with CUDA graphs, else the next power of two."""
