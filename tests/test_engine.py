@@ -323,6 +323,39 @@ def test_weights_not_copied_and_updates_are_seen(model):
     assert b.response_ids.tolist() == ref
 
 
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_decode_runs_in_inference_mode_and_the_rollout_trains(model, monkeypatch, compute_dtype):
+    """The prefill and every decode step run under torch.inference_mode; the Rollout's tensors are ordinary ones, so a
+    training forward may save them for backward (an inference tensor saved for backward raises); a second rollout
+    (reusing the buffers and, with a compute dtype, the low-precision weight copies) works after an update."""
+    modes = []
+    step = HybridEngine._step
+
+    def spy(self, *a, **k):
+        modes.append(torch.is_inference_mode_enabled())
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(HybridEngine, "_step", spy)
+    eng = HybridEngine(model, compute_dtype=compute_dtype)
+    for _ in range(2):
+        with eng.generation():
+            r = eng.generate(ragged_prompts(3, seed=11), max_new_tokens=6, temperature=1.0, seed=0)
+        assert modes and all(modes) and not torch.is_inference_mode_enabled()
+        for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "logprobs", "lengths"):
+            assert not getattr(r, name).is_inference(), name
+        ids, mask = r.sequences()
+        P = r.prompt_ids.shape[1]
+        logits = model(ids, attention_mask=mask)[:, P - 1:-1]  # [B, G, V] predicting each response token
+        new = logits.float().log_softmax(-1).gather(-1, r.response_ids[..., None]).squeeze(-1)  # saves the ids
+        loss = -(torch.exp(new - r.logprobs) * r.response_mask).sum()  # saves the response mask
+        loss.backward()
+        assert model.lm_head.weight.grad is not None
+        with torch.no_grad():  # an optimizer step, in place
+            for p in model.parameters():
+                p.add_(1e-3 * torch.randn_like(p))
+        model.zero_grad(set_to_none=True)
+
+
 def test_cache_reused_grown_and_freed(model):
     eng = HybridEngine(model, memory_policy="keep")
     with eng.generation(max_batch_size=4, max_seq_len=32):

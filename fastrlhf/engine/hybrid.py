@@ -9,10 +9,10 @@ G new tokens, S KV-cache slots (≥ P + G), V vocabulary, H hidden size.
     ... train on rollout (the optimizer updates the same parameters in place) ...
 
 ``generation()`` switches to inference (eval mode, no_grad, no gradient checkpointing) over a static KV cache;
-``generate()`` (under ``torch.inference_mode``; its ``Rollout`` is made outside it) prefills once and decodes one token per step on static buffers (on CUDA one captured graph per batch
-bucket), compacts the live rows into smaller buckets as rows finish, and returns a ``Rollout``. The full design (graph
-reuse and memory pool, low-precision weight copies, compaction, the used-slot window, sharded models) is in
-docs/engine.md.
+``generate()`` prefills once and decodes one token per step on static buffers (on CUDA one captured graph per batch
+bucket), all under ``torch.inference_mode``, compacts the live rows into smaller buckets as rows finish, and returns a
+``Rollout`` made outside inference mode. The full design (graph reuse and memory pool, low-precision weight copies,
+compaction, the used-slot window, sharded models) is in docs/engine.md.
 """
 from __future__ import annotations
 
